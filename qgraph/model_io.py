@@ -1,0 +1,292 @@
+"""Reading and writing ONNX models: the conventions every qgraph entry point follows.
+
+- ``load`` takes a path, bytes, an ``onnx.ModelProto`` or an ``ir.Model`` and returns an
+  ``ir.Model``. External data stays memory-mapped, and is checked first: a location that
+  escapes the model's folder is refused, never read.
+- ``save`` writes into a temporary folder beside the destination and renames into place, so a
+  failure never leaves a half-written model. It refuses to write over the model it was loaded
+  from (or over any external data file the model still maps), switches to external data when
+  the tensors would not fit a 2 GiB protobuf, and stamps an IR version onnxruntime accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qgraph.errors import ModelLoadError, ModelSaveError
+from qgraph.targets.runtime import MAX_ORT_IR_VERSION
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+
+PROTOBUF_LIMIT_BYTES = 2**31
+GRAPH_HEADROOM_BYTES = 64 * 2**20
+"""Room left in the 2 GiB protobuf for everything that is not tensor data."""
+
+EXTERNAL_TENSOR_MIN_BYTES = 1024
+"""Tensors smaller than this stay inside the .onnx file when writing external data."""
+
+SOURCE_PATH_KEY = "qgraph.source_path"
+"""Key in ``ir.Model.meta`` (in memory only) holding the file a model was loaded from."""
+
+_ONNX_FIRST_BYTE = 0x08
+"""A serialized ModelProto starts with field 1 (ir_version, varint): tag byte 0x08."""
+
+
+def load(source: ModelSource, *, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """Return ``source`` as an ``ir.Model``, raising ``ModelLoadError`` with a one-line reason.
+
+    ``base_dir`` resolves external data for bytes or ``ModelProto`` sources; a path source
+    uses its own folder.
+    """
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return _deserialize(source, "<ModelProto>", base_dir)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        proto = _parse(bytes(source), "<bytes>")
+        return _deserialize(proto, "<bytes>", base_dir)
+    return _load_path(Path(source))
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot be read ({error.strerror})") from error
+    model = _deserialize(_parse(data, str(path)), str(path), path.parent)
+    model.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    return model
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelLoadError(f"{label}: is empty, not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"{label}: {_unparseable_reason(data)}") from error
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise ModelLoadError(f"{label}: {_unparseable_reason(data)}")
+    return proto
+
+
+def _unparseable_reason(data: bytes) -> str:
+    if data[0] == _ONNX_FIRST_BYTE:
+        return "truncated or corrupt ONNX protobuf (it starts like a model but does not parse as one)"
+    return "not an ONNX model (the file is not a serialized onnx.ModelProto)"
+
+
+def _deserialize(
+    proto: onnx.ModelProto, label: str, base_dir: str | os.PathLike | None
+) -> ir.Model:
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as error:  # onnx_ir raises many kinds on malformed protos
+        raise ModelLoadError(f"{label}: malformed ONNX model ({error})") from error
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    _check_external_data(model, label, None if base_dir is None else Path(base_dir))
+    return model
+
+
+def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every tensor of ``model`` (initializers and attributes, subgraphs included) on disk."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                yield attr.value
+
+
+def _check_external_data(model: ir.Model, label: str, base_dir: Path | None) -> None:
+    for tensor in external_tensors(model):
+        location = tensor.location
+        if base_dir is None:
+            raise ModelLoadError(
+                f"{label}: tensor '{tensor.name}' keeps its data in external file "
+                f"'{location}'; load the model from its path (or pass base_dir)"
+            )
+        if os.path.isabs(location):
+            raise ModelLoadError(
+                f"{label}: tensor '{tensor.name}' has external data at absolute location "
+                f"'{location}'; ONNX requires a path relative to the model's folder"
+            )
+        folder = base_dir.resolve()
+        data_path = (folder / location).resolve()
+        if not data_path.is_relative_to(folder):
+            raise ModelLoadError(
+                f"{label}: tensor '{tensor.name}' points its external data outside the "
+                f"model's folder ('{location}'); refusing to read it"
+            )
+        if not data_path.is_file():
+            raise ModelLoadError(
+                f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing"
+            )
+        if data_path.stat().st_nlink > 1:
+            raise ModelLoadError(
+                f"{label}: external data file '{location}' has several hard links, so it may "
+                "alias a file outside the model's folder; onnx_ir refuses to map it (copy it)"
+            )
+        end = (tensor.offset or 0) + tensor.nbytes
+        size = data_path.stat().st_size
+        if end > size:
+            raise ModelLoadError(
+                f"{label}: external data file '{location}' is too short for tensor "
+                f"'{tensor.name}' (needs {end} bytes, has {size})"
+            )
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Total bytes of initializer data in ``model``, subgraphs included, without reading it."""
+    return sum(
+        value.const_value.nbytes
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if value.const_value is not None
+    )
+
+
+def needs_external_data(model: ir.Model) -> bool:
+    """Whether ``model``'s tensors would push a single .onnx file past protobuf's 2 GiB limit."""
+    return tensor_bytes(model) > PROTOBUF_LIMIT_BYTES - GRAPH_HEADROOM_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """The files ``save`` wrote."""
+
+    path: Path
+    data_path: Path | None
+
+    @property
+    def total_bytes(self) -> int:
+        data = self.data_path.stat().st_size if self.data_path else 0
+        return self.path.stat().st_size + data
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> SavedModel:
+    """Write ``model`` to ``path`` atomically; ``external_data=None`` decides by size.
+
+    With external data, tensors of at least ``EXTERNAL_TENSOR_MIN_BYTES`` go to
+    ``<name>.data`` beside the model.
+    """
+    path = Path(path)
+    _check_destination(model, path)
+    use_external = needs_external_data(model) if external_data is None else external_data
+    data_name = f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with _ort_ir_version(model):
+            if use_external:
+                ir.save(
+                    model,
+                    staging / path.name,
+                    external_data=data_name,
+                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
+                )
+                os.replace(staging / data_name, path.parent / data_name)
+            else:
+                with _external_tensors_inlined(model):
+                    ir.save(model, staging / path.name)
+        os.replace(staging / path.name, path)
+    except OSError as error:
+        raise ModelSaveError(f"{path}: cannot be written ({error.strerror or error})") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return SavedModel(path, path.parent / data_name if use_external else None)
+
+
+def _check_destination(model: ir.Model, path: Path) -> None:
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a folder; give a file name for the output model")
+    if not path.parent.is_dir():
+        raise ModelSaveError(f"{path}: output folder '{path.parent}' does not exist")
+    target = path.resolve()
+    source = model.meta.get(SOURCE_PATH_KEY)
+    if source is not None and _same_file(target, Path(source)):
+        raise ModelSaveError(
+            f"{path}: is the input model; qgraph never overwrites its input, choose another path"
+        )
+    data_target = target.parent / f"{path.name}.data"
+    for tensor in external_tensors(model):
+        in_use = Path(tensor.path).resolve()
+        if _same_file(target, in_use) or _same_file(data_target, in_use):
+            raise ModelSaveError(
+                f"{path}: would overwrite '{in_use.name}', which holds the input's weights "
+                f"(tensor '{tensor.name}'); choose another output path"
+            )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+@contextlib.contextmanager
+def _ort_ir_version(model: ir.Model) -> Iterator[None]:
+    """Stamp the lowest IR version the opsets need (never less than the model had), <= 13."""
+    original = model.ir_version
+    opsets = [onnx.helper.make_opsetid(domain, v) for domain, v in model.opset_imports.items()]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.ir_version = min(MAX_ORT_IR_VERSION, max(original, needed))
+    try:
+        yield
+    finally:
+        model.ir_version = original
+
+
+@contextlib.contextmanager
+def _external_tensors_inlined(model: ir.Model) -> Iterator[None]:
+    """Temporarily hold external tensors in memory so they serialize into the file."""
+    restore: list[tuple[ir.Value | ir.Node, str, ir.ExternalTensor]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                restore.append((value, "", value.const_value))
+                value.const_value = _in_memory(value.const_value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for key, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                restore.append((node, key, attr.value))
+                node.attributes[key] = ir.AttrTensor(key, _in_memory(attr.value))
+    try:
+        yield
+    finally:
+        for owner, key, tensor in restore:
+            if isinstance(owner, ir.Node):
+                owner.attributes[key] = ir.AttrTensor(key, tensor)
+            else:
+                owner.const_value = tensor
+
+
+def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+def serialize(model: ir.Model) -> bytes:
+    """``model`` as one in-memory ONNX file that onnxruntime loads (external data inlined).
+
+    Only for models that fit a single protobuf; use ``save`` for larger ones.
+    """
+    with _ort_ir_version(model), _external_tensors_inlined(model):
+        return ir.serde.serialize_model(model).SerializeToString()
