@@ -1,0 +1,55 @@
+"""Conformance rules shared by targets: can the target's runtime load this model at all?
+
+Each rule is a function ``(model, target) -> Iterable[Violation]``, named for what it checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+
+from qgraph.targets.spec import TargetSpec, Violation
+
+ONNX_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+def ir_version_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
+    """The opsets must not need an IR version above what the runtime reads."""
+    opsets = [onnx.helper.make_opsetid(domain, v) for domain, v in model.opset_imports.items()]
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    if needed > target.max_ir_version:
+        yield Violation(
+            "ir_version_loadable",
+            f"the model's opsets need IR version {needed}, above the {target.max_ir_version} "
+            f"that {target.execution_provider} reads",
+        )
+
+
+def opset_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
+    """The ai.onnx opset must be one the runtime officially runs."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is not None and opset > target.max_opset:
+        yield Violation(
+            "opset_loadable",
+            f"ai.onnx opset {opset} is above the {target.max_opset} that "
+            f"{target.execution_provider} runs",
+        )
+
+
+def domains_supported(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
+    """Every node's operator domain must be one the runtime executes (or a model function)."""
+    local_functions = {(f.domain, f.name) for f in model.functions.values()}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain in target.allowed_domains or (node.domain, node.op_type) in local_functions:
+            continue
+        yield Violation(
+            "domains_supported",
+            f"{node.domain}::{node.op_type} is outside the domains {target.name} runs",
+            node.name,
+        )
+
+
+LOADABLE_RULES = (ir_version_loadable, opset_loadable, domains_supported)
+"""Rules every onnxruntime-based target applies."""

@@ -1,0 +1,123 @@
+"""What a target is: a frozen record of the facts passes read, and the rules its output obeys.
+
+Passes never ask for a target's name; they read these fields. Adding a target is adding a record
+(see ``x86.py``, ``arm.py``, ``tensorrt.py``), plus code only for a genuinely new lowering rule or
+conformance rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Iterable
+
+import onnx_ir as ir
+
+
+class QuantFormat(str, enum.Enum):
+    """How a quantized op is written: Q/DQ pairs around float ops, or integer operators."""
+
+    QDQ = "qdq"
+    QOPERATOR = "qoperator"
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    """One way a model breaks a target's rules."""
+
+    rule: str
+    message: str
+    node: str | None = None
+
+    def __str__(self) -> str:
+        where = f" (node '{self.node}')" if self.node else ""
+        return f"{self.rule}: {self.message}{where}"
+
+
+ConformanceRule = Callable[[ir.Model, "TargetSpec"], Iterable[Violation]]
+"""A check of a compiled model against a target; it yields what it finds wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """The facts about one deployment target that the pipeline's passes read.
+
+    Attributes:
+        name: The name users select it by (``--target``).
+        summary: One line on what it emits and why.
+        arch: The host architecture (``platform.machine()`` spelling) whose CPU runs the output,
+            or None for an accelerator.
+        execution_provider: The onnxruntime execution provider that runs the output.
+        format: Q/DQ pairs or QOperator ops.
+        activation_dtype: Integer type of quantized activations.
+        weight_dtype: Integer type of quantized weights.
+        activation_symmetric: Activations use zero point 0.
+        weight_symmetric: Weights use zero point 0.
+        weight_bits: Bits of the weight range actually used (7 where int16 accumulation of
+            u8 x s8 products would otherwise saturate).
+        per_channel_weights: Weights get one scale per output channel.
+        qdq_per_consumer: Each consumer of a quantized activation gets its own Q/DQ pair
+            (kernels fuse a Q/DQ only when it has a single consumer).
+        int16_activations: Sensitive activations may be kept in 16-bit.
+        quantizable_ops: Op types this target runs faster in integer arithmetic.
+        lowering_rules: Names of the lowering rule sets applied in the lower phase.
+        min_opset: Lowest default-domain opset the output may use.
+        max_ir_version: Highest IR version the runtime loads.
+        max_opset: Highest default-domain opset the runtime loads.
+        allowed_domains: Operator domains the runtime executes.
+        conformance_rules: Checks every compiled model must pass.
+    """
+
+    name: str
+    summary: str
+    arch: str | None
+    execution_provider: str
+    format: QuantFormat
+    activation_dtype: ir.DataType
+    weight_dtype: ir.DataType
+    activation_symmetric: bool
+    weight_symmetric: bool
+    weight_bits: int
+    per_channel_weights: bool
+    qdq_per_consumer: bool
+    int16_activations: bool
+    quantizable_ops: frozenset[str]
+    lowering_rules: tuple[str, ...]
+    min_opset: int
+    max_ir_version: int
+    max_opset: int
+    allowed_domains: frozenset[str]
+    conformance_rules: tuple[ConformanceRule, ...]
+
+    def check(self, model: ir.Model) -> list[Violation]:
+        """Every violation of this target's rules in ``model``; empty when it conforms."""
+        return [v for rule in self.conformance_rules for v in rule(model, self)]
+
+    def describe(self) -> dict[str, object]:
+        """The fields as plain values, for tables and JSON."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "arch": self.arch,
+            "execution_provider": self.execution_provider,
+            "format": self.format.value,
+            "activations": _dtype_text(self.activation_dtype, self.activation_symmetric),
+            "weights": _dtype_text(self.weight_dtype, self.weight_symmetric, self.weight_bits),
+            "per_channel_weights": self.per_channel_weights,
+            "qdq_per_consumer": self.qdq_per_consumer,
+            "int16_activations": self.int16_activations,
+            "quantizable_ops": sorted(self.quantizable_ops),
+            "lowering_rules": list(self.lowering_rules),
+            "min_opset": self.min_opset,
+            "max_ir_version": self.max_ir_version,
+            "max_opset": self.max_opset,
+            "allowed_domains": sorted({d or "ai.onnx" for d in self.allowed_domains}),
+            "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
+        }
+
+
+def _dtype_text(dtype: ir.DataType, symmetric: bool, bits: int | None = None) -> str:
+    text = dtype.name.lower()
+    if bits is not None and bits != dtype.bitwidth:
+        text += f" ({bits}-bit range)"
+    return text + (" symmetric" if symmetric else " asymmetric")

@@ -1,0 +1,38 @@
+"""NVIDIA TensorRT through onnxruntime's TensorRT execution provider: Q/DQ only.
+
+TensorRT reads explicit Q/DQ and picks its own int8 kernels. Its ONNX parser takes int8
+symmetric quantization (zero point 0), per-channel weights and per-tensor activations, and
+no QOperator ops (QLinear*, ConvInteger, MatMulInteger, DynamicQuantizeLinear) or
+com.microsoft contrib ops.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qgraph.targets.conformance import LOADABLE_RULES, ONNX_DOMAINS
+from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNEL_MIN_OPSET
+from qgraph.targets.spec import QuantFormat, TargetSpec
+
+TENSORRT = TargetSpec(
+    name="tensorrt",
+    summary="TensorRT execution provider: int8 symmetric Q/DQ, zero points 0, no QOperator ops",
+    arch=None,
+    execution_provider="TensorrtExecutionProvider",
+    format=QuantFormat.QDQ,
+    activation_dtype=ir.DataType.INT8,
+    weight_dtype=ir.DataType.INT8,
+    activation_symmetric=True,
+    weight_symmetric=True,
+    weight_bits=8,
+    per_channel_weights=True,
+    qdq_per_consumer=False,
+    int16_activations=False,
+    quantizable_ops=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
+    lowering_rules=(),
+    min_opset=PER_CHANNEL_MIN_OPSET,
+    max_ir_version=MAX_ORT_IR_VERSION,
+    max_opset=MAX_ORT_OPSET,
+    allowed_domains=ONNX_DOMAINS,
+    conformance_rules=LOADABLE_RULES,
+)

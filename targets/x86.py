@@ -1,0 +1,56 @@
+"""x86-64 CPU targets run by onnxruntime's CPU execution provider.
+
+Facts measured on this kind of machine (see ARCHITECTURE.md):
+- u8 activations x s8 weights is the fast integer path (``vpmaddubsw`` on AVX2, ``vpdpbusd``
+  with VNNI); s8 x s8 ``MatMulInteger`` ran about 3x slower than fp32 on AVX2.
+- Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates
+  unless the weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 64 = 32640 fits.
+- onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
+  consumer; u8 activations have no such restriction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from qgraph.targets.conformance import LOADABLE_RULES
+from qgraph.targets.runtime import (
+    CPU_DOMAINS,
+    CPU_QUANTIZABLE_OPS,
+    MAX_ORT_IR_VERSION,
+    MAX_ORT_OPSET,
+    PER_CHANNEL_MIN_OPSET,
+)
+from qgraph.targets.spec import QuantFormat, TargetSpec
+
+X86_VNNI = TargetSpec(
+    name="x86-vnni",
+    summary="x86-64 with AVX512-VNNI or AVX-VNNI: u8 activations x s8 weights, full 8-bit",
+    arch="x86_64",
+    execution_provider="CPUExecutionProvider",
+    format=QuantFormat.QDQ,
+    activation_dtype=ir.DataType.UINT8,
+    weight_dtype=ir.DataType.INT8,
+    activation_symmetric=False,
+    weight_symmetric=True,
+    weight_bits=8,
+    per_channel_weights=True,
+    qdq_per_consumer=False,
+    int16_activations=True,
+    quantizable_ops=CPU_QUANTIZABLE_OPS,
+    lowering_rules=(),
+    min_opset=PER_CHANNEL_MIN_OPSET,
+    max_ir_version=MAX_ORT_IR_VERSION,
+    max_opset=MAX_ORT_OPSET,
+    allowed_domains=CPU_DOMAINS,
+    conformance_rules=LOADABLE_RULES,
+)
+
+X86_AVX2 = dataclasses.replace(
+    X86_VNNI,
+    name="x86-avx2",
+    summary="x86-64 with AVX2, no VNNI: u8 activations x s8 weights in a 7-bit range",
+    weight_bits=7,
+)
