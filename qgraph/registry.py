@@ -1,0 +1,113 @@
+"""Registered passes: qgraph's own, and those third-party packages declare.
+
+A pass is registered as a ``PassInfo``: a name, the phase it runs in, a one-line summary, and a
+``build`` function that makes the pass for a target and options (or returns None where the pass
+does not apply). qgraph's own passes are listed by the modules in ``BUILTIN_PASS_MODULES``;
+another package registers its own through the ``qgraph.passes`` entry-point group, whose entries
+name a ``PassInfo`` or a sequence of them::
+
+    [project.entry-points."qgraph.passes"]
+    my-fusion = "my_package.qgraph_plugin:MY_FUSION"
+
+Within a phase, passes run in registration order: qgraph's first, then plugins by entry-point
+name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+
+import onnx_ir as ir
+
+from qgraph.errors import PipelineError
+from qgraph.options import CompileOptions
+from qgraph.pipeline import Phase, Pipeline
+from qgraph.targets import TargetSpec, get_target
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "qgraph.passes"
+BUILTIN_PASS_MODULES = ("qgraph.passes.canonicalize", "qgraph.passes.finalize")
+BUILTIN_ORIGIN = "qgraph"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a pass's ``build`` function may read."""
+
+    target: TargetSpec
+    options: CompileOptions
+
+
+PassBuilder = Callable[[PassContext], "ir.passes.PassBase | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInfo:
+    """A registered pass: how to build it, and where it runs."""
+
+    name: str
+    phase: Phase
+    summary: str
+    build: PassBuilder
+    origin: str = BUILTIN_ORIGIN
+
+
+def registered_passes() -> list[PassInfo]:
+    """qgraph's passes followed by plugins' passes; a broken plugin is skipped with a warning."""
+    passes: list[PassInfo] = []
+    for module in BUILTIN_PASS_MODULES:
+        passes.extend(importlib.import_module(module).PASSES)
+    names = {info.name for info in passes}
+    for info in _plugin_passes():
+        if info.name in names:
+            logger.warning("plugin pass '%s' from %s clashes with an existing pass; skipped",
+                           info.name, info.origin)
+            continue
+        names.add(info.name)
+        passes.append(info)
+    return passes
+
+
+def _plugin_passes() -> Iterable[PassInfo]:
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        origin = entry_point.dist.name if entry_point.dist else entry_point.value
+        try:
+            loaded = entry_point.load()
+        except Exception as error:  # a plugin's import error must not break qgraph
+            logger.warning("cannot load qgraph pass plugin '%s' (%s): %s",
+                           entry_point.name, entry_point.value, error)
+            continue
+        infos = [loaded] if isinstance(loaded, PassInfo) else list(loaded)
+        for info in infos:
+            if not isinstance(info, PassInfo):
+                logger.warning("qgraph pass plugin '%s' gave %r, not a qgraph.PassInfo; skipped",
+                               entry_point.name, info)
+                continue
+            yield dataclasses.replace(info, origin=origin)
+
+
+def build_pipeline(
+    target: TargetSpec | str = "auto", options: CompileOptions | None = None
+) -> Pipeline:
+    """The pipeline of registered passes for ``target``, without those ``options`` skips."""
+    options = options or CompileOptions()
+    available = registered_passes()
+    unknown = options.skip_passes - {info.name for info in available}
+    if unknown:
+        raise PipelineError(
+            f"cannot skip unknown pass(es): {', '.join(sorted(unknown))} (see `qgraph passes`)"
+        )
+    context = PassContext(get_target(target), options)
+    pipeline = Pipeline()
+    for info in available:
+        if info.name in options.skip_passes:
+            continue
+        pass_ = info.build(context)
+        if pass_ is not None:
+            pipeline.add(pass_, info.phase, name=info.name)
+    return pipeline
