@@ -1,0 +1,250 @@
+"""Canonicalization: put any exported graph in one plain shape, without changing its function.
+
+Run in order:
+
+- ``lift-constants``: ``Constant`` nodes holding tensors become initializers, so weights are
+  found one way whatever the exporter did.
+- ``shape-inference``: ONNX shape and type inference, merged into the graph; partial results
+  are kept where it fails on a node (real exports often defeat it: nothing may depend on it).
+- ``constant-folding``: a node whose inputs are all constant is evaluated (by the ONNX
+  reference implementation) and replaced by its result, ``f(c1, ..., cn) -> c``. Quantize and
+  dequantize nodes are never folded: they carry the quantization itself.
+- ``identity-elimination``: ``Identity(x) -> x``.
+- ``common-subexpression-elimination``: two deterministic nodes with the same op, attributes
+  and input values compute the same outputs; the second's uses move to the first.
+- ``dead-code-elimination``: nodes and initializers nothing reaches from the outputs go.
+
+Lifting, CSE and dead-code removal are onnx_ir's passes, constant folding is onnxscript's.
+Shape inference and identity elimination are qgraph's own: onnx_ir's versions (1.1) turn
+sequence and optional values into tensors when merging inferred types, and rename a value
+that is already a graph output (breaking ``Scan`` bodies that emit a state twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import fold_constants_ir
+
+from qgraph.pipeline import Phase
+from qgraph.registry import PassInfo
+
+logger = logging.getLogger(__name__)
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+"""Op types (any domain) that constant folding must leave in place."""
+
+NON_TENSOR_OPS = frozenset(
+    {"Optional", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+     "SequenceMap", "SplitToSequence"}
+)
+"""Ops whose results are sequences or optionals: no initializer can hold those."""
+
+INFERENCE_INLINE_BYTES = 1024
+"""Initializers above this size reach onnx's shape inference as typed inputs, without data."""
+
+FOLD_INPUT_LIMIT = 8192
+"""Largest constant input (elements) a folded node may read. Folding bigger ones copies
+weights: ``Transpose`` or ``Cast`` of a shared embedding would untie it. onnxscript still folds
+a ``Transpose`` of any size when it is the weight's only consumer."""
+
+FOLD_OUTPUT_LIMIT = 512 * 512
+"""Largest folded result (elements) kept; bigger ones would bloat the model."""
+
+
+def fold_tensors_but_not_qdq(node: ir.Node) -> bool | None:
+    """onnxscript's ``should_fold`` hook: never Q/DQ or non-tensor ops, defaults otherwise."""
+    if node.op_type in QDQ_OPS or node.op_type in NON_TENSOR_OPS:
+        return False
+    if any(isinstance(v.type, (ir.SequenceType, ir.OptionalType)) for v in node.outputs):
+        return False
+    return None
+
+
+class ShapeInferencePass(ir.passes.InPlacePass):
+    """ONNX shape inference (non-strict, with data propagation), merged value by value.
+
+    A value with no type takes the inferred type whole; a shape that inference refined is
+    replaced. If inference fails outright the model is left as it was.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        with _large_initializers_as_inputs(model.graph):
+            proto = ir.serde.serialize_model(model)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(
+                proto, check_type=False, strict_mode=False, data_prop=True
+            )
+        except (onnx.shape_inference.InferenceError, RuntimeError) as error:
+            logger.warning("shape inference failed, model left unchanged: %s", error)
+            return ir.passes.PassResult(model, modified=False)
+        modified = _merge_inferred(model, ir.serde.deserialize_model(inferred))
+        return ir.passes.PassResult(model, modified=modified)
+
+
+@contextlib.contextmanager
+def _large_initializers_as_inputs(graph: ir.Graph) -> Iterator[None]:
+    """Show large initializers as typed graph inputs (no data) while the block runs."""
+    large = [
+        value
+        for value in graph.initializers.values()
+        if value.const_value is not None and value.const_value.nbytes > INFERENCE_INLINE_BYTES
+    ]
+    input_count = len(graph.inputs)
+    for value in large:
+        value.dtype = value.dtype or value.const_value.dtype
+        value.shape = value.shape or value.const_value.shape
+        graph.initializers.pop(value.name)
+        if not value.is_graph_input():
+            graph.inputs.append(value)
+    try:
+        yield
+    finally:
+        del graph.inputs[input_count:]
+        for value in large:
+            graph.register_initializer(value)
+
+
+def _merge_inferred(model: ir.Model, inferred: ir.Model) -> bool:
+    modified = False
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs()):
+        known = ir.convenience.create_value_mapping(inferred_graph, include_subgraphs=False)
+        own = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
+        for name, value in own.items():
+            found = known.get(name)
+            if found is None:
+                continue
+            if value.type is None and found.type is not None:
+                value.type = found.type
+                modified = True
+            if found.shape is not None and value.shape != found.shape:
+                value.shape = found.shape
+                modified = True
+    return modified
+
+
+class IdentityEliminationPass(ir.passes.InPlacePass):
+    """``y = Identity(x)`` removed, in every graph and function, where that is safe.
+
+    - ``y`` not a graph output: every use of ``y`` reads ``x`` instead.
+    - ``y`` a graph output: ``x`` takes ``y``'s name and place, but only if ``x`` is made by
+      a node of the same graph and is not itself a graph output (renaming a graph input, an
+      initializer, an outer-scope value or another output would change the interface).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        graphs = [*model.graphs(), *(function.graph for function in model.functions.values())]
+        for graph in graphs:
+            for node in list(graph):
+                if _is_identity(node) and _eliminate_identity(graph, node):
+                    modified = True
+        return ir.passes.PassResult(model, modified=modified)
+
+
+def _is_identity(node: ir.Node) -> bool:
+    return (
+        node.op_type == "Identity"
+        and node.domain in ("", "ai.onnx")
+        and len(node.inputs) == 1
+        and len(node.outputs) == 1
+        and node.inputs[0] is not None
+    )
+
+
+def _eliminate_identity(graph: ir.Graph, node: ir.Node) -> bool:
+    source, result = node.inputs[0], node.outputs[0]
+    is_output = result in graph.outputs
+    if is_output:
+        producer = source.producer()
+        if producer is None or producer.graph is not graph or source in graph.outputs:
+            return False
+    if source.type is None:
+        source.type = result.type
+    if source.shape is None:
+        source.shape = result.shape
+    ir.convenience.replace_all_uses_with(result, source, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if is_output:
+        source.name = result.name
+    return True
+
+
+class ConstantFoldingPass(ir.passes.InPlacePass):
+    """onnxscript's constant folding, with Q/DQ and non-tensor ops protected in every domain.
+
+    Shape inference is left to the ``shape-inference`` pass: doing it per node here costs a
+    call into onnx's C API per node, which dominates on large graphs.
+
+    onnxscript 0.7's partial evaluator for ``SplitToSequence`` fails on a ``split`` that is
+    not constant, whatever ``should_fold`` says, and the folder rewrites in place as it goes;
+    such graphs are left unfolded (with a warning) rather than half-rewritten.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocker = _folding_blocker(model)
+        if blocker is not None:
+            logger.warning("constant folding skipped: %s", blocker)
+            return ir.passes.PassResult(model, modified=False)
+        result = fold_constants_ir(
+            model,
+            onnx_shape_inference=False,
+            input_size_limit=FOLD_INPUT_LIMIT,
+            output_size_limit=FOLD_OUTPUT_LIMIT,
+            should_fold=fold_tensors_but_not_qdq,
+        )
+        return ir.passes.PassResult(model, modified=result.modified)
+
+
+def _folding_blocker(model: ir.Model) -> str | None:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "SplitToSequence" and len(node.inputs) > 1:
+            split = node.inputs[1]
+            if split is not None and ir.convenience.get_const_tensor(split) is None:
+                return f"SplitToSequence node '{node.name}' has a split computed at run time"
+    return None
+
+
+PASSES = (
+    PassInfo(
+        "lift-constants",
+        Phase.CANONICALIZE,
+        "Constant nodes holding tensors become initializers",
+        lambda ctx: common.LiftConstantsToInitializersPass(lift_all_constants=False),
+    ),
+    PassInfo(
+        "shape-inference",
+        Phase.CANONICALIZE,
+        "ONNX shape and type inference (partial results kept where it fails)",
+        lambda ctx: ShapeInferencePass(),
+    ),
+    PassInfo(
+        "constant-folding",
+        Phase.CANONICALIZE,
+        "evaluate nodes whose inputs are all constant (never Q/DQ)",
+        lambda ctx: ConstantFoldingPass(),
+    ),
+    PassInfo(
+        "identity-elimination",
+        Phase.CANONICALIZE,
+        "Identity(x) -> x",
+        lambda ctx: IdentityEliminationPass(),
+    ),
+    PassInfo(
+        "common-subexpression-elimination",
+        Phase.CANONICALIZE,
+        "merge deterministic nodes with the same op, attributes and inputs",
+        lambda ctx: common.CommonSubexpressionEliminationPass(),
+    ),
+    PassInfo(
+        "dead-code-elimination",
+        Phase.CANONICALIZE,
+        "remove nodes and initializers that no output depends on",
+        lambda ctx: common.RemoveUnusedNodesPass(),
+    ),
+)

@@ -1,0 +1,98 @@
+"""Finalization: leave a model every consumer can read, and prove it before it is written.
+
+- ``remove-unused``: unreachable nodes and initializers, unused functions and opset imports.
+- ``topological-sort``: nodes in an order where every input is produced before it is read.
+- ``name-fix``: every node and value gets a unique, non-empty name (graph inputs and outputs
+  keep theirs).
+- ``onnx-checker``: the ONNX checker (without weights, so 2 GB models cost nothing extra).
+- ``target-conformance``: the target's own rules (``TargetSpec.check``).
+
+The last two only read the model; a failure raises ``ConformanceError`` naming the rule.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from qgraph.errors import ConformanceError
+from qgraph.pipeline import Phase
+from qgraph.registry import PassInfo
+from qgraph.targets import TargetSpec
+
+MAX_VIOLATIONS_SHOWN = 5
+
+
+class OnnxCheckerPass(ir.passes.InPlacePass):
+    """Raise ``ConformanceError`` when the ONNX checker rejects the model."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            common.CheckerPass()(model)
+        except onnx.checker.ValidationError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ConformanceError(f"the model fails the ONNX checker: {first_line}") from error
+        return ir.passes.PassResult(model, modified=False)
+
+
+class TargetConformancePass(ir.passes.InPlacePass):
+    """Raise ``ConformanceError`` listing the target's rules the model breaks."""
+
+    def __init__(self, target: TargetSpec) -> None:
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        violations = self.target.check(model)
+        if violations:
+            shown = "; ".join(str(v) for v in violations[:MAX_VIOLATIONS_SHOWN])
+            more = len(violations) - MAX_VIOLATIONS_SHOWN
+            suffix = f"; and {more} more" if more > 0 else ""
+            raise ConformanceError(
+                f"the model breaks {len(violations)} rule(s) of target '{self.target.name}': "
+                f"{shown}{suffix}"
+            )
+        return ir.passes.PassResult(model, modified=False)
+
+
+def remove_unused() -> ir.passes.PassBase:
+    return ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.RemoveUnusedFunctionsPass(),
+        common.RemoveUnusedOpsetsPass(),
+    )
+
+
+PASSES = (
+    PassInfo(
+        "remove-unused",
+        Phase.FINALIZE,
+        "drop unreachable nodes, initializers, functions and opset imports",
+        lambda ctx: remove_unused(),
+    ),
+    PassInfo(
+        "topological-sort",
+        Phase.FINALIZE,
+        "order nodes so each input is produced before it is read",
+        lambda ctx: common.TopologicalSortPass(),
+    ),
+    PassInfo(
+        "name-fix",
+        Phase.FINALIZE,
+        "give every node and value a unique name",
+        lambda ctx: common.NameFixPass(),
+    ),
+    PassInfo(
+        "onnx-checker",
+        Phase.FINALIZE,
+        "fail if the ONNX checker rejects the model",
+        lambda ctx: OnnxCheckerPass(),
+    ),
+    PassInfo(
+        "target-conformance",
+        Phase.FINALIZE,
+        "fail if the model breaks a rule of the target",
+        lambda ctx: TargetConformancePass(ctx.target),
+    ),
+)
