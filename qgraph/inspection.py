@@ -1,0 +1,165 @@
+"""What a model holds: ops, parameters, interface, and how much of it is quantized.
+
+Summaries read shapes and dtypes only, never tensor data, so inspecting a multi-GB model with
+external data costs no more than reading its graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+from qgraph.model_io import SOURCE_PATH_KEY
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+QOPERATOR_OPS = frozenset(
+    {
+        "ConvInteger",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulNBits",
+        "QGemm",
+        "QAttention",
+        "QOrderedMatMul",
+    }
+)
+"""Integer operators besides the ``QLinear*`` family."""
+
+ONNX_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output."""
+
+    name: str
+    dtype: str
+    shape: list[int | str] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterStats:
+    """Constant tensors of one dtype."""
+
+    dtype: str
+    tensors: int
+    elements: int
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    """The facts ``qgraph inspect`` reports about a model."""
+
+    source: str | None
+    ir_version: int
+    producer: str
+    opsets: dict[str, int]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    nodes: int
+    op_histogram: dict[str, int]
+    parameters: list[ParameterStats]
+    quantize_nodes: int
+    dequantize_nodes: int
+    quantized_ops: dict[str, int]
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.elements for p in self.parameters)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(p.bytes for p in self.parameters)
+
+    def to_json(self) -> dict[str, object]:
+        data = dataclasses.asdict(self)
+        data["parameter_count"] = self.parameter_count
+        data["parameter_bytes"] = self.parameter_bytes
+        return data
+
+
+def summarize(model: ir.Model) -> ModelSummary:
+    """The summary of ``model``; tensor data is never read."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    ops = collections.Counter(op_key(node) for node in nodes)
+    quantized = collections.Counter(op_key(node) for node in nodes if is_quantized_op(node))
+    return ModelSummary(
+        source=model.meta.get(SOURCE_PATH_KEY),
+        ir_version=model.ir_version,
+        producer=" ".join(filter(None, [model.producer_name, model.producer_version])),
+        opsets={domain or "ai.onnx": v for domain, v in sorted(model.opset_imports.items())},
+        inputs=[_tensor_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers],
+        outputs=[_tensor_info(v) for v in model.graph.outputs],
+        nodes=len(nodes),
+        op_histogram=dict(ops.most_common()),
+        parameters=_parameter_stats(model),
+        quantize_nodes=sum(1 for n in nodes if n.op_type == "QuantizeLinear"),
+        dequantize_nodes=sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
+        quantized_ops=dict(quantized.most_common()),
+    )
+
+
+def op_key(node: ir.Node) -> str:
+    """``Conv`` for ONNX ops, ``com.microsoft::QGemm`` for others."""
+    return node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+
+
+def is_quantized_op(node: ir.Node) -> bool:
+    """An integer operator, or a float op reading a dequantized tensor (a Q/DQ group)."""
+    if node.op_type in QDQ_OPS:
+        return False
+    if node.op_type.startswith("QLinear") or node.op_type in QOPERATOR_OPS:
+        return True
+    return any(
+        value is not None
+        and (producer := value.producer()) is not None
+        and producer.op_type == "DequantizeLinear"
+        for value in node.inputs
+    )
+
+
+def _tensor_info(value: ir.Value) -> TensorInfo:
+    dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
+    shape = None if value.shape is None else [_dim(d) for d in value.shape]
+    return TensorInfo(value.name or "", dtype, shape)
+
+
+def _dim(dim: int | ir.SymbolicDim) -> int | str:
+    if isinstance(dim, int):
+        return dim
+    return dim.value if dim.value is not None else "?"
+
+
+def constant_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Initializers of every graph and tensors held by ``Constant`` nodes."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield attr.as_tensor()
+
+
+def _parameter_stats(model: ir.Model) -> list[ParameterStats]:
+    tensors: collections.Counter[str] = collections.Counter()
+    elements: collections.Counter[str] = collections.Counter()
+    nbytes: collections.Counter[str] = collections.Counter()
+    for tensor in constant_tensors(model):
+        dtype = tensor.dtype.name.lower()
+        tensors[dtype] += 1
+        elements[dtype] += tensor.size
+        nbytes[dtype] += tensor.nbytes
+    return [
+        ParameterStats(dtype, tensors[dtype], elements[dtype], nbytes[dtype])
+        for dtype, _ in nbytes.most_common()
+    ]

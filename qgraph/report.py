@@ -1,0 +1,153 @@
+"""Human-readable reports: rich tables for summaries, pass records, targets and passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+
+from qgraph.compiler import CompileResult
+from qgraph.inspection import ModelSummary, TensorInfo
+from qgraph.pipeline import PassRecord
+from qgraph.registry import PassInfo
+from qgraph.targets import TargetSpec
+
+BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
+
+
+def format_bytes(count: int) -> str:
+    """``1536 -> '1.5 KB'`` (powers of 1024)."""
+    value = float(count)
+    for unit in BYTE_UNITS:
+        if abs(value) < 1024 or unit == BYTE_UNITS[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_count(count: int) -> str:
+    """``1234567 -> '1.23M'``."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.2f}{suffix}"
+    return str(count)
+
+
+def _table(*columns: str, title: str | None = None) -> Table:
+    """A borderless table; all-blank column names mean a key/value table without header."""
+    table = Table(title=title, title_justify="left", title_style="bold", box=None,
+                  pad_edge=False, show_header=any(columns))
+    for column in columns:
+        table.add_column(column, justify="right" if column in _NUMERIC else "left")
+    return table
+
+
+_NUMERIC = frozenset({"count", "tensors", "elements", "bytes", "seconds", "before", "after"})
+
+
+def summary_report(summary: ModelSummary, *, top_ops: int | None = None) -> RenderableType:
+    """What ``qgraph inspect`` prints."""
+    header = _table("", "", title=summary.source or "model")
+    header.add_row("IR version", str(summary.ir_version))
+    header.add_row("producer", summary.producer or "-")
+    header.add_row("opsets", ", ".join(f"{d} {v}" for d, v in summary.opsets.items()))
+    header.add_row("nodes", str(summary.nodes))
+    header.add_row(
+        "parameters",
+        f"{format_count(summary.parameter_count)} ({format_bytes(summary.parameter_bytes)})",
+    )
+    header.add_row(
+        "quantization",
+        f"{summary.quantize_nodes} QuantizeLinear, {summary.dequantize_nodes} DequantizeLinear, "
+        f"{sum(summary.quantized_ops.values())} quantized ops",
+    )
+    parts: list[RenderableType] = [header, _io_table(summary.inputs, summary.outputs)]
+    ops = _table("op", "count", "quantized", title="ops")
+    for op, count in list(summary.op_histogram.items())[:top_ops]:
+        ops.add_row(op, str(count), str(summary.quantized_ops.get(op, "")))
+    parts.append(ops)
+    params = _table("dtype", "tensors", "elements", "bytes", title="parameters by dtype")
+    for stats in summary.parameters:
+        params.add_row(stats.dtype, str(stats.tensors), format_count(stats.elements),
+                       format_bytes(stats.bytes))
+    parts.append(params)
+    return _spaced(parts)
+
+
+def _io_table(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> Table:
+    table = _table("", "name", "dtype", "shape", title="interface")
+    for kind, infos in (("input", inputs), ("output", outputs)):
+        for info in infos:
+            shape = "?" if info.shape is None else "[" + ", ".join(map(str, info.shape)) + "]"
+            table.add_row(kind, info.name, info.dtype, shape)
+    return table
+
+
+def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
+    """What ``qgraph compile`` prints: the summary, and with ``verbose`` a row per pass."""
+    before, after = result.before, result.after
+    table = _table("", "before", "after", title=f"compiled for {result.target.name} "
+                   f"in {result.seconds:.2f} s")
+    table.add_row("nodes", str(before.nodes), str(after.nodes))
+    table.add_row("weights", format_bytes(before.parameter_bytes), format_bytes(after.parameter_bytes))
+    table.add_row("quantized ops", str(sum(before.quantized_ops.values())),
+                  str(sum(after.quantized_ops.values())))
+    for op in sorted(set(before.op_histogram) | set(after.op_histogram)):
+        old, new = before.op_histogram.get(op, 0), after.op_histogram.get(op, 0)
+        if old != new:
+            table.add_row(f"  {op}", str(old), str(new))
+    parts: list[RenderableType] = [table]
+    if verbose:
+        parts.append(records_report(result.records))
+    changed = sum(record.modified for record in result.records)
+    note = f"{changed} of {len(result.records)} passes changed the model"
+    if result.saved is not None:
+        data = f" + {result.saved.data_path.name}" if result.saved.data_path else ""
+        note += f"; wrote {result.saved.path}{data} ({format_bytes(result.saved.total_bytes)})"
+    parts.append(note)
+    return _spaced(parts)
+
+
+def records_report(records: Iterable[PassRecord]) -> Table:
+    table = _table("phase", "pass", "seconds", "changed", "before", "after", title="passes")
+    for r in records:
+        table.add_row(r.phase.value, r.name, f"{r.seconds:.3f}", "yes" if r.modified else "-",
+                      str(r.nodes_before), str(r.nodes_after))
+    return table
+
+
+def targets_report(targets: Iterable[TargetSpec], host: TargetSpec | None) -> RenderableType:
+    parts: list[RenderableType] = []
+    for target in targets:
+        title = target.name + ("  (auto on this host)" if host is target else "")
+        table = _table("", "", title=title)
+        for key, value in target.describe().items():
+            if key != "name":
+                table.add_row(key, _plain(value))
+        parts.append(table)
+    return _spaced(parts)
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def passes_report(passes: Iterable[PassInfo]) -> Table:
+    table = _table("phase", "pass", "origin", "what it does", title="registered passes")
+    for info in passes:
+        table.add_row(info.phase.value, info.name, info.origin, info.summary)
+    return table
+
+
+def _spaced(parts: Sequence[RenderableType]) -> Group:
+    spaced: list[RenderableType] = []
+    for part in parts:
+        if spaced:
+            spaced.append("")
+        spaced.append(part)
+    return Group(*spaced)

@@ -1,0 +1,137 @@
+"""Numerical verification of rewrites: run models in onnxruntime and compare their outputs.
+
+A float-equivalent rewrite changes only the order and grouping of floating-point operations,
+so its outputs may differ from the original's by a few rounding errors: each correctly rounded
+float32 operation contributes at most eps/2 = 6e-8 relative. ``FLOAT32_RTOL = 1e-5`` allows
+~170 such roundings accumulated along a path, and nothing that changes the function. The error
+is measured against the reference tensor's largest magnitude,
+``max|candidate - reference| / max|reference|``, so near-zero entries of a tensor whose scale
+is large do not count as huge relative errors. Outputs in 16-bit floats carry at least one more
+rounding of their own, so they get two ulps of their format. Integer, boolean and string
+outputs must match exactly; NaN and infinities must sit in the same places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qgraph.model_io import serialize
+
+FLOAT32_RTOL = 1e-5
+INTRA_OP_THREADS = 1
+
+
+def session(model: ir.Model | bytes, *, optimize: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` (an IR model or a serialized ONNX file);
+    graph optimizations off unless ``optimize``."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else serialize(model)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def run(model: ir.Model | bytes, feeds: Mapping[str, object], *, optimize: bool = False) -> dict[str, object]:
+    """``model``'s outputs on ``feeds``, by output name."""
+    sess = session(model, optimize=optimize)
+    names = [output.name for output in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+def tolerance(dtype: np.dtype) -> float:
+    """The relative tolerance for outputs of ``dtype`` (0 for exact types)."""
+    if not np.issubdtype(dtype, np.floating) and not np.issubdtype(dtype, np.complexfloating):
+        return 0.0
+    return max(FLOAT32_RTOL, 2 * float(np.finfo(dtype).eps))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    """One output that differs beyond its tolerance."""
+
+    output: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.output}: {self.reason}"
+
+
+def compare(
+    reference: Mapping[str, object],
+    candidate: Mapping[str, object],
+    rtol: float | None = None,
+) -> list[Mismatch]:
+    """Outputs of ``candidate`` that differ from ``reference`` (see module doc for the metric).
+
+    ``rtol`` overrides the per-dtype tolerance for floating outputs. Sequence outputs are
+    compared element by element; ``None`` (an empty optional) must match ``None``.
+    """
+    mismatches = []
+    for name, expected in reference.items():
+        if name not in candidate:
+            mismatches.append(Mismatch(name, "missing from the candidate's outputs"))
+            continue
+        reason = _difference(expected, candidate[name], rtol)
+        if reason is not None:
+            mismatches.append(Mismatch(name, reason))
+    return mismatches
+
+
+def _difference(expected: object, actual: object, rtol: float | None) -> str | None:
+    if expected is None or actual is None:
+        return None if expected is actual else f"expected {expected!r}, got {actual!r}"
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            return f"expected a sequence of {len(expected)}, got {type(actual).__name__}"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            reason = _difference(e, a, rtol)
+            if reason is not None:
+                return f"[{i}] {reason}"
+        return None
+    return _array_difference(np.asarray(expected), np.asarray(actual), rtol)
+
+
+def _array_difference(expected: np.ndarray, actual: np.ndarray, rtol: float | None) -> str | None:
+    if expected.dtype != actual.dtype:
+        return f"dtype {actual.dtype} instead of {expected.dtype}"
+    if expected.shape != actual.shape:
+        return f"shape {actual.shape} instead of {expected.shape}"
+    limit = tolerance(expected.dtype) if rtol is None else rtol
+    if limit == 0.0:
+        differ = int(np.count_nonzero(expected != actual))
+        return f"{differ} of {expected.size} elements differ" if differ else None
+    return _float_difference(expected, actual, limit)
+
+
+def _float_difference(expected: np.ndarray, actual: np.ndarray, rtol: float) -> str | None:
+    nan_e, nan_a = np.isnan(expected), np.isnan(actual)
+    if not np.array_equal(nan_e, nan_a):
+        return "NaN in different places"
+    finite = np.isfinite(expected) & np.isfinite(actual)
+    if not np.array_equal(expected[~finite & ~nan_e], actual[~finite & ~nan_a]):
+        return "infinities differ"
+    relative = relative_error(expected[finite], actual[finite])
+    if relative > rtol:
+        return f"relative error {relative:.3g} > {rtol:.3g}"
+    return None
+
+
+def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
+    """``max|actual - expected| / max|expected|``, in float64 (inf if only expected is 0)."""
+    if expected.size == 0:
+        return 0.0
+    wide = np.result_type(expected.dtype, np.float64)
+    e, a = expected.astype(wide), actual.astype(wide)
+    error = float(np.max(np.abs(a - e)))
+    if error == 0.0:
+        return 0.0
+    scale = float(np.max(np.abs(e)))
+    return error / scale if scale > 0 else float("inf")
