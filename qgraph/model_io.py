@@ -25,6 +25,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qgraph.errors import ModelLoadError, ModelSaveError
+from qgraph.traversal import all_nodes
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
@@ -111,7 +112,7 @@ def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
         for value in graph.initializers.values():
             if isinstance(value.const_value, ir.ExternalTensor):
                 yield value.const_value
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in all_nodes(model.graph):
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
                 yield attr.value
@@ -264,7 +265,7 @@ def _external_tensors_inlined(model: ir.Model) -> Iterator[None]:
             if isinstance(value.const_value, ir.ExternalTensor):
                 restore.append((value, "", value.const_value))
                 value.const_value = _in_memory(value.const_value)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in all_nodes(model.graph):
         for key, attr in list(node.attributes.items()):
             if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
                 restore.append((node, key, attr.value))

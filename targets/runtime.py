@@ -1,12 +1,19 @@
-"""Facts about onnxruntime (1.31) shared by every target it runs."""
+"""Facts about onnxruntime shared by every target it runs.
+
+The IR version and ai.onnx opset onnxruntime accepts change with its release (1.23: IR 11,
+opset 23; 1.31: IR 13, opset 26) and it reports neither, so they are measured: one-node
+models are offered to the installed onnxruntime, once per process (a few milliseconds).
+The installed runtime is the one qgraph verifies with and, by default, the one it targets.
+"""
 
 from __future__ import annotations
 
-MAX_ORT_IR_VERSION = 13
-"""onnxruntime refuses models whose IR version is above this (onnx 1.23 writes 14)."""
+import dataclasses
+import functools
 
-MAX_ORT_OPSET = 26
-"""Highest ai.onnx opset onnxruntime officially runs; it refuses models stamped above it."""
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
 
 CPU_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 """Operator domains onnxruntime's CPU execution provider runs."""
@@ -16,3 +23,56 @@ CPU_QUANTIZABLE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 
 PER_CHANNEL_MIN_OPSET = 13
 """DequantizeLinear gained ``axis`` (per-channel scales) in opset 13."""
+
+_IR_RANGE = (7, onnx.IR_VERSION)
+_OPSET_RANGE = (13, onnx.defs.onnx_opset_version())
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeLimits:
+    """What the installed onnxruntime loads."""
+
+    version: str
+    max_ir_version: int
+    max_opset: int
+
+
+def _loads(ir_version: int, opset: int) -> bool:
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              ir_version=ir_version)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime refuses with several exception types
+        return False
+    return True
+
+
+def _highest(low: int, high: int, accepts) -> int:
+    """The highest value in [low, high] that ``accepts``, assuming acceptance is monotone."""
+    while low < high:
+        middle = (low + high + 1) // 2
+        if accepts(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@functools.cache
+def onnxruntime_limits() -> RuntimeLimits:
+    """The IR version and ai.onnx opset ceilings of the installed onnxruntime, measured."""
+    max_ir = _highest(*_IR_RANGE, lambda v: _loads(v, _OPSET_RANGE[0]))
+    max_opset = _highest(*_OPSET_RANGE, lambda v: _loads(max_ir, v))
+    return RuntimeLimits(ort.__version__, max_ir, max_opset)
+
+
+ORT_LIMITS = onnxruntime_limits()
+MAX_ORT_IR_VERSION = ORT_LIMITS.max_ir_version
+MAX_ORT_OPSET = ORT_LIMITS.max_opset
