@@ -69,7 +69,7 @@ def compile_model(
     model = load(source)
     if CHECKER_PASS in pipeline.names():
         tell("checking the input")
-        _check_input(model)
+        _check_input(source, model)
     before = summarize(model)
     total = len(pipeline.names())
 
@@ -95,10 +95,19 @@ def compile_model(
     )
 
 
-def _check_input(model: ir.Model) -> None:
-    """Refuse an input the ONNX checker rejects, so the fault is not blamed on a pass."""
+def _check_input(source: ModelSource, model: ir.Model) -> None:
+    """Refuse an input the ONNX checker rejects, so the fault is not blamed on a pass.
+
+    Files, bytes and protos are checked as given (onnx's C++ reads them directly); only an
+    ``ir.Model`` source has to be serialized for the checker.
+    """
     try:
-        common.CheckerPass()(model)
+        if isinstance(source, ir.Model):
+            common.CheckerPass()(model)
+        elif isinstance(source, (bytes, onnx.ModelProto)):
+            onnx.checker.check_model(source)
+        else:
+            onnx.checker.check_model(os.fspath(source))
     except onnx.checker.ValidationError as error:
         label = model.meta.get(SOURCE_PATH_KEY, "the input model")
         first_line = str(error).strip().splitlines()[0]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from qgraph.model_io import SOURCE_PATH_KEY
+from qgraph.traversal import all_nodes
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 QOPERATOR_OPS = frozenset(
@@ -87,7 +88,7 @@ class ModelSummary:
 
 def summarize(model: ir.Model) -> ModelSummary:
     """The summary of ``model``; tensor data is never read."""
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    nodes = list(all_nodes(model.graph))
     ops = collections.Counter(op_key(node) for node in nodes)
     quantized = collections.Counter(op_key(node) for node in nodes if is_quantized_op(node))
     return ModelSummary(
@@ -143,7 +144,7 @@ def constant_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in all_nodes(model.graph):
         if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:

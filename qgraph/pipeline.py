@@ -24,11 +24,15 @@ from collections.abc import Callable, Iterator
 import onnx_ir as ir
 
 from qgraph.errors import PipelineError, QGraphError
+from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "qgraph.pass"
 """Node metadata key naming the pass that created the node."""
+
+_SEEN_KEY = "qgraph.seen"
+"""In-memory ``node.meta`` mark of nodes that existed before the current pass."""
 
 
 class Phase(str, enum.Enum):
@@ -137,16 +141,15 @@ class Pipeline:
     def run(self, model: ir.Model, *, listener: PassListener | None = None) -> PipelineResult:
         """Run every pass in order on ``model`` (rewritten in place by in-place passes)."""
         records = []
-        nodes = count_nodes(model)
+        nodes = _stamp_new_nodes(model, None)
         for entry in self._entries:
             if listener is not None:
                 listener(entry.phase, entry.name)
-            known = set(ir.traversal.RecursiveGraphIterator(model.graph))
             start = time.perf_counter()
             result = _run_one(entry, model)
             seconds = time.perf_counter() - start
             model = result.model
-            nodes_after = _stamp_new_nodes(model, known, entry.name)
+            nodes_after = _stamp_new_nodes(model, entry.name)
             records.append(
                 PassRecord(entry.phase, entry.name, seconds, result.modified, nodes, nodes_after)
             )
@@ -170,16 +173,13 @@ def _run_one(entry: _Entry, model: ir.Model) -> ir.passes.PassResult:
         ) from error
 
 
-def _stamp_new_nodes(model: ir.Model, known: set[ir.Node], pass_name: str) -> int:
-    """Record ``pass_name`` on nodes not in ``known``; return the node count."""
+def _stamp_new_nodes(model: ir.Model, pass_name: str | None) -> int:
+    """Record ``pass_name`` on nodes not seen before (None: only mark); return the node count."""
     count = 0
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in all_nodes(model.graph):
         count += 1
-        if node not in known:
-            node.metadata_props.setdefault(PROVENANCE_KEY, pass_name)
+        if _SEEN_KEY not in node.meta:
+            node.meta[_SEEN_KEY] = True
+            if pass_name is not None:
+                node.metadata_props.setdefault(PROVENANCE_KEY, pass_name)
     return count
-
-
-def count_nodes(model: ir.Model) -> int:
-    """Nodes in ``model``'s graph and all its subgraphs."""
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))

@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.targets.spec import TargetSpec, Violation
+from qgraph.traversal import all_nodes
 
 ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 
@@ -41,7 +42,7 @@ def opset_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
 def domains_supported(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
     """Every node's operator domain must be one the runtime executes (or a model function)."""
     local_functions = {(f.domain, f.name) for f in model.functions.values()}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    for node in all_nodes(model.graph):
         if node.domain in target.allowed_domains or (node.domain, node.op_type) in local_functions:
             continue
         yield Violation(
