@@ -82,7 +82,9 @@ def _plugin_passes() -> Iterable[PassInfo]:
             logger.warning("cannot load qgraph pass plugin '%s' (%s): %s",
                            entry_point.name, entry_point.value, error)
             continue
-        infos = [loaded] if isinstance(loaded, PassInfo) else list(loaded)
+        infos = [loaded] if isinstance(loaded, PassInfo) else loaded
+        if not isinstance(infos, (list, tuple)):
+            infos = [infos]
         for info in infos:
             if not isinstance(info, PassInfo):
                 logger.warning("qgraph pass plugin '%s' gave %r, not a qgraph.PassInfo; skipped",
