@@ -1,0 +1,162 @@
+"""The qgraph command line: each error is one line with a non-zero exit; each command works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto
+
+import qgraph
+from qgraph import verify
+from qgraph.cli import cli
+from qgraph.targets import TARGETS
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def model_file(small_model, tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(small_model, path)
+    return path
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(invoke("compile", tmp_path / "absent.onnx"), "absent.onnx", "no such file")
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is a text file, not a model\n")
+    assert_one_line_error(invoke("compile", path), "notes.onnx", "not an ONNX model")
+    assert_one_line_error(invoke("inspect", path), "notes.onnx", "not an ONNX model")
+
+
+def test_truncated_protobuf(model_file):
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(invoke("compile", model_file), "model.onnx", "truncated or corrupt")
+
+
+def test_unknown_target(model_file):
+    result = invoke("compile", model_file, "--target", "x86-sse")
+    assert_one_line_error(result, "unknown target 'x86-sse'", "x86-avx2", "tensorrt", "auto")
+
+
+def test_output_equal_to_input(model_file):
+    before = model_file.read_bytes()
+    result = invoke("compile", model_file, "-o", model_file)
+    assert_one_line_error(result, "model.onnx", "never overwrites its input")
+    assert model_file.read_bytes() == before
+
+
+def test_external_data_outside_the_model_folder(model_file, tmp_path):
+    model = onnx.load(model_file)
+    weight = model.graph.initializer[0]
+    weight.ClearField("raw_data")
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../etc/passwd")
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    onnx.save(model, folder / "model.onnx")
+    result = invoke("compile", folder / "model.onnx")
+    assert_one_line_error(result, "outside the model's folder", "'W'")
+
+
+def test_invalid_input_model_names_the_checker_and_the_way_out(model_file):
+    model = onnx.load(model_file)
+    model.graph.node[1].input[1] = "undefined_tensor"
+    onnx.save(model, model_file)
+    result = invoke("compile", model_file)
+    assert_one_line_error(result, "fails the ONNX checker", "onnx-checker")
+
+
+def test_unknown_skip_pass(model_file):
+    assert_one_line_error(invoke("compile", model_file, "--skip-pass", "warp-drive"), "warp-drive")
+
+
+def test_compile_writes_a_model_onnxruntime_runs_with_the_same_outputs(model_file, small_model, random_feeds):
+    result = invoke("compile", model_file, "--target", "x86-avx2", "-v")
+    assert result.exit_code == 0, result.output
+    out_path = model_file.with_name("model.x86-avx2.onnx")
+    assert "compiled for x86-avx2" in result.stdout
+    for name in qgraph.build_pipeline("x86-avx2").names():
+        assert name in result.stdout
+    feeds = random_feeds(small_model)
+    expected = verify.run(small_model.SerializeToString(), feeds)
+    actual = verify.run(out_path.read_bytes(), feeds)
+    assert not verify.compare(expected, actual)
+    written = onnx.load(out_path)
+    assert {p.key: p.value for p in written.metadata_props}["qgraph.target"] == "x86-avx2"
+
+
+def test_compile_external_data_always(model_file, tmp_path):
+    out = tmp_path / "ext.onnx"
+    assert invoke("compile", model_file, "-o", out, "--external-data", "always").exit_code == 0
+    assert (tmp_path / "ext.onnx.data").exists()
+
+
+def test_inspect_json(model_file):
+    result = invoke("inspect", model_file, "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["op_histogram"] == {"MatMul": 1, "Add": 1, "Relu": 1}
+    assert data["parameter_count"] == 30 and data["inputs"][0]["shape"] == [2, 4]
+
+
+def test_inspect_table_shows_interface_shapes(model_file):
+    result = invoke("inspect", model_file)
+    assert result.exit_code == 0 and "[2, 4]" in result.stdout and "MatMul" in result.stdout
+
+
+def test_passes_and_targets_listings():
+    passes = json.loads(invoke("passes", "--json").stdout)
+    assert [p["name"] for p in passes][:2] == ["lift-constants", "shape-inference"]
+    targets = json.loads(invoke("targets", "--json").stdout)
+    assert [t["name"] for t in targets] == list(TARGETS)
+    assert sum(t["auto"] for t in targets) == 1
+    assert "auto on this host" in invoke("targets").stdout
+
+
+def test_models_fetch_builds_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGRAPH_CACHE", str(tmp_path / "cache"))
+    result = invoke("models", "fetch", "reference-cnn", "-o", tmp_path / "cnn.onnx")
+    assert result.exit_code == 0 and (tmp_path / "cache" / "reference-cnn" / "model.onnx").exists()
+    image = np.zeros((1, 3, 32, 32), np.float32)
+    assert verify.run((tmp_path / "cnn.onnx").read_bytes(), {"image": image})["logits"].shape == (1, 10)
+    assert_one_line_error(invoke("models", "fetch", "gpt-5"), "unknown zoo model 'gpt-5'")
+
+
+def test_help_explains_every_command():
+    result = invoke("--help")
+    for command in ("compile", "inspect", "passes", "targets", "models"):
+        assert command in result.stdout
+    assert "canonicalize" in invoke("compile", "--help").stdout
+
+
+def test_console_entry_point_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qgraph", "inspect", str(tmp_path / "absent.onnx")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: {tmp_path / 'absent.onnx'}: no such file"

@@ -1,0 +1,233 @@
+"""qgraph.model_io: every source kind loads, every bad input fails with a one-line reason,
+and save is atomic, refuses to clobber its input, and writes what onnxruntime reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qgraph
+from qgraph import model_io, verify
+from qgraph.errors import ModelLoadError, ModelSaveError
+from qgraph.targets.runtime import MAX_ORT_IR_VERSION
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_every_source_kind_loads_the_same_model(small_model, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model, path)
+    data = small_model.SerializeToString()
+    models = [
+        qgraph.load(path),
+        qgraph.load(str(path)),
+        qgraph.load(data),
+        qgraph.load(small_model),
+    ]
+    models.append(qgraph.load(models[0]))
+    assert models[4] is models[0]
+    for model in models:
+        assert [n.op_type for n in model.graph] == ["MatMul", "Add", "Relu"]
+    assert models[0].meta[model_io.SOURCE_PATH_KEY] == str(path.resolve())
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty"),
+        (b"hello, this is plain text\n" * 20, "not an ONNX model"),
+        (bytes(range(256)) * 4, "not an ONNX model"),
+    ],
+)
+def test_non_onnx_files_are_refused_by_name(tmp_path, content, expected):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(path)
+    assert str(path) in _one_line(error) and expected in str(error.value)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_truncated_model_is_reported_as_truncated(small_model, tmp_path, keep):
+    data = small_model.SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(path)
+    assert "truncated or corrupt" in _one_line(error)
+
+
+def test_corrupt_bytes_inside_a_model_are_refused(small_model, tmp_path):
+    data = bytearray(small_model.SerializeToString())
+    data[10:40] = b"\xff" * 30
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(path)
+    assert str(path) in _one_line(error)
+
+
+def test_missing_file_and_folder_are_named(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        qgraph.load(tmp_path / "absent.onnx")
+    with pytest.raises(ModelLoadError, match="is a folder"):
+        qgraph.load(tmp_path)
+
+
+def _model_with_external_weight(make_model, location: str) -> onnx.ModelProto:
+    model = make_model(
+        [helper.make_node("Add", ["x", "w"], ["y"])], {"x": [4]}, {"y": [4]},
+        {"w": np.arange(4, dtype=np.float32)},
+    )
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        tensor.external_data.add(key=key, value=value)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("../outside.bin", "outside the model's folder"),
+        ("sub/../../outside.bin", "outside the model's folder"),
+        ("/etc/passwd", "absolute location"),
+        ("absent.bin", "is missing"),
+        ("short.bin", "too short"),
+    ],
+)
+def test_unsafe_or_broken_external_data_is_refused(make_model, tmp_path, location, expected):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    (folder / "short.bin").write_bytes(b"\0" * 8)
+    onnx.save(_model_with_external_weight(make_model, location), folder / "m.onnx")
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(folder / "m.onnx")
+    assert expected in _one_line(error) and "'w'" in str(error.value)
+
+
+def test_symlink_escaping_the_folder_is_refused(make_model, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    (folder / "w.bin").symlink_to(tmp_path / "secret.bin")
+    onnx.save(_model_with_external_weight(make_model, "w.bin"), folder / "m.onnx")
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        qgraph.load(folder / "m.onnx")
+
+
+def test_external_data_inside_the_folder_loads_and_runs(make_model, tmp_path):
+    onnx.save(_model_with_external_weight(make_model, "w.bin"), tmp_path / "m.onnx")
+    (tmp_path / "w.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    model = qgraph.load(tmp_path / "m.onnx")
+    x = np.ones(4, np.float32)
+    np.testing.assert_array_equal(verify.run(model, {"x": x})["y"], x + np.arange(4))
+
+
+def test_external_data_of_a_bytes_source_needs_its_folder(make_model):
+    data = _model_with_external_weight(make_model, "w.bin").SerializeToString()
+    with pytest.raises(ModelLoadError, match="load the model from its path"):
+        qgraph.load(data)
+
+
+def test_save_round_trip_keeps_outputs_and_stamps_a_loadable_ir_version(small_model, tmp_path, random_feeds):
+    small_model.ir_version = onnx.IR_VERSION + 1
+    model = qgraph.load(small_model)
+    saved = qgraph.save(model, tmp_path / "out.onnx")
+    assert saved.data_path is None
+    written = onnx.load(tmp_path / "out.onnx")
+    assert written.ir_version == MAX_ORT_IR_VERSION
+    assert model.ir_version == onnx.IR_VERSION + 1, "save must not change the model it was given"
+    feeds = random_feeds(small_model)
+    expected = verify.run(qgraph.load(small_model), feeds)
+    assert not verify.compare(expected, verify.run(written.SerializeToString(), feeds), rtol=0.0)
+
+
+def test_save_raises_ir_version_to_what_the_opset_needs(make_model, tmp_path):
+    proto = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": [2]}, {"y": [2]},
+                       opset=21, ir_version=3)
+    qgraph.save(qgraph.load(proto), tmp_path / "out.onnx")
+    assert onnx.load(tmp_path / "out.onnx").ir_version == 10
+
+
+def test_save_refuses_to_overwrite_its_input(small_model, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(small_model, path)
+    before = path.read_bytes()
+    model = qgraph.load(path)
+    (tmp_path / "alias.onnx").symlink_to(path)
+    for target in (path, tmp_path / "." / "m.onnx", tmp_path / "alias.onnx"):
+        with pytest.raises(ModelSaveError, match="never overwrites its input"):
+            qgraph.save(model, target)
+    assert path.read_bytes() == before
+
+
+def test_save_refuses_to_overwrite_the_weights_it_maps(make_model, tmp_path):
+    onnx.save(_model_with_external_weight(make_model, "out.onnx.data"), tmp_path / "m.onnx")
+    (tmp_path / "out.onnx.data").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    model = qgraph.load(tmp_path / "m.onnx")
+    with pytest.raises(ModelSaveError, match="holds the input's weights"):
+        qgraph.save(model, tmp_path / "out.onnx", external_data=True)
+
+
+def test_failed_save_leaves_no_partial_file_and_no_staging_folder(small_model, tmp_path, monkeypatch):
+    destination = tmp_path / "out.onnx"
+    destination.write_bytes(b"previous")
+
+    def fail_half_way(model, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_io.ir, "save", fail_half_way)
+    with pytest.raises(ModelSaveError, match="No space left on device"):
+        qgraph.save(qgraph.load(small_model), destination)
+    assert destination.read_bytes() == b"previous"
+    assert sorted(os.listdir(tmp_path)) == ["out.onnx"]
+
+
+def test_save_errors_name_the_destination(small_model, tmp_path):
+    model = qgraph.load(small_model)
+    with pytest.raises(ModelSaveError, match="does not exist"):
+        qgraph.save(model, tmp_path / "absent" / "out.onnx")
+    with pytest.raises(ModelSaveError, match="is a folder"):
+        qgraph.save(model, tmp_path)
+
+
+def test_external_data_on_request_and_automatically_above_the_limit(small_model, tmp_path, monkeypatch, random_feeds):
+    feeds = random_feeds(small_model)
+    expected = verify.run(qgraph.load(small_model), feeds)
+    model = qgraph.load(small_model)
+    saved = qgraph.save(model, tmp_path / "explicit.onnx", external_data=True)
+    assert saved.data_path == tmp_path / "explicit.onnx.data"
+    # W (96 bytes) stays inline below EXTERNAL_TENSOR_MIN_BYTES; make the threshold bite.
+    monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 64)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT_BYTES", 100)
+    monkeypatch.setattr(model_io, "GRAPH_HEADROOM_BYTES", 0)
+    saved = qgraph.save(model, tmp_path / "auto.onnx")
+    assert saved.data_path is not None and saved.data_path.stat().st_size == 96
+    reloaded = qgraph.load(tmp_path / "auto.onnx")
+    assert isinstance(reloaded.graph.initializers["W"].const_value, ir.ExternalTensor)
+    assert not verify.compare(expected, verify.run(reloaded, feeds), rtol=0.0)
+
+
+def test_saving_an_external_model_without_external_data_inlines_the_weights(make_model, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    onnx.save(_model_with_external_weight(make_model, "w.bin"), source / "m.onnx")
+    (source / "w.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    qgraph.save(qgraph.load(source / "m.onnx"), tmp_path / "inline.onnx", external_data=False)
+    written = onnx.load(tmp_path / "inline.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(written.graph.initializer[0]), np.arange(4))

@@ -1,0 +1,116 @@
+"""qgraph.targets: the registry, host detection, and each conformance rule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from onnx import helper
+
+import qgraph
+from qgraph import verify
+from qgraph.errors import UnknownTargetError
+from qgraph.targets import TARGETS, detect_host_target, get_target, host_cpu_flags
+from qgraph.targets.conformance import domains_supported, ir_version_loadable, opset_loadable
+from qgraph.targets.runtime import ORT_LIMITS
+
+
+def test_the_four_targets_are_registered():
+    assert list(TARGETS) == ["x86-vnni", "x86-avx2", "arm64", "tensorrt"]
+    assert get_target(TARGETS["arm64"]) is TARGETS["arm64"]
+
+
+def test_unknown_target_lists_the_choices():
+    with pytest.raises(UnknownTargetError, match="unknown target 'x86'.*x86-vnni, x86-avx2, arm64, tensorrt, auto"):
+        get_target("x86")
+
+
+@pytest.mark.parametrize(
+    ("machine", "flags", "expected"),
+    [
+        ("x86_64", {"sse4_2", "avx2", "fma"}, "x86-avx2"),
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "x86-vnni"),
+        ("AMD64", {"avx2", "avx_vnni"}, "x86-vnni"),
+        ("aarch64", set(), "arm64"),
+        ("arm64", set(), "arm64"),
+    ],
+)
+def test_auto_detection(machine, flags, expected):
+    assert detect_host_target(machine, frozenset(flags)).name == expected
+
+
+def test_auto_on_an_unknown_architecture_asks_for_a_target():
+    with pytest.raises(UnknownTargetError, match="riscv64"):
+        detect_host_target("riscv64", frozenset())
+
+
+def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
+    assert host_cpu_flags(x86) == {"fpu", "avx2", "avx512_vnni"}
+    assert "asimddp" in host_cpu_flags(arm)
+    assert host_cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_targets_are_frozen_records_that_differ_where_the_hardware_does():
+    vnni, avx2 = TARGETS["x86-vnni"], TARGETS["x86-avx2"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vnni.weight_bits = 7
+    differing = {f.name for f in dataclasses.fields(vnni) if getattr(vnni, f.name) != getattr(avx2, f.name)}
+    assert differing == {"name", "summary", "weight_bits"}
+    assert avx2.weight_bits == 7 and vnni.weight_bits == 8
+    assert TARGETS["arm64"].activation_dtype.name == "INT8" and TARGETS["arm64"].qdq_per_consumer
+    trt = TARGETS["tensorrt"]
+    assert trt.activation_symmetric and trt.weight_symmetric and "com.microsoft" not in trt.allowed_domains
+
+
+def _model(make_model, *, opset=17, domain="", op="Relu", functions=()):
+    proto = make_model([helper.make_node(op, ["x"], ["y"], domain=domain, name="n")],
+                       {"x": [2]}, {"y": [2]}, opset=opset,
+                       extra_opsets={domain: 1} if domain else None)
+    proto.functions.extend(functions)
+    return qgraph.load(proto)
+
+
+def test_rule_ir_version_loadable(make_model, monkeypatch):
+    trt = TARGETS["tensorrt"]
+    assert list(ir_version_loadable(_model(make_model, opset=21), trt)) == []
+    strict = dataclasses.replace(trt, max_ir_version=9)
+    assert [v.rule for v in ir_version_loadable(_model(make_model, opset=21), strict)] == ["ir_version_loadable"]
+
+
+def test_rule_opset_loadable(make_model):
+    target = TARGETS["x86-avx2"]
+    highest = ORT_LIMITS.max_opset
+    assert list(opset_loadable(_model(make_model, opset=highest), target)) == []
+    (violation,) = opset_loadable(_model(make_model, opset=highest + 1), target)
+    assert f"opset {highest + 1} is above the {highest}" in violation.message
+
+
+def test_runtime_limits_are_what_onnxruntime_actually_loads(make_model):
+    for ir_version, opset, loads in [
+        (ORT_LIMITS.max_ir_version, ORT_LIMITS.max_opset, True),
+        (ORT_LIMITS.max_ir_version + 1, 13, False),
+        (ORT_LIMITS.max_ir_version, ORT_LIMITS.max_opset + 1, False),
+    ]:
+        proto = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": [2]}, {"y": [2]},
+                           opset=opset, ir_version=ir_version)
+        try:
+            verify.session(proto.SerializeToString())
+            loaded = True
+        except Exception:
+            loaded = False
+        assert loaded is loads, (ir_version, opset)
+
+
+def test_rule_domains_supported(make_model):
+    contrib = _model(make_model, domain="com.microsoft", op="Gelu")
+    assert list(domains_supported(contrib, TARGETS["x86-avx2"])) == []
+    (violation,) = domains_supported(contrib, TARGETS["tensorrt"])
+    assert violation.node == "n" and "com.microsoft::Gelu" in violation.message
+    function = helper.make_function("local", "MyRelu", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                    [helper.make_opsetid("", 17)])
+    local = _model(make_model, domain="local", op="MyRelu", functions=[function])
+    assert list(domains_supported(local, TARGETS["tensorrt"])) == []
