@@ -48,8 +48,14 @@ def block_graph(node_count: int) -> ir.Model:
         h = tape.op("Tanh", [scaled], name=f"tanh{i}")
     h.name = "y"
     h.type, h.shape = ir.TensorType(FLOAT), ir.Shape([4, 16])
-    graph = ir.Graph([x], [h], nodes=tape.nodes, initializers=tape.initializers,
-                     opset_imports={"": 17}, name="blocks")
+    graph = ir.Graph(
+        [x],
+        [h],
+        nodes=tape.nodes,
+        initializers=tape.initializers,
+        opset_imports={"": 17},
+        name="blocks",
+    )
     return ir.Model(graph, ir_version=10)
 
 
@@ -64,11 +70,15 @@ def canonicalize_benchmark(node_count: int) -> None:
     print("| phase | pass | seconds | nodes before | nodes after |")
     print("|---|---|---:|---:|---:|")
     for r in result.records:
-        print(f"| {r.phase.value} | {r.name} | {r.seconds:.2f} | {r.nodes_before} | {r.nodes_after} |")
+        print(
+            f"| {r.phase.value} | {r.name} | {r.seconds:.2f} | {r.nodes_before} | {r.nodes_after} |"
+        )
     canonicalize = sum(r.seconds for r in result.records if r.phase.value == "canonicalize")
-    print(f"\ncanonicalize phase: {canonicalize:.2f} s (target < 10 s: "
-          f"{'met' if canonicalize < 10 else 'MISSED'}); whole `qgraph compile` from file to "
-          f"file (load, input check, all passes, summaries, save): {total:.2f} s")
+    print(
+        f"\ncanonicalize phase: {canonicalize:.2f} s (target < 10 s: "
+        f"{'met' if canonicalize < 10 else 'MISSED'}); whole `qgraph compile` from file to "
+        f"file (load, input check, all passes, summaries, save): {total:.2f} s"
+    )
 
 
 def write_large_model(folder: Path, weight_gb: float) -> int:
@@ -84,8 +94,14 @@ def write_large_model(folder: Path, weight_gb: float) -> int:
         h = tape.op("MatMul", [h, tape.initializer(ir.tensor(weight), name=f"W{i}")])
     h.name = "y"
     h.type, h.shape = ir.TensorType(FLOAT), ir.Shape([1, side])
-    graph = ir.Graph([x], [h], nodes=tape.nodes, initializers=tape.initializers,
-                     opset_imports={"": 17}, name="large")
+    graph = ir.Graph(
+        [x],
+        [h],
+        nodes=tape.nodes,
+        initializers=tape.initializers,
+        opset_imports={"": 17},
+        name="large",
+    )
     model = ir.Model(graph, ir_version=10)
     qgraph.save(model, folder / "large.onnx", external_data=True)
     return count * side * side * 4
@@ -106,9 +122,16 @@ def round_trip_benchmark(weight_gb: float) -> None:
         folder = Path(tmp)
         weight_bytes = write_large_model(folder, weight_gb)
         child = subprocess.run(
-            [sys.executable, "-c", ROUND_TRIP_CHILD, str(folder / "large.onnx"),
-             str(folder / "out.onnx")],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-c",
+                ROUND_TRIP_CHILD,
+                str(folder / "large.onnx"),
+                str(folder / "out.onnx"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if child.returncode != 0:
             raise SystemExit(f"the round-trip child failed:\n{child.stderr}")
@@ -118,13 +141,17 @@ def round_trip_benchmark(weight_gb: float) -> None:
         print("| weights | written .data | seconds | peak RSS | peak RSS / weights |")
         print("|---:|---:|---:|---:|---:|")
         ratio = int(peak) / weight_bytes
-        print(f"| {format_bytes(weight_bytes)} | {format_bytes(data.stat().st_size)} | "
-              f"{float(seconds):.1f} | {format_bytes(int(peak))} | {ratio:.2f}x |")
+        print(
+            f"| {format_bytes(weight_bytes)} | {format_bytes(data.stat().st_size)} | "
+            f"{float(seconds):.1f} | {format_bytes(int(peak))} | {ratio:.2f}x |"
+        )
         print(f"\ntarget peak RSS < 1.5x weights: {'met' if ratio < 1.5 else 'MISSED'}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=40_000)
     parser.add_argument("--weights-gb", type=float, default=2.25)
     parser.add_argument("--skip-large", action="store_true", help="skip the > 2 GB round trip")

@@ -21,7 +21,9 @@ from qgraph.node_tests import Status, check_case, node_test_cases
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target", default="x86-avx2")
     parser.add_argument("--failures-only", action="store_true", help="omit the skip reasons")
     args = parser.parse_args()
@@ -35,11 +37,15 @@ def main() -> None:
     outcomes = [check_case(case, rewrite) for case in node_test_cases()]
     seconds = time.perf_counter() - start
     counts = collections.Counter(outcome.status for outcome in outcomes)
-    print(f"# onnx {__import__('onnx').__version__} node tests through qgraph compile "
-          f"--target {args.target} ({', '.join(pipeline_names)})\n")
+    print(
+        f"# onnx {__import__('onnx').__version__} node tests through qgraph compile "
+        f"--target {args.target} ({', '.join(pipeline_names)})\n"
+    )
     print("| cases | pass | skip | fail | seconds |\n|---:|---:|---:|---:|---:|")
-    print(f"| {len(outcomes)} | {counts[Status.PASS]} | {counts[Status.SKIP]} | "
-          f"{counts[Status.FAIL]} | {seconds:.0f} |")
+    print(
+        f"| {len(outcomes)} | {counts[Status.PASS]} | {counts[Status.SKIP]} | "
+        f"{counts[Status.FAIL]} | {seconds:.0f} |"
+    )
     failures = [o for o in outcomes if o.status is Status.FAIL]
     if failures:
         print("\n## Failures\n\n| case | reason |\n|---|---|")

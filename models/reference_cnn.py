@@ -40,20 +40,35 @@ class _Weights:
         ]
 
 
-def _conv_bn(w: _Weights, x: ir.Value, name: str, cin: int, cout: int, kernel: int,
-             stride: int = 1) -> ir.Value:
+def _conv_bn(
+    w: _Weights, x: ir.Value, name: str, cin: int, cout: int, kernel: int, stride: int = 1
+) -> ir.Value:
     weight = w.he(f"{name}.weight", (cout, cin, kernel, kernel), cin * kernel * kernel)
     pad = kernel // 2
-    conv = w.tape.op("Conv", [x, weight], {"kernel_shape": [kernel, kernel],
-                     "strides": [stride, stride], "pads": [pad] * 4}, name=f"{name}/Conv")
-    return w.tape.op("BatchNormalization", [conv, *w.batch_norm(f"{name}.bn", cout)],
-                     {"epsilon": 1e-5}, name=f"{name}/BatchNormalization")
+    conv = w.tape.op(
+        "Conv",
+        [x, weight],
+        {"kernel_shape": [kernel, kernel], "strides": [stride, stride], "pads": [pad] * 4},
+        name=f"{name}/Conv",
+    )
+    return w.tape.op(
+        "BatchNormalization",
+        [conv, *w.batch_norm(f"{name}.bn", cout)],
+        {"epsilon": 1e-5},
+        name=f"{name}/BatchNormalization",
+    )
 
 
-def _residual_block(w: _Weights, x: ir.Value, name: str, cin: int, cout: int, stride: int) -> ir.Value:
-    h = w.tape.op("Relu", [_conv_bn(w, x, f"{name}.conv1", cin, cout, 3, stride)], name=f"{name}/Relu1")
+def _residual_block(
+    w: _Weights, x: ir.Value, name: str, cin: int, cout: int, stride: int
+) -> ir.Value:
+    h = w.tape.op(
+        "Relu", [_conv_bn(w, x, f"{name}.conv1", cin, cout, 3, stride)], name=f"{name}/Relu1"
+    )
     h = _conv_bn(w, h, f"{name}.conv2", cout, cout, 3)
-    shortcut = x if stride == 1 and cin == cout else _conv_bn(w, x, f"{name}.down", cin, cout, 1, stride)
+    shortcut = (
+        x if stride == 1 and cin == cout else _conv_bn(w, x, f"{name}.down", cin, cout, 1, stride)
+    )
     added = w.tape.op("Add", [h, shortcut], name=f"{name}/Add")
     return w.tape.op("Relu", [added], name=f"{name}/Relu2")
 
@@ -62,8 +77,9 @@ def build_reference_cnn(seed: int = 0) -> ir.Model:
     """The reference CNN with weights drawn from ``seed``; the batch dimension is dynamic."""
     tape = ir.tape.Tape()
     w = _Weights(tape, seed)
-    image = ir.Value(name="image", type=ir.TensorType(ir.DataType.FLOAT),
-                     shape=ir.Shape(["batch", *IMAGE_SHAPE]))
+    image = ir.Value(
+        name="image", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", *IMAGE_SHAPE])
+    )
     h = tape.op("Relu", [_conv_bn(w, image, "stem", IMAGE_SHAPE[0], 16, 3)], name="stem/Relu")
     h = _residual_block(w, h, "block1", 16, 16, 1)
     h = _residual_block(w, h, "block2", 16, 32, 2)
@@ -75,6 +91,12 @@ def build_reference_cnn(seed: int = 0) -> ir.Model:
     logits.name = "logits"
     logits.type = ir.TensorType(ir.DataType.FLOAT)
     logits.shape = ir.Shape(["batch", CLASSES])
-    graph = ir.Graph([image], [logits], nodes=tape.nodes, initializers=tape.initializers,
-                     opset_imports={"": OPSET}, name="reference_cnn")
+    graph = ir.Graph(
+        [image],
+        [logits],
+        nodes=tape.nodes,
+        initializers=tape.initializers,
+        opset_imports={"": OPSET},
+        name="reference_cnn",
+    )
     return ir.Model(graph, ir_version=10, producer_name="qgraph.models")

@@ -32,8 +32,8 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
 
 from qgraph.pipeline import Phase
-from qgraph.traversal import all_nodes
 from qgraph.registry import PassInfo
+from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,15 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinea
 """Op types (any domain) that constant folding must leave in place."""
 
 NON_TENSOR_OPS = frozenset(
-    {"Optional", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
-     "SequenceMap", "SplitToSequence"}
+    {
+        "Optional",
+        "SequenceConstruct",
+        "SequenceEmpty",
+        "SequenceErase",
+        "SequenceInsert",
+        "SequenceMap",
+        "SplitToSequence",
+    }
 )
 """Ops whose results are sequences or optionals: no initializer can hold those."""
 
@@ -127,19 +134,21 @@ def _merge_inferred(graph: ir.Graph, inferred: onnx.GraphProto, cache: _TypeCach
         for value in node.outputs:
             if value.name in types and not _fully_known(value):
                 modified |= _merge_type(value, _ir_type(types[value.name], cache))
-    for node, node_proto in zip(graph, inferred.node):
+    for node, node_proto in zip(graph, inferred.node, strict=True):
         for attr_proto in node_proto.attribute:
             subgraphs = [attr_proto.g] if attr_proto.HasField("g") else attr_proto.graphs
             attr = node.attributes.get(attr_proto.name)
             if attr is None or not subgraphs:
                 continue
             ir_subgraphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
-            for subgraph, subgraph_proto in zip(ir_subgraphs, subgraphs):
+            for subgraph, subgraph_proto in zip(ir_subgraphs, subgraphs, strict=True):
                 modified |= _merge_inferred(subgraph, subgraph_proto, cache)
     return modified
 
 
-def _ir_type(type_proto: onnx.TypeProto, cache: _TypeCache) -> tuple[ir.TypeProtocol | None, ir.Shape | None]:
+def _ir_type(
+    type_proto: onnx.TypeProto, cache: _TypeCache
+) -> tuple[ir.TypeProtocol | None, ir.Shape | None]:
     key = type_proto.SerializeToString()
     if key not in cache:
         cache[key] = (

@@ -87,17 +87,36 @@ def cli(debug: bool) -> None:
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Where to write the compiled model [default: MODEL.<target>.onnx beside MODEL].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Where to write the compiled model [default: MODEL.<target>.onnx beside MODEL].",
+)
 @click.option("-t", "--target", default=AUTO, show_default=True, help=TARGET_HELP)
-@click.option("--skip-pass", "skip_passes", multiple=True, metavar="NAME",
-              help="Leave out a registered pass (repeatable; see `qgraph passes`).")
-@click.option("--external-data", type=click.Choice(list(EXTERNAL_DATA_CHOICES)), default="auto",
-              show_default=True,
-              help="Write weights to MODEL.data: auto does so when they exceed protobuf's 2 GB.")
+@click.option(
+    "--skip-pass",
+    "skip_passes",
+    multiple=True,
+    metavar="NAME",
+    help="Leave out a registered pass (repeatable; see `qgraph passes`).",
+)
+@click.option(
+    "--external-data",
+    type=click.Choice(list(EXTERNAL_DATA_CHOICES)),
+    default="auto",
+    show_default=True,
+    help="Write weights to MODEL.data: auto does so when they exceed protobuf's 2 GB.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass did.")
-def compile_command(model: Path, output: Path | None, target: str, skip_passes: tuple[str, ...],
-            external_data: str, verbose: bool) -> None:
+def compile_command(
+    model: Path,
+    output: Path | None,
+    target: str,
+    skip_passes: tuple[str, ...],
+    external_data: str,
+    verbose: bool,
+) -> None:
     """Compile MODEL for a target and write the result.
 
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
@@ -109,7 +128,10 @@ def compile_command(model: Path, output: Path | None, target: str, skip_passes: 
     options = CompileOptions(skip_passes=frozenset(skip_passes))
     with err.status("compiling") as status:
         result = compile_model(
-            model, spec, output=output, options=options,
+            model,
+            spec,
+            output=output,
+            options=options,
             external_data=EXTERNAL_DATA_CHOICES[external_data],
             progress=lambda step: status.update(step),
         )
@@ -139,8 +161,10 @@ def passes_command(as_json: bool) -> None:
     order = list(Phase)
     infos = sorted(registered_passes(), key=lambda info: order.index(info.phase))
     if as_json:
-        rows = [{"name": i.name, "phase": i.phase.value, "origin": i.origin, "summary": i.summary}
-                for i in infos]
+        rows = [
+            {"name": i.name, "phase": i.phase.value, "origin": i.origin, "summary": i.summary}
+            for i in infos
+        ]
         click.echo(json.dumps(rows, indent=2))
     else:
         out.print(passes_report(infos))
@@ -175,8 +199,7 @@ def models_list() -> None:
 
 @models_group.command(name="fetch")
 @click.argument("name")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Also copy the model here.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also copy the model here.")
 def models_fetch(name: str, output: Path | None) -> None:
     """Build zoo model NAME into the cache (once) and print its path."""
     zoo_model = models.fetch(name)

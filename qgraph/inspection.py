@@ -96,7 +96,9 @@ def summarize(model: ir.Model) -> ModelSummary:
         ir_version=model.ir_version,
         producer=" ".join(filter(None, [model.producer_name, model.producer_version])),
         opsets={domain or "ai.onnx": v for domain, v in sorted(model.opset_imports.items())},
-        inputs=[_tensor_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers],
+        inputs=[
+            _tensor_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers
+        ],
         outputs=[_tensor_info(v) for v in model.graph.outputs],
         nodes=len(nodes),
         op_histogram=dict(ops.most_common()),

@@ -18,17 +18,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
 
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qgraph.errors import ModelLoadError, ModelSaveError
-from qgraph.traversal import all_nodes
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
+from qgraph.traversal import all_nodes
 
-ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, ir.Model]
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
 PROTOBUF_LIMIT_BYTES = 2**31
 GRAPH_HEADROOM_BYTES = 64 * 2**20
@@ -69,7 +68,9 @@ def _load_path(path: Path) -> ir.Model:
         data = path.read_bytes()
     except OSError as error:
         raise ModelLoadError(f"{path}: cannot be read ({error.strerror})") from error
-    model = _deserialize(_parse(data, str(path)), str(path), path.parent)
+    proto = _parse(data, str(path))
+    del data  # the proto holds the weights now; do not keep a second copy while deserializing
+    model = _deserialize(proto, str(path), path.parent)
     model.meta[SOURCE_PATH_KEY] = str(path.resolve())
     return model
 
@@ -89,7 +90,9 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
 
 def _unparseable_reason(data: bytes) -> str:
     if data[0] == _ONNX_FIRST_BYTE:
-        return "truncated or corrupt ONNX protobuf (it starts like a model but does not parse as one)"
+        return (
+            "truncated or corrupt ONNX protobuf (it starts like a model but does not parse as one)"
+        )
     return "not an ONNX model (the file is not a serialized onnx.ModelProto)"
 
 
@@ -184,7 +187,9 @@ class SavedModel:
         return self.path.stat().st_size + data
 
 
-def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> SavedModel:
+def save(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+) -> SavedModel:
     """Write ``model`` to ``path`` atomically; ``external_data=None`` decides by size.
 
     With external data, tensors of at least ``EXTERNAL_TENSOR_MIN_BYTES`` go to

@@ -30,8 +30,14 @@ from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET
 from qgraph.verify import compare, run
 
 RANDOM_OPS = frozenset(
-    {"Bernoulli", "Multinomial", "RandomNormal", "RandomNormalLike", "RandomUniform",
-     "RandomUniformLike"}
+    {
+        "Bernoulli",
+        "Multinomial",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+    }
 )
 REASON_LENGTH = 110
 
@@ -83,11 +89,13 @@ def check_case(case: TestCase, rewrite: Rewrite) -> CaseOutcome:
         candidate = rewrite(load(original))
     except QGraphError as error:
         return _outcome(case, Status.FAIL, f"rewrite failed: {error}")
-    for feeds, reference in zip(feeds_list, expected):
+    for feeds, reference in zip(feeds_list, expected, strict=True):
         try:
             actual = run(candidate, feeds)
         except Exception as error:
-            return _outcome(case, Status.FAIL, "rewritten model fails in onnxruntime: " + short(error))
+            return _outcome(
+                case, Status.FAIL, "rewritten model fails in onnxruntime: " + short(error)
+            )
         mismatches = compare(reference, actual)
         if mismatches:
             return _outcome(case, Status.FAIL, "; ".join(map(str, mismatches)))
@@ -108,8 +116,10 @@ def _restamp_opset(proto: onnx.ModelProto, limit: int) -> str | None:
         except onnx.defs.SchemaError:
             older, newest = None, -1
         if older != newest:
-            return (f"stamped opset {stamp.version}; {node.op_type} changed after opset {limit}, "
-                    f"the newest onnxruntime runs")
+            return (
+                f"stamped opset {stamp.version}; {node.op_type} changed after opset {limit}, "
+                f"the newest onnxruntime runs"
+            )
     stamp.version = limit
     return None
 
@@ -131,7 +141,7 @@ def _outcome(case: TestCase, status: Status, reason: str = "") -> CaseOutcome:
 def _feeds(graph: onnx.GraphProto, inputs: Sequence[object]) -> dict[str, object]:
     initializers = {init.name for init in graph.initializer}
     names = [i.name for i in graph.input if i.name not in initializers]
-    return {name: _as_feed(value) for name, value in zip(names, inputs)}
+    return {name: _as_feed(value) for name, value in zip(names, inputs, strict=False)}
 
 
 def _exotic_feed(feeds: dict[str, object]) -> str | None:

@@ -154,8 +154,13 @@ class Pipeline:
                 PassRecord(entry.phase, entry.name, seconds, result.modified, nodes, nodes_after)
             )
             logger.info(
-                "%s/%s: %.3fs, %s, %d -> %d nodes", entry.phase.value, entry.name,
-                seconds, "modified" if result.modified else "unchanged", nodes, nodes_after,
+                "%s/%s: %.3fs, %s, %d -> %d nodes",
+                entry.phase.value,
+                entry.name,
+                seconds,
+                "modified" if result.modified else "unchanged",
+                nodes,
+                nodes_after,
             )
             nodes = nodes_after
         return PipelineResult(model, records)

@@ -65,8 +65,11 @@ def registered_passes() -> list[PassInfo]:
     names = {info.name for info in passes}
     for info in _plugin_passes():
         if info.name in names:
-            logger.warning("plugin pass '%s' from %s clashes with an existing pass; skipped",
-                           info.name, info.origin)
+            logger.warning(
+                "plugin pass '%s' from %s clashes with an existing pass; skipped",
+                info.name,
+                info.origin,
+            )
             continue
         names.add(info.name)
         passes.append(info)
@@ -79,16 +82,23 @@ def _plugin_passes() -> Iterable[PassInfo]:
         try:
             loaded = entry_point.load()
         except Exception as error:  # a plugin's import error must not break qgraph
-            logger.warning("cannot load qgraph pass plugin '%s' (%s): %s",
-                           entry_point.name, entry_point.value, error)
+            logger.warning(
+                "cannot load qgraph pass plugin '%s' (%s): %s",
+                entry_point.name,
+                entry_point.value,
+                error,
+            )
             continue
         infos = [loaded] if isinstance(loaded, PassInfo) else loaded
         if not isinstance(infos, (list, tuple)):
             infos = [infos]
         for info in infos:
             if not isinstance(info, PassInfo):
-                logger.warning("qgraph pass plugin '%s' gave %r, not a qgraph.PassInfo; skipped",
-                               entry_point.name, info)
+                logger.warning(
+                    "qgraph pass plugin '%s' gave %r, not a qgraph.PassInfo; skipped",
+                    entry_point.name,
+                    info,
+                )
                 continue
             yield dataclasses.replace(info, origin=origin)
 

@@ -36,8 +36,14 @@ def format_count(count: int) -> str:
 
 def _table(*columns: str, title: str | None = None) -> Table:
     """A borderless table; all-blank column names mean a key/value table without header."""
-    table = Table(title=title, title_justify="left", title_style="bold", box=None,
-                  pad_edge=False, show_header=any(columns))
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=None,
+        pad_edge=False,
+        show_header=any(columns),
+    )
     for column in columns:
         table.add_column(column, justify="right" if column in _NUMERIC else "left")
     return table
@@ -69,8 +75,9 @@ def summary_report(summary: ModelSummary, *, top_ops: int | None = None) -> Rend
     parts.append(ops)
     params = _table("dtype", "tensors", "elements", "bytes", title="parameters by dtype")
     for stats in summary.parameters:
-        params.add_row(stats.dtype, str(stats.tensors), format_count(stats.elements),
-                       format_bytes(stats.bytes))
+        params.add_row(
+            stats.dtype, str(stats.tensors), format_count(stats.elements), format_bytes(stats.bytes)
+        )
     parts.append(params)
     return _spaced(parts)
 
@@ -87,12 +94,18 @@ def _io_table(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> Ta
 def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
     """What ``qgraph compile`` prints: the summary, and with ``verbose`` a row per pass."""
     before, after = result.before, result.after
-    table = _table("", "before", "after", title=f"compiled for {result.target.name} "
-                   f"in {result.seconds:.2f} s")
+    table = _table(
+        "", "before", "after", title=f"compiled for {result.target.name} in {result.seconds:.2f} s"
+    )
     table.add_row("nodes", str(before.nodes), str(after.nodes))
-    table.add_row("weights", format_bytes(before.parameter_bytes), format_bytes(after.parameter_bytes))
-    table.add_row("quantized ops", str(sum(before.quantized_ops.values())),
-                  str(sum(after.quantized_ops.values())))
+    table.add_row(
+        "weights", format_bytes(before.parameter_bytes), format_bytes(after.parameter_bytes)
+    )
+    table.add_row(
+        "quantized ops",
+        str(sum(before.quantized_ops.values())),
+        str(sum(after.quantized_ops.values())),
+    )
     for op in sorted(set(before.op_histogram) | set(after.op_histogram)):
         old, new = before.op_histogram.get(op, 0), after.op_histogram.get(op, 0)
         if old != new:
@@ -112,8 +125,14 @@ def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
 def records_report(records: Iterable[PassRecord]) -> Table:
     table = _table("phase", "pass", "seconds", "changed", "before", "after", title="passes")
     for r in records:
-        table.add_row(r.phase.value, r.name, f"{r.seconds:.3f}", "yes" if r.modified else "-",
-                      str(r.nodes_before), str(r.nodes_after))
+        table.add_row(
+            r.phase.value,
+            r.name,
+            f"{r.seconds:.3f}",
+            "yes" if r.modified else "-",
+            str(r.nodes_before),
+            str(r.nodes_after),
+        )
     return table
 
 

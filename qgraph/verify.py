@@ -39,11 +39,13 @@ def session(model: ir.Model | bytes, *, optimize: bool = False) -> ort.Inference
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def run(model: ir.Model | bytes, feeds: Mapping[str, object], *, optimize: bool = False) -> dict[str, object]:
+def run(
+    model: ir.Model | bytes, feeds: Mapping[str, object], *, optimize: bool = False
+) -> dict[str, object]:
     """``model``'s outputs on ``feeds``, by output name."""
     sess = session(model, optimize=optimize)
     names = [output.name for output in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, dict(feeds))))
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 
 
 def tolerance(dtype: np.dtype) -> float:
@@ -91,7 +93,7 @@ def _difference(expected: object, actual: object, rtol: float | None) -> str | N
     if isinstance(expected, (list, tuple)):
         if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
             return f"expected a sequence of {len(expected)}, got {type(actual).__name__}"
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             reason = _difference(e, a, rtol)
             if reason is not None:
                 return f"[{i}] {reason}"

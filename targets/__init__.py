@@ -31,7 +31,9 @@ def get_target(name: str | TargetSpec) -> TargetSpec:
         raise UnknownTargetError(f"unknown target '{name}'; choose one of: {known}") from None
 
 
-def detect_host_target(machine: str | None = None, cpu_flags: frozenset[str] | None = None) -> TargetSpec:
+def detect_host_target(
+    machine: str | None = None, cpu_flags: frozenset[str] | None = None
+) -> TargetSpec:
     """The CPU target for this host: arm64 on aarch64, x86-vnni or x86-avx2 by CPU flags."""
     machine = (machine or platform.machine()).lower()
     if machine in ARM_MACHINES:

@@ -39,12 +39,14 @@ class RuntimeLimits:
 
 def _loads(ir_version: int, opset: int) -> bool:
     graph = helper.make_graph(
-        [helper.make_node("Abs", ["x"], ["y"])], "probe",
+        [helper.make_node("Abs", ["x"], ["y"])],
+        "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              ir_version=ir_version)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version
+    )
     options = ort.SessionOptions()
     options.log_severity_level = 4
     try:

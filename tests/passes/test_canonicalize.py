@@ -62,7 +62,8 @@ def test_constant_subgraph_is_folded(make_model):
             helper.make_node("Mul", ["W", "two"], ["W2"]),
             helper.make_node("MatMul", ["x", "W2"], ["y"]),
         ],
-        {"x": [3, 4]}, {"y": [3, 5]},
+        {"x": [3, 4]},
+        {"y": [3, 5]},
         {"Wt": rng.normal(size=(5, 4)).astype(np.float32), "two": np.array(2.0, np.float32)},
     )
     feeds = {"x": rng.normal(size=(3, 4)).astype(np.float32)}
@@ -79,12 +80,18 @@ def test_quantize_and_dequantize_are_never_folded(make_model):
             helper.make_node("Add", ["x", "wd"], ["h"]),
             helper.make_node("Add", ["h", "cd"], ["y"]),
         ],
-        {"x": [4]}, {"y": [4]},
-        {"w": np.linspace(-1, 1, 4, dtype=np.float32), "s": np.array(0.01, np.float32),
-         "cq": np.arange(4, dtype=np.int8)},
+        {"x": [4]},
+        {"y": [4]},
+        {
+            "w": np.linspace(-1, 1, 4, dtype=np.float32),
+            "s": np.array(0.01, np.float32),
+            "cq": np.arange(4, dtype=np.int8),
+        },
         extra_opsets={"com.microsoft": 1},
     )
-    model = rewrite_and_check(proto, {"x": np.ones(4, np.float32)}, canonicalize.ConstantFoldingPass())
+    model = rewrite_and_check(
+        proto, {"x": np.ones(4, np.float32)}, canonicalize.ConstantFoldingPass()
+    )
     assert ops(model) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Add", "Add"]
 
 
@@ -96,7 +103,8 @@ def test_folding_leaves_a_graph_it_cannot_fold_whole_and_says_why(make_model, ca
             helper.make_node("SequenceAt", ["seq", "zero"], ["first"]),
             helper.make_node("Add", ["first", "x"], ["y"]),
         ],
-        {"x": [2]}, {"y": [2]},
+        {"x": [2]},
+        {"y": [2]},
         {"c": np.arange(4, dtype=np.float32), "zero": np.array(0, np.int64)},
     )
     model = qgraph.load(proto)
@@ -114,19 +122,25 @@ def test_identity_inside_the_graph_is_removed(make_model):
             helper.make_node("Identity", ["a"], ["b"]),
             helper.make_node("Neg", ["b"], ["y"]),
         ],
-        {"x": [3]}, {"y": [3]},
+        {"x": [3]},
+        {"y": [3]},
     )
     feeds = {"x": np.array([-1, 0, 2], np.float32)}
-    assert ops(rewrite_and_check(proto, feeds, canonicalize.IdentityEliminationPass())) == ["Relu", "Neg"]
+    assert ops(rewrite_and_check(proto, feeds, canonicalize.IdentityEliminationPass())) == [
+        "Relu",
+        "Neg",
+    ]
 
 
 def test_identity_to_an_output_hands_its_name_to_the_producer(make_model):
     proto = make_model(
         [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
-        {"x": [3]}, {"y": [3]},
+        {"x": [3]},
+        {"y": [3]},
     )
-    model = rewrite_and_check(proto, {"x": np.ones(3, np.float32)},
-                              canonicalize.IdentityEliminationPass())
+    model = rewrite_and_check(
+        proto, {"x": np.ones(3, np.float32)}, canonicalize.IdentityEliminationPass()
+    )
     assert ops(model) == ["Relu"] and [v.name for v in model.graph.outputs] == ["y"]
 
 
@@ -136,32 +150,42 @@ def test_identity_to_an_output_hands_its_name_to_the_producer(make_model):
         # input straight to output: removing it would rename the input
         ([helper.make_node("Identity", ["x"], ["y"])], ["y"]),
         # the source is itself an output: both outputs must keep their names
-        ([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
-         ["a", "y"]),
+        (
+            [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
+            ["a", "y"],
+        ),
     ],
 )
 def test_identity_that_carries_the_interface_is_kept(make_model, nodes, outputs):
     proto = make_model(nodes, {"x": [3]}, {name: [3] for name in outputs})
-    model = rewrite_and_check(proto, {"x": np.array([-1, 0, 1], np.float32)},
-                              canonicalize.IdentityEliminationPass())
+    model = rewrite_and_check(
+        proto, {"x": np.array([-1, 0, 1], np.float32)}, canonicalize.IdentityEliminationPass()
+    )
     assert "Identity" in ops(model) and [v.name for v in model.graph.outputs] == outputs
 
 
 def test_identity_of_an_outer_value_in_a_branch_keeps_the_outer_name(make_model):
     then_branch = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["then_out"])], "then", [],
+        [helper.make_node("Identity", ["a"], ["then_out"])],
+        "then",
+        [],
         [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [3])],
     )
     else_branch = helper.make_graph(
-        [helper.make_node("Neg", ["a"], ["else_out"])], "else", [],
+        [helper.make_node("Neg", ["a"], ["else_out"])],
+        "else",
+        [],
         [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [3])],
     )
     proto = make_model(
         [
             helper.make_node("Relu", ["x"], ["a"]),
-            helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node(
+                "If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch
+            ),
         ],
-        {"x": [3]}, {"y": [3]},
+        {"x": [3]},
+        {"y": [3]},
     )
     proto.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
     for cond in (True, False):
@@ -173,21 +197,31 @@ def test_identity_of_an_outer_value_in_a_branch_keeps_the_outer_name(make_model)
 def test_scan_body_emitting_its_state_twice_keeps_working():
     """The onnx node test that onnx_ir 1.1's identity elimination breaks."""
     body = helper.make_graph(
-        [helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
-         helper.make_node("Identity", ["sum_out"], ["scan_out"])],
+        [
+            helper.make_node("Add", ["sum_in", "next"], ["sum_out"]),
+            helper.make_node("Identity", ["sum_out"], ["scan_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("sum_in", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("next", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("sum_out", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, [2])],
+        [
+            helper.make_tensor_value_info("sum_in", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("next", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("sum_out", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("scan_out", TensorProto.FLOAT, [2]),
+        ],
     )
     graph = helper.make_graph(
         [helper.make_node("Scan", ["initial", "x"], ["y", "z"], num_scan_inputs=1, body=body)],
         "scan",
-        [helper.make_tensor_value_info("initial", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 2])],
+        [
+            helper.make_tensor_value_info("initial", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 2]),
+        ],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)], ir_version=8)
     feeds = {"initial": np.zeros(2, np.float32), "x": np.arange(6, dtype=np.float32).reshape(3, 2)}
@@ -201,10 +235,12 @@ def test_shape_inference_keeps_sequence_types_and_fills_shapes(make_model):
             helper.make_node("SequenceConstruct", ["a", "x"], ["seq"]),
             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0),
         ],
-        {"x": [2, 3]}, {"y": [4, 3]},
+        {"x": [2, 3]},
+        {"y": [4, 3]},
     )
-    model = rewrite_and_check(proto, {"x": np.ones((2, 3), np.float32)},
-                              canonicalize.ShapeInferencePass())
+    model = rewrite_and_check(
+        proto, {"x": np.ones((2, 3), np.float32)}, canonicalize.ShapeInferencePass()
+    )
     values = ir.convenience.create_value_mapping(model.graph)
     assert isinstance(values["seq"].type, ir.SequenceType)
     assert values["a"].shape == ir.Shape([2, 3]) and values["a"].dtype == ir.DataType.FLOAT
@@ -212,8 +248,9 @@ def test_shape_inference_keeps_sequence_types_and_fills_shapes(make_model):
 
 def test_shape_inference_never_serializes_large_weights(make_model, monkeypatch):
     big = np.zeros((64, 64), np.float32)
-    proto = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": [2, 64]},
-                       {"y": None}, {"W": big})
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], {"x": [2, 64]}, {"y": None}, {"W": big}
+    )
     seen = {}
     real = onnx.shape_inference.infer_shapes
 
@@ -236,24 +273,33 @@ def test_cse_merges_repeated_work_but_not_random_draws(make_model):
             helper.make_node("Relu", ["x"], ["b"]),
             helper.make_node("Add", ["a", "b"], ["y"]),
         ],
-        {"x": [3]}, {"y": [3]},
+        {"x": [3]},
+        {"y": [3]},
     )
-    model = rewrite_and_check(proto, {"x": np.array([-1, 0, 1], np.float32)},
-                              built("common-subexpression-elimination"))
+    model = rewrite_and_check(
+        proto, {"x": np.array([-1, 0, 1], np.float32)}, built("common-subexpression-elimination")
+    )
     assert ops(model) == ["Relu", "Add"]
     random = make_model(
-        [helper.make_node("RandomUniformLike", ["x"], ["a"], seed=1.0),
-         helper.make_node("RandomUniformLike", ["x"], ["b"], seed=1.0),
-         helper.make_node("Add", ["a", "b"], ["y"])],
-        {"x": [3]}, {"y": [3]},
+        [
+            helper.make_node("RandomUniformLike", ["x"], ["a"], seed=1.0),
+            helper.make_node("RandomUniformLike", ["x"], ["b"], seed=1.0),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        {"x": [3]},
+        {"y": [3]},
     )
-    assert ops(canonicalize_pipeline().run(qgraph.load(random)).model).count("RandomUniformLike") == 2
+    assert (
+        ops(canonicalize_pipeline().run(qgraph.load(random)).model).count("RandomUniformLike") == 2
+    )
 
 
 def test_dead_code_and_unused_weights_go(make_model):
     proto = make_model(
         [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["unused"])],
-        {"x": [3]}, {"y": [3]}, {"orphan": np.ones(3, np.float32)},
+        {"x": [3]},
+        {"y": [3]},
+        {"orphan": np.ones(3, np.float32)},
     )
     model = rewrite_and_check(proto, {"x": np.ones(3, np.float32)})
     assert ops(model) == ["Relu"] and "orphan" not in model.graph.initializers
@@ -262,8 +308,12 @@ def test_dead_code_and_unused_weights_go(make_model):
 def test_constant_nodes_become_initializers(make_model):
     weight = helper.make_tensor("w", TensorProto.FLOAT, [32], np.arange(32, dtype=np.float32))
     proto = make_model(
-        [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("Add", ["x", "w"], ["y"])],
-        {"x": [32]}, {"y": [32]},
+        [
+            helper.make_node("Constant", [], ["w"], value=weight),
+            helper.make_node("Add", ["x", "w"], ["y"]),
+        ],
+        {"x": [32]},
+        {"y": [32]},
     )
     model = rewrite_and_check(proto, {"x": np.ones(32, np.float32)}, built("lift-constants"))
     assert ops(model) == ["Add"] and "w" in model.graph.initializers
@@ -282,8 +332,10 @@ def elementwise_graphs(draw):
     for i in range(draw(st.integers(2, 14))):
         if draw(st.booleans()):
             name = f"c{i}"
-            constants[name] = np.array(draw(st.lists(
-                st.floats(-4, 4, allow_nan=False, width=32), min_size=3, max_size=3)), np.float32)
+            constants[name] = np.array(
+                draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=3, max_size=3)),
+                np.float32,
+            )
             values.append(name)
         if draw(st.booleans()):
             op = draw(st.sampled_from(UNARY))
@@ -296,7 +348,9 @@ def elementwise_graphs(draw):
     return nodes, constants, f"v{len(nodes) - 1}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(graph=elementwise_graphs(), seed=st.integers(0, 2**16))
 def test_canonicalize_keeps_random_graphs_equal_and_is_idempotent(make_model, graph, seed):
     nodes, constants, output = graph

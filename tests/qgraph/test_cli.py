@@ -40,7 +40,9 @@ def model_file(small_model, tmp_path):
 
 
 def test_missing_file(tmp_path):
-    assert_one_line_error(invoke("compile", tmp_path / "absent.onnx"), "absent.onnx", "no such file")
+    assert_one_line_error(
+        invoke("compile", tmp_path / "absent.onnx"), "absent.onnx", "no such file"
+    )
 
 
 def test_not_onnx(tmp_path):
@@ -94,7 +96,9 @@ def test_unknown_skip_pass(model_file):
     assert_one_line_error(invoke("compile", model_file, "--skip-pass", "warp-drive"), "warp-drive")
 
 
-def test_compile_writes_a_model_onnxruntime_runs_with_the_same_outputs(model_file, small_model, random_feeds):
+def test_compile_writes_a_model_onnxruntime_runs_with_the_same_outputs(
+    model_file, small_model, random_feeds
+):
     result = invoke("compile", model_file, "--target", "x86-avx2", "-v")
     assert result.exit_code == 0, result.output
     out_path = model_file.with_name("model.x86-avx2.onnx")
@@ -142,7 +146,10 @@ def test_models_fetch_builds_into_the_cache(tmp_path, monkeypatch):
     result = invoke("models", "fetch", "reference-cnn", "-o", tmp_path / "cnn.onnx")
     assert result.exit_code == 0 and (tmp_path / "cache" / "reference-cnn" / "model.onnx").exists()
     image = np.zeros((1, 3, 32, 32), np.float32)
-    assert verify.run((tmp_path / "cnn.onnx").read_bytes(), {"image": image})["logits"].shape == (1, 10)
+    assert verify.run((tmp_path / "cnn.onnx").read_bytes(), {"image": image})["logits"].shape == (
+        1,
+        10,
+    )
     assert_one_line_error(invoke("models", "fetch", "gpt-5"), "unknown zoo model 'gpt-5'")
 
 
@@ -156,7 +163,9 @@ def test_help_explains_every_command():
 def test_console_entry_point_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "qgraph", "inspect", str(tmp_path / "absent.onnx")],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: {tmp_path / 'absent.onnx'}: no such file"

@@ -17,7 +17,8 @@ def test_view_mirrors_dataflow(make_model):
             helper.make_node("Mul", ["a", "a"], ["b"], name="square"),
             helper.make_node("Add", ["b", "x"], ["y"], name="add"),
         ],
-        {"x": [3]}, {"y": [3]},
+        {"x": [3]},
+        {"y": [3]},
     )
     model = ShapeInferencePass()(qgraph.load(proto)).model
     view = qgraph.to_networkx(model.graph)
@@ -28,7 +29,9 @@ def test_view_mirrors_dataflow(make_model):
     assert view.has_edge(x, ops["add"]) and view.has_edge(ops["add"], y)
     edge = view.get_edge_data(ops["square"], ops["add"])[0]
     assert (edge["name"], edge["dtype"], edge["index"]) == ("b", "float", 0)
-    order = [view.nodes[n]["name"] for n in nx.topological_sort(view) if view.nodes[n]["kind"] == "op"]
+    order = [
+        view.nodes[n]["name"] for n in nx.topological_sort(view) if view.nodes[n]["kind"] == "op"
+    ]
     assert order == ["relu", "square", "add"]
 
 

@@ -32,8 +32,13 @@ def _qdq_model(make_model):
 def test_summary_counts_ops_qdq_and_quantized_ops(make_model):
     summary = qgraph.summarize(qgraph.load(_qdq_model(make_model)))
     assert summary.nodes == 6
-    assert summary.op_histogram == {"DequantizeLinear": 2, "QuantizeLinear": 1, "MatMul": 1,
-                                    "Relu": 1, "MatMulInteger": 1}
+    assert summary.op_histogram == {
+        "DequantizeLinear": 2,
+        "QuantizeLinear": 1,
+        "MatMul": 1,
+        "Relu": 1,
+        "MatMulInteger": 1,
+    }
     assert (summary.quantize_nodes, summary.dequantize_nodes) == (1, 2)
     assert summary.quantized_ops == {"MatMul": 1, "MatMulInteger": 1}
 
@@ -64,6 +69,8 @@ def test_json_summary_is_plain_data(make_model):
 def test_contrib_ops_are_keyed_by_domain(make_model):
     proto = make_model(
         [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
-        {"x": [2]}, {"y": [2]}, extra_opsets={"com.microsoft": 1},
+        {"x": [2]},
+        {"y": [2]},
+        extra_opsets={"com.microsoft": 1},
     )
     assert qgraph.summarize(qgraph.load(proto)).op_histogram == {"com.microsoft::Gelu": 1}

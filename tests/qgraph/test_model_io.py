@@ -86,7 +86,9 @@ def test_missing_file_and_folder_are_named(tmp_path):
 
 def _model_with_external_weight(make_model, location: str) -> onnx.ModelProto:
     model = make_model(
-        [helper.make_node("Add", ["x", "w"], ["y"])], {"x": [4]}, {"y": [4]},
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        {"x": [4]},
+        {"y": [4]},
         {"w": np.arange(4, dtype=np.float32)},
     )
     tensor = model.graph.initializer[0]
@@ -143,7 +145,9 @@ def test_external_data_of_a_bytes_source_needs_its_folder(make_model):
         qgraph.load(data)
 
 
-def test_save_round_trip_keeps_outputs_and_stamps_a_loadable_ir_version(small_model, tmp_path, random_feeds):
+def test_save_round_trip_keeps_outputs_and_stamps_a_loadable_ir_version(
+    small_model, tmp_path, random_feeds
+):
     small_model.ir_version = onnx.IR_VERSION + 1
     model = qgraph.load(small_model)
     saved = qgraph.save(model, tmp_path / "out.onnx")
@@ -157,8 +161,9 @@ def test_save_round_trip_keeps_outputs_and_stamps_a_loadable_ir_version(small_mo
 
 
 def test_save_raises_ir_version_to_what_the_opset_needs(make_model, tmp_path):
-    proto = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": [2]}, {"y": [2]},
-                       opset=21, ir_version=3)
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], {"x": [2]}, {"y": [2]}, opset=21, ir_version=3
+    )
     qgraph.save(qgraph.load(proto), tmp_path / "out.onnx")
     assert onnx.load(tmp_path / "out.onnx").ir_version == 10
 
@@ -183,7 +188,9 @@ def test_save_refuses_to_overwrite_the_weights_it_maps(make_model, tmp_path):
         qgraph.save(model, tmp_path / "out.onnx", external_data=True)
 
 
-def test_failed_save_leaves_no_partial_file_and_no_staging_folder(small_model, tmp_path, monkeypatch):
+def test_failed_save_leaves_no_partial_file_and_no_staging_folder(
+    small_model, tmp_path, monkeypatch
+):
     destination = tmp_path / "out.onnx"
     destination.write_bytes(b"previous")
 
@@ -206,7 +213,9 @@ def test_save_errors_name_the_destination(small_model, tmp_path):
         qgraph.save(model, tmp_path)
 
 
-def test_external_data_on_request_and_automatically_above_the_limit(small_model, tmp_path, monkeypatch, random_feeds):
+def test_external_data_on_request_and_automatically_above_the_limit(
+    small_model, tmp_path, monkeypatch, random_feeds
+):
     feeds = random_feeds(small_model)
     expected = verify.run(qgraph.load(small_model), feeds)
     model = qgraph.load(small_model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import onnx_ir as ir
 import pytest
 from onnx import helper
@@ -52,7 +54,9 @@ def test_passes_run_in_phase_order_whatever_the_order_they_were_added():
 def test_user_pass_at_a_named_phase_of_a_target_pipeline(small_model):
     pipeline = qgraph.build_pipeline("x86-avx2").add(AppendNeg(), "float-rewrites", name="negneg")
     names = pipeline.names()
-    assert names.index("dead-code-elimination") < names.index("negneg") < names.index("remove-unused")
+    assert (
+        names.index("dead-code-elimination") < names.index("negneg") < names.index("remove-unused")
+    )
     result = pipeline.run(qgraph.load(small_model))
     record = next(r for r in result.records if r.name == "negneg")
     assert record.phase is Phase.FLOAT_REWRITES
@@ -64,7 +68,7 @@ def test_user_pass_at_a_named_phase_of_a_target_pipeline(small_model):
 def test_records_chain_node_counts_and_flag_modification(small_model):
     result = qgraph.build_pipeline("x86-avx2").run(qgraph.load(small_model))
     assert [r.name for r in result.records] == qgraph.build_pipeline("x86-avx2").names()
-    for earlier, later in zip(result.records, result.records[1:]):
+    for earlier, later in itertools.pairwise(result.records):
         assert later.nodes_before == earlier.nodes_after
     checker = next(r for r in result.records if r.name == "onnx-checker")
     assert not checker.modified
@@ -84,7 +88,7 @@ def test_a_failing_pass_is_named_in_the_error(small_model):
 
 
 def test_pipeline_misuse_is_reported():
-    with pytest.raises(PipelineError, match="unknown phase 'quantize'.*canonicalize"):
+    with pytest.raises(PipelineError, match=r"unknown phase 'quantize'.*canonicalize"):
         Pipeline().add(Nothing(), "quantize")
     with pytest.raises(PipelineError, match="not an onnx_ir pass"):
         Pipeline().add(lambda model: model, "lower")

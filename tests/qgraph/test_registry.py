@@ -34,7 +34,7 @@ def test_skip_passes_and_unknown_names():
     options = CompileOptions(skip_passes=frozenset({"name-fix", "constant-folding"}))
     names = qgraph.build_pipeline("x86-avx2", options).names()
     assert "name-fix" not in names and "constant-folding" not in names
-    with pytest.raises(PipelineError, match="unknown pass.*no-such-pass"):
+    with pytest.raises(PipelineError, match=r"unknown pass.*no-such-pass"):
         qgraph.build_pipeline("x86-avx2", CompileOptions(skip_passes=frozenset({"no-such-pass"})))
 
 
@@ -46,7 +46,9 @@ def plugin(tmp_path, monkeypatch):
         (tmp_path / "qgraph_test_plugin.py").write_text(textwrap.dedent(module_source))
         info = tmp_path / "qgraph_test_plugin-1.0.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qgraph-test-plugin\nVersion: 1.0\n")
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: qgraph-test-plugin\nVersion: 1.0\n"
+        )
         lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
         (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
         monkeypatch.syspath_prepend(str(tmp_path))
@@ -68,7 +70,7 @@ PLUGIN_MODULE = """
     MARK = PassInfo("plugin-mark", Phase.FLOAT_REWRITES, "marks the graph", lambda ctx: Mark())
     ONLY_FOR_TENSORRT = [
         PassInfo("plugin-trt", Phase.LOWER, "tensorrt only",
-                 lambda ctx: Mark() if ctx.target.execution_provider.startswith("Tensorrt") else None),
+                 lambda ctx: Mark() if ctx.target.activation_symmetric else None),
     ]
     CLASH = PassInfo("name-fix", Phase.FINALIZE, "clashes", lambda ctx: Mark())
     NOT_A_PASS_INFO = 42
@@ -76,13 +78,19 @@ PLUGIN_MODULE = """
 
 
 def test_plugin_passes_join_the_pipeline_at_their_phase(plugin, small_model):
-    plugin({"mark": "qgraph_test_plugin:MARK", "trt": "qgraph_test_plugin:ONLY_FOR_TENSORRT"},
-           PLUGIN_MODULE)
+    plugin(
+        {"mark": "qgraph_test_plugin:MARK", "trt": "qgraph_test_plugin:ONLY_FOR_TENSORRT"},
+        PLUGIN_MODULE,
+    )
     infos = {info.name: info for info in registered_passes()}
     assert infos["plugin-mark"].origin == "qgraph-test-plugin"
     assert infos["plugin-mark"].phase is Phase.FLOAT_REWRITES
     names = qgraph.build_pipeline("x86-avx2").names()
-    assert names.index("dead-code-elimination") < names.index("plugin-mark") < names.index("remove-unused")
+    assert (
+        names.index("dead-code-elimination")
+        < names.index("plugin-mark")
+        < names.index("remove-unused")
+    )
     assert "plugin-trt" not in names
     assert "plugin-trt" in qgraph.build_pipeline("tensorrt").names()
     model = qgraph.build_pipeline("x86-avx2").run(qgraph.load(small_model)).model

@@ -15,7 +15,9 @@ def test_identical_outputs_have_no_mismatch():
 
 def test_error_is_relative_to_the_tensor_scale():
     ref = np.array([1000.0, 0.001], np.float32)
-    assert relative_error(ref, ref + np.array([0.0, 0.001], np.float32)) == pytest.approx(1e-6, rel=1e-3)
+    assert relative_error(ref, ref + np.array([0.0, 0.001], np.float32)) == pytest.approx(
+        1e-6, rel=1e-3
+    )
 
 
 @pytest.mark.parametrize(("factor", "ok"), [(0.5, True), (2.0, False)])

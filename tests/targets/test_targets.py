@@ -21,7 +21,9 @@ def test_the_four_targets_are_registered():
 
 
 def test_unknown_target_lists_the_choices():
-    with pytest.raises(UnknownTargetError, match="unknown target 'x86'.*x86-vnni, x86-avx2, arm64, tensorrt, auto"):
+    with pytest.raises(
+        UnknownTargetError, match=r"unknown target 'x86'.*x86-vnni, x86-avx2, arm64, tensorrt, auto"
+    ):
         get_target("x86")
 
 
@@ -46,7 +48,9 @@ def test_auto_on_an_unknown_architecture_asks_for_a_target():
 
 def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
     x86 = tmp_path / "x86"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    x86.write_text(
+        "processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    )
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\n")
     assert host_cpu_flags(x86) == {"fpu", "avx2", "avx512_vnni"}
@@ -58,18 +62,28 @@ def test_targets_are_frozen_records_that_differ_where_the_hardware_does():
     vnni, avx2 = TARGETS["x86-vnni"], TARGETS["x86-avx2"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         vnni.weight_bits = 7
-    differing = {f.name for f in dataclasses.fields(vnni) if getattr(vnni, f.name) != getattr(avx2, f.name)}
+    differing = {
+        f.name for f in dataclasses.fields(vnni) if getattr(vnni, f.name) != getattr(avx2, f.name)
+    }
     assert differing == {"name", "summary", "weight_bits"}
     assert avx2.weight_bits == 7 and vnni.weight_bits == 8
     assert TARGETS["arm64"].activation_dtype.name == "INT8" and TARGETS["arm64"].qdq_per_consumer
     trt = TARGETS["tensorrt"]
-    assert trt.activation_symmetric and trt.weight_symmetric and "com.microsoft" not in trt.allowed_domains
+    assert (
+        trt.activation_symmetric
+        and trt.weight_symmetric
+        and "com.microsoft" not in trt.allowed_domains
+    )
 
 
 def _model(make_model, *, opset=17, domain="", op="Relu", functions=()):
-    proto = make_model([helper.make_node(op, ["x"], ["y"], domain=domain, name="n")],
-                       {"x": [2]}, {"y": [2]}, opset=opset,
-                       extra_opsets={domain: 1} if domain else None)
+    proto = make_model(
+        [helper.make_node(op, ["x"], ["y"], domain=domain, name="n")],
+        {"x": [2]},
+        {"y": [2]},
+        opset=opset,
+        extra_opsets={domain: 1} if domain else None,
+    )
     proto.functions.extend(functions)
     return qgraph.load(proto)
 
@@ -78,7 +92,9 @@ def test_rule_ir_version_loadable(make_model, monkeypatch):
     trt = TARGETS["tensorrt"]
     assert list(ir_version_loadable(_model(make_model, opset=21), trt)) == []
     strict = dataclasses.replace(trt, max_ir_version=9)
-    assert [v.rule for v in ir_version_loadable(_model(make_model, opset=21), strict)] == ["ir_version_loadable"]
+    assert [v.rule for v in ir_version_loadable(_model(make_model, opset=21), strict)] == [
+        "ir_version_loadable"
+    ]
 
 
 def test_rule_opset_loadable(make_model):
@@ -95,8 +111,13 @@ def test_runtime_limits_are_what_onnxruntime_actually_loads(make_model):
         (ORT_LIMITS.max_ir_version + 1, 13, False),
         (ORT_LIMITS.max_ir_version, ORT_LIMITS.max_opset + 1, False),
     ]:
-        proto = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": [2]}, {"y": [2]},
-                           opset=opset, ir_version=ir_version)
+        proto = make_model(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            {"x": [2]},
+            {"y": [2]},
+            opset=opset,
+            ir_version=ir_version,
+        )
         try:
             verify.session(proto.SerializeToString())
             loaded = True
@@ -110,7 +131,13 @@ def test_rule_domains_supported(make_model):
     assert list(domains_supported(contrib, TARGETS["x86-avx2"])) == []
     (violation,) = domains_supported(contrib, TARGETS["tensorrt"])
     assert violation.node == "n" and "com.microsoft::Gelu" in violation.message
-    function = helper.make_function("local", "MyRelu", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
-                                    [helper.make_opsetid("", 17)])
+    function = helper.make_function(
+        "local",
+        "MyRelu",
+        ["a"],
+        ["b"],
+        [helper.make_node("Relu", ["a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
     local = _model(make_model, domain="local", op="MyRelu", functions=[function])
     assert list(domains_supported(local, TARGETS["tensorrt"])) == []
