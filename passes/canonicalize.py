@@ -37,7 +37,7 @@ from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
 
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+NEVER_FOLD_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 """Op types (any domain) that constant folding must leave in place."""
 
 NON_TENSOR_OPS = frozenset(
@@ -67,7 +67,7 @@ FOLD_OUTPUT_LIMIT = 512 * 512
 
 def fold_tensors_but_not_qdq(node: ir.Node) -> bool | None:
     """onnxscript's ``should_fold`` hook: never Q/DQ or non-tensor ops, defaults otherwise."""
-    if node.op_type in QDQ_OPS or node.op_type in NON_TENSOR_OPS:
+    if node.op_type in NEVER_FOLD_OPS or node.op_type in NON_TENSOR_OPS:
         return False
     if any(isinstance(v.type, (ir.SequenceType, ir.OptionalType)) for v in node.outputs):
         return False
