@@ -10,12 +10,22 @@ Weights use He initialisation, so activations keep their scale through the depth
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
+
+from qgraph.data import DatasetInfo, write_dataset
+from qgraph.model_io import save
+from qgraph.models import Recipe
 
 OPSET = 17
 IMAGE_SHAPE = (3, 32, 32)
 CLASSES = 10
+BATCH = 8
+CALIBRATION_BATCHES = 8
+EVALUATION_BATCHES = 32
+CALIBRATION_SEED, EVALUATION_SEED = 1, 2
 
 
 class _Weights:
@@ -100,3 +110,35 @@ def build_reference_cnn(seed: int = 0) -> ir.Model:
         name="reference_cnn",
     )
     return ir.Model(graph, ir_version=10, producer_name="qgraph.models")
+
+
+def images(seed: int, batches: int) -> list[dict[str, np.ndarray]]:
+    """Standard-normal ``image`` batches, as a normalized input pipeline would produce."""
+    rng = np.random.default_rng(seed)
+    shape = (BATCH, *IMAGE_SHAPE)
+    return [{"image": rng.standard_normal(shape, dtype=np.float32)} for _ in range(batches)]
+
+
+def build(folder: Path) -> None:
+    """The zoo recipe: model, calibration and (differently seeded) evaluation images."""
+    save(build_reference_cnn(), folder / "model.onnx")
+    write_dataset(
+        folder / "calibration",
+        images(CALIBRATION_SEED, CALIBRATION_BATCHES),
+        DatasetInfo("top1", "standard-normal images"),
+    )
+    write_dataset(
+        folder / "evaluation",
+        images(EVALUATION_SEED, EVALUATION_BATCHES),
+        DatasetInfo("top1", "standard-normal images, held out"),
+    )
+
+
+RECIPES = (
+    Recipe(
+        "reference-cnn",
+        "ResNet-style CNN (Conv-BN-Relu, residual Add, pooling, Gemm), seeded weights",
+        "top1",
+        build,
+    ),
+)
