@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import Progress
 
 from qgraph import models
 from qgraph.compiler import compile_model
+from qgraph.data import batch_files
 from qgraph.errors import QGraphError
+from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import summarize
 from qgraph.model_io import load
 from qgraph.options import CompileOptions
@@ -24,6 +28,7 @@ from qgraph.pipeline import Phase
 from qgraph.registry import registered_passes
 from qgraph.report import (
     compile_report,
+    evaluation_report,
     passes_report,
     summary_report,
     targets_report,
@@ -42,6 +47,21 @@ out = Console(highlight=False, markup=False)
 if not out.is_terminal:
     out = Console(highlight=False, markup=False, width=PIPED_WIDTH)
 err = Console(stderr=True, highlight=False, markup=False)
+
+
+def echo_json(data: object) -> None:
+    """Print ``data`` as strict JSON: infinities and NaN become the strings "inf", "-inf", "nan"."""
+    click.echo(json.dumps(_finite(data), indent=2))
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class QGraphGroup(click.Group):
@@ -149,7 +169,7 @@ def inspect_command(model: Path, as_json: bool, top: int | None) -> None:
     """
     summary = summarize(load(model))
     if as_json:
-        click.echo(json.dumps(summary.to_json(), indent=2))
+        echo_json(summary.to_json())
     else:
         out.print(summary_report(summary, top_ops=top))
 
@@ -165,7 +185,7 @@ def passes_command(as_json: bool) -> None:
             {"name": i.name, "phase": i.phase.value, "origin": i.origin, "summary": i.summary}
             for i in infos
         ]
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
     else:
         out.print(passes_report(infos))
 
@@ -180,34 +200,102 @@ def targets_command(as_json: bool) -> None:
         host = None
     if as_json:
         rows = [dict(t.describe(), auto=t is host) for t in TARGETS.values()]
-        click.echo(json.dumps(rows, indent=2))
+        echo_json(rows)
     else:
         out.print(targets_report(TARGETS.values(), host))
 
 
+@cli.command(name="eval")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A dataset: a .npz file or a folder of them (keys = input names), e.g. a "
+    "zoo model's evaluation/ folder.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(list(METRICS)),
+    default=None,
+    help="How to judge the outputs [default: the dataset's own, else generic].",
+)
+@click.option(
+    "--runs",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Timed runs per model for latency (0: no timing).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def eval_command(
+    reference: Path, candidate: Path, data: Path, metric: str | None, runs: int, as_json: bool
+) -> None:
+    """Compare CANDIDATE with REFERENCE: accuracy, latency and size.
+
+    Both run in onnxruntime with all optimizations and one intra-op thread. Metrics: top1
+    (argmax agreement), embedding (cosine, nearest-neighbour agreement), causal-lm
+    (perplexity ratio, next-token agreement, KL) and generic (SQNR and cosine per output).
+    """
+    for path in (reference, candidate):
+        load(path)  # a bad file is reported here, in qgraph's words
+    total = len(batch_files(data))
+    with Progress(transient=True, console=err) as bar:
+        task = bar.add_task("evaluating", total=total)
+        evaluation = evaluate(
+            reference,
+            candidate,
+            data,
+            metric=metric,
+            runs=runs,
+            progress=lambda done: bar.update(task, completed=done),
+        )
+    if as_json:
+        echo_json(evaluation.to_json())
+    else:
+        out.print(evaluation_report(evaluation, str(reference), str(candidate)))
+
+
 @cli.group(name="models")
 def models_group() -> None:
-    """The model zoo: reference and real models, built into a local cache."""
+    """The model zoo: reference and real models with their data, built into a local cache."""
 
 
 @models_group.command(name="list")
 def models_list() -> None:
-    """List the zoo's models."""
-    for recipe in models.RECIPES.values():
-        out.print(f"{recipe.name:16} {recipe.summary}")
+    """List the zoo's models, their metric, and whether they are built."""
+    cache = models.cache_dir()
+    for recipe in models.recipes().values():
+        zoo_model = models.ZooModel(recipe.name, cache / recipe.name, recipe.metric)
+        built = "built" if zoo_model.is_built_by(recipe) else "-"
+        out.print(f"{recipe.name:22} {recipe.metric:10} {built:6} {recipe.summary}")
 
 
 @models_group.command(name="fetch")
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Also copy the model here.")
-def models_fetch(name: str, output: Path | None) -> None:
-    """Build zoo model NAME into the cache (once) and print its path."""
-    zoo_model = models.fetch(name)
-    path = zoo_model.model
+@click.option("--rebuild", is_flag=True, help="Build again even if it is in the cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths as JSON.")
+def models_fetch(name: str, output: Path | None, rebuild: bool, as_json: bool) -> None:
+    """Build zoo model NAME into the cache (once) and print where its parts are."""
+    with err.status(f"building {name}"):
+        zoo_model = models.fetch(name, rebuild=rebuild)
+    model = zoo_model.model
     if output is not None:
-        shutil.copyfile(path, output)
-        path = output
-    click.echo(str(path))
+        shutil.copyfile(model, output)
+        model = output
+    paths = {
+        "model": model,
+        "calibration": zoo_model.calibration,
+        "evaluation": zoo_model.evaluation,
+    }
+    if as_json:
+        echo_json({k: str(v) for k, v in paths.items()} | {"metric": zoo_model.metric})
+    else:
+        for key, path in paths.items():
+            click.echo(f"{key:12} {path}")
 
 
 def main() -> None:

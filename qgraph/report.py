@@ -6,8 +6,10 @@ from collections.abc import Iterable, Sequence
 
 from rich.console import Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from qgraph.compiler import CompileResult
+from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelSummary, TensorInfo
 from qgraph.pipeline import PassRecord
 from qgraph.registry import PassInfo
@@ -146,6 +148,43 @@ def targets_report(targets: Iterable[TargetSpec], host: TargetSpec | None) -> Re
                 table.add_row(key, _plain(value))
         parts.append(table)
     return _spaced(parts)
+
+
+PERCENT_FIGURES = ("agreement",)
+
+
+def _figure(name: str, value: float) -> str:
+    if any(word in name for word in PERCENT_FIGURES):
+        return f"{100 * value:.2f} %"
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def evaluation_report(evaluation: Evaluation, reference: str, candidate: str) -> RenderableType:
+    """What ``qgraph eval`` prints."""
+    heading = f"{evaluation.metric}: {candidate} against {reference} ({evaluation.batches} batches)"
+    accuracy = _table("", "")
+    for name, value in evaluation.figures.items():
+        accuracy.add_row(name, _figure(name, value))
+    cost = _table("", "reference", "candidate", "ratio", title="cost")
+    cost.add_row(
+        "size",
+        format_bytes(evaluation.reference_bytes),
+        format_bytes(evaluation.candidate_bytes),
+        f"{evaluation.size_ratio:.3f}",
+    )
+    latency = evaluation.latency
+    if latency is not None:
+        cost.add_row(
+            f"latency (median of {latency.runs}, 1 thread)",
+            f"{1e3 * latency.reference:.3f} ms",
+            f"{1e3 * latency.candidate:.3f} ms",
+            f"{latency.speedup:.2f}x faster"
+            if latency.speedup >= 1
+            else f"{1 / latency.speedup:.2f}x slower",
+        )
+    return _spaced([Text(heading, style="bold"), accuracy, cost])
 
 
 def _plain(value: object) -> str:

@@ -14,6 +14,7 @@ outputs must match exactly; NaN and infinities must sit in the same places.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -26,8 +27,10 @@ FLOAT32_RTOL = 1e-5
 INTRA_OP_THREADS = 1
 
 
-def session(model: ir.Model | bytes, *, optimize: bool = False) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``model`` (an IR model or a serialized ONNX file);
+def session(
+    model: ir.Model | bytes | str | os.PathLike, *, optimize: bool = False
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` (an IR model, a serialized ONNX file or a path);
     graph optimizations off unless ``optimize``."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = INTRA_OP_THREADS
@@ -35,8 +38,11 @@ def session(model: ir.Model | bytes, *, optimize: bool = False) -> ort.Inference
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = model if isinstance(model, bytes) else serialize(model)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    if isinstance(model, ir.Model):
+        model = serialize(model)
+    elif not isinstance(model, bytes):
+        model = os.fspath(model)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def run(
