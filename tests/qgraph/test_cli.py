@@ -153,9 +153,27 @@ def test_models_fetch_builds_into_the_cache(tmp_path, monkeypatch):
     assert_one_line_error(invoke("models", "fetch", "gpt-5"), "unknown zoo model 'gpt-5'")
 
 
+def test_eval_compares_two_models_on_a_zoo_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGRAPH_CACHE", str(tmp_path / "cache"))
+    fetched = json.loads(invoke("models", "fetch", "reference-cnn", "--json").stdout)
+    compiled = tmp_path / "compiled.onnx"
+    assert invoke("compile", fetched["model"], "-o", compiled).exit_code == 0
+    result = invoke("eval", fetched["model"], compiled, "--data", fetched["evaluation"],
+                    "--runs", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["metric"] == "top1" and data["figures"]["top1_agreement"] == 1.0
+    assert data["batches"] == 32 and data["latency"]["runs"] == 2
+    table = invoke("eval", fetched["model"], compiled, "--data", fetched["evaluation"],
+                   "--metric", "generic", "--runs", "0")
+    assert "logits.sqnr_db" in table.stdout and "inf" in table.stdout
+    assert_one_line_error(invoke("eval", fetched["model"], compiled, "--data", tmp_path / "none"),
+                          "no such dataset")
+
+
 def test_help_explains_every_command():
     result = invoke("--help")
-    for command in ("compile", "inspect", "passes", "targets", "models"):
+    for command in ("compile", "inspect", "eval", "passes", "targets", "models"):
         assert command in result.stdout
     assert "canonicalize" in invoke("compile", "--help").stdout
 

@@ -1,0 +1,96 @@
+"""qgraph.models.magika: inputs built as magika builds them; the recipe runs on real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qgraph import models, verify
+from qgraph.data import read_batches, read_info
+from qgraph.models.magika import INPUT_NAME, FeatureConfig, features, file_features
+
+CONFIG = FeatureConfig(
+    beg_size=4, mid_size=0, end_size=4, padding_token=256, block_size=8, min_file_size_for_dl=2
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        # beg: left-stripped "ab\n" padded at the end; end: right-stripped "  ab", last 4 bytes
+        (b"  ab\n", [97, 98, 10, 256, 32, 32, 97, 98]),
+        # beg: "0123" after the tab; end: "6789" before " \n"
+        (b"\t0123456789 \n", [48, 49, 50, 51, 54, 55, 56, 57]),
+        (b"xy", [120, 121, 256, 256, 256, 256, 120, 121]),
+    ],
+)
+def test_features_strip_take_and_pad(tmp_path, content, expected):
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    np.testing.assert_array_equal(file_features(path, CONFIG), expected)
+
+
+def test_features_read_only_a_block_at_each_end(tmp_path):
+    path = tmp_path / "long"
+    path.write_bytes(b"AAA" + b"\n" * 20 + b"BBB")
+    # first block "AAA\n\n\n\n\n", last block "\n\n\n\n\nBBB": nothing to strip in either
+    np.testing.assert_array_equal(file_features(path, CONFIG), [65, 65, 65, 10, 10, 66, 66, 66])
+
+
+class _BytesSeekable:
+    """The two members magika's feature extraction reads from a seekable."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self.data[offset : offset + size]
+
+
+def test_same_features_as_magika_itself():
+    magika = pytest.importorskip("magika.magika")
+    config = FeatureConfig(
+        beg_size=1024,
+        mid_size=0,
+        end_size=1024,
+        padding_token=256,
+        block_size=4096,
+        min_file_size_for_dl=8,
+    )
+    rng = np.random.default_rng(0)
+    samples = [
+        b"  hello world\n",
+        bytes(rng.integers(0, 256, 9000, dtype=np.uint8)),
+        b"\n\n" + b"x = 1\n" * 900 + b"\n\n",
+        b"#!/bin/sh\necho hi\n   ",
+    ]
+    for data in samples:
+        ours = features(data[:4096], data[max(0, len(data) - 4096) :], config)
+        theirs = magika.Magika._extract_features_from_seekable(
+            _BytesSeekable(data), 1024, 0, 1024, 256, 4096, False
+        )
+        np.testing.assert_array_equal(ours, theirs.beg + theirs.end)
+
+
+@pytest.fixture(scope="module")
+def magika_zoo(tmp_path_factory):
+    return models.fetch("magika", tmp_path_factory.mktemp("zoo"))
+
+
+def test_recipe_builds_real_inputs_the_model_reads(magika_zoo):
+    info = read_info(magika_zoo.evaluation)
+    assert info.metric == "top1" and "held out" in info.description
+    batch = next(read_batches(magika_zoo.evaluation))
+    assert batch[INPUT_NAME].shape == (64, 2048) and batch[INPUT_NAME].dtype == np.int32
+    assert batch[INPUT_NAME].max() <= 256 and batch[INPUT_NAME].min() >= 0
+    probabilities = verify.run(magika_zoo.model, batch)["target_label"]
+    assert probabilities.shape == (64, 214)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    calibration_rows = {
+        r.tobytes() for b in read_batches(magika_zoo.calibration) for r in b[INPUT_NAME]
+    }
+    evaluation_rows = {
+        r.tobytes() for b in read_batches(magika_zoo.evaluation) for r in b[INPUT_NAME]
+    }
+    assert len(evaluation_rows) > 1000 and len(calibration_rows) > 300
