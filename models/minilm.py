@@ -1,0 +1,3 @@
+"""Zoo recipe: minilm (being written)."""
+
+RECIPES = ()

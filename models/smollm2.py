@@ -1,0 +1,3 @@
+"""Zoo recipe: smollm2 (being written)."""
+
+RECIPES = ()
