@@ -59,8 +59,12 @@ class Row:
 
 def quantize(method: str, source: Path, target: Path, calibration: Path) -> None:
     """Run one onnxruntime quantization method (in this process)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     from qgraph.data import read_batches
 
@@ -82,8 +86,15 @@ def quantize(method: str, source: Path, target: Path, calibration: Path) -> None
 
 def quantize_in_child(method: str, source: Path, target: Path, calibration: Path) -> dict:
     """Quantize in a fresh process; its time and peak RSS, or the error it ended with."""
-    command = [sys.executable, __file__, "--child", method, str(source), str(target),
-               str(calibration)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        str(source),
+        str(target),
+        str(calibration),
+    ]
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
@@ -107,8 +118,13 @@ def run_model(name: str, runs: int, out_root: Path) -> list[Row]:
         target.parent.mkdir(parents=True, exist_ok=True)
         print(f"  {name} / {method} ...", file=sys.stderr, flush=True)
         result = quantize_in_child(method, zoo_model.model, target, zoo_model.calibration)
-        row = Row(name, method, result.get("quantize_seconds"), result.get("peak_rss"),
-                  failure=result.get("failure"))
+        row = Row(
+            name,
+            method,
+            result.get("quantize_seconds"),
+            result.get("peak_rss"),
+            failure=result.get("failure"),
+        )
         if row.failure is None:
             try:
                 row.evaluation = evaluate(zoo_model.model, target, zoo_model.evaluation, runs=runs)
@@ -149,8 +165,10 @@ def markdown(rows: list[Row], command: str, runs: int) -> str:
     for row in rows:
         if row.failure is not None:
             cost = f"{row.quantize_seconds:.1f}" if row.quantize_seconds else "-"
-            lines.append(f"| {row.model} | {row.method} | {cost} | - | - | - | "
-                         f"**failed**: {row.failure.replace('|', '/')} |")
+            lines.append(
+                f"| {row.model} | {row.method} | {cost} | - | - | - | "
+                f"**failed**: {row.failure.replace('|', '/')} |"
+            )
             continue
         evaluation = row.evaluation
         speedup = f"{evaluation.latency.speedup:.2f}x" if evaluation.latency else "-"
@@ -166,8 +184,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child_main(*sys.argv[2:6])
         return
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("baseline.md"))
@@ -181,8 +200,10 @@ def main() -> None:
     table = markdown(rows, command.strip(), args.runs)
     args.out.write_text(table)
     print(table)
-    raw = [dataclasses.asdict(r) | {"evaluation": r.evaluation.to_json() if r.evaluation else None}
-           for r in rows]
+    raw = [
+        dataclasses.asdict(r) | {"evaluation": r.evaluation.to_json() if r.evaluation else None}
+        for r in rows
+    ]
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str) + "\n")
 
 
