@@ -94,3 +94,25 @@ def test_recipe_builds_real_inputs_the_model_reads(magika_zoo):
         r.tobytes() for b in read_batches(magika_zoo.evaluation) for r in b[INPUT_NAME]
     }
     assert len(evaluation_rows) > 1000 and len(calibration_rows) > 300
+
+
+def test_file_sampling_is_deterministic_stratified_and_split(tmp_path, monkeypatch):
+    from qgraph.models import magika as recipe
+
+    monkeypatch.setattr(recipe, "PER_TYPE", 10)
+    for suffix, count in ((".py", 50), (".txt", 4), ("", 12)):
+        folder = tmp_path / f"kind{suffix or '_none'}"
+        folder.mkdir()
+        for i in range(count):
+            (folder / f"f{i}{suffix}").write_bytes(b"content %d " % i * 3)
+    (tmp_path / "tiny.py").write_bytes(b"x")
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "skipped.py").write_bytes(b"ignored content")
+    (tmp_path / "link.py").symlink_to(tmp_path / "kind.py" / "f0.py")
+    calibration, evaluation = recipe.sample_files([tmp_path], min_size=8)
+    assert (calibration, evaluation) == recipe.sample_files([tmp_path], min_size=8)
+    chosen = calibration + evaluation
+    assert not set(calibration) & set(evaluation)
+    counts = {s: sum(p.suffix == s for p in chosen) for s in (".py", ".txt", "")}
+    assert counts == {".py": 10, ".txt": 4, "": 10}
+    assert all(p.name not in {"tiny.py", "skipped.py", "link.py"} for p in chosen)
