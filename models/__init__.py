@@ -21,11 +21,10 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
 
 RECIPE_MODULES = (
@@ -140,14 +139,7 @@ def fetch(name: str, cache: Path | None = None, *, rebuild: bool = False) -> Zoo
             f"zoo model '{name}' needs {', '.join(missing)}, which is not installed: "
             f"{recipe.install}"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-    try:
+    with replaced_folder(zoo_model.folder) as staging:
         recipe.build(staging)
         (staging / STAMP).write_text(json.dumps(recipe.stamp()) + "\n")
-        if zoo_model.folder.exists():
-            shutil.rmtree(zoo_model.folder)
-        os.replace(staging, zoo_model.folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return zoo_model

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
 
 INFO_FILE = "dataset.json"
@@ -94,17 +93,9 @@ def write_dataset(
     folder: Path, batches: Iterable[Mapping[str, np.ndarray]], info: DatasetInfo
 ) -> int:
     """Write ``batches`` as a dataset folder (replacing it whole, atomically); return the count."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        count = 0
+    count = 0
+    with replaced_folder(Path(folder)) as staging:
         for count, feeds in enumerate(batches, start=1):
             np.savez(staging / f"{count - 1:06d}.npz", **feeds)
         (staging / INFO_FILE).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return count

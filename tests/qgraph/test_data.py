@@ -43,11 +43,13 @@ def test_a_single_file_and_an_iterable_are_datasets(tmp_path):
     assert len(list(read_batches(iter(_batches(3))))) == 3
 
 
-def test_rewriting_replaces_the_whole_folder(tmp_path):
+def test_rewriting_replaces_the_whole_folder_with_a_normal_mode(tmp_path):
     write_dataset(tmp_path / "d", _batches(5), DatasetInfo())
     write_dataset(tmp_path / "d", _batches(2), DatasetInfo())
     assert len(batch_files(tmp_path / "d")) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "d").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_bad_datasets_are_named(tmp_path):
