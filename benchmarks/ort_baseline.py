@@ -16,7 +16,8 @@ on the zoo's calibration set):
 - ``dynamic``: ``quantize_dynamic()``
 - ``dynamic-pc``: ``quantize_dynamic(per_channel=True)``
 
-The quantized models stay in ``<QGRAPH_CACHE>/baseline/<model>/<method>.onnx``, so that
+Each quantization may use at most 16 GiB of data (``RLIMIT_DATA``); past that it fails with a
+MemoryError, which the table records. The quantized models stay in ``<QGRAPH_CACHE>/baseline/<model>/<method>.onnx``, so that
 ``qgraph eval <FP32> <that file> --data <zoo evaluation folder>`` reproduces any row.
 """
 
@@ -39,6 +40,7 @@ from qgraph.evaluation import Evaluation, evaluate
 from qgraph.report import format_bytes
 
 METHODS = ("static-qdq", "static-qop", "dynamic", "dynamic-pc")
+CHILD_MEMORY_LIMIT = 16 * 2**30
 ZOO = ("magika", "minilm", "smollm2", "reference-cnn", "reference-encoder", "reference-decoder")
 HEADLINE = {
     "top1": ("top1_agreement", "top-1 agreement {:.2%}"),
@@ -103,6 +105,9 @@ def quantize_in_child(method: str, source: Path, target: Path, calibration: Path
 
 
 def child_main(method: str, source: str, target: str, calibration: str) -> None:
+    # onnxruntime's MinMax calibration keeps every intermediate tensor of every batch; on a
+    # large model that exceeds memory, and a MemoryError is a result, an OOM kill is not.
+    resource.setrlimit(resource.RLIMIT_DATA, (CHILD_MEMORY_LIMIT, CHILD_MEMORY_LIMIT))
     start = time.perf_counter()
     quantize(method, Path(source), Path(target), Path(calibration))
     seconds = time.perf_counter() - start
