@@ -17,7 +17,8 @@ on the zoo's calibration set):
 - ``dynamic-pc``: ``quantize_dynamic(per_channel=True)``
 
 Each quantization may use at most 16 GiB of data (``RLIMIT_DATA``); past that it fails with a
-MemoryError, which the table records. The quantized models stay in ``<QGRAPH_CACHE>/baseline/<model>/<method>.onnx``, so that
+MemoryError, which the table records. The quantized models stay in
+``<QGRAPH_CACHE>/baseline/<model>/<method>.onnx``, so that
 ``qgraph eval <FP32> <that file> --data <zoo evaluation folder>`` reproduces any row.
 """
 
