@@ -115,7 +115,8 @@ def _large_initializers_as_inputs(graph: ir.Graph) -> Iterator[None]:
     try:
         yield
     finally:
-        del graph.inputs[input_count:]
+        while len(graph.inputs) > input_count:
+            graph.inputs.pop()  # not del: onnx_ir 1.1's del leaves values marked as inputs
         for value in large:
             graph.register_initializer(value)
 

@@ -262,8 +262,10 @@ def test_shape_inference_never_serializes_large_weights(make_model, monkeypatch)
     model = canonicalize.ShapeInferencePass()(qgraph.load(proto)).model
     assert seen["bytes"] < big.nbytes // 10
     assert model.graph.outputs[0].shape == ir.Shape([2, 64])
-    assert model.graph.initializers["W"].const_value is not None
+    weight = model.graph.initializers["W"]
+    assert weight.const_value is not None
     assert [v.name for v in model.graph.inputs] == ["x"]
+    assert not weight.is_graph_input(), "the weight must not stay marked as a graph input"
 
 
 def test_cse_merges_repeated_work_but_not_random_draws(make_model):
