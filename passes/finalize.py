@@ -4,13 +4,18 @@
 - ``topological-sort``: nodes in an order where every input is produced before it is read.
 - ``name-fix``: every node and value gets a unique, non-empty name (graph inputs and outputs
   keep theirs).
-- ``onnx-checker``: the ONNX checker (without weights, so 2 GB models cost nothing extra).
+- ``onnx-checker``: the ONNX checker (without weights, so 2 GB models cost nothing extra). Ops
+  the target's runtime adds to the default domain (``TargetSpec.default_domain_extensions``)
+  are shown to it in a private domain, which it does not check; everything else is checked.
 - ``target-conformance``: the target's own rules (``TargetSpec.check``).
 
 The last two only read the model; a failure raises ``ConformanceError`` naming the rule.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -20,20 +25,48 @@ from qgraph.errors import ConformanceError
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
+from qgraph.traversal import all_nodes
 
 MAX_VIOLATIONS_SHOWN = 5
+
+
+EXTENSION_DOMAIN = "qgraph.runtime_extension"
 
 
 class OnnxCheckerPass(ir.passes.InPlacePass):
     """Raise ``ConformanceError`` when the ONNX checker rejects the model."""
 
+    def __init__(self, extensions: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.extensions = extensions
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
-            common.CheckerPass()(model)
+            with _extensions_hidden(model, self.extensions):
+                common.CheckerPass()(model)
         except onnx.checker.ValidationError as error:
             first_line = str(error).strip().splitlines()[0]
             raise ConformanceError(f"the model fails the ONNX checker: {first_line}") from error
         return ir.passes.PassResult(model, modified=False)
+
+
+@contextlib.contextmanager
+def _extensions_hidden(model: ir.Model, extensions: frozenset[str]) -> Iterator[None]:
+    """Move default-domain ``extensions`` to a private domain the checker skips, then back."""
+    moved = [
+        n for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx") and n.op_type in extensions
+    ]
+    original = [node.domain for node in moved]
+    if moved:
+        model.opset_imports[EXTENSION_DOMAIN] = 1
+    for node in moved:
+        node.domain = EXTENSION_DOMAIN
+    try:
+        yield
+    finally:
+        for node, domain in zip(moved, original, strict=True):
+            node.domain = domain
+        model.opset_imports.pop(EXTENSION_DOMAIN, None)
 
 
 class TargetConformancePass(ir.passes.InPlacePass):
@@ -87,7 +120,7 @@ PASSES = (
         "onnx-checker",
         Phase.FINALIZE,
         "fail if the ONNX checker rejects the model",
-        lambda ctx: OnnxCheckerPass(),
+        lambda ctx: OnnxCheckerPass(ctx.target.default_domain_extensions),
     ),
     PassInfo(
         "target-conformance",

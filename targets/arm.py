@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import (
+    CPU_DEFAULT_DOMAIN_EXTENSIONS,
     CPU_DOMAINS,
     CPU_QUANTIZABLE_OPS,
     MAX_ORT_IR_VERSION,
@@ -38,6 +39,8 @@ ARM64 = TargetSpec(
     min_opset=PER_CHANNEL_MIN_OPSET,
     max_ir_version=MAX_ORT_IR_VERSION,
     max_opset=MAX_ORT_OPSET,
+    default_domain_extensions=CPU_DEFAULT_DOMAIN_EXTENSIONS,
+    matmul_add_as_gemm=True,
     allowed_domains=CPU_DOMAINS,
     conformance_rules=LOADABLE_RULES,
 )

@@ -52,5 +52,18 @@ def domains_supported(model: ir.Model, target: TargetSpec) -> Iterator[Violation
         )
 
 
-LOADABLE_RULES = (ir_version_loadable, opset_loadable, domains_supported)
+def default_domain_ops_known(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
+    """Default-domain ops must be ONNX's own or extensions the target's runtime registers."""
+    for node in all_nodes(model.graph):
+        if node.domain not in ONNX_DOMAINS or node.op_type in target.default_domain_extensions:
+            continue
+        if not onnx.defs.has(node.op_type):
+            yield Violation(
+                "default_domain_ops_known",
+                f"{node.op_type} is neither an ONNX op nor one {target.name} adds to its domain",
+                node.name,
+            )
+
+
+LOADABLE_RULES = (ir_version_loadable, opset_loadable, domains_supported, default_domain_ops_known)
 """Rules every onnxruntime-based target applies."""

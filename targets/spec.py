@@ -65,6 +65,10 @@ class TargetSpec:
         max_ir_version: Highest IR version the runtime loads.
         max_opset: Highest default-domain opset the runtime loads.
         allowed_domains: Operator domains the runtime executes.
+        default_domain_extensions: Ops the runtime adds to the default ONNX domain (not in the
+            ONNX standard, so the ONNX checker does not know them).
+        matmul_add_as_gemm: A 2-D ``MatMul + Add(bias)`` is better as ``Gemm`` (one op whose
+            bias quantizes to int32) than the other way round.
         conformance_rules: Checks every compiled model must pass.
     """
 
@@ -87,6 +91,8 @@ class TargetSpec:
     max_ir_version: int
     max_opset: int
     allowed_domains: frozenset[str]
+    default_domain_extensions: frozenset[str]
+    matmul_add_as_gemm: bool
     conformance_rules: tuple[ConformanceRule, ...]
 
     def check(self, model: ir.Model) -> list[Violation]:
@@ -112,6 +118,8 @@ class TargetSpec:
             "max_ir_version": self.max_ir_version,
             "max_opset": self.max_opset,
             "allowed_domains": sorted({d or "ai.onnx" for d in self.allowed_domains}),
+            "default_domain_extensions": sorted(self.default_domain_extensions),
+            "matmul_add_as_gemm": self.matmul_add_as_gemm,
             "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
         }
 

@@ -3,7 +3,8 @@
 TensorRT reads explicit Q/DQ and picks its own int8 kernels. Its ONNX parser takes int8
 symmetric quantization (zero point 0), per-channel weights and per-tensor activations, and
 no QOperator ops (QLinear*, ConvInteger, MatMulInteger, DynamicQuantizeLinear) or
-com.microsoft contrib ops.
+com.microsoft contrib ops. Its parser turns ``Gemm`` into a matrix multiply and an
+element-wise add anyway, so a ``MatMul + Add`` stays as it is (the bias stays float).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ TENSORRT = TargetSpec(
     min_opset=PER_CHANNEL_MIN_OPSET,
     max_ir_version=MAX_ORT_IR_VERSION,
     max_opset=MAX_ORT_OPSET,
+    default_domain_extensions=frozenset(),
+    matmul_add_as_gemm=False,
     allowed_domains=ONNX_DOMAINS,
     conformance_rules=LOADABLE_RULES,
 )
