@@ -11,6 +11,9 @@ class CompileOptions:
 
     Attributes:
         skip_passes: Names of registered passes to leave out (see ``qgraph passes``).
+        explain: Passes that can say why they left something alone collect those reasons
+            (the fusion pass: near-misses of each rule); costs a second matching run.
     """
 
     skip_passes: frozenset[str] = frozenset()
+    explain: bool = False

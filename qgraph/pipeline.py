@@ -55,9 +55,16 @@ class Phase(str, enum.Enum):
             raise PipelineError(f"unknown phase '{name}'; phases are: {known}") from None
 
 
+@dataclasses.dataclass
+class ReportingPassResult(ir.passes.PassResult):
+    """A pass result that also says what the pass did (kept as ``PassRecord.details``)."""
+
+    details: object = None
+
+
 @dataclasses.dataclass(frozen=True)
 class PassRecord:
-    """What one pass did in one run."""
+    """What one pass did in one run; ``details`` is what a reporting pass returned."""
 
     phase: Phase
     name: str
@@ -65,6 +72,7 @@ class PassRecord:
     modified: bool
     nodes_before: int
     nodes_after: int
+    details: object = None
 
 
 @dataclasses.dataclass
@@ -150,8 +158,11 @@ class Pipeline:
             seconds = time.perf_counter() - start
             model = result.model
             nodes_after = _stamp_new_nodes(model, entry.name)
+            details = getattr(result, "details", None)
             records.append(
-                PassRecord(entry.phase, entry.name, seconds, result.modified, nodes, nodes_after)
+                PassRecord(
+                    entry.phase, entry.name, seconds, result.modified, nodes, nodes_after, details
+                )
             )
             logger.info(
                 "%s/%s: %.3fs, %s, %d -> %d nodes",
