@@ -31,7 +31,11 @@ from qgraph.targets import TargetSpec, get_target
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qgraph.passes"
-BUILTIN_PASS_MODULES = ("qgraph.passes.canonicalize", "qgraph.passes.finalize")
+BUILTIN_PASS_MODULES = (
+    "qgraph.passes.canonicalize",
+    "qgraph.passes.fusion",
+    "qgraph.passes.finalize",
+)
 BUILTIN_ORIGIN = "qgraph"
 
 

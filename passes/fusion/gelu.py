@@ -1,0 +1,111 @@
+"""GELU written out, recognized as one op.
+
+- erf form:  ``gelu(x) = x * 0.5 * (1 + erf(x / sqrt(2)))``   (or ``x * (1 / sqrt(2))``)
+- tanh form: ``gelu(x) = x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))``
+
+The product is accepted as ``(x * 0.5) * (1 + ...)`` or ``x * ((1 + ...) * 0.5)``, in any
+operand order. Each constant must equal its value to float32 rounding. It becomes
+``Gelu(x, approximate="none" | "tanh")`` from opset 20, else onnxruntime's com.microsoft
+``Gelu`` / ``FastGelu`` where the target runs that domain, else it stays as it is.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnxscript.rewriter import pattern
+
+from qgraph.passes.fusion.rules import (
+    FLOAT_TYPES,
+    MatchResult,
+    TargetRule,
+    close_to,
+    fail,
+    model_opset,
+    scalar,
+)
+
+GELU_OPSET = 20
+CONTRIB = "com.microsoft"
+SQRT2 = math.sqrt(2.0)
+TANH_SCALE = math.sqrt(2.0 / math.pi)
+CUBIC = 0.044715
+
+
+class _GeluFusion(TargetRule):
+    approximate = "none"
+    contrib_op = "Gelu"
+    half_first = True
+    """Which product form: ``(x * 0.5) * (1 + ...)`` or ``x * ((1 + ...) * 0.5)``."""
+
+    root_ops = frozenset({"Mul"})
+
+    def _times_half(self, op, x, plus, half):
+        if self.half_first:
+            return op.Mul(op.Mul(x, half), plus)
+        return op.Mul(x, op.Mul(plus, half))
+
+    def _common_problem(self, context, x, half, one) -> str | None:
+        if x.dtype not in FLOAT_TYPES:
+            return f"{x.dtype} is not a float type"
+        if not (close_to(scalar(half), 0.5) and close_to(scalar(one), 1.0)):
+            return "the constants are not 0.5 and 1"
+        if model_opset(context) < GELU_OPSET and CONTRIB not in self.target.allowed_domains:
+            return (
+                f"opset {model_opset(context)} has no Gelu (from 20) and target "
+                f"{self.target.name} does not run {CONTRIB}"
+            )
+        self._standard = model_opset(context) >= GELU_OPSET
+        return None
+
+    def rewrite(self, op, x, **_):
+        if self._standard:
+            return op.Gelu(x, approximate=self.approximate)
+        return getattr(op, self.contrib_op)(x, _domain=CONTRIB)
+
+
+class GeluErfFusion(_GeluFusion):
+    """``x * 0.5 * (1 + Erf(x / sqrt 2))`` -> ``Gelu(x)``."""
+
+    def pattern(self, op, x, root, half, one):
+        scaled = pattern.OrValue([op.Div(x, root), op.Mul(x, root)], tag_var="scaling")
+        return self._times_half(op, x, op.Add(op.Erf(scaled), one), half)
+
+    def check(self, context, x, root, half, one, scaling=None, **_) -> MatchResult:
+        expected = SQRT2 if scaling == 0 else 1.0 / SQRT2
+        if not close_to(scalar(root), expected):
+            return fail("the Erf argument is not x / sqrt(2)", x)
+        problem = self._common_problem(context, x, half, one)
+        return MatchResult() if problem is None else fail(problem, x)
+
+
+class GeluTanhFusion(_GeluFusion):
+    """``x * 0.5 * (1 + Tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` -> ``Gelu(x, "tanh")``."""
+
+    approximate = "tanh"
+    contrib_op = "FastGelu"
+
+    def pattern(self, op, x, three, cubic, scale, half, one):
+        cube = pattern.OrValue([op.Pow(x, three), op.Mul(x, op.Mul(x, x))], tag_var="cube_form")
+        inner = op.Mul(op.Add(x, op.Mul(cube, cubic)), scale)
+        return self._times_half(op, x, op.Add(op.Tanh(inner), one), half)
+
+    def check(self, context, x, cubic, scale, half, one, three=None, cube_form=None, **_):
+        if cube_form == 0 and scalar(three) != 3.0:
+            return fail("the power is not 3", x)
+        if not (close_to(scalar(cubic), CUBIC) and close_to(scalar(scale), TANH_SCALE)):
+            return fail("the constants are not 0.044715 and sqrt(2/pi)", x)
+        problem = self._common_problem(context, x, half, one)
+        return MatchResult() if problem is None else fail(problem, x)
+
+
+class GeluErfHalfLast(GeluErfFusion):
+    """``x * ((1 + Erf(x / sqrt 2)) * 0.5)`` -> ``Gelu(x)``."""
+
+    half_first = False
+
+
+class GeluTanhHalfLast(GeluTanhFusion):
+    """``x * ((1 + Tanh(..)) * 0.5)`` -> ``Gelu(x, "tanh")``."""
+
+    half_first = False

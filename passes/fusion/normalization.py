@@ -1,0 +1,178 @@
+"""Decomposed LayerNorm and RMSNorm recognized as the single ops they are.
+
+LayerNorm over the last axis, as exporters write it out::
+
+    mean = ReduceMean(x); d = x - mean; var = ReduceMean(d^2)      (d^2 as Pow(d, 2) or d * d)
+    y = d / Sqrt(var + eps) * gamma  [+ beta]                      (or d * Reciprocal(Sqrt(..)))
+      -> LayerNormalization(x, gamma[, beta], axis=-1, epsilon=eps)          (opset >= 17)
+
+RMSNorm (Llama) over the last axis::
+
+    y = x / Sqrt(ReduceMean(x^2) + eps) * gamma                    (or x * Reciprocal(Sqrt(..)))
+      -> RMSNormalization(x, gamma, axis=-1, epsilon=eps)                    (opset >= 23)
+      -> SimplifiedLayerNormalization(x, gamma, ...) where the target's runtime adds it
+
+Both ReduceMeans must reduce exactly the last axis with ``keepdims`` (the ``axes`` attribute
+before opset 18, an input from 18 on), ``eps`` must be a constant scalar and ``gamma`` (and
+``beta``) must have the shape of that last axis: anything else is not this op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from qgraph.passes.fusion.rules import (
+    FLOAT_TYPES,
+    MatchResult,
+    TargetRule,
+    constant,
+    fail,
+    fresh_weight,
+    model_opset,
+    scalar,
+)
+
+LAYER_NORM_OPSET = 17
+RMS_NORM_OPSET = 23
+RUNTIME_RMS_NORM = "SimplifiedLayerNormalization"
+
+
+def _mean(op, x, name: str):
+    return op.ReduceMean(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=[name])
+
+
+def _square(op, x, two):
+    return pattern.OrValue([op.Pow(x, two), op.Mul(x, x)])
+
+
+def _divided_by(op, numerator, denominator):
+    return pattern.OrValue(
+        [op.Div(numerator, denominator), op.Mul(numerator, op.Reciprocal(denominator))]
+    )
+
+
+def _reduces_last_axis(mean: ir.Value, rank: int | None) -> bool:
+    node = mean.producer()
+    if node.attributes.get_int("keepdims", 1) != 1:
+        return False
+    if len(node.inputs) > 1:
+        axes = constant(node.inputs[1])
+        axes = None if axes is None else axes.tolist()
+    else:
+        axes = node.attributes.get_ints("axes", None)
+    return axes is not None and len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)
+
+
+def _normalization_problem(x, means, eps, two, gamma) -> str | None:
+    rank = None if x.shape is None else len(x.shape)
+    if x.dtype not in FLOAT_TYPES:
+        return f"{x.dtype} is not a float type"
+    if not all(_reduces_last_axis(m, rank) for m in means):
+        return "a ReduceMean does not reduce exactly the last axis with keepdims"
+    if two is not None and scalar(two) != 2.0:
+        return "the power is not 2"
+    if scalar(eps) is None:
+        return f"epsilon '{eps.name}' is not a constant scalar"
+    return _vector_problem(gamma, x, "scale")
+
+
+def _vector_problem(vector: ir.Value, x: ir.Value, role: str) -> str | None:
+    """Why ``vector`` is not a [D] vector for the last axis D of ``x`` (None if it is)."""
+    if vector.shape is None:
+        return f"the {role}'s shape is unknown"
+    dims = [d for d in vector.shape if d != 1]
+    if len(dims) > 1 or len(vector.shape) > (len(x.shape) if x.shape is not None else 1):
+        return f"the {role} of shape {vector.shape} is not one value per channel"
+    if x.shape is not None and dims and dims[0] != x.shape[-1]:
+        return f"the {role} does not match the last axis of {x.shape}"
+    if len(vector.shape) != 1 and constant(vector) is None:
+        return f"the {role} of shape {vector.shape} is not a constant to reshape"
+    return None
+
+
+def _as_vector(op, vector: ir.Value, x: ir.Value) -> ir.Value:
+    """``vector`` as shape [D] (a constant's leading ones dropped)."""
+    if vector.shape is not None and len(vector.shape) == 1:
+        return vector
+    array = constant(vector).reshape(-1)
+    if array.size == 1 and x.shape is not None and isinstance(x.shape[-1], int):
+        array = np.repeat(array, x.shape[-1])
+    return fresh_weight(op, vector, array, "vector")
+
+
+class LayerNormFusion(TargetRule):
+    """Decomposed LayerNorm -> ``LayerNormalization(x, gamma)``."""
+
+    root_ops = frozenset({"Mul"})
+
+    def pattern(self, op, x, two, eps, gamma):
+        deviation = op.Sub(x, _mean(op, x, "mean"))
+        variance = _mean(op, _square(op, deviation, two), "variance")
+        normalized = _divided_by(op, deviation, op.Sqrt(op.Add(variance, eps)))
+        return op.Mul(normalized, gamma)
+
+    def check(self, context, x, mean, variance, eps, gamma, two=None, **_) -> MatchResult:
+        if model_opset(context) < LAYER_NORM_OPSET:
+            return fail(f"opset {model_opset(context)} has no LayerNormalization (from 17)", x)
+        problem = _normalization_problem(x, (mean, variance), eps, two, gamma)
+        return MatchResult() if problem is None else fail(problem, x)
+
+    def rewrite(self, op, x, eps, gamma, **_):
+        return op.LayerNormalization(x, _as_vector(op, gamma, x), axis=-1, epsilon=scalar(eps))
+
+
+class LayerNormBiasFusion(TargetRule):
+    """``LayerNormalization(x, gamma) + beta`` -> ``LayerNormalization(x, gamma, beta)``."""
+
+    root_ops = frozenset({"Add"})
+
+    def pattern(self, op, x, gamma, beta):
+        return op.Add(op.LayerNormalization(x, gamma, _outputs=["normalized"]), beta)
+
+    def check(self, context, x, normalized, beta, **_) -> MatchResult:
+        layer_norm = normalized.producer()
+        if len(layer_norm.outputs) > 1:
+            return fail("LayerNormalization also returns its statistics", normalized)
+        axis = layer_norm.attributes.get_int("axis", -1)
+        if axis != -1 and (x.shape is None or axis != len(x.shape) - 1):
+            return fail("LayerNormalization does not normalize the last axis", normalized)
+        problem = _vector_problem(beta, x, "bias")
+        return MatchResult() if problem is None else fail(problem, beta)
+
+    def rewrite(self, op, x, gamma, beta, normalized, **_):
+        attributes = normalized.producer().attributes
+        return op.LayerNormalization(x, gamma, _as_vector(op, beta, x), **attributes)
+
+
+class RMSNormFusion(TargetRule):
+    """Decomposed RMSNorm -> ``RMSNormalization`` or the runtime's RMSNorm op."""
+
+    root_ops = frozenset({"Mul"})
+
+    def pattern(self, op, x, two, eps, gamma):
+        mean_square = _mean(op, _square(op, x, two), "mean_square")
+        return op.Mul(_divided_by(op, x, op.Sqrt(op.Add(mean_square, eps))), gamma)
+
+    def check(self, context, x, mean_square, eps, gamma, two=None, **_) -> MatchResult:
+        self._op_type = self._available_op(model_opset(context))
+        if self._op_type is None:
+            return fail(
+                f"opset {model_opset(context)} has no RMSNormalization (from 23) and target "
+                f"{self.target.name} adds no {RUNTIME_RMS_NORM}",
+                x,
+            )
+        problem = _normalization_problem(x, (mean_square,), eps, two, gamma)
+        return MatchResult() if problem is None else fail(problem, x)
+
+    def _available_op(self, opset: int) -> str | None:
+        if opset >= RMS_NORM_OPSET and self.target.max_opset >= RMS_NORM_OPSET:
+            return "RMSNormalization"
+        if RUNTIME_RMS_NORM in self.target.default_domain_extensions:
+            return RUNTIME_RMS_NORM
+        return None
+
+    def rewrite(self, op, x, eps, gamma, **_):
+        build = getattr(op, self._op_type)
+        return build(x, _as_vector(op, gamma, x), axis=-1, epsilon=scalar(eps))
