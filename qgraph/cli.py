@@ -129,6 +129,11 @@ def cli(debug: bool) -> None:
     help="Write weights to MODEL.data: auto does so when they exceed protobuf's 2 GB.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass did.")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Print how often each rewrite rule applied and, where one almost did, why not.",
+)
 def compile_command(
     model: Path,
     output: Path | None,
@@ -136,16 +141,19 @@ def compile_command(
     skip_passes: tuple[str, ...],
     external_data: str,
     verbose: bool,
+    explain: bool,
 ) -> None:
     """Compile MODEL for a target and write the result.
 
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
-    CSE and dead-code removal), then finalize (cleanup, topological order, names, ONNX
-    checker, target conformance). The input file is never modified.
+    CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
+    LayerNorm / RMSNorm / GELU fused, activations recorded), then finalize (cleanup,
+    topological order, names, ONNX checker, target conformance). The input file is never
+    modified.
     """
     spec = get_target(target)
     output = output or model.with_name(f"{model.stem}.{spec.name}.onnx")
-    options = CompileOptions(skip_passes=frozenset(skip_passes))
+    options = CompileOptions(skip_passes=frozenset(skip_passes), explain=explain)
     with err.status("compiling") as status:
         result = compile_model(
             model,
@@ -155,7 +163,7 @@ def compile_command(
             external_data=EXTERNAL_DATA_CHOICES[external_data],
             progress=lambda step: status.update(step),
         )
-    out.print(compile_report(result, verbose=verbose))
+    out.print(compile_report(result, verbose=verbose, explain=explain))
 
 
 @cli.command(name="inspect")

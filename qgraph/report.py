@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 
 from rich.console import Group, RenderableType
@@ -93,8 +94,11 @@ def _io_table(inputs: Sequence[TensorInfo], outputs: Sequence[TensorInfo]) -> Ta
     return table
 
 
-def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
-    """What ``qgraph compile`` prints: the summary, and with ``verbose`` a row per pass."""
+def compile_report(
+    result: CompileResult, *, verbose: bool, explain: bool = False
+) -> RenderableType:
+    """What ``qgraph compile`` prints: the summary, with ``verbose`` a row per pass, with
+    ``explain`` what each rule did and why it did not apply elsewhere."""
     before, after = result.before, result.after
     table = _table(
         "", "before", "after", title=f"compiled for {result.target.name} in {result.seconds:.2f} s"
@@ -115,6 +119,8 @@ def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
     parts: list[RenderableType] = [table]
     if verbose:
         parts.append(records_report(result.records))
+    if explain:
+        parts.append(explain_report(result.records))
     changed = sum(record.modified for record in result.records)
     note = f"{changed} of {len(result.records)} passes changed the model"
     if result.saved is not None:
@@ -122,6 +128,40 @@ def compile_report(result: CompileResult, *, verbose: bool) -> RenderableType:
         note += f"; wrote {result.saved.path}{data} ({format_bytes(result.saved.total_bytes)})"
     parts.append(note)
     return _spaced(parts)
+
+
+MAX_EXAMPLES = 3
+
+
+def explain_report(records: Iterable[PassRecord]) -> RenderableType:
+    """For each pass that reports rules (fusion): matches per rule, near-misses by reason."""
+    parts: list[RenderableType] = []
+    for record in records:
+        details = record.details
+        if not hasattr(details, "near_misses"):
+            continue
+        rules = _table("rule", "applied", "near-misses", title=f"{record.name}: rules")
+        misses = collections.Counter(m.rule for m in details.near_misses)
+        for name, count in details.applied.items():
+            rules.add_row(name, str(count), str(misses.get(name, 0)))
+        for activation, count in details.activations.items():
+            rules.add_row(f"activation {activation}", str(count), "")
+        parts.append(rules)
+        parts.append(_near_miss_table(record.name, details.near_misses))
+    return _spaced(parts) if parts else Text("no pass reports rules")
+
+
+def _near_miss_table(pass_name: str, near_misses) -> RenderableType:
+    if not near_misses:
+        return Text(f"{pass_name}: no near-misses")
+    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for miss in near_misses:
+        groups[(miss.rule, miss.reason)].append(miss.node)
+    table = _table("rule", "count", "why not", "where", title=f"{pass_name}: near-misses")
+    for (rule, reason), nodes in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(nodes[:MAX_EXAMPLES]) + (" ..." if len(nodes) > MAX_EXAMPLES else "")
+        table.add_row(rule, str(len(nodes)), reason, shown)
+    return table
 
 
 def records_report(records: Iterable[PassRecord]) -> Table:
