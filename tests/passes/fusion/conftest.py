@@ -1,0 +1,66 @@
+"""Fixtures for fusion tests: fuse a hand-built model and prove the function did not change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import qgraph
+from qgraph import verify
+from qgraph.passes.canonicalize import ShapeInferencePass
+from qgraph.passes.fusion import FusionPass, FusionReport
+
+Fused = tuple[ir.Model, FusionReport]
+
+
+def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal float32 values for every (static-shaped) graph input."""
+    rng = np.random.default_rng(seed)
+    initializers = {i.name for i in proto.graph.initializer}
+    return {
+        value.name: rng.standard_normal(
+            [d.dim_value for d in value.type.tensor_type.shape.dim], dtype=np.float32
+        )
+        for value in proto.graph.input
+        if value.name not in initializers
+    }
+
+
+@pytest.fixture
+def fuse() -> Callable[..., Fused]:
+    """``fuse(proto, target=..., feeds=None)``: shape inference, fusion with explain, and a
+    check in onnxruntime that outputs equal the original's (qgraph.verify's tolerance)."""
+
+    def run(proto: onnx.ModelProto, target: str = "x86-avx2", feeds=None) -> Fused:
+        model = ShapeInferencePass()(qgraph.load(proto)).model
+        result = FusionPass(qgraph.get_target(target), explain=True)(model)
+        feeds = feeds if feeds is not None else random_inputs(proto)
+        expected = verify.run(proto.SerializeToString(), feeds)
+        mismatches = verify.compare(expected, verify.run(result.model, feeds))
+        assert not mismatches, mismatches
+        return result.model, result.details
+
+    return run
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+        for n in model.graph
+    ]
+
+
+@pytest.fixture
+def ops() -> Callable[[ir.Model], list[str]]:
+    """Op types in graph order (``domain::op`` outside the ONNX domain)."""
+    return _ops
+
+
+@pytest.fixture
+def reasons() -> Callable[[FusionReport, str], list[str]]:
+    """The near-miss reasons a report gives for one rule."""
+    return lambda report, rule: [m.reason for m in report.near_misses if m.rule == rule]
