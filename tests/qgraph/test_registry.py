@@ -26,8 +26,8 @@ CANONICALIZE = [
 FINALIZE = ["remove-unused", "topological-sort", "name-fix", "onnx-checker", "target-conformance"]
 
 
-def test_builtin_pipeline_is_canonicalize_then_finalize():
-    assert qgraph.build_pipeline("x86-vnni").names() == CANONICALIZE + FINALIZE
+def test_builtin_pipeline_is_canonicalize_fusion_finalize():
+    assert qgraph.build_pipeline("x86-vnni").names() == [*CANONICALIZE, "fusion", *FINALIZE]
 
 
 def test_skip_passes_and_unknown_names():
