@@ -14,7 +14,8 @@ RMSNorm (Llama) over the last axis::
 
 Both ReduceMeans must reduce exactly the last axis with ``keepdims`` (the ``axes`` attribute
 before opset 18, an input from 18 on), ``eps`` must be a constant scalar and ``gamma`` (and
-``beta``) must have the shape of that last axis: anything else is not this op.
+``beta``) must have the shape of that last axis: anything else is not this op. A last axis of
+size 1 stays decomposed: onnxruntime (1.22) refuses to normalize a single value.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def _normalization_problem(x, means, eps, two, gamma) -> str | None:
     rank = None if x.shape is None else len(x.shape)
     if x.dtype not in FLOAT_TYPES:
         return f"{x.dtype} is not a float type"
+    if x.shape is not None and x.shape[-1] == 1:
+        return "it normalizes a single value, which onnxruntime's normalization ops refuse"
     if not all(_reduces_last_axis(m, rank) for m in means):
         return "a ReduceMean does not reduce exactly the last axis with keepdims"
     if two is not None and scalar(two) != 2.0:
