@@ -158,9 +158,13 @@ SETTINGS = settings(
 @given(chain=conv_chains())
 def test_random_chains_fuse_and_keep_their_function(fuse, ops, chain):
     nodes, weights, x_shape, y_shape = chain
-    model, _report = fuse(_model(nodes, weights, x_shape, y_shape))
+    model, report = fuse(_model(nodes, weights, x_shape, y_shape))
     assert "BatchNormalization" not in ops(model)
-    assert "ReduceMean" not in ops(model), "the LayerNorm (if any) became one op"
+    if y_shape[-1] == 1:
+        declined = {m.rule for m in report.near_misses}
+        assert "ReduceMean" not in ops(model) or "layer-norm" in declined
+    else:
+        assert "ReduceMean" not in ops(model), "the LayerNorm (if any) became one op"
     assert not FusionPass(qgraph.get_target("x86-avx2"))(model).modified
 
 
