@@ -158,22 +158,43 @@ def test_eval_compares_two_models_on_a_zoo_dataset(tmp_path, monkeypatch):
     fetched = json.loads(invoke("models", "fetch", "reference-cnn", "--json").stdout)
     compiled = tmp_path / "compiled.onnx"
     assert invoke("compile", fetched["model"], "-o", compiled).exit_code == 0
-    result = invoke("eval", fetched["model"], compiled, "--data", fetched["evaluation"],
-                    "--runs", "2", "--json")
+    result = invoke(
+        "eval", fetched["model"], compiled, "--data", fetched["evaluation"], "--runs", "2", "--json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["metric"] == "top1" and data["figures"]["top1_agreement"] == 1.0
     assert data["batches"] == 32 and data["latency"]["runs"] == 2
-    generic = invoke("eval", fetched["model"], compiled, "--data", fetched["evaluation"],
-                     "--metric", "generic", "--runs", "0", "--json")
+    generic = invoke(
+        "eval",
+        fetched["model"],
+        compiled,
+        "--data",
+        fetched["evaluation"],
+        "--metric",
+        "generic",
+        "--runs",
+        "0",
+        "--json",
+    )
     figures = json.loads(generic.stdout)["figures"]
     # folded BatchNorms change only float32 rounding (~1e-7 relative, about 140 dB)
     assert figures["logits.sqnr_db"] > 100
-    table = invoke("eval", fetched["model"], fetched["model"], "--data", fetched["evaluation"],
-                   "--metric", "generic", "--runs", "0")
+    table = invoke(
+        "eval",
+        fetched["model"],
+        fetched["model"],
+        "--data",
+        fetched["evaluation"],
+        "--metric",
+        "generic",
+        "--runs",
+        "0",
+    )
     assert "logits.sqnr_db" in table.stdout and "inf" in table.stdout
-    assert_one_line_error(invoke("eval", fetched["model"], compiled, "--data", tmp_path / "none"),
-                          "no such dataset")
+    assert_one_line_error(
+        invoke("eval", fetched["model"], compiled, "--data", tmp_path / "none"), "no such dataset"
+    )
 
 
 def test_help_explains_every_command():
