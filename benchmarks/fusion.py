@@ -16,7 +16,6 @@ quantization yet) and then:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import qgraph
 from qgraph import models, verify
 from qgraph.data import read_batches
 from qgraph.evaluation import evaluation_session, measure_latency
+from qgraph.targets import host_description
 
 ZOO = ("minilm", "smollm2", "reference-cnn", "reference-encoder", "reference-decoder")
 TOLERANCE = 1e-4
@@ -64,14 +64,14 @@ def markdown(rows: list[dict[str, object]], command: str, runs: int) -> str:
     lines = [
         "# Fusion on the zoo (FP32, before quantization)",
         "",
-        f"Produced by `{command}` with onnxruntime {ort.__version__} on {platform.machine()}, "
+        f"Produced by `{command}` with onnxruntime {ort.__version__} on {host_description()}, "
         f"{time.strftime('%Y-%m-%d')}. Error: largest `max|after - before| / max|before|` of "
         "any output over the evaluation set, optimizations disabled (target <= 1e-4). Latency: "
         f"one evaluation batch, median of {runs} interleaved runs, one thread, all "
         "optimizations (target: not worse).",
         "",
-        "| model | nodes | rules applied | activations recorded | max rel. error | FP32 ms before | "
-        "FP32 ms after | speed-up |",
+        "| model | nodes | rules applied | activations recorded | max rel. error "
+        "| FP32 ms before | FP32 ms after | speed-up |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:

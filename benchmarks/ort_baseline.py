@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import onnxruntime as ort
 from qgraph import models
 from qgraph.evaluation import Evaluation, evaluate
 from qgraph.report import format_bytes
+from qgraph.targets import host_description
 
 METHODS = ("static-qdq", "static-qop", "dynamic", "dynamic-pc")
 CHILD_MEMORY_LIMIT = 16 * 2**30
@@ -112,8 +112,19 @@ def child_main(method: str, source: str, target: str, calibration: str) -> None:
     start = time.perf_counter()
     quantize(method, Path(source), Path(target), Path(calibration))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"quantize_seconds": seconds, "peak_rss": peak}))
+    print(json.dumps({"quantize_seconds": seconds, "peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes.
+
+    Not ``getrusage``: Linux keeps ``ru_maxrss`` across ``execve``, so a child would report its
+    parent's peak. ``VmHWM`` belongs to the address space, which ``execve`` replaces.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_model(name: str, runs: int, out_root: Path) -> list[Row]:
@@ -157,8 +168,8 @@ def markdown(rows: list[Row], command: str, runs: int) -> str:
     lines = [
         "# onnxruntime quantization baseline on the zoo",
         "",
-        f"Produced by `{command}` with onnxruntime {ort.__version__} on {platform.machine()} "
-        f"({platform.processor() or 'unknown CPU'}), {time.strftime('%Y-%m-%d')}.",
+        f"Produced by `{command}` with onnxruntime {ort.__version__} on {host_description()}, "
+        f"{time.strftime('%Y-%m-%d')}.",
         "",
         f"Latency: FP32 time / quantized time for one evaluation batch, median of {runs} "
         "interleaved runs, one intra-op thread, all onnxruntime optimizations (> 1 is faster).",
