@@ -32,15 +32,16 @@ def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
 
 @pytest.fixture
 def fuse() -> Callable[..., Fused]:
-    """``fuse(proto, target=..., feeds=None)``: shape inference, fusion with explain, and a
-    check in onnxruntime that outputs equal the original's (qgraph.verify's tolerance)."""
+    """``fuse(proto, target=..., feeds=None, rtol=None)``: shape inference, fusion with explain,
+    and a check in onnxruntime that outputs equal the original's (qgraph.verify's tolerance
+    unless ``rtol``)."""
 
-    def run(proto: onnx.ModelProto, target: str = "x86-avx2", feeds=None) -> Fused:
+    def run(proto: onnx.ModelProto, target: str = "x86-avx2", feeds=None, rtol=None) -> Fused:
         model = ShapeInferencePass()(qgraph.load(proto)).model
         result = FusionPass(qgraph.get_target(target), explain=True)(model)
         feeds = feeds if feeds is not None else random_inputs(proto)
         expected = verify.run(proto.SerializeToString(), feeds)
-        mismatches = verify.compare(expected, verify.run(result.model, feeds))
+        mismatches = verify.compare(expected, verify.run(result.model, feeds), rtol)
         assert not mismatches, mismatches
         return result.model, result.details
 

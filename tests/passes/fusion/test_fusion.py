@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -132,6 +133,23 @@ def layer_norm_nodes(inp: str, out: str, size: int, weights, draw) -> list:
     ]
 
 
+def layer_norm_amplification(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """How much a LayerNorm at the chain's end magnifies its input's rounding error.
+
+    ``(x - mean) / std`` turns an error ``e`` relative to ``max|x|`` into one of about
+    ``e * max|x| / std`` relative to the normalized output, so rows of nearly equal values
+    amplify the float32 rounding of the folded BatchNorm weights. 1 without a LayerNorm.
+    """
+    if not any(node.op_type == "ReduceMean" for node in proto.graph.node):
+        return 1.0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))
+    act = verify.run(probe.SerializeToString(), feeds)["act"]
+    std = np.sqrt(act.var(axis=-1) + 1e-5)
+    return max(1.0, float(np.abs(act).max() / std.min()))
+
+
 def _model(nodes, weights, x_shape, y_shape, extra_inputs=()):
     graph = helper.make_graph(
         nodes,
@@ -158,7 +176,12 @@ SETTINGS = settings(
 @given(chain=conv_chains())
 def test_random_chains_fuse_and_keep_their_function(fuse, ops, chain):
     nodes, weights, x_shape, y_shape = chain
-    model, report = fuse(_model(nodes, weights, x_shape, y_shape))
+    proto = _model(nodes, weights, x_shape, y_shape)
+    feeds = {"x": np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)}
+    amplification = layer_norm_amplification(proto, feeds)
+    assume(amplification < 1000)  # a near-constant row: float32 cannot pin its LayerNorm down
+    rtol = verify.FLOAT32_RTOL * amplification
+    model, report = fuse(proto, feeds=feeds, rtol=rtol)
     assert "BatchNormalization" not in ops(model)
     if y_shape[-1] == 1:
         declined = {m.rule for m in report.near_misses}
