@@ -1,0 +1,254 @@
+"""What to quantize and how: the options a user sets by flags or by a recipe file.
+
+A recipe is a TOML file whose keys are exactly ``qgraph compile``'s quantization flags (dashes
+become underscores); flags given on the command line override it, and list flags add to it::
+
+    mode = "static"                 # static | dynamic | weight-only
+    calib_method = "percentile"     # minmax | percentile | entropy | mse
+    percentile = 99.99
+    weight_dtype = "int4"           # weight-only: int8 | int4 | uint4
+    block_size = 32
+    exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
+    exclude_op = ["Gemm"]
+    calib = "calibration-data/"     # a .npz file or a folder of them
+
+    [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
+    dtype = "int16"
+    method = "entropy"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qgraph.data import DataSource
+from qgraph.errors import QGraphError
+from qgraph.quant_spec import DTYPE_NAMES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
+ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
+DEFAULT_BLOCK_SIZE = 32
+OPSET_21 = 21
+
+
+class RecipeError(QGraphError):
+    """A recipe file or a quantization flag says something qgraph cannot do."""
+
+
+class Mode(str, enum.Enum):
+    """Which tensors are quantized, and when their ranges are fixed."""
+
+    STATIC = "static"
+    """Weights offline; activations with ranges from calibration data (W8A8)."""
+    DYNAMIC = "dynamic"
+    """Weights offline; activations quantized at run time from their own min/max."""
+    WEIGHT_ONLY = "weight-only"
+    """Weights only (int8 per-channel, int4/uint4 per-block); activations stay float."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorOverride:
+    """A per-tensor change to what the target would choose."""
+
+    dtype: ir.DataType | None = None
+    method: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """Everything a user can say about quantization.
+
+    Attributes:
+        mode: Static, dynamic or weight-only.
+        calib_method: How activation ranges are chosen from calibration statistics.
+        percentile: The percentile of |x| kept by the ``percentile`` method.
+        weight_dtype: Weight type in weight-only mode (other modes use the target's).
+        block_size: Per-block length for 4-bit weights.
+        exclude_node: Regular expressions; nodes whose whole name matches stay in float.
+        exclude_op: Op types that stay in float.
+        tensor: Per-tensor overrides, keyed by a regular expression on the whole value name.
+        calib: Calibration data (a dataset path or an iterable of feed dicts).
+        calib_random: Calibrate on this many random batches instead (accuracy meaningless).
+    """
+
+    mode: Mode = Mode.STATIC
+    calib_method: str = "minmax"
+    percentile: float = 99.999
+    weight_dtype: ir.DataType = ir.DataType.INT8
+    block_size: int = DEFAULT_BLOCK_SIZE
+    exclude_node: tuple[str, ...] = ()
+    exclude_op: frozenset[str] = frozenset()
+    tensor: tuple[tuple[str, TensorOverride], ...] = ()
+    calib: DataSource | None = dataclasses.field(default=None, compare=False)
+    calib_random: int | None = None
+
+    def excluded(self, node: ir.Node) -> str | None:
+        """Why the user keeps ``node`` in float, or None."""
+        if node.op_type in self.exclude_op:
+            return f"op type {node.op_type} excluded by the user"
+        for pattern in self.exclude_node:
+            if re.fullmatch(pattern, node.name or ""):
+                return f"excluded by the user (pattern '{pattern}')"
+        return None
+
+    def override(self, value_name: str) -> TensorOverride:
+        """The user's override for the value called ``value_name`` (the last match wins)."""
+        found = TensorOverride()
+        for pattern, override in self.tensor:
+            if re.fullmatch(pattern, value_name):
+                found = override
+        return found
+
+    def required_opset(self, target_min_opset: int) -> int:
+        """Lowest default-domain opset whose Q/DQ ops carry every spec these options ask for
+        (4-bit weights, blocks and 16-bit activations arrived in opset 21)."""
+        four_bit = self.mode is Mode.WEIGHT_ONLY and self.weight_dtype.bitwidth == 4
+        sixteen_bit = any(o.dtype is not None and o.dtype.bitwidth == 16 for _, o in self.tensor)
+        return max(target_min_opset, OPSET_21 if four_bit or sixteen_bit else 0)
+
+
+def quant_options(recipe: Mapping[str, object] | None = None, **flags: object) -> QuantOptions:
+    """Options from a recipe (a parsed TOML table) with ``flags`` on top.
+
+    ``flags`` use the recipe's keys; a None or empty flag leaves the recipe's value. List keys
+    (``exclude_node``, ``exclude_op``) and the ``tensor`` table add to the recipe's.
+    """
+    merged = dict(recipe or {})
+    for key, value in flags.items():
+        if value is None or value == () or value == {}:
+            continue
+        if key in ("exclude_node", "exclude_op"):
+            merged[key] = [*merged.get(key, []), *value]
+        elif key == "tensor":
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return _build(merged)
+
+
+def load_recipe(path: str | Path) -> dict[str, object]:
+    """The table in TOML file ``path``, checked against the keys ``quant_options`` takes."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"{path}: cannot read the recipe ({error})") from error
+    except tomllib.TOMLDecodeError as error:
+        raise RecipeError(f"{path}: not valid TOML ({error})") from error
+    try:
+        _build(table)
+    except RecipeError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    return table
+
+
+def _build(table: Mapping[str, object]) -> QuantOptions:
+    unknown = set(table) - set(_FIELDS)
+    if unknown:
+        raise RecipeError(
+            f"unknown recipe key(s) {', '.join(sorted(unknown))}; known: {', '.join(_FIELDS)}"
+        )
+    return QuantOptions(**{key: _FIELDS[key](table[key]) for key in table})
+
+
+def _mode(value: object) -> Mode:
+    return Mode(_choice("mode", value, [m.value for m in Mode]))
+
+
+def _choice(key: str, value: object, choices: Iterable[str]) -> str:
+    choices = list(choices)
+    if value not in choices:
+        raise RecipeError(f"{key} = {value!r}: choose one of {', '.join(choices)}")
+    return str(value)
+
+
+def _dtype(key: str, choices: Iterable[str]):
+    return lambda value: DTYPE_NAMES[_choice(key, value, choices)]
+
+
+def _number(key: str, kind: type, low: float, high: float):
+    def convert(value: object):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key} = {value!r}: expected a number")
+        if not low <= value <= high:
+            raise RecipeError(f"{key} = {value!r}: expected a value in [{low}, {high}]")
+        return kind(value)
+
+    return convert
+
+
+def _patterns(key: str):
+    def convert(value: object) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}: expected a list of strings, got {value!r}")
+        for pattern in value:
+            _regex(key, pattern)
+        return tuple(value)
+
+    return convert
+
+
+def _regex(key: str, pattern: object) -> str:
+    if not isinstance(pattern, str):
+        raise RecipeError(f"{key}: expected a string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise RecipeError(f"{key}: '{pattern}' is not a regular expression ({error})") from None
+    return pattern
+
+
+def _tensor_overrides(value: object) -> tuple[tuple[str, TensorOverride], ...]:
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"tensor: expected a table of tensor-name patterns, got {value!r}")
+    overrides = []
+    for pattern, fields in value.items():
+        _regex("tensor", pattern)
+        if not isinstance(fields, Mapping) or set(fields) - {"dtype", "method"}:
+            raise RecipeError(f"tensor '{pattern}': expected keys dtype and/or method")
+        dtype = fields.get("dtype")
+        method = fields.get("method")
+        overrides.append(
+            (
+                pattern,
+                TensorOverride(
+                    dtype=None
+                    if dtype is None
+                    else _dtype(f"tensor '{pattern}' dtype", ACTIVATION_OVERRIDE_DTYPES)(dtype),
+                    method=None
+                    if method is None
+                    else _choice(f"tensor '{pattern}' method", method, CALIBRATION_METHODS),
+                ),
+            )
+        )
+    return tuple(overrides)
+
+
+_FIELDS = {
+    "mode": _mode,
+    "calib_method": lambda value: _choice("calib_method", value, CALIBRATION_METHODS),
+    "percentile": _number("percentile", float, 50.0, 100.0),
+    "weight_dtype": _dtype("weight_dtype", WEIGHT_ONLY_DTYPES),
+    "block_size": _number("block_size", int, 16, 4096),
+    "exclude_node": _patterns("exclude_node"),
+    "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
+    "tensor": _tensor_overrides,
+    "calib": lambda value: value,
+    "calib_random": _number("calib_random", int, 1, 1_000_000),
+}
+"""Recipe key -> its check and conversion."""

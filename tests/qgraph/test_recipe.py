@@ -1,0 +1,89 @@
+"""Recipes and flags: one set of options, clear errors for what qgraph cannot do."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from qgraph.recipe import Mode, QuantOptions, RecipeError, load_recipe, quant_options
+
+RECIPE = """
+mode = "weight-only"
+calib_method = "entropy"
+weight_dtype = "int4"
+block_size = 64
+exclude_node = ["/lm_head/.*"]
+exclude_op = ["Gemm"]
+
+[tensor."attn_.*"]
+dtype = "int16"
+method = "percentile"
+"""
+
+
+def _node(name: str, op: str = "MatMul") -> ir.Node:
+    return ir.Node("", op, [], name=name)
+
+
+def test_a_recipe_says_what_the_flags_say(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE)
+    from_recipe = quant_options(load_recipe(path))
+    from_flags = quant_options(
+        mode="weight-only",
+        calib_method="entropy",
+        weight_dtype="int4",
+        block_size=64,
+        exclude_node=["/lm_head/.*"],
+        exclude_op=["Gemm"],
+        tensor={"attn_.*": {"dtype": "int16", "method": "percentile"}},
+    )
+    assert from_recipe == from_flags
+    assert from_recipe.mode is Mode.WEIGHT_ONLY and from_recipe.weight_dtype == ir.DataType.INT4
+    assert from_recipe.override("attn_out").dtype == ir.DataType.INT16
+    assert from_recipe.override("mlp_out").dtype is None
+
+
+def test_flags_override_the_recipe_and_lists_add_up():
+    options = quant_options(
+        {"mode": "dynamic", "exclude_op": ["Gemm"]}, mode="static", exclude_op=["Conv"]
+    )
+    assert options.mode is Mode.STATIC and options.exclude_op == {"Gemm", "Conv"}
+
+
+def test_exclusions_match_whole_node_names():
+    options = QuantOptions(exclude_node=("/lm_head/.*",), exclude_op=frozenset({"Gemm"}))
+    assert "pattern" in options.excluded(_node("/lm_head/MatMul"))
+    assert options.excluded(_node("/model/lm_head/MatMul")) is None
+    assert "Gemm" in options.excluded(_node("fc", "Gemm"))
+
+
+def test_opset_21_is_needed_for_4_bit_weights_and_16_bit_activations():
+    assert QuantOptions().required_opset(13) == 13
+    assert quant_options(mode="weight-only", weight_dtype="int4").required_opset(13) == 21
+    assert quant_options(tensor={"x": {"dtype": "uint16"}}).required_opset(13) == 21
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('mdoe = "static"', "unknown recipe key(s) mdoe"),
+        ('mode = "fast"', "mode = 'fast': choose one of static, dynamic, weight-only"),
+        ("percentile = 101", "expected a value in [50.0, 100.0]"),
+        ('exclude_node = "x"', "exclude_node: expected a list of strings"),
+        ('exclude_node = ["("]', "is not a regular expression"),
+        ('[tensor."x"]\ndtype = "float8"', "tensor 'x' dtype = 'float8': choose one of"),
+        ("mode = ", "not valid TOML"),
+    ],
+)
+def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(str(path)) and message in str(error.value)
+
+
+def test_a_missing_recipe_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "none.toml")
