@@ -1,0 +1,494 @@
+"""Calibration: run the float model on sample inputs and choose a range for each tensor.
+
+Calibration is not a pass. ``collect_statistics`` runs the model in onnxruntime on every batch
+of a dataset, reading the tensors the Q/DQ insertion pass asks for, and keeps streaming
+statistics of each (``TensorStatistics``): the running minimum and maximum, the number of
+elements, and, for the methods that need it, a histogram of ``|x|``. ``tensor_range`` then
+turns statistics into a range ``(lo, hi)`` by one of the methods in ``METHODS``.
+
+The histogram has ``B = HISTOGRAM_BINS`` bins of width ``w = R / B`` over ``[0, R]``. Bins are
+closed on the right: bin ``j`` holds ``j w < |x| <= (j + 1) w`` (bin 0 holds 0 too). The first
+batch sets ``R = max|x|``. A later batch with ``max|x| > R`` first grows the range to
+``R 2^k`` (the smallest k that covers it) and merges each ``2^k`` adjacent old bins into one
+new bin; the new bins' edges are old edges, so the merged histogram is exactly the one a single
+pass over all batches would build over the grown range. (Right-closed bins keep this exact at
+the old maximum, which sits on the old range's upper edge.) Until a nonzero ``|x|`` is seen,
+``R = 0`` and every element is in bin 0.
+
+The histogram methods find a threshold ``T`` on ``|x|`` and give
+``(max(minimum, -T), min(maximum, T))``. ``L`` is the number of quantization steps on the
+``|x|`` side: 128 when the tensor has negative values (int8), else 256 (uint8). With counts
+``h_j``, ``N = sum h``:
+
+- ``minmax``: ``(minimum, maximum)``.
+- ``percentile``: ``T`` is the upper edge of the first bin where ``sum_{j' <= j} h_j'`` reaches
+  ``percentile / 100 * N``.
+- ``entropy`` (TensorRT's KL calibration): for each ``i`` in ``L..B`` keep the first ``i``
+  bins. ``P = h[:i]`` with the outliers ``sum h[i:]`` added to ``P[i-1]``; ``Q`` splits ``h[:i]``
+  into ``L`` contiguous groups (sizes as ``np.array_split``) and spreads each group's total
+  evenly over the group's nonzero bins (its zero bins stay zero). With ``p = P / N`` and
+  ``q = Q / sum(h[:i])``, ``KL(p || q) = sum_{p_j > 0} p_j log(p_j / q_j)``, where a ``q_j = 0``
+  counts as ``KL_EPSILON``. ``T = i w`` for the ``i`` of least KL (the first within
+  ``KL_TIE_TOLERANCE``). All ``i`` are evaluated at once from prefix sums: every bin of a
+  group with total ``G`` over ``n`` nonzero bins has ``q = G / (n C)``, ``C = sum h[:i]``.
+- ``mse``: over the bin upper edges ``T = (t + 1) w`` (every bin, evaluated at once), ``T``
+  minimizes the expected squared error of quantizing ``|x|`` uniformly with step ``T / L``,
+  each bin's elements standing at its center ``c``:
+  ``sum_{c <= T} h (T / L)^2 / 12 + sum_{c > T} h (c - T)^2``.
+
+Elements that are NaN or infinite are left out of every statistic and clear
+``TensorStatistics.finite``; the Q/DQ pass keeps such tensors in float.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qgraph.data import DataSource, Feeds, batch_files, read_batches
+from qgraph.errors import QGraphError
+from qgraph.verify import session
+
+HISTOGRAM_BINS = 2048
+KL_EPSILON = 1e-10
+"""The probability ``q`` stands for where Q leaves a bin empty that P fills."""
+KL_TIE_TOLERANCE = 1e-9
+"""KL divergences (nats) closer than this count as tied: rounding must not pick among them."""
+RANDOM_INTEGER_LIMIT = 100
+"""Random integer inputs are drawn from ``[0, RANDOM_INTEGER_LIMIT)``."""
+
+
+class CalibrationError(QGraphError):
+    """Calibration cannot run on this model and data."""
+
+
+class TensorStatistics:
+    """Streaming statistics of one tensor's finite elements; memory independent of batches.
+
+    ``minimum`` and ``maximum`` are ``+inf`` and ``-inf`` until a finite element is seen;
+    ``count`` counts the finite elements; ``histogram`` (counts of ``|x|``, see the module
+    doc) is None unless asked for.
+    """
+
+    def __init__(self, histogram: bool = False) -> None:
+        self.minimum = float("inf")
+        self.maximum = float("-inf")
+        self.count = 0
+        self.finite = True
+        self.histogram: np.ndarray | None = (
+            np.zeros(HISTOGRAM_BINS, dtype=np.int64) if histogram else None
+        )
+        self.histogram_range = 0.0
+
+    @property
+    def bin_width(self) -> float:
+        return self.histogram_range / HISTOGRAM_BINS
+
+    def update(self, x: np.ndarray) -> None:
+        """Add the elements of ``x`` (any shape and numeric dtype)."""
+        values = np.asarray(x, dtype=np.float64).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.finite = False
+            values = values[finite]
+        if values.size == 0:
+            return
+        self.count += values.size
+        self.minimum = min(self.minimum, float(values.min()))
+        self.maximum = max(self.maximum, float(values.max()))
+        if self.histogram is not None:
+            self._add_magnitudes(np.abs(values))
+
+    def _add_magnitudes(self, magnitudes: np.ndarray) -> None:
+        largest = float(magnitudes.max())
+        if largest > self.histogram_range:
+            self._grow_range(largest)
+        bins = _bin_indices(magnitudes, self.histogram_range)
+        self.histogram += np.bincount(bins, minlength=HISTOGRAM_BINS)
+
+    def _grow_range(self, largest: float) -> None:
+        if self.histogram_range == 0.0:  # only zeros so far: bin 0 at any range
+            self.histogram_range = largest
+            return
+        factor = 1
+        while self.histogram_range * factor < largest:
+            factor *= 2
+        merged = np.zeros_like(self.histogram)
+        np.add.at(merged, np.arange(HISTOGRAM_BINS) // min(factor, HISTOGRAM_BINS), self.histogram)
+        self.histogram = merged
+        self.histogram_range *= factor
+
+
+def _bin_indices(magnitudes: np.ndarray, top: float) -> np.ndarray:
+    """The right-closed bin of each magnitude in ``[0, top]``."""
+    if top == 0.0:
+        return np.zeros(magnitudes.size, dtype=np.intp)
+    above = np.ceil(magnitudes / (top / HISTOGRAM_BINS)).astype(np.intp) - 1
+    return np.clip(above, 0, HISTOGRAM_BINS - 1)
+
+
+# Range methods
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeOptions:
+    """Parameters of the range methods (each reads the ones it needs)."""
+
+    percentile: float = 99.999
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 100.0:
+            raise CalibrationError(f"percentile must be in (0, 100], got {self.percentile}")
+
+
+def minmax_range(stats: TensorStatistics, options: RangeOptions) -> tuple[float, float]:
+    """The smallest and largest element seen."""
+    return stats.minimum, stats.maximum
+
+
+def percentile_range(stats: TensorStatistics, options: RangeOptions) -> tuple[float, float]:
+    """``|x|`` clipped at the bin edge below which ``options.percentile`` % of elements lie."""
+    histogram = _histogram(stats)
+    target = options.percentile * stats.count / 100.0
+    last = int(np.searchsorted(np.cumsum(histogram), target))
+    return _clipped(stats, (last + 1) * stats.bin_width)
+
+
+def entropy_range(stats: TensorStatistics, options: RangeOptions) -> tuple[float, float]:
+    """``|x|`` clipped where the quantized histogram loses the least information (KL)."""
+    levels = _levels(stats)
+    divergences = kl_divergences(_histogram(stats), levels)
+    best = int(np.argmax(divergences <= divergences.min() + KL_TIE_TOLERANCE))
+    return _clipped(stats, (levels + best) * stats.bin_width)
+
+
+def mse_range(stats: TensorStatistics, options: RangeOptions) -> tuple[float, float]:
+    """``|x|`` clipped where uniform quantization has the least expected squared error."""
+    errors = quantization_errors(_histogram(stats), _levels(stats))
+    return _clipped(stats, (int(np.argmin(errors)) + 1) * stats.bin_width)
+
+
+def kl_divergences(histogram: np.ndarray, levels: int) -> np.ndarray:
+    """``KL(p || q)`` of the entropy method for each kept bin count ``i`` in ``levels..B``."""
+    h = histogram.astype(np.float64)
+    total = h.sum()
+    kept = np.arange(levels, HISTOGRAM_BINS + 1)
+    prefix = _prefix_sums(h)
+    inside = prefix[kept]
+    outliers = total - inside
+    last = h[kept - 1]
+
+    group_totals, group_nonzero = _group_sums(h, kept, levels)
+    group_q = _safe_divide(group_totals, group_nonzero * inside[:, None])
+    last_q = np.where(last > 0, group_q[:, -1], KL_EPSILON)
+
+    p_log_p = _prefix_sums(_xlogx(h))[kept - 1] + _xlogx(last + outliers)
+    p_log_q = _xlogy(group_totals, group_q).sum(axis=1) + _xlogy(outliers, last_q)
+    return (p_log_p - p_log_q) / total - np.log(total)
+
+
+def quantization_errors(histogram: np.ndarray, levels: int) -> np.ndarray:
+    """Expected squared error (in bin widths squared) of the mse method at each bin's upper
+    edge ``T = t + 1``: rounding inside ``[0, T]`` plus clipping above."""
+    h = histogram.astype(np.float64)
+    centers = np.arange(HISTOGRAM_BINS) + 0.5
+    thresholds = np.arange(1, HISTOGRAM_BINS + 1, dtype=np.float64)
+    inside = _prefix_sums(h)[1:]  # centers t + 0.5 <= t + 1: bins 0..t
+    above = [_suffix_sums(h * centers**power)[1:] for power in range(3)]
+    clipping = above[2] - 2 * thresholds * above[1] + thresholds**2 * above[0]
+    rounding = inside * (thresholds / levels) ** 2 / 12
+    return rounding + np.maximum(clipping, 0.0)
+
+
+def _group_sums(h: np.ndarray, kept: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each kept count ``i``, the totals and nonzero-bin counts of ``h[:i]`` split into
+    ``levels`` groups as ``np.array_split`` does (the first ``i % levels`` one bin longer)."""
+    size, longer = np.divmod(kept, levels)
+    group = np.arange(levels + 1)
+    edges = group * size[:, None] + np.minimum(group, longer[:, None])
+    totals = np.diff(_prefix_sums(h)[edges], axis=1)
+    nonzero = np.diff(_prefix_sums((h > 0).astype(np.float64))[edges], axis=1)
+    return totals, nonzero
+
+
+def _prefix_sums(x: np.ndarray) -> np.ndarray:
+    """``s[k] = sum(x[:k])`` for ``k`` in ``0..len(x)``."""
+    return np.concatenate(([0.0], np.cumsum(x)))
+
+
+def _suffix_sums(x: np.ndarray) -> np.ndarray:
+    """``s[k] = sum(x[k:])`` for ``k`` in ``0..len(x)``."""
+    return np.concatenate((np.cumsum(x[::-1])[::-1], [0.0]))
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    return _xlogy(x, x)
+
+
+def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x log y``, 0 where ``x`` is 0."""
+    x, y = np.broadcast_arrays(x, y)
+    return np.where(x > 0, x * np.log(np.where(x > 0, y, 1.0)), 0.0)
+
+
+def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """``numerator / denominator``, 0 where the denominator is 0."""
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def _histogram(stats: TensorStatistics) -> np.ndarray:
+    if stats.histogram is None:
+        raise ValueError("this range method needs statistics collected with histogram=True")
+    return stats.histogram
+
+
+def _levels(stats: TensorStatistics) -> int:
+    return 128 if stats.minimum < 0 else 256
+
+
+def _clipped(stats: TensorStatistics, threshold: float) -> tuple[float, float]:
+    return max(stats.minimum, -threshold), min(stats.maximum, threshold)
+
+
+RangeFunction = Callable[[TensorStatistics, RangeOptions], tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationMethod:
+    """A way of choosing a tensor's range from its statistics."""
+
+    name: str
+    needs_histogram: bool
+    summary: str
+    range: RangeFunction
+
+
+METHODS: dict[str, CalibrationMethod] = {
+    method.name: method
+    for method in (
+        CalibrationMethod("minmax", False, "the smallest and largest value seen", minmax_range),
+        CalibrationMethod(
+            "percentile", True, "clip |x| at a percentile (default 99.999)", percentile_range
+        ),
+        CalibrationMethod(
+            "entropy", True, "clip |x| where KL to the quantized histogram is least", entropy_range
+        ),
+        CalibrationMethod(
+            "mse", True, "clip |x| where the expected squared error is least", mse_range
+        ),
+    )
+}
+
+
+def tensor_range(
+    stats: TensorStatistics, method: str, *, percentile: float = 99.999
+) -> tuple[float, float]:
+    """The range ``(lo, hi)`` that ``method`` chooses from ``stats``; ``(0, 0)`` when no finite
+    element was seen."""
+    if method not in METHODS:
+        raise CalibrationError(
+            f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}"
+        )
+    options = RangeOptions(percentile)
+    if stats.count == 0:
+        return 0.0, 0.0
+    lo, hi = METHODS[method].range(stats, options)
+    return float(lo), float(hi)
+
+
+# Collection
+
+
+def collect_statistics(
+    model: ir.Model,
+    tensors: Mapping[str, bool],
+    data: DataSource,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, TensorStatistics]:
+    """Statistics of the named values of ``model.graph`` over every batch of ``data``.
+
+    ``tensors`` maps each value's name to whether it needs a histogram. Graph inputs are read
+    from the feeds; other values are made graph outputs for the session only (``model`` is left
+    as it was). ``progress`` is told ``(batches done, batches in all or None)`` after each batch.
+    """
+    graph = model.graph
+    values = _named_values(graph, tensors)
+    computed = [v for v in values.values() if not v.is_graph_input()]
+    sess = _session_reading(model, [v for v in computed if not v.is_graph_output()])
+    names = [v.name for v in computed]
+    files = batch_files(data) if isinstance(data, (str, os.PathLike)) else None
+    total = None if files is None else len(files)
+
+    statistics = {name: TensorStatistics(histogram=wanted) for name, wanted in tensors.items()}
+    done = 0
+    for done, feeds in enumerate(read_batches(data), start=1):
+        label = _batch_label(done, files)
+        _check_feeds(graph, feeds, label)
+        results = _run(sess, names, feeds)
+        for name, stats in statistics.items():
+            stats.update(results[name] if name in results else _input_array(values[name], feeds))
+        if progress is not None:
+            progress(done, total)
+    if done == 0:
+        raise CalibrationError("the calibration data holds no batches")
+    return statistics
+
+
+def _named_values(graph: ir.Graph, names: Iterable[str]) -> dict[str, ir.Value]:
+    """The values of ``graph`` (inputs and node outputs) called ``names``."""
+    values = {value.name: value for value in graph.inputs}
+    values.update((value.name, value) for node in graph for value in node.outputs)
+    found = {}
+    for name in names:
+        if name in values:
+            found[name] = values[name]
+        elif name in graph.initializers:
+            raise CalibrationError(
+                f"tensor '{name}' is an initializer: its range comes from its values, "
+                "not from calibration"
+            )
+        else:
+            raise CalibrationError(f"tensor '{name}' is not a value of the model's graph")
+    return found
+
+
+def _session_reading(model: ir.Model, extra_outputs: Sequence[ir.Value]) -> ort.InferenceSession:
+    """A session of ``model`` with ``extra_outputs`` among its outputs."""
+    with _temporary_outputs(model.graph, extra_outputs):
+        return session(model)
+
+
+@contextlib.contextmanager
+def _temporary_outputs(graph: ir.Graph, values: Sequence[ir.Value]) -> Iterator[None]:
+    """``values`` appended to the graph's outputs, then popped off again.
+
+    Popping (not ``del outputs[k:]``, which onnx_ir does not track) keeps each value's
+    graph-output mark right.
+    """
+    original = list(graph.outputs)
+    graph.outputs.extend(values)
+    try:
+        yield
+    finally:
+        for _ in values:
+            graph.outputs.pop()
+        if list(graph.outputs) != original:
+            raise RuntimeError("bug: calibration did not restore the graph's outputs")
+
+
+def _run(sess: ort.InferenceSession, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:
+    """The outputs called ``names`` (none: onnxruntime would run them all for an empty list)."""
+    return dict(zip(names, sess.run(names, feeds), strict=True)) if names else {}
+
+
+def _input_array(value: ir.Value, feeds: Feeds) -> np.ndarray:
+    """A graph input's array in this batch: fed, or else its initializer default."""
+    if value.name in feeds:
+        return feeds[value.name]
+    return value.const_value.numpy()
+
+
+def _batch_label(number: int, files: Sequence[Path] | None) -> str:
+    label = f"calibration batch {number}"
+    return label if files is None else f"{label} ({files[number - 1].name})"
+
+
+def _check_feeds(graph: ir.Graph, feeds: Feeds, label: str) -> None:
+    """Raise if ``feeds`` do not fit the graph's inputs: one line naming batch and input."""
+    inputs = {value.name: value for value in graph.inputs}
+    for name in feeds:
+        if name not in inputs:
+            raise CalibrationError(
+                f"{label}: '{name}' is not an input of the model (its inputs: {_names(inputs)})"
+            )
+    for name, value in inputs.items():
+        if name in feeds:
+            _check_array(value, feeds[name], label)
+        elif value.const_value is None:
+            raise CalibrationError(
+                f"{label}: input '{name}' is missing (the batch has: {_names(feeds)})"
+            )
+
+
+def _check_array(value: ir.Value, array: np.ndarray, label: str) -> None:
+    for check in _ARRAY_CHECKS:
+        problem = check(value, array)
+        if problem is not None:
+            raise CalibrationError(f"{label}, input '{value.name}': {problem}")
+
+
+def _dtype_problem(value: ir.Value, array: np.ndarray) -> str | None:
+    if value.dtype is None or array.dtype == value.dtype.numpy():
+        return None
+    return f"dtype {array.dtype}, expected {value.dtype.numpy()}"
+
+
+def _shape_problem(value: ir.Value, array: np.ndarray) -> str | None:
+    shape = value.shape
+    if shape is None:
+        return None
+    fits = len(shape) == array.ndim and all(
+        dim == size for dim, size in zip(shape, array.shape, strict=True) if isinstance(dim, int)
+    )
+    return None if fits else f"shape {list(array.shape)}, expected {shape}"
+
+
+def _finiteness_problem(value: ir.Value, array: np.ndarray) -> str | None:
+    if value.dtype is None or not value.dtype.is_floating_point():
+        return None
+    if np.isnan(array).any():
+        return "holds NaN"
+    if np.isinf(array).any():
+        return "holds inf"
+    return None
+
+
+_ARRAY_CHECKS: tuple[Callable[[ir.Value, np.ndarray], str | None], ...] = (
+    _dtype_problem,
+    _shape_problem,
+    _finiteness_problem,
+)
+
+
+def _names(names: Mapping[str, object]) -> str:
+    return ", ".join(f"'{name}'" for name in names) or "nothing"
+
+
+# Random data
+
+
+def random_batches(model: ir.Model, count: int, *, seed: int = 0) -> Iterator[Feeds]:
+    """``count`` batches of random feeds for the graph's inputs (those without a default).
+
+    Symbolic dimensions are 1; floats are standard normal, integers uniform in
+    ``[0, RANDOM_INTEGER_LIMIT)``, booleans fair coins. Only for trying the pipeline: ranges
+    from random data say nothing about real inputs.
+    """
+    rng = np.random.default_rng(seed)
+    inputs = [value for value in model.graph.inputs if value.const_value is None]
+    for _ in range(count):
+        yield {value.name: _random_array(value, rng) for value in inputs}
+
+
+def _random_array(value: ir.Value, rng: np.random.Generator) -> np.ndarray:
+    dtype = value.dtype
+    if dtype is None or value.shape is None:
+        raise CalibrationError(f"input '{value.name}' has no known type and shape")
+    shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape)
+    if dtype.is_floating_point():
+        array = rng.standard_normal(shape)
+    elif dtype.is_integer():
+        array = rng.integers(0, RANDOM_INTEGER_LIMIT, shape)
+    elif dtype == ir.DataType.BOOL:
+        array = rng.integers(0, 2, shape)
+    else:
+        raise CalibrationError(f"input '{value.name}': no random data for type {dtype.name}")
+    return array.astype(dtype.numpy())
