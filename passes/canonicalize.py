@@ -2,6 +2,9 @@
 
 Run in order:
 
+- ``upgrade-opset`` (when quantizing): raise the default-domain opset to what the Q/DQ specs
+  need (13 for per-channel ``axis``, 21 for 4-bit, blocked and 16-bit types) with onnx's
+  version converter; exports at opset < 13 could not carry per-channel scales otherwise.
 - ``lift-constants``: ``Constant`` nodes holding tensors become initializers, so weights are
   found one way whatever the exporter did.
 - ``shape-inference``: ONNX shape and type inference, merged into the graph; partial results
@@ -27,10 +30,12 @@ import logging
 from collections.abc import Iterator
 
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
 
+from qgraph.errors import PipelineError
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
 from qgraph.traversal import all_nodes
@@ -252,6 +257,36 @@ class ConstantFoldingPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=result.modified)
 
 
+class OpsetUpgradePass(ir.passes.InPlacePass):
+    """Convert the model to default-domain opset ``opset`` when it is lower (else no change).
+
+    The converter works on protobuf, so the converted graph replaces the model's in place.
+    """
+
+    def __init__(self, opset: int) -> None:
+        super().__init__()
+        self.opset = opset
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", self.opset))
+        if current >= self.opset:
+            return ir.passes.PassResult(model, modified=False)
+        try:
+            proto = onnx.version_converter.convert_version(
+                ir.serde.serialize_model(model), self.opset
+            )
+        except Exception as error:  # the converter raises bare RuntimeErrors and more
+            raise PipelineError(
+                f"cannot convert the model from opset {current} to {self.opset}, which the "
+                f"quantized ops need: {str(error).strip().splitlines()[0]}"
+            ) from error
+        converted = ir.serde.deserialize_model(proto)
+        model.graph = converted.graph
+        model.opset_imports.clear()
+        model.opset_imports.update(converted.opset_imports)
+        return ir.passes.PassResult(model, modified=True)
+
+
 def _folding_blocker(model: ir.Model) -> str | None:
     for node in all_nodes(model.graph):
         if node.op_type == "SplitToSequence" and len(node.inputs) > 1:
@@ -262,6 +297,16 @@ def _folding_blocker(model: ir.Model) -> str | None:
 
 
 PASSES = (
+    PassInfo(
+        "upgrade-opset",
+        Phase.CANONICALIZE,
+        "raise the opset to what the quantized ops need (version converter), when quantizing",
+        lambda ctx: (
+            None
+            if ctx.options.quantization is None
+            else OpsetUpgradePass(ctx.options.quantization.required_opset(ctx.target.min_opset))
+        ),
+    ),
     PassInfo(
         "lift-constants",
         Phase.CANONICALIZE,

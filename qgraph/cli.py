@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from qgraph import models
+from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
 from qgraph.errors import QGraphError
@@ -25,6 +26,15 @@ from qgraph.inspection import summarize
 from qgraph.model_io import load
 from qgraph.options import CompileOptions
 from qgraph.pipeline import Phase
+from qgraph.recipe import (
+    CALIBRATION_METHODS,
+    WEIGHT_ONLY_DTYPES,
+    Mode,
+    QuantOptions,
+    RecipeError,
+    load_recipe,
+    quant_options,
+)
 from qgraph.registry import registered_passes
 from qgraph.report import (
     compile_report,
@@ -38,6 +48,7 @@ from qgraph.targets import AUTO, TARGETS, detect_host_target, get_target
 EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
 QUIET_LIBRARIES = ("onnxscript", "onnx_ir")
 """Libraries whose warnings are about their own internals, shown only with --debug."""
+FLOAT_MODE = "float"
 TARGET_HELP = f"One of {', '.join(TARGETS)}, or {AUTO} (this host's CPU)."
 
 PIPED_WIDTH = 120
@@ -134,6 +145,64 @@ def cli(debug: bool) -> None:
     is_flag=True,
     help="Print how often each rewrite rule applied and, where one almost did, why not.",
 )
+@click.option(
+    "--calib",
+    type=click.Path(exists=True, path_type=Path),
+    help="Calibration data: a .npz file or a folder of them, keys = the model's input names.",
+)
+@click.option(
+    "--calib-random",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Calibrate on N random batches instead (for trying the pipeline; accuracy is lost).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice([m.value for m in Mode] + [FLOAT_MODE]),
+    help="static: W8A8 with calibrated activations [default with calibration data]; "
+    "dynamic: activations quantized at run time; weight-only; float: fusion only "
+    "[default without calibration data].",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(CALIBRATION_METHODS),
+    help="How activation ranges are chosen from calibration data [default: minmax].",
+)
+@click.option(
+    "--percentile", type=float, help="The |x| percentile the percentile method keeps [99.999]."
+)
+@click.option(
+    "--weight-dtype",
+    type=click.Choice(WEIGHT_ONLY_DTYPES),
+    help="Weight type in weight-only mode; int4/uint4 are per-block [default: int8].",
+)
+@click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
+@click.option(
+    "--exclude-node",
+    multiple=True,
+    metavar="REGEX",
+    help="Keep nodes whose whole name matches in float (repeatable).",
+)
+@click.option(
+    "--exclude-op", multiple=True, metavar="OP", help="Keep this op type in float (repeatable)."
+)
+@click.option(
+    "--tensor-dtype",
+    multiple=True,
+    metavar="REGEX=DTYPE",
+    help="Quantize matching activations to DTYPE (int8, uint8, int16, uint16), repeatable.",
+)
+@click.option(
+    "--tensor-method",
+    multiple=True,
+    metavar="REGEX=METHOD",
+    help="Calibrate matching activations with METHOD, repeatable.",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path),
+    help="A TOML file with any of the quantization options above (flags override it).",
+)
 def compile_command(
     model: Path,
     output: Path | None,
@@ -142,28 +211,82 @@ def compile_command(
     external_data: str,
     verbose: bool,
     explain: bool,
+    recipe: Path | None,
+    **quantization: object,
 ) -> None:
     """Compile MODEL for a target and write the result.
 
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
     CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
-    LayerNorm / RMSNorm / GELU fused, activations recorded), then finalize (cleanup,
-    topological order, names, ONNX checker, target conformance). The input file is never
-    modified.
+    LayerNorm / RMSNorm / GELU fused, activations recorded), annotate and insert Q/DQ
+    (weights per channel, activations calibrated per tensor, biases int32), then finalize
+    (cleanup, topological order, names, ONNX checker, target conformance). The input file is
+    never modified.
+
+    \b
+    Examples:
+      qgraph compile model.onnx --calib calib/ -o model.q.onnx       # static W8A8
+      qgraph compile model.onnx --mode dynamic                        # no data needed
+      qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
+      qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
     """
     spec = get_target(target)
     output = output or model.with_name(f"{model.stem}.{spec.name}.onnx")
-    options = CompileOptions(skip_passes=frozenset(skip_passes), explain=explain)
-    with err.status("compiling") as status:
+    quant = _quant_options(recipe, quantization)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("compiling", total=None)
+
+        def calibrated(done: int, total: int | None) -> None:
+            bar.update(task, description="calibrating", completed=done, total=total)
+
+        options = CompileOptions(
+            skip_passes=frozenset(skip_passes),
+            explain=explain,
+            quantization=quant,
+            calibration_progress=calibrated,
+        )
         result = compile_model(
             model,
             spec,
             output=output,
             options=options,
             external_data=EXTERNAL_DATA_CHOICES[external_data],
-            progress=lambda step: status.update(step),
+            progress=lambda step: bar.update(task, description=step, total=None),
         )
     out.print(compile_report(result, verbose=verbose, explain=explain))
+    if quant is None:
+        err.print(
+            "note: no calibration data, so the model was compiled in float (fusion only); "
+            "pass --calib DATA to quantize, or --mode dynamic / weight-only, which need none"
+        )
+    elif quant.calib_random is not None and quant.calib is None and quant.mode is Mode.STATIC:
+        err.print("warning: calibrated on random data; the output's accuracy means nothing")
+
+
+def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOptions | None:
+    """The quantization the user asked for, or None for a float-only compile."""
+    table = load_recipe(recipe) if recipe is not None else {}
+    flags = dict(flags)
+    flags["tensor"] = _tensor_flags(flags.pop("tensor_dtype"), flags.pop("tensor_method"))
+    mode = flags.get("mode") or table.get("mode")
+    has_data = any(flags.get(k) or table.get(k) for k in ("calib", "calib_random"))
+    if mode == FLOAT_MODE or (mode is None and not has_data):
+        return None
+    if flags.get("calib") is not None:
+        flags["calib"] = str(flags["calib"])
+    return quant_options(table, **flags)
+
+
+def _tensor_flags(dtypes: tuple[str, ...], methods: tuple[str, ...]) -> dict[str, dict]:
+    """``REGEX=VALUE`` flags as the recipe's ``[tensor."REGEX"]`` table."""
+    table: dict[str, dict] = {}
+    for key, entries in (("dtype", dtypes), ("method", methods)):
+        for entry in entries:
+            pattern, sep, value = entry.rpartition("=")
+            if not sep or not pattern:
+                raise RecipeError(f"--tensor-{key} '{entry}': expected REGEX={key.upper()}")
+            table.setdefault(pattern, {})[key] = value
+    return table
 
 
 @cli.command(name="inspect")
@@ -283,27 +406,42 @@ def models_list() -> None:
 
 @models_group.command(name="fetch")
 @click.argument("name")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Also copy the model here.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Also copy the model here, and its data beside it (OUT.calibration/, OUT.evaluation/).",
+)
 @click.option("--rebuild", is_flag=True, help="Build again even if it is in the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths as JSON.")
 def models_fetch(name: str, output: Path | None, rebuild: bool, as_json: bool) -> None:
     """Build zoo model NAME into the cache (once) and print where its parts are."""
     with err.status(f"building {name}"):
         zoo_model = models.fetch(name, rebuild=rebuild)
-    model = zoo_model.model
-    if output is not None:
-        shutil.copyfile(model, output)
-        model = output
     paths = {
-        "model": model,
+        "model": zoo_model.model,
         "calibration": zoo_model.calibration,
         "evaluation": zoo_model.evaluation,
     }
+    if output is not None:
+        paths = _copy_zoo_model(paths, output)
     if as_json:
         echo_json({k: str(v) for k, v in paths.items()} | {"metric": zoo_model.metric})
     else:
         for key, path in paths.items():
             click.echo(f"{key:12} {path}")
+
+
+def _copy_zoo_model(paths: dict[str, Path], output: Path) -> dict[str, Path]:
+    """The model copied to ``output``, its datasets to ``output`` with their key as suffix."""
+    copies = {"model": output}
+    for key in ("calibration", "evaluation"):
+        copies[key] = output.with_suffix(f".{key}")
+        with replaced_folder(copies[key]) as staging:
+            shutil.copytree(paths[key], staging, dirs_exist_ok=True)
+    with replaced_file(output) as staging:
+        shutil.copyfile(paths["model"], staging)
+    return copies
 
 
 def main() -> None:

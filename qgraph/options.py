@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
+from qgraph.recipe import QuantOptions
+
+CalibrationProgress = Callable[[int, "int | None"], None]
+"""Told ``(batches done, batches in all or None)`` after each calibration batch."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +19,14 @@ class CompileOptions:
         skip_passes: Names of registered passes to leave out (see ``qgraph passes``).
         explain: Passes that can say why they left something alone collect those reasons
             (the fusion pass: near-misses of each rule); costs a second matching run.
+        quantization: What to quantize and how; None compiles in float (canonicalize, fuse,
+            finalize).
+        calibration_progress: Told of each calibration batch (the CLI draws a progress bar).
     """
 
     skip_passes: frozenset[str] = frozenset()
     explain: bool = False
+    quantization: QuantOptions | None = None
+    calibration_progress: CalibrationProgress | None = dataclasses.field(
+        default=None, compare=False
+    )

@@ -52,7 +52,19 @@ def _table(*columns: str, title: str | None = None) -> Table:
     return table
 
 
-_NUMERIC = frozenset({"count", "tensors", "elements", "bytes", "seconds", "before", "after"})
+_NUMERIC = frozenset(
+    {
+        "count",
+        "tensors",
+        "elements",
+        "bytes",
+        "seconds",
+        "before",
+        "after",
+        "quantized",
+        "left in float",
+    }
+)
 
 
 def summary_report(summary: ModelSummary, *, top_ops: int | None = None) -> RenderableType:
@@ -117,6 +129,9 @@ def compile_report(
         if old != new:
             table.add_row(f"  {op}", str(old), str(new))
     parts: list[RenderableType] = [table]
+    quantization = quantization_report(result.records)
+    if quantization is not None:
+        parts.append(quantization)
     if verbose:
         parts.append(records_report(result.records))
     if explain:
@@ -131,6 +146,41 @@ def compile_report(
 
 
 MAX_EXAMPLES = 3
+
+
+def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
+    """Ops quantized by type, and the weighted ops left in float grouped by reason."""
+    by_name = {record.name: record.details for record in records}
+    inserted = by_name.get("insert-qdq")
+    annotated = by_name.get("annotate")
+    if inserted is None or annotated is None:
+        return None
+    table = _table("op", "quantized", "left in float", title="quantization")
+    reasons = {**annotated.float_reasons, **inserted.float_reasons}
+    left = collections.Counter(op for op, _ in reasons.values())
+    for op in sorted(set(inserted.quantized) | set(left)):
+        table.add_row(op, str(inserted.quantized.get(op, 0)), str(left.get(op, 0)))
+    parts: list[RenderableType] = [table]
+    notes = (
+        f"{inserted.weights} weights and {inserted.biases} biases quantized, "
+        f"{inserted.activation_pairs} activation Q/DQ pairs"
+    )
+    if inserted.calibration_batches:
+        notes += f", calibrated on {inserted.calibration_batches} batches"
+    parts.append(notes)
+    if reasons:
+        parts.append(_float_reasons_table(reasons))
+    return _spaced(parts)
+
+
+def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
+    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    for node, (op, reason) in reasons.items():
+        groups[(op, reason)].append(node)
+    table = _table("op", "count", "why left in float", "e.g.")
+    for (op, reason), nodes in sorted(groups.items(), key=lambda item: -len(item[1])):
+        table.add_row(op, str(len(nodes)), reason, ", ".join(nodes[:MAX_EXAMPLES]))
+    return table
 
 
 def explain_report(records: Iterable[PassRecord]) -> RenderableType:

@@ -1,0 +1,188 @@
+"""Annotate: decide, per weighted op, which inputs are quantized and to what spec. No graph change.
+
+The target says which op types it runs faster in integer arithmetic (``quantizable_ops``) and
+in which types; the user's options say the mode and what to keep in float. For each candidate
+op the pass records a ``NodeAnnotation`` in ``node.meta`` (read by the insert-qdq pass), or the
+reason it stays in float. Only the data inputs of weighted ops are ever quantized, so shape and
+index computations, masks and everything the target runs in float are left exact.
+
+Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
+kW]`` on axis 0, ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with
+``transB=1`` and axis 1 without. Per-block weight specs (4-bit, weight-only) split the
+reduction axis ``K`` into blocks, each with its own scale per output channel.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx_ir as ir
+
+from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.quant_spec import QuantSpec
+from qgraph.recipe import Mode, QuantOptions
+from qgraph.registry import PassInfo
+from qgraph.targets import TargetSpec
+
+ANNOTATION_KEY = "qgraph.quantize"
+FLOAT_REASON_KEY = "qgraph.float_reason"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedOp:
+    """Where a weighted op keeps its activation, weight and bias, and its weight's axes."""
+
+    activation: int
+    weight: int
+    bias: int | None
+    weight_rank: int | None
+    channel_axis: object
+    """``node -> axis`` of the weight's output channels."""
+    reduction_axis: object
+    """``node -> axis`` of the weight's reduction (K), or None where blocks do not apply."""
+
+
+def _gemm_transposed(node: ir.Node) -> bool:
+    attribute = node.attributes.get("transB")
+    return bool(attribute.as_int()) if attribute is not None else False
+
+
+WEIGHTED_OPS = {
+    "Conv": WeightedOp(0, 1, 2, None, lambda node: 0, lambda node: None),
+    "MatMul": WeightedOp(0, 1, None, 2, lambda node: 1, lambda node: 0),
+    "Gemm": WeightedOp(
+        0,
+        1,
+        2,
+        2,
+        lambda node: 0 if _gemm_transposed(node) else 1,
+        lambda node: 1 if _gemm_transposed(node) else 0,
+    ),
+}
+"""The op types qgraph knows how to quantize, by op type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeAnnotation:
+    """What of one node is quantized: its activation input, its weight, maybe its bias."""
+
+    activation: int | None
+    activation_spec: QuantSpec | None
+    weight: int
+    weight_spec: QuantSpec
+    bias: int | None
+
+
+@dataclasses.dataclass
+class AnnotationReport:
+    """How many ops of each type were annotated, and why the others stay in float."""
+
+    annotated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """Node name -> (op type, reason)."""
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    """Record a ``NodeAnnotation`` (or a float reason) on every weighted op of the main graph."""
+
+    def __init__(self, target: TargetSpec, options: QuantOptions) -> None:
+        super().__init__()
+        self.target = target
+        self.options = options
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        report = AnnotationReport()
+        for node in model.graph:
+            if node.op_type not in self.target.quantizable_ops or node.domain != "":
+                continue
+            decision = self._annotate(node)
+            if isinstance(decision, str):
+                node.meta[FLOAT_REASON_KEY] = decision
+                report.float_reasons[node.name or "?"] = (node.op_type, decision)
+            else:
+                node.meta[ANNOTATION_KEY] = decision
+                report.annotated[node.op_type] += 1
+        return ReportingPassResult(model, modified=False, details=report)
+
+    def _annotate(self, node: ir.Node) -> NodeAnnotation | str:
+        layout = WEIGHTED_OPS.get(node.op_type)
+        if layout is None:
+            return f"qgraph has no quantization rule for {node.op_type}"
+        reason = self.options.excluded(node)
+        if reason:
+            return reason
+        activation = _input(node, layout.activation)
+        weight = _input(node, layout.weight)
+        if activation is None or weight is None:
+            return "an input is missing"
+        if weight.const_value is None or not weight.is_initializer():
+            return "its weight is not a constant (both inputs are computed at run time)"
+        if weight.dtype != ir.DataType.FLOAT or activation.dtype != ir.DataType.FLOAT:
+            return "its inputs are not float32"
+        if layout.weight_rank is not None and len(weight.const_value.shape) != layout.weight_rank:
+            return f"its weight has rank {len(weight.const_value.shape)}, not {layout.weight_rank}"
+        return NodeAnnotation(
+            activation=None if self.options.mode is Mode.WEIGHT_ONLY else layout.activation,
+            activation_spec=self._activation_spec(activation),
+            weight=layout.weight,
+            weight_spec=self._weight_spec(node, layout),
+            bias=self._bias(node, layout),
+        )
+
+    def _activation_spec(self, value: ir.Value) -> QuantSpec | None:
+        if self.options.mode is Mode.WEIGHT_ONLY:
+            return None
+        override = self.options.override(value.name or "")
+        return QuantSpec(
+            dtype=override.dtype or self.target.activation_dtype,
+            symmetric=self.target.activation_symmetric,
+            method=override.method or self.options.calib_method,
+        )
+
+    def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
+        channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
+        if self.options.mode is not Mode.WEIGHT_ONLY:
+            return QuantSpec(
+                dtype=self.target.weight_dtype,
+                symmetric=self.target.weight_symmetric,
+                bits=self.target.weight_bits,
+                axis=channel_axis,
+            )
+        dtype = self.options.weight_dtype
+        reduction_axis = layout.reduction_axis(node)
+        if dtype.bitwidth == 4 and reduction_axis is not None:
+            return QuantSpec(
+                dtype,
+                symmetric=dtype.is_signed(),
+                axis=reduction_axis,
+                block_size=self.options.block_size,
+            )
+        return QuantSpec(dtype, symmetric=dtype.is_signed(), axis=channel_axis)
+
+    def _bias(self, node: ir.Node, layout: WeightedOp) -> int | None:
+        """The bias input, when it can become int32 (static mode, a constant vector)."""
+        if layout.bias is None or self.options.mode is not Mode.STATIC:
+            return None
+        bias = _input(node, layout.bias)
+        if bias is None or bias.const_value is None or len(bias.const_value.shape) != 1:
+            return None
+        return layout.bias if bias.dtype == ir.DataType.FLOAT else None
+
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
+
+
+PASSES = (
+    PassInfo(
+        "annotate",
+        Phase.ANNOTATE,
+        "choose a quantization spec for each weighted op's inputs, or a reason to keep it float",
+        lambda ctx: (
+            None
+            if ctx.options.quantization is None
+            else AnnotatePass(ctx.target, ctx.options.quantization)
+        ),
+    ),
+)

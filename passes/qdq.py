@@ -1,0 +1,318 @@
+"""Insert Q/DQ: turn the annotate pass's specs into QuantizeLinear / DequantizeLinear nodes.
+
+For every annotated op (see ``passes/annotate.py``):
+
+- its weight ``W`` is quantized offline, ``W_q = clamp(round(W / s_w) + z_w)``, stored as an
+  integer initializer, and read through ``DequantizeLinear(W_q, s_w, z_w[, axis, block_size])``;
+- its activation ``x`` gets ``DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)``. In
+  static mode ``[lo, hi]`` comes from calibration statistics (``qgraph.calibration``) and sets
+  ``s_x, z_x`` once; in dynamic mode ``DynamicQuantizeLinear`` computes them per run from the
+  tensor's own min/max (uint8, asymmetric);
+- its bias ``b`` becomes int32 with scale ``s_x * s_w`` and zero point 0 (static mode).
+
+An activation read by several annotated ops is quantized once (one pair shared by all), unless
+the target wants one pair per consumer (``qdq_per_consumer``). Readers that are not annotated
+keep reading the float tensor. An activation whose calibrated range is not finite stays in
+float, and so does the op that reads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from qgraph.calibration import METHODS, collect_statistics, random_batches, tensor_range
+from qgraph.errors import QGraphError
+from qgraph.options import CalibrationProgress
+from qgraph.passes.annotate import ANNOTATION_KEY, FLOAT_REASON_KEY, NodeAnnotation
+from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.quant_spec import (
+    QuantizedTensor,
+    QuantSpec,
+    quantize_bias,
+    quantize_weight,
+    scale_and_zero_point,
+)
+from qgraph.recipe import Mode, QuantOptions
+from qgraph.registry import PassInfo
+from qgraph.targets import TargetSpec
+
+logger = logging.getLogger(__name__)
+
+
+class CalibrationMissingError(QGraphError):
+    """Static quantization was asked for without calibration data."""
+
+
+@dataclasses.dataclass
+class QDQReport:
+    """What the insert-qdq pass did."""
+
+    quantized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """Node name -> (op type, reason) for annotated ops that stayed in float."""
+    activation_pairs: int = 0
+    weights: int = 0
+    biases: int = 0
+    calibration_batches: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationQuantization:
+    """The scale and zero point of one statically quantized activation."""
+
+    spec: QuantSpec
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Quantize the weights, activations and biases the annotate pass chose."""
+
+    def __init__(
+        self,
+        target: TargetSpec,
+        options: QuantOptions,
+        progress: CalibrationProgress | None = None,
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.options = options
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        common.NameFixPass()(model)
+        graph = model.graph
+        annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
+        report = QDQReport()
+        ranges = self._activation_ranges(model, annotated, report)
+        builder = _QDQBuilder(graph, self.target.qdq_per_consumer)
+        for node in annotated:
+            reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
+            if reason is None:
+                report.quantized[node.op_type] += 1
+            else:
+                node.meta[FLOAT_REASON_KEY] = reason
+                report.float_reasons[node.name] = (node.op_type, reason)
+        report.biases = builder.biases
+        report.activation_pairs = builder.activation_pairs
+        report.weights = len(builder.weights)
+        return ReportingPassResult(model, modified=bool(annotated), details=report)
+
+    def _quantize(
+        self,
+        node: ir.Node,
+        annotation: NodeAnnotation,
+        ranges: dict[str, ActivationQuantization],
+        builder: _QDQBuilder,
+    ) -> str | None:
+        """Quantize one annotated node; the reason it stays in float, if it does."""
+        index = annotation.activation
+        found = None
+        if index is not None and self.options.mode is Mode.STATIC:
+            found = ranges.get(node.inputs[index].name)
+            if found is None:
+                return f"the range of '{node.inputs[index].name}' is not finite"
+            builder.static_activation(node, index, found)
+        elif index is not None:
+            builder.dynamic_activation(node, index)
+        weight_scale = builder.weight(node, annotation.weight, annotation.weight_spec)
+        if annotation.bias is not None and found is not None:
+            builder.bias(node, annotation.bias, found.scale, weight_scale)
+        return None
+
+    def _activation_ranges(
+        self, model: ir.Model, annotated: list[ir.Node], report: QDQReport
+    ) -> dict[str, ActivationQuantization]:
+        """Calibrated scale and zero point of every statically quantized activation."""
+        if self.options.mode is not Mode.STATIC or not annotated:
+            return {}
+        specs: dict[str, QuantSpec] = {}
+        for node in annotated:
+            annotation: NodeAnnotation = node.meta[ANNOTATION_KEY]
+            name = node.inputs[annotation.activation].name
+            specs[name] = _wider(specs.get(name), annotation.activation_spec)
+        needs = {name: METHODS[spec.method].needs_histogram for name, spec in specs.items()}
+        statistics = collect_statistics(
+            model, needs, self._calibration_data(model), progress=self._count(report)
+        )
+        ranges = {}
+        for name, spec in specs.items():
+            stats = statistics[name]
+            if not stats.finite:
+                logger.warning("'%s' held NaN or inf during calibration; left in float", name)
+                continue
+            lo, hi = tensor_range(stats, spec.method, percentile=self.options.percentile)
+            scale, zero_point = scale_and_zero_point(lo, hi, spec)
+            ranges[name] = ActivationQuantization(spec, scale, zero_point)
+        return ranges
+
+    def _calibration_data(self, model: ir.Model):
+        if self.options.calib is not None:
+            return self.options.calib
+        if self.options.calib_random is not None:
+            return random_batches(model, self.options.calib_random)
+        raise CalibrationMissingError(
+            "static quantization needs calibration data: pass --calib DATA (a .npz file or a "
+            "folder of them), or --calib-random N, or choose --mode dynamic or weight-only"
+        )
+
+    def _count(self, report: QDQReport) -> CalibrationProgress:
+        def seen(done: int, total: int | None) -> None:
+            report.calibration_batches = done
+            if self.progress is not None:
+                self.progress(done, total)
+
+        return seen
+
+
+def _wider(current: QuantSpec | None, new: QuantSpec) -> QuantSpec:
+    """Of two specs two consumers want for one tensor, the one with more bits."""
+    if current is None or new.width > current.width:
+        return new
+    return current
+
+
+class _QDQBuilder:
+    """Creates the Q/DQ nodes and quantized initializers of one graph, sharing what it can."""
+
+    def __init__(self, graph: ir.Graph, per_consumer: bool) -> None:
+        self.graph = graph
+        self.per_consumer = per_consumer
+        self.activations: dict[str, ir.Value] = {}
+        self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
+        self.activation_pairs = 0
+        self.biases = 0
+
+    def static_activation(self, node: ir.Node, index: int, found: ActivationQuantization) -> None:
+        value = node.inputs[index]
+        key = f"{value.name}/{node.name}" if self.per_consumer else value.name
+        if key not in self.activations:
+            suffix = f"_{node.name}" if self.per_consumer else ""
+            scale = self._constant(f"{value.name}{suffix}_scale", found.scale)
+            zero_point = self._constant(f"{value.name}{suffix}_zero_point", found.zero_point)
+            quantize = ir.Node(
+                "", "QuantizeLinear", [value, scale, zero_point], name=f"{value.name}{suffix}_Q"
+            )
+            dequantize = ir.Node(
+                "",
+                "DequantizeLinear",
+                [quantize.outputs[0], scale, zero_point],
+                name=f"{value.name}{suffix}_DQ",
+            )
+            self._name_outputs(quantize, dequantize, value, found.spec.dtype, suffix)
+            self._insert_after(value, [quantize, dequantize])
+            self.activations[key] = dequantize.outputs[0]
+            self.activation_pairs += 1
+        node.replace_input_with(index, self.activations[key])
+
+    def dynamic_activation(self, node: ir.Node, index: int) -> None:
+        value = node.inputs[index]
+        if value.name not in self.activations:
+            quantize = ir.Node(
+                "", "DynamicQuantizeLinear", [value], num_outputs=3, name=f"{value.name}_DynQ"
+            )
+            dequantize = ir.Node(
+                "", "DequantizeLinear", list(quantize.outputs), name=f"{value.name}_DQ"
+            )
+            parts = ("quantized", "scale", "zero_point")
+            for output, part in zip(quantize.outputs, parts, strict=True):
+                output.name = f"{value.name}_{part}"
+            self._name_outputs(quantize, dequantize, value, ir.DataType.UINT8, "")
+            self._insert_after(value, [quantize, dequantize])
+            self.activations[value.name] = dequantize.outputs[0]
+            self.activation_pairs += 1
+        node.replace_input_with(index, self.activations[value.name])
+
+    def weight(self, node: ir.Node, index: int, spec: QuantSpec) -> np.ndarray:
+        """Replace the weight input with DQ(quantized weight); return the weight's scale."""
+        value = node.inputs[index]
+        key = (value.name, spec)
+        if key not in self.weights:
+            quantized = quantize_weight(value.const_value.numpy(), spec)
+            output = self._dequantized_constant(value.name, quantized, spec, node)
+            self.weights[key] = (output, quantized.scale)
+        output, scale = self.weights[key]
+        node.replace_input_with(index, output)
+        return scale
+
+    def bias(
+        self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray
+    ) -> None:
+        value = node.inputs[index]
+        quantized = quantize_bias(value.const_value.numpy(), float(input_scale), weight_scale)
+        spec = QuantSpec(ir.DataType.INT32, symmetric=True, axis=0)
+        self.biases += 1
+        node.replace_input_with(
+            index, self._dequantized_constant(f"{value.name}_{node.name}", quantized, spec, node)
+        )
+
+    def _dequantized_constant(
+        self, name: str, quantized: QuantizedTensor, spec: QuantSpec, before: ir.Node
+    ) -> ir.Value:
+        values = self._constant(f"{name}_quantized", quantized.values, spec.dtype)
+        scale = self._constant(f"{name}_scale", quantized.scale)
+        zero_point = self._constant(f"{name}_zero_point", quantized.zero_point, spec.dtype)
+        attributes = []
+        if spec.axis is not None and quantized.scale.ndim > 0:
+            attributes.append(ir.AttrInt64("axis", spec.axis))
+        if spec.block_size is not None:
+            attributes.append(ir.AttrInt64("block_size", spec.block_size))
+        dequantize = ir.Node(
+            "", "DequantizeLinear", [values, scale, zero_point], attributes, name=f"{name}_DQ"
+        )
+        dequantize.outputs[0].name = f"{name}_dequantized"
+        dequantize.outputs[0].dtype = ir.DataType.FLOAT
+        dequantize.outputs[0].shape = ir.Shape(quantized.values.shape)
+        self.graph.insert_before(before, dequantize)
+        return dequantize.outputs[0]
+
+    def _constant(self, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+        tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+        value.const_value = tensor
+        self.graph.register_initializer(value)
+        return value
+
+    def _name_outputs(
+        self,
+        quantize: ir.Node,
+        dequantize: ir.Node,
+        value: ir.Value,
+        dtype: ir.DataType,
+        suffix: str,
+    ) -> None:
+        quantize.outputs[0].name = f"{value.name}{suffix}_quantized"
+        quantize.outputs[0].dtype = dtype
+        quantize.outputs[0].shape = value.shape
+        dequantize.outputs[0].name = f"{value.name}{suffix}_dequantized"
+        dequantize.outputs[0].dtype = ir.DataType.FLOAT
+        dequantize.outputs[0].shape = value.shape
+
+    def _insert_after(self, value: ir.Value, nodes: list[ir.Node]) -> None:
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, nodes)
+        else:
+            self.graph.insert_before(self.graph.node(0), nodes)
+
+
+PASSES = (
+    PassInfo(
+        "insert-qdq",
+        Phase.INSERT_QDQ,
+        "calibrate, then quantize annotated weights, activations and biases with Q/DQ pairs",
+        lambda ctx: (
+            None
+            if ctx.options.quantization is None
+            else InsertQDQPass(
+                ctx.target, ctx.options.quantization, progress=ctx.options.calibration_progress
+            )
+        ),
+    ),
+)
