@@ -281,9 +281,7 @@ class OpsetUpgradePass(ir.passes.InPlacePass):
                 f"quantized ops need: {str(error).strip().splitlines()[0]}"
             ) from error
         converted = ir.serde.deserialize_model(proto)
-        model.graph = converted.graph
-        model.opset_imports.clear()
-        model.opset_imports.update(converted.opset_imports)
+        model.graph = converted.graph  # carries the converted opset imports
         return ir.passes.PassResult(model, modified=True)
 
 

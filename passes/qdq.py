@@ -235,7 +235,8 @@ class _QDQBuilder:
         key = (value.name, spec)
         if key not in self.weights:
             quantized = quantize_weight(value.const_value.numpy(), spec)
-            output = self._dequantized_constant(value.name, quantized, spec, node)
+            name = self._unused(value.name, "_quantized")
+            output = self._dequantized_constant(name, quantized, spec, node)
             self.weights[key] = (output, quantized.scale)
         output, scale = self.weights[key]
         node.replace_input_with(index, output)
@@ -272,8 +273,16 @@ class _QDQBuilder:
         self.graph.insert_before(before, dequantize)
         return dequantize.outputs[0]
 
+    def _unused(self, stem: str, suffix: str) -> str:
+        """``stem``, or ``stem_2``, ``stem_3``... whichever has no ``stem + suffix`` yet."""
+        name, count = stem, 1
+        while f"{name}{suffix}" in self.graph.initializers:
+            count += 1
+            name = f"{stem}_{count}"
+        return name
+
     def _constant(self, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-        tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+        tensor = ir.Tensor(np.array(array, order="C"), dtype=dtype, name=name)  # keeps 0-d
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
         value.const_value = tensor
         self.graph.register_initializer(value)

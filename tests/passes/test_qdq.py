@@ -1,0 +1,225 @@
+"""Annotate + insert-qdq: the right specs in the right places, and numbers a fake-quant
+reference and the quantization step predict."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qgraph
+from qgraph import verify
+from qgraph.options import CompileOptions
+from qgraph.passes.qdq import CalibrationMissingError
+from qgraph.recipe import quant_options
+
+K, N = 16, 8
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((K, N)).astype(np.float32)
+W_T = RNG.standard_normal((K, N)).astype(np.float32)
+BIAS = RNG.standard_normal(K).astype(np.float32)
+
+
+def mlp(opset: int = 17) -> onnx.ModelProto:
+    """x[4,K] -> MatMul(W[K,N]) -> Relu -> Gemm(W_T[K,N], BIAS[K], transB) -> y[4,K];
+    x also feeds a ReduceSum."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W_T", "BIAS"], ["y"], name="gemm", transB=1),
+        helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, K])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, K]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+        ],
+        [
+            numpy_helper.from_array(W, "W"),
+            numpy_helper.from_array(W_T, "W_T"),
+            numpy_helper.from_array(BIAS, "BIAS"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def batches(count: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((4, K)).astype(np.float32)} for _ in range(count)]
+
+
+def compile_quantized(proto, target="x86-avx2", **flags) -> ir.Model:
+    flags.setdefault("calib", batches())
+    options = CompileOptions(quantization=quant_options(**flags))
+    return qgraph.compile_model(proto, target, options=options).model
+
+
+def initializer(model: ir.Model, name: str) -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def dq_node(model: ir.Model, output: str) -> ir.Node:
+    return next(
+        n for n in model.graph if n.op_type == "DequantizeLinear" and n.outputs[0].name == output
+    )
+
+
+def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
+    q = np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).astype(np.float32)
+
+
+def test_static_w8a8_matches_a_literal_fake_quant_reference():
+    model = compile_quantized(mlp())
+    feeds = batches(1, seed=7)[0]
+    x = feeds["x"]
+    s_x, z_x = initializer(model, "x_scale"), initializer(model, "x_zero_point").astype(np.float64)
+    s_w = initializer(model, "W_scale")
+    w_q = initializer(model, "W_quantized")
+    h = fake_quant(x, s_x, z_x, 0, 255) @ (w_q * s_w)
+    r = np.maximum(h, 0)
+    s_r, z_r = initializer(model, "r_scale"), initializer(model, "r_zero_point").astype(np.float64)
+    s_wt = initializer(model, "W_T_scale")
+    wt = initializer(model, "W_T_quantized") * s_wt[:, None]
+    bias_q = initializer(model, "BIAS_gemm_quantized") * (s_r * s_wt)
+    expected = fake_quant(r, s_r, z_r, 0, 255) @ wt.T + bias_q
+    actual = verify.run(model, feeds)["y"]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_static_error_stays_within_the_quantization_step():
+    model = compile_quantized(mlp())
+    x = batches(1, seed=7)[0]["x"]
+    s_x = float(initializer(model, "x_scale"))
+    s_w = initializer(model, "W_scale")
+    # |xW - x'W'| <= sum_k |x_k||dW_k| + |W_k||dx_k| + |dx_k||dW_k|; |dx| <= s_x/2, |dW| <= s_w/2
+    bound = np.abs(x) @ np.broadcast_to(s_w / 2, W.shape) + s_x / 2 * np.abs(W).sum(0)
+    bound += K * s_x / 2 * s_w / 2
+    probe = ir.serde.serialize_model(model)
+    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    h = verify.run(probe.SerializeToString(), {"x": x})["h"]
+    assert (np.abs(h - x @ W) <= bound + 1e-6).all()
+    assert np.abs(h - x @ W).max() > 0, "the MatMul really is quantized"
+
+
+def test_specs_follow_the_target():
+    model = compile_quantized(mlp())
+    assert initializer(model, "W_quantized").dtype == np.int8
+    assert np.abs(initializer(model, "W_quantized")).max() <= 63, "x86-avx2 weights are 7-bit"
+    assert dq_node(model, "W_dequantized").attributes["axis"].as_int() == 1  # MatMul [K, N]
+    assert dq_node(model, "W_T_dequantized").attributes["axis"].as_int() == 0  # Gemm transB
+    assert initializer(model, "W_T_scale").shape == (K,)
+    assert initializer(model, "x_zero_point").dtype == np.uint8
+    assert initializer(model, "BIAS_gemm_quantized").dtype == np.int32
+    vnni = compile_quantized(mlp(), target="x86-vnni")
+    assert np.abs(initializer(vnni, "W_quantized")).max() == 127
+
+
+def test_only_weighted_op_inputs_are_quantized():
+    model = compile_quantized(mlp())
+    sum_node = next(n for n in model.graph if n.op_type == "ReduceSum")
+    assert sum_node.inputs[0].name == "x", "the ReduceSum still reads the float input"
+    quantized = sorted(n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear")
+    assert quantized == ["r", "x"]
+
+
+def test_one_pair_per_consumer_where_the_target_wants_it():
+    proto = mlp()
+    proto.graph.node.append(helper.make_node("MatMul", ["x", "W_T"], ["h2"], name="mm2"))
+    proto.graph.output.append(helper.make_tensor_value_info("h2", TensorProto.FLOAT, [4, N]))
+    shared = compile_quantized(proto)
+    x_pairs = [n for n in shared.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"]
+    assert len(x_pairs) == 1
+    per_consumer = dataclasses.replace(qgraph.get_target("x86-avx2"), qdq_per_consumer=True)
+    split = compile_quantized(proto, target=per_consumer)
+    x_pairs = [n for n in split.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"]
+    assert len(x_pairs) == 2
+
+
+def test_dynamic_mode_quantizes_activations_at_run_time():
+    model = compile_quantized(mlp(), mode="dynamic", calib=None)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("DynamicQuantizeLinear") == 2 and "QuantizeLinear" not in ops
+    feeds = batches(1, seed=3)[0]
+    expected, actual = verify.run(mlp().SerializeToString(), feeds), verify.run(model, feeds)
+    assert verify.relative_error(expected["y"], actual["y"]) < 0.05
+
+
+def test_weight_only_int4_is_per_block_at_opset_21():
+    model = compile_quantized(
+        mlp(), mode="weight-only", weight_dtype="int4", block_size=16, calib=None
+    )
+    assert model.opset_imports[""] == 21
+    dequantize = dq_node(model, "W_dequantized")
+    assert dequantize.attributes["block_size"].as_int() == 16
+    assert dequantize.attributes["axis"].as_int() == 0
+    assert model.graph.initializers["W_quantized"].const_value.dtype == ir.DataType.INT4
+    assert "QuantizeLinear" not in [n.op_type for n in model.graph]
+    feeds = batches(1, seed=3)[0]
+    s_w = initializer(model, "W_scale")  # [K / 16, N]
+    w_dq = initializer(model, "W_quantized").astype(np.float32) * np.repeat(s_w, 16, axis=0)
+    h_expected = feeds["x"] @ w_dq
+    probe = ir.serde.serialize_model(model)
+    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    h = verify.run(probe.SerializeToString(), feeds)["h"]
+    np.testing.assert_allclose(h, h_expected, rtol=0, atol=1e-5 * np.abs(h_expected).max())
+
+
+def test_int16_override_raises_the_opset_and_the_width():
+    model = compile_quantized(mlp(), tensor={"r": {"dtype": "int16"}})
+    assert model.opset_imports[""] == 21
+    assert initializer(model, "r_zero_point").dtype == np.int16
+    assert initializer(model, "x_zero_point").dtype == np.uint8
+
+
+def test_exclusions_and_float_reasons_are_reported():
+    result = qgraph.compile_model(
+        mlp(),
+        "x86-avx2",
+        options=CompileOptions(quantization=quant_options(calib=batches(), exclude_node=["gemm"])),
+    )
+    annotate = next(r for r in result.records if r.name == "annotate").details
+    assert annotate.float_reasons == {"gemm": ("Gemm", "excluded by the user (pattern 'gemm')")}
+    inserted = next(r for r in result.records if r.name == "insert-qdq").details
+    assert dict(inserted.quantized) == {"MatMul": 1} and inserted.activation_pairs == 1
+
+
+def test_an_activation_with_a_non_finite_range_stays_in_float():
+    proto = mlp()
+    proto.graph.node.extend(
+        [
+            helper.make_node("Log", ["x"], ["logx"], name="log"),  # log of x < 0 is NaN
+            helper.make_node("MatMul", ["logx", "W_T"], ["z"], name="mm_log"),
+        ]
+    )
+    proto.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, N]))
+    result = qgraph.compile_model(
+        proto, "x86-avx2", options=CompileOptions(quantization=quant_options(calib=batches()))
+    )
+    inserted = next(r for r in result.records if r.name == "insert-qdq").details
+    assert inserted.float_reasons == {"mm_log": ("MatMul", "the range of 'logx' is not finite")}
+    assert dict(inserted.quantized) == {"MatMul": 1, "Gemm": 1}
+
+
+def test_static_mode_without_data_says_what_to_pass():
+    with pytest.raises(CalibrationMissingError, match="--calib DATA"):
+        compile_quantized(mlp(), calib=None)
+
+
+def test_computed_weights_stay_in_float():
+    proto = mlp()
+    proto.graph.node.insert(0, helper.make_node("Neg", ["W"], ["W_neg"], name="neg"))
+    proto.graph.node[1].input[1] = "W_neg"
+    options = CompileOptions(
+        quantization=quant_options(calib=batches()), skip_passes=frozenset({"constant-folding"})
+    )
+    result = qgraph.compile_model(proto, "x86-avx2", options=options)
+    annotate = next(r for r in result.records if r.name == "annotate").details
+    assert annotate.float_reasons["mm"][1].startswith("its weight is not a constant")
