@@ -21,6 +21,7 @@ from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import load, save
 from qgraph.options import CompileOptions
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
+from qgraph.recipe import Mode, QuantOptions, load_recipe, quant_options
 from qgraph.registry import PassContext, PassInfo, build_pipeline, registered_passes
 from qgraph.targets import TargetSpec, get_target
 
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileOptions",
     "CompileResult",
+    "Mode",
     "ModelSummary",
     "PassContext",
     "PassInfo",
@@ -37,11 +39,14 @@ __all__ = [
     "Pipeline",
     "PipelineResult",
     "QGraphError",
+    "QuantOptions",
     "TargetSpec",
     "build_pipeline",
     "compile_model",
     "get_target",
     "load",
+    "load_recipe",
+    "quant_options",
     "registered_passes",
     "save",
     "summarize",

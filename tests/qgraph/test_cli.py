@@ -215,3 +215,71 @@ def test_console_entry_point_reports_errors_in_one_line(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: {tmp_path / 'absent.onnx'}: no such file"
+
+
+def test_quantizing_the_bundled_cnn_as_the_readme_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert invoke("models", "fetch", "reference-cnn", "-o", "cnn.onnx").exit_code == 0
+    assert (tmp_path / "cnn.calibration").is_dir() and (tmp_path / "cnn.evaluation").is_dir()
+    result = invoke("compile", "cnn.onnx", "--calib", "cnn.calibration", "-o", "q.onnx", "-v")
+    assert result.exit_code == 0, result.output
+    assert (
+        "Conv          6              0" in result.stdout
+        and "calibrated on 8 batches" in result.stdout
+    )
+    evaluation = invoke("eval", "cnn.onnx", "q.onnx", "--data", "cnn.evaluation", "--json")
+    figures = json.loads(evaluation.stdout)["figures"]
+    assert figures["top1_agreement"] >= 0.99
+
+
+def test_compile_without_data_stays_float_and_says_so(model_file, tmp_path):
+    result = invoke("compile", model_file, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 0 and "compiled in float" in result.stderr
+    assert "QuantizeLinear" not in qgraph.summarize(qgraph.load(tmp_path / "out.onnx")).op_histogram
+
+
+def test_compile_reads_a_recipe_and_flags(model_file, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('mode = "dynamic"\nexclude_op = ["Gemm"]\n')
+    result = invoke("compile", model_file, "-o", tmp_path / "out.onnx", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    histogram = qgraph.summarize(qgraph.load(tmp_path / "out.onnx")).op_histogram
+    assert "DynamicQuantizeLinear" not in histogram
+    assert "excluded by the user" in result.stdout  # the MatMul + Add became a Gemm
+    flags = invoke(
+        "compile",
+        model_file,
+        "-o",
+        tmp_path / "out.onnx",
+        "--recipe",
+        recipe,
+        "--exclude-op",
+        "Conv",
+        "--mode",
+        "dynamic",
+    )
+    assert "op type Gemm excluded" in flags.stdout, "flags add to the recipe's exclusions"
+    plain = invoke("compile", model_file, "-o", tmp_path / "out.onnx", "--mode", "dynamic")
+    histogram = qgraph.summarize(qgraph.load(tmp_path / "out.onnx")).op_histogram
+    assert plain.exit_code == 0 and histogram["DynamicQuantizeLinear"] == 1
+
+
+def test_quantization_errors_are_one_line(model_file, tmp_path):
+    out = tmp_path / "out.onnx"
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--mode", "static"), "needs calibration data"
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text('mode = "fast"\n')
+    assert_one_line_error(invoke("compile", model_file, "-o", out, "--recipe", bad), str(bad))
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--tensor-dtype", "int16"),
+        "expected REGEX=DTYPE",
+    )
+    data = tmp_path / "nan.npz"
+    np.savez(data, x=np.full((2, 4), np.nan, np.float32))
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--calib", data), "input 'x'", "NaN"
+    )
+    assert not out.exists()
