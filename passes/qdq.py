@@ -26,7 +26,13 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qgraph.calibration import METHODS, collect_statistics, random_batches, tensor_range
+from qgraph.calibration import (
+    METHODS,
+    collect_statistics,
+    estimated_sqnr_db,
+    random_batches,
+    tensor_range,
+)
 from qgraph.errors import QGraphError
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import ANNOTATION_KEY, FLOAT_REASON_KEY, NodeAnnotation
@@ -45,6 +51,9 @@ from qgraph.targets import TargetSpec
 logger = logging.getLogger(__name__)
 
 
+MICROSOFT_DOMAIN = "com.microsoft"
+
+
 class CalibrationMissingError(QGraphError):
     """Static quantization was asked for without calibration data."""
 
@@ -60,6 +69,8 @@ class QDQReport:
     weights: int = 0
     biases: int = 0
     calibration_batches: int = 0
+    promoted: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Activations quantized to 16 bits, with the SQNR (dB) 8 bits would have had."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +102,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
         report = QDQReport()
         ranges = self._activation_ranges(model, annotated, report)
-        builder = _QDQBuilder(graph, self.target.qdq_per_consumer)
+        builder = _QDQBuilder(model, self.target.qdq_per_consumer)
         for node in annotated:
             reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
             if reason is None:
@@ -137,7 +148,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
             annotation: NodeAnnotation = node.meta[ANNOTATION_KEY]
             name = node.inputs[annotation.activation].name
             specs[name] = _wider(specs.get(name), annotation.activation_spec)
-        needs = {name: METHODS[spec.method].needs_histogram for name, spec in specs.items()}
+        promote = self._promotion_threshold()
+        needs = {
+            name: promote > 0 or METHODS[spec.method].needs_histogram
+            for name, spec in specs.items()
+        }
         statistics = collect_statistics(
             model, needs, self._calibration_data(model), progress=self._count(report)
         )
@@ -149,8 +164,26 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 continue
             lo, hi = tensor_range(stats, spec.method, percentile=self.options.percentile)
             scale, zero_point = scale_and_zero_point(lo, hi, spec)
+            if self._user_dtype(name) is None and promote > 0:
+                sqnr = estimated_sqnr_db(stats, lo, hi, float(scale))
+                if sqnr < promote:
+                    spec = dataclasses.replace(spec, dtype=self._wide_dtype())
+                    scale, zero_point = scale_and_zero_point(lo, hi, spec)
+                    report.promoted[name] = sqnr
             ranges[name] = ActivationQuantization(spec, scale, zero_point)
         return ranges
+
+    def _promotion_threshold(self) -> float:
+        """The SQNR (dB) below which activations go to 16 bits; 0 where that cannot happen."""
+        return self.options.int16_below_db if self.target.int16_activations else 0.0
+
+    def _user_dtype(self, name: str) -> ir.DataType | None:
+        return self.options.override(name).dtype
+
+    def _wide_dtype(self) -> ir.DataType:
+        """The 16-bit type of the target's activation signedness."""
+        signed = self.target.activation_dtype.is_signed()
+        return ir.DataType.INT16 if signed else ir.DataType.UINT16
 
     def _calibration_data(self, model: ir.Model):
         if self.options.calib is not None:
@@ -181,8 +214,9 @@ def _wider(current: QuantSpec | None, new: QuantSpec) -> QuantSpec:
 class _QDQBuilder:
     """Creates the Q/DQ nodes and quantized initializers of one graph, sharing what it can."""
 
-    def __init__(self, graph: ir.Graph, per_consumer: bool) -> None:
-        self.graph = graph
+    def __init__(self, model: ir.Model, per_consumer: bool) -> None:
+        self.model = model
+        self.graph = model.graph
         self.per_consumer = per_consumer
         self.activations: dict[str, ir.Value] = {}
         self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
@@ -196,11 +230,12 @@ class _QDQBuilder:
             suffix = f"_{node.name}" if self.per_consumer else ""
             scale = self._constant(f"{value.name}{suffix}_scale", found.scale)
             zero_point = self._constant(f"{value.name}{suffix}_zero_point", found.zero_point)
+            domain = self._qdq_domain(found.spec)
             quantize = ir.Node(
-                "", "QuantizeLinear", [value, scale, zero_point], name=f"{value.name}{suffix}_Q"
+                domain, "QuantizeLinear", [value, scale, zero_point], name=f"{value.name}{suffix}_Q"
             )
             dequantize = ir.Node(
-                "",
+                domain,
                 "DequantizeLinear",
                 [quantize.outputs[0], scale, zero_point],
                 name=f"{value.name}{suffix}_DQ",
@@ -210,6 +245,14 @@ class _QDQBuilder:
             self.activations[key] = dequantize.outputs[0]
             self.activation_pairs += 1
         node.replace_input_with(index, self.activations[key])
+
+    def _qdq_domain(self, spec: QuantSpec) -> str:
+        """The default domain where its opset carries ``spec``, else onnxruntime's
+        ``com.microsoft`` Q/DQ (16-bit types at any opset)."""
+        if self.model.opset_imports.get("", 0) >= spec.min_opset:
+            return ""
+        self.model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+        return MICROSOFT_DOMAIN
 
     def dynamic_activation(self, node: ir.Node, index: int) -> None:
         value = node.inputs[index]

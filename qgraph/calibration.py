@@ -303,6 +303,23 @@ def tensor_range(
     return float(lo), float(hi)
 
 
+def estimated_sqnr_db(stats: TensorStatistics, lo: float, hi: float, scale: float) -> float:
+    """Expected signal-to-quantization-noise ratio (dB) of quantizing the tensor with step
+    ``scale`` over ``[lo, hi]``, from its ``|x|`` histogram (elements at their bin centers ``c``):
+    ``sum h c^2 / (sum_{c <= T} h scale^2 / 12 + sum_{c > T} h (c - T)^2)``, ``T = max(-lo, hi)``.
+    """
+    histogram = _histogram(stats).astype(np.float64)
+    centers = (np.arange(HISTOGRAM_BINS) + 0.5) * stats.bin_width
+    threshold = max(-lo, hi)
+    clipped = centers > threshold
+    noise = histogram[~clipped].sum() * scale**2 / 12
+    noise += (histogram[clipped] * (centers[clipped] - threshold) ** 2).sum()
+    signal = (histogram * centers**2).sum()
+    if noise == 0.0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
 # Collection
 
 

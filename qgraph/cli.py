@@ -199,6 +199,13 @@ def cli(debug: bool) -> None:
     help="Calibrate matching activations with METHOD, repeatable.",
 )
 @click.option(
+    "--int16-below-db",
+    type=click.FloatRange(0, 100),
+    metavar="DB",
+    help="Quantize an activation to 16 bits where 8 would give an SQNR below DB "
+    "(static mode, targets with 16-bit activations; 0: never) [default: 30].",
+)
+@click.option(
     "--recipe",
     type=click.Path(path_type=Path),
     help="A TOML file with any of the quantization options above (flags override it).",

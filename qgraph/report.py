@@ -167,6 +167,12 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     )
     if inserted.calibration_batches:
         notes += f", calibrated on {inserted.calibration_batches} batches"
+    if inserted.promoted:
+        worst = min(inserted.promoted.values())
+        notes += (
+            f"; {len(inserted.promoted)} activations in 16 bits, where 8 would have given an "
+            f"SQNR as low as {worst:.1f} dB"
+        )
     parts.append(notes)
     if reasons:
         parts.append(_float_reasons_table(reasons))

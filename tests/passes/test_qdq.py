@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
+from qgraph.calibration import TensorStatistics, estimated_sqnr_db
 from qgraph.options import CompileOptions
 from qgraph.passes.qdq import CalibrationMissingError
 from qgraph.recipe import quant_options
@@ -102,9 +103,7 @@ def test_static_error_stays_within_the_quantization_step():
     # |xW - x'W'| <= sum_k |x_k||dW_k| + |W_k||dx_k| + |dx_k||dW_k|; |dx| <= s_x/2, |dW| <= s_w/2
     bound = np.abs(x) @ np.broadcast_to(s_w / 2, W.shape) + s_x / 2 * np.abs(W).sum(0)
     bound += K * s_x / 2 * s_w / 2
-    probe = ir.serde.serialize_model(model)
-    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
-    h = verify.run(probe.SerializeToString(), {"x": x})["h"]
+    h = matmul_output(model, x)
     assert (np.abs(h - x @ W) <= bound + 1e-6).all()
     assert np.abs(h - x @ W).max() > 0, "the MatMul really is quantized"
 
@@ -166,9 +165,7 @@ def test_weight_only_int4_is_per_block_at_opset_21():
     s_w = initializer(model, "W_scale")  # [K / 16, N]
     w_dq = initializer(model, "W_quantized").astype(np.float32) * np.repeat(s_w, 16, axis=0)
     h_expected = feeds["x"] @ w_dq
-    probe = ir.serde.serialize_model(model)
-    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
-    h = verify.run(probe.SerializeToString(), feeds)["h"]
+    h = matmul_output(model, feeds["x"])
     np.testing.assert_allclose(h, h_expected, rtol=0, atol=1e-5 * np.abs(h_expected).max())
 
 
@@ -223,3 +220,36 @@ def test_computed_weights_stay_in_float():
     result = qgraph.compile_model(proto, "x86-avx2", options=options)
     annotate = next(r for r in result.records if r.name == "annotate").details
     assert annotate.float_reasons["mm"][1].startswith("its weight is not a constant")
+
+
+def test_a_heavy_tailed_activation_goes_to_16_bits():
+    data = batches(16)
+    data[0]["x"][0, 0] = 500.0  # one outlier in 1024 values: 8 bits give an SQNR near 29 dB
+    model = compile_quantized(mlp(), calib=data)
+    quantize = next(
+        n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"
+    )
+    assert quantize.domain == "com.microsoft", "opset 17 has no 16-bit QuantizeLinear"
+    assert initializer(model, "x_zero_point").dtype == np.uint16
+    assert initializer(model, "r_zero_point").dtype == np.uint8, "the well-behaved one stays"
+    eight_bit = compile_quantized(mlp(), calib=data, int16_below_db=0)
+    assert initializer(eight_bit, "x_zero_point").dtype == np.uint8
+    x = batches(1, seed=7)[0]["x"]
+    error_16 = verify.relative_error(x @ W, matmul_output(model, x))
+    error_8 = verify.relative_error(x @ W, matmul_output(eight_bit, x))
+    assert error_16 < error_8 / 10
+
+
+def matmul_output(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    probe = ir.serde.serialize_model(model)
+    probe.graph.output.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+    return verify.run(probe.SerializeToString(), {"x": x})["h"]
+
+
+def test_estimated_sqnr_matches_the_uniform_noise_model():
+    stats = TensorStatistics(histogram=True)
+    stats.update(np.random.default_rng(0).uniform(-1, 1, 100_000))
+    scale = 2 / 255
+    # signal E[x^2] = 1/3 for U(-1, 1); noise scale^2 / 12
+    expected = 10 * np.log10((1 / 3) / (scale**2 / 12))
+    assert abs(estimated_sqnr_db(stats, -1.0, 1.0, scale) - expected) < 0.05
