@@ -98,6 +98,11 @@ def quantize_in_child(method: str, source: Path, target: Path, calibration: Path
         str(target),
         str(calibration),
     ]
+    return run_child(command)
+
+
+def run_child(command: list[str]) -> dict:
+    """Run ``command``; the JSON object its last stdout line holds, or its last error line."""
     child = subprocess.run(command, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         lines = [line for line in child.stderr.strip().splitlines() if line.strip()]

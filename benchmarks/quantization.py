@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from ort_baseline import headline, peak_rss, quantize_in_child
+from ort_baseline import headline, peak_rss, quantize_in_child, run_child
 
 from qgraph import models
 from qgraph.data import DatasetInfo, read_batches, write_dataset
@@ -72,11 +71,7 @@ class Row:
 def compile_in_child(source: Path, target: Path, flags: dict) -> dict:
     """``qgraph.compile_model`` in a fresh process: its wall time and peak RSS, or its error."""
     command = [sys.executable, __file__, "--child", str(source), str(target), json.dumps(flags)]
-    child = subprocess.run(command, capture_output=True, text=True, check=False)
-    if child.returncode != 0:
-        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
-        return {"failure": lines[-1][:200] if lines else f"exit code {child.returncode}"}
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    return run_child(command)
 
 
 def child_main(source: str, target: str, flags: str) -> None:
