@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -37,10 +38,10 @@ class WeightedOp:
     weight: int
     bias: int | None
     weight_rank: int | None
-    channel_axis: object
-    """``node -> axis`` of the weight's output channels."""
-    reduction_axis: object
-    """``node -> axis`` of the weight's reduction (K), or None where blocks do not apply."""
+    channel_axis: Callable[[ir.Node], int]
+    """The axis of the weight's output channels."""
+    reduction_axis: Callable[[ir.Node], int | None]
+    """The axis of the weight's reduction (K), or None where blocks do not apply."""
 
 
 def _gemm_transposed(node: ir.Node) -> bool:
@@ -118,8 +119,8 @@ class AnnotatePass(ir.passes.InPlacePass):
             return "an input is missing"
         if weight.const_value is None or not weight.is_initializer():
             return "its weight is not a constant (both inputs are computed at run time)"
-        if weight.dtype != ir.DataType.FLOAT or activation.dtype != ir.DataType.FLOAT:
-            return "its inputs are not float32"
+        if weight.const_value.dtype != ir.DataType.FLOAT:
+            return "its weight is not float32"  # the activation has its type (ONNX typing)
         if layout.weight_rank is not None and len(weight.const_value.shape) != layout.weight_rank:
             return f"its weight has rank {len(weight.const_value.shape)}, not {layout.weight_rank}"
         return NodeAnnotation(
