@@ -147,7 +147,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--calib",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Calibration data: a .npz file or a folder of them, keys = the model's input names.",
 )
 @click.option(

@@ -277,6 +277,9 @@ def test_quantization_errors_are_one_line(model_file, tmp_path):
         invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--tensor-dtype", "int16"),
         "expected REGEX=DTYPE",
     )
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--calib", tmp_path / "none"), "no such dataset"
+    )
     data = tmp_path / "nan.npz"
     np.savez(data, x=np.full((2, 4), np.nan, np.float32))
     assert_one_line_error(
