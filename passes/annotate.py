@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.quant_spec import QuantSpec
-from qgraph.recipe import Mode, QuantOptions
+from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
 
@@ -135,6 +135,11 @@ class AnnotatePass(ir.passes.InPlacePass):
         if self.options.mode is Mode.WEIGHT_ONLY:
             return None
         override = self.options.override(value.name or "")
+        wide = override.dtype is not None and override.dtype.bitwidth == 16
+        if wide and not self.target.int16_activations:
+            raise RecipeError(
+                f"tensor '{value.name}': target {self.target.name} has no 16-bit activations"
+            )
         return QuantSpec(
             dtype=override.dtype or self.target.activation_dtype,
             symmetric=self.target.activation_symmetric,

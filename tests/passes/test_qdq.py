@@ -16,7 +16,7 @@ from qgraph import verify
 from qgraph.calibration import TensorStatistics, estimated_sqnr_db
 from qgraph.options import CompileOptions
 from qgraph.passes.qdq import CalibrationMissingError
-from qgraph.recipe import quant_options
+from qgraph.recipe import RecipeError, quant_options
 
 K, N = 16, 8
 RNG = np.random.default_rng(0)
@@ -253,3 +253,8 @@ def test_estimated_sqnr_matches_the_uniform_noise_model():
     # signal E[x^2] = 1/3 for U(-1, 1); noise scale^2 / 12
     expected = 10 * np.log10((1 / 3) / (scale**2 / 12))
     assert abs(estimated_sqnr_db(stats, -1.0, 1.0, scale) - expected) < 0.05
+
+
+def test_16_bits_on_a_target_without_them_is_refused_by_name():
+    with pytest.raises(RecipeError, match="tensor 'r': target tensorrt has no 16-bit"):
+        compile_quantized(mlp(), target="tensorrt", tensor={"r": {"dtype": "int16"}})
