@@ -62,6 +62,8 @@ KL_EPSILON = 1e-10
 KL_TIE_TOLERANCE = 1e-9
 """KL divergences (nats) closer than this count as tied: rounding must not pick among them."""
 RANDOM_INTEGER_LIMIT = 100
+CALIBRATION_THREADS = 0
+"""onnxruntime's intra-op threads while calibrating: 0 is one per physical core."""
 """Random integer inputs are drawn from ``[0, RANDOM_INTEGER_LIMIT)``."""
 
 
@@ -347,11 +349,8 @@ def collect_statistics(
     statistics = {name: TensorStatistics(histogram=wanted) for name, wanted in tensors.items()}
     done = 0
     for done, feeds in enumerate(read_batches(data), start=1):
-        label = _batch_label(done, files)
-        _check_feeds(graph, feeds, label)
-        results = _run(sess, names, feeds)
-        for name, stats in statistics.items():
-            stats.update(results[name] if name in results else _input_array(values[name], feeds))
+        _check_feeds(graph, feeds, _batch_label(done, files))
+        _update(statistics, _run(sess, names, feeds), values, feeds)
         if progress is not None:
             progress(done, total)
     if done == 0:
@@ -378,9 +377,10 @@ def _named_values(graph: ir.Graph, names: Iterable[str]) -> dict[str, ir.Value]:
 
 
 def _session_reading(model: ir.Model, extra_outputs: Sequence[ir.Value]) -> ort.InferenceSession:
-    """A session of ``model`` with ``extra_outputs`` among its outputs."""
+    """A session of ``model`` with ``extra_outputs`` among its outputs, on every core and with
+    onnxruntime's optimizations (a requested output is never fused away)."""
     with _temporary_outputs(model.graph, extra_outputs):
-        return session(model)
+        return session(model, optimize=True, threads=CALIBRATION_THREADS)
 
 
 @contextlib.contextmanager
@@ -399,6 +399,18 @@ def _temporary_outputs(graph: ir.Graph, values: Sequence[ir.Value]) -> Iterator[
             graph.outputs.pop()
         if list(graph.outputs) != original:
             raise RuntimeError("bug: calibration did not restore the graph's outputs")
+
+
+def _update(
+    statistics: dict[str, TensorStatistics],
+    results: dict[str, np.ndarray],
+    values: Mapping[str, ir.Value],
+    feeds: Feeds,
+) -> None:
+    """Add one batch to ``statistics``. A function of its own so that the batch's outputs are
+    freed before the next batch runs (a loop variable would hold them through that run)."""
+    for name, stats in statistics.items():
+        stats.update(results[name] if name in results else _input_array(values[name], feeds))
 
 
 def _run(sess: ort.InferenceSession, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:

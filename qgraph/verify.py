@@ -28,12 +28,15 @@ INTRA_OP_THREADS = 1
 
 
 def session(
-    model: ir.Model | bytes | str | os.PathLike, *, optimize: bool = False
+    model: ir.Model | bytes | str | os.PathLike,
+    *,
+    optimize: bool = False,
+    threads: int = INTRA_OP_THREADS,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` (an IR model, a serialized ONNX file or a path);
-    graph optimizations off unless ``optimize``."""
+    graph optimizations off unless ``optimize``; ``threads`` intra-op threads (0: all cores)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = INTRA_OP_THREADS
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     if not optimize:
