@@ -56,6 +56,7 @@ MODEL_RECIPES = {
 """Per-model recipes worth a row: what a user would write after finding the sensitive layer."""
 MEMORY_MODEL, MEMORY_SAMPLES, MEMORY_BATCH = "minilm", (16, 256), 16
 TIME_MODEL = "smollm2"
+SECTIONS = ("accuracy", "memory", "time")
 
 
 @dataclasses.dataclass
@@ -201,15 +202,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("quantization.md"))
+    parser.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="Tables to make."
+    )
     args = parser.parse_args()
     out_root = models.cache_dir() / "quantization"
     rows = []
-    for name in args.models:
+    for name in args.models if "accuracy" in args.sections else ():
         print(f"{name}:", file=sys.stderr, flush=True)
         rows.extend(accuracy_rows(name, args.runs, out_root))
     with tempfile.TemporaryDirectory() as scratch:
-        memory = memory_table(Path(scratch))
-        timing = compile_time_table(Path(scratch))
+        memory = memory_table(Path(scratch)) if "memory" in args.sections else ["(not run)"]
+        timing = compile_time_table(Path(scratch)) if "time" in args.sections else ["(not run)"]
     command = "python benchmarks/quantization.py " + " ".join(sys.argv[1:])
     lines = [
         f"# qgraph quantization on the zoo ({TARGET})",
@@ -220,7 +224,7 @@ def main() -> None:
         "thread, all optimizations (> 1 is faster). onnxruntime's own quantizers on the same "
         "models: `baseline.md`.",
         "",
-        *accuracy_table(rows),
+        *(accuracy_table(rows) if rows else ["(not run)"]),
         "",
         f"## Calibration memory ({MEMORY_MODEL}, static)",
         "",
