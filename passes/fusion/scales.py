@@ -74,6 +74,20 @@ class _ScaleRule(TargetRule):
             return fail(f"'{c.name}' of shape {list(scale.shape)} does not scale only {where}", c)
         return vector
 
+    def _check_matmul(self, w, c, product, size_axis: int, rank: int, where: str) -> MatchResult:
+        """Check a 2-D constant MatMul weight and a scale along its axis ``size_axis``; keep
+        the scale vector for ``rewrite``."""
+        if constant(w) is None:
+            return not_a_candidate()
+        problem = weight_problem(w, product.producer())
+        if problem is not None or _rank(w) != 2:
+            return fail(problem or f"weight '{w.name}' is not 2-D", w)
+        vector = self._vector(c, w.shape[size_axis], rank, 1, where)
+        if isinstance(vector, MatchResult):
+            return vector
+        self._vector_value = vector
+        return MatchResult()
+
 
 class ScaleAfterMatMul(_ScaleRule):
     """``MatMul(x, W) * c`` (or ``/ c``) -> ``MatMul(x, W')``."""
@@ -85,16 +99,7 @@ class ScaleAfterMatMul(_ScaleRule):
         return op.Div(product, c) if self.divide else op.Mul(product, c)
 
     def check(self, context, x, w, c, product, **_) -> MatchResult:
-        if constant(w) is None:
-            return not_a_candidate()
-        problem = weight_problem(w, product.producer())
-        if problem is not None or _rank(w) != 2:
-            return fail(problem or f"weight '{w.name}' is not 2-D", w)
-        vector = self._vector(c, w.shape[1], _rank(product), 1, "the output columns")
-        if isinstance(vector, MatchResult):
-            return vector
-        self._vector_value = vector
-        return MatchResult()
+        return self._check_matmul(w, c, product, 1, _rank(product), "the output columns")
 
     def rewrite(self, op, x, w, **_):
         folded = constant(w).astype(np.float64) * self._vector_value[None, :]
@@ -111,16 +116,7 @@ class ScaleBeforeMatMul(_ScaleRule):
         return op.MatMul(scaled, w, _outputs=["product"])
 
     def check(self, context, x, w, c, product, **_) -> MatchResult:
-        if constant(w) is None:
-            return not_a_candidate()
-        problem = weight_problem(w, product.producer())
-        if problem is not None or _rank(w) != 2:
-            return fail(problem or f"weight '{w.name}' is not 2-D", w)
-        vector = self._vector(c, w.shape[0], _rank(x), 1, "the input channels")
-        if isinstance(vector, MatchResult):
-            return vector
-        self._vector_value = vector
-        return MatchResult()
+        return self._check_matmul(w, c, product, 0, _rank(x), "the input channels")
 
     def rewrite(self, op, x, w, **_):
         folded = self._vector_value[:, None] * constant(w).astype(np.float64)
