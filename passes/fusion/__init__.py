@@ -6,6 +6,7 @@ module states its math:
 
 - ``scales``: Transpose/Reshape chains collapsed; constant Mul/Div next to a MatMul or Conv
   folded into its weights
+- ``onehot``: a one-hot vector times a constant matrix to a row lookup (Gather)
 - ``batchnorm``: BatchNormalization folded into Conv / ConvTranspose / Gemm / MatMul
 - ``normalization``: decomposed LayerNorm and RMSNorm to single ops
 - ``gelu``: GELU (erf and tanh forms) to Gelu
@@ -28,7 +29,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import RewriteRule
 
 from qgraph.passes.canonicalize import IdentityEliminationPass
-from qgraph.passes.fusion import activations, batchnorm, gelu, gemm, normalization, scales
+from qgraph.passes.fusion import activations, batchnorm, gelu, gemm, normalization, onehot, scales
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
@@ -61,6 +62,11 @@ RULES = (
     ),
     FusionRule(
         "reshape-chain", "Reshape(Reshape(x, s), t) -> Reshape(x, t)", (scales.ReshapeReshape,)
+    ),
+    FusionRule(
+        "one-hot-to-gather",
+        "MatMul(one-hot(ids), W) -> Gather(W, ids)",
+        (onehot.OneHotMatMulToGather,),
     ),
     FusionRule(
         "fold-batchnorm",
