@@ -8,7 +8,8 @@ A tensor ``x`` is stored as integers ``q`` with a scale ``s > 0`` and a zero poi
 dtype's width uses only part of its range (7-bit weights in int8: ``[-63, 63]``). From a range
 ``[lo, hi]``, first widened to hold 0 so that zero (padding, ReLU) is exact:
 
-    symmetric:   s = max(|lo|, |hi|) / qmax,              z = 0 (signed) or 2^(bits-1) (unsigned)
+    symmetric:   s = max(|lo|, |hi|) / h,   h = floor((qmax - qmin) / 2),   z = 0 (signed)
+                 or 2^(bits-1) (unsigned), so that both +-max fit: uint8 holds [1, 255]
     asymmetric:  s = (hi - lo) / (qmax - qmin),           z = round(qmin - lo / s)
 
 The rounding error of an in-range value is at most ``s / 2``. Per-channel specs give every slice
@@ -106,7 +107,7 @@ def scale_and_zero_point(
     hi = np.maximum(np.asarray(hi, np.float64), 0.0)
     qmin, qmax = spec.integer_range()
     if spec.symmetric:
-        scale = np.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        scale = np.maximum(-lo, hi) / ((qmax - qmin) // 2)
         zero_point = np.full(scale.shape, (qmin + qmax + 1) // 2 if not spec.signed else 0)
     else:
         scale = (hi - lo) / (qmax - qmin)

@@ -38,6 +38,14 @@ def test_seven_bit_symmetric_int8_uses_plus_minus_63():
     assert q.tolist() == [-63, 8, 63]  # 0.25 / (2/63) = 7.875; 5 clamps
 
 
+def test_symmetric_uint8_centres_on_128_and_holds_both_extremes():
+    spec = QuantSpec(ir.DataType.UINT8, symmetric=True)
+    scale, zero_point = scale_and_zero_point(-0.5, 1.27, spec)
+    assert scale == np.float32(1.27 / 127) and zero_point == 128
+    q = quantize(np.array([-1.27, 0.0, 1.27], np.float32), scale, zero_point, spec)
+    assert q.tolist() == [1, 128, 255]  # unclipped: the U8U8 weights of x86-avx2
+
+
 def test_rounding_is_half_to_even_like_quantize_linear():
     scale, zero_point = np.float32(1.0), np.uint8(0)
     q = quantize(np.array([0.5, 1.5, 2.5], np.float32), scale, zero_point, U8)
