@@ -5,6 +5,10 @@ Facts measured on this kind of machine (see ARCHITECTURE.md):
   with VNNI); s8 x s8 ``MatMulInteger`` ran about 3x slower than fp32 on AVX2.
 - Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates
   unless the weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 64 = 32640 fits.
+  onnxruntime's U8U8 kernels widen both operands to int16 (``vpmaddwd``) and cannot saturate;
+  with weights stored as uint8 around zero point 128 they keep the full 8-bit range (7-bit
+  weights cost 6 dB of weight SQNR) and ran as fast as u8 x s8 here
+  (``benchmarks/integer_kernels.py``). So x86-avx2 stores weights as symmetric uint8.
 - onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
   consumer; u8 activations have no such restriction.
 """
@@ -54,6 +58,6 @@ X86_VNNI = TargetSpec(
 X86_AVX2 = dataclasses.replace(
     X86_VNNI,
     name="x86-avx2",
-    summary="x86-64 with AVX2, no VNNI: u8 activations x s8 weights in a 7-bit range",
-    weight_bits=7,
+    summary="x86-64 with AVX2, no VNNI: u8 activations x u8 weights around 128, cannot saturate",
+    weight_dtype=ir.DataType.UINT8,
 )

@@ -72,6 +72,17 @@ def dq_node(model: ir.Model, output: str) -> ir.Node:
     )
 
 
+def dequantized_weight(model: ir.Model, name: str) -> np.ndarray:
+    """``(q - z) * s`` of weight ``name``, its scale and zero point along its DQ's axis."""
+    q = initializer(model, f"{name}_quantized").astype(np.float64)
+    scale = initializer(model, f"{name}_scale").astype(np.float64)
+    zero_point = initializer(model, f"{name}_zero_point").astype(np.float64)
+    axis = dq_node(model, f"{name}_dequantized").attributes["axis"].as_int()
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    return (q - zero_point.reshape(shape)) * scale.reshape(shape)
+
+
 def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
     q = np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).astype(np.float32)
@@ -82,13 +93,11 @@ def test_static_w8a8_matches_a_literal_fake_quant_reference():
     feeds = batches(1, seed=7)[0]
     x = feeds["x"]
     s_x, z_x = initializer(model, "x_scale"), initializer(model, "x_zero_point").astype(np.float64)
-    s_w = initializer(model, "W_scale")
-    w_q = initializer(model, "W_quantized")
-    h = fake_quant(x, s_x, z_x, 0, 255) @ (w_q * s_w)
+    h = fake_quant(x, s_x, z_x, 0, 255) @ dequantized_weight(model, "W")
     r = np.maximum(h, 0)
     s_r, z_r = initializer(model, "r_scale"), initializer(model, "r_zero_point").astype(np.float64)
     s_wt = initializer(model, "W_T_scale")
-    wt = initializer(model, "W_T_quantized") * s_wt[:, None]
+    wt = dequantized_weight(model, "W_T")
     bias_q = initializer(model, "BIAS_gemm_quantized") * (s_r * s_wt)
     expected = fake_quant(r, s_r, z_r, 0, 255) @ wt.T + bias_q
     actual = verify.run(model, feeds)["y"]
@@ -110,8 +119,9 @@ def test_static_error_stays_within_the_quantization_step():
 
 def test_specs_follow_the_target():
     model = compile_quantized(mlp())
-    assert initializer(model, "W_quantized").dtype == np.int8
-    assert np.abs(initializer(model, "W_quantized")).max() <= 63, "x86-avx2 weights are 7-bit"
+    w_q = initializer(model, "W_quantized")
+    assert w_q.dtype == np.uint8 and (initializer(model, "W_zero_point") == 128).all()
+    assert np.abs(w_q.astype(np.int64) - 128).max() == 127, "u8 around 128, full 8-bit range"
     assert dq_node(model, "W_dequantized").attributes["axis"].as_int() == 1  # MatMul [K, N]
     assert dq_node(model, "W_T_dequantized").attributes["axis"].as_int() == 0  # Gemm transB
     assert initializer(model, "W_T_scale").shape == (K,)
