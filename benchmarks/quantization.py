@@ -48,12 +48,6 @@ MODES = {
     "weight-only int4/32": {"mode": "weight-only", "weight_dtype": "int4", "block_size": 32},
 }
 LLM_ONLY = {"weight-only int4/32"}
-MODEL_RECIPES = {
-    "magika": {
-        "static, first Dense in float": {"mode": "static", "exclude_node": [".*/Dense_0/.*"]}
-    },
-}
-"""Per-model recipes worth a row: what a user would write after finding the sensitive layer."""
 MEMORY_MODEL, MEMORY_SAMPLES, MEMORY_BATCH = "minilm", (16, 256), 16
 TIME_MODEL = "smollm2"
 SECTIONS = ("accuracy", "memory", "time")
@@ -90,7 +84,7 @@ def child_main(source: str, target: str, flags: str) -> None:
 def accuracy_rows(name: str, runs: int, out_root: Path) -> list[Row]:
     zoo_model = models.fetch(name)
     rows = []
-    for mode, flags in {**MODES, **MODEL_RECIPES.get(name, {})}.items():
+    for mode, flags in MODES.items():
         if mode in LLM_ONLY and zoo_model.metric != "causal-lm":
             continue
         print(f"  {name} / {mode} ...", file=sys.stderr, flush=True)
