@@ -165,6 +165,8 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
         f"{inserted.weights} weights and {inserted.biases} biases quantized, "
         f"{inserted.activation_pairs} activation Q/DQ pairs"
     )
+    if inserted.residual_inputs:
+        notes += f" ({inserted.residual_inputs} residual Adds read one on their skip input)"
     if inserted.calibration_batches:
         notes += f", calibrated on {inserted.calibration_batches} batches"
     if inserted.promoted:

@@ -3,7 +3,9 @@
 TensorRT reads explicit Q/DQ and picks its own int8 kernels. Its ONNX parser takes int8
 symmetric quantization (zero point 0), per-channel weights and per-tensor activations, and
 no QOperator ops (QLinear*, ConvInteger, MatMulInteger, DynamicQuantizeLinear) or
-com.microsoft contrib ops. Its parser turns ``Gemm`` into a matrix multiply and an
+com.microsoft contrib ops. Its DequantizeLinear takes no int32 input, so biases stay float.
+It fuses a weighted op with the Add of a skip connection when the skip input is quantized
+and the op's output is not. Its parser turns ``Gemm`` into a matrix multiply and an
 element-wise add anyway, so a ``MatMul + Add`` stays as it is (the bias stays float).
 """
 
@@ -38,4 +40,6 @@ TENSORRT = TargetSpec(
     matmul_add_as_gemm=False,
     allowed_domains=ONNX_DOMAINS,
     conformance_rules=LOADABLE_RULES,
+    int32_bias=False,
+    quantize_residual_inputs=True,
 )
