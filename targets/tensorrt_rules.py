@@ -152,8 +152,8 @@ def per_channel_weight_axes(model: ir.Model, target: TargetSpec) -> Iterator[Vio
         count = _scale_count(node)
         if node.op_type != "DequantizeLinear" or weight is None or count in (None, 1):
             continue
-        if "block_size" in node.attributes:
-            continue  # per-block, and not int8: qdq_types_int8 reports it
+        if _quantized_dtype(node) != ir.DataType.INT8 or "block_size" in node.attributes:
+            continue  # an int32 bias or 4-bit blocks: qdq_types_int8 reports them
         yield from _per_channel_uses(node, weight.shape, count, target)
 
 
@@ -299,9 +299,9 @@ def _per_channel_uses(
         expected = _output_channel_axis(reader, index, len(shape))
         if expected is None:
             message = (
-                f"weight '{weight}' is dequantized per channel for {reader.op_type} "
-                f"'{reader.name}', which does not read it as a Conv/ConvTranspose/MatMul/Gemm "
-                f"weight; {target.name} takes per-channel scales on those weights only"
+                f"'{weight}' is dequantized per channel for {reader.op_type} '{reader.name}' "
+                f"(its input {index}), which is not a Conv/ConvTranspose/MatMul/Gemm weight; "
+                f"{target.name} takes per-channel scales on those weights only"
             )
         elif axis != expected:
             message = (
