@@ -9,7 +9,13 @@ index computations, masks and everything the target runs in float are left exact
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
 kW]`` on axis 0, ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with
 ``transB=1`` and axis 1 without. Per-block weight specs (4-bit, weight-only) split the
-reduction axis ``K`` into blocks, each with its own scale per output channel.
+reduction axis ``K`` into blocks, each with its own scale per output channel. Biases become
+int32 only where the target says so (``int32_bias``).
+
+Where the target fuses a weighted op with the ``Add`` of a skip connection
+(``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
+bias) and an activation that no weighted op produced gets a ``ResidualAnnotation``: its skip
+input is quantized like an activation, and the op's output stays float.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
+from qgraph.traversal import weighted_producer
 
 ANNOTATION_KEY = "qgraph.quantize"
+RESIDUAL_KEY = "qgraph.quantize_residual"
 FLOAT_REASON_KEY = "qgraph.float_reason"
 
 
@@ -75,6 +83,14 @@ class NodeAnnotation:
     bias: int | None
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidualAnnotation:
+    """The skip input of a residual ``Add`` after an annotated op, and its spec."""
+
+    skip: int
+    spec: QuantSpec
+
+
 @dataclasses.dataclass
 class AnnotationReport:
     """How many ops of each type were annotated, and why the others stay in float."""
@@ -82,6 +98,7 @@ class AnnotationReport:
     annotated: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Node name -> (op type, reason)."""
+    residual_inputs: int = 0
 
 
 class AnnotatePass(ir.passes.InPlacePass):
@@ -104,7 +121,21 @@ class AnnotatePass(ir.passes.InPlacePass):
             else:
                 node.meta[ANNOTATION_KEY] = decision
                 report.annotated[node.op_type] += 1
+        if self.target.quantize_residual_inputs and self.options.mode is Mode.STATIC:
+            report.residual_inputs = self._annotate_residuals(model)
         return ReportingPassResult(model, modified=False, details=report)
+
+    def _annotate_residuals(self, model: ir.Model) -> int:
+        """Mark the skip input of every residual ``Add`` after an annotated op; how many."""
+        count = 0
+        for node in model.graph:
+            skip = _residual_skip(node)
+            if skip is None or self.options.excluded(node):
+                continue
+            spec = self._activation_spec(node.inputs[skip])
+            node.meta[RESIDUAL_KEY] = ResidualAnnotation(skip, spec)
+            count += 1
+        return count
 
     def _annotate(self, node: ir.Node) -> NodeAnnotation | str:
         layout = WEIGHTED_OPS.get(node.op_type)
@@ -167,8 +198,13 @@ class AnnotatePass(ir.passes.InPlacePass):
         return QuantSpec(dtype, symmetric=dtype.is_signed(), axis=channel_axis)
 
     def _bias(self, node: ir.Node, layout: WeightedOp) -> int | None:
-        """The bias input, when it can become int32 (static mode, a constant vector)."""
-        if layout.bias is None or self.options.mode is not Mode.STATIC:
+        """The bias input, when it can become int32 (static mode, a constant vector, a target
+        that takes int32 biases)."""
+        if (
+            layout.bias is None
+            or self.options.mode is not Mode.STATIC
+            or not self.target.int32_bias
+        ):
             return None
         bias = _input(node, layout.bias)
         if bias is None or bias.const_value is None or len(bias.const_value.shape) != 1:
@@ -178,6 +214,20 @@ class AnnotatePass(ir.passes.InPlacePass):
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _residual_skip(node: ir.Node) -> int | None:
+    """For an ``Add`` of an annotated op's output and an activation no weighted op produced:
+    the index of that activation (the skip input); None for any other node."""
+    if node.op_type != "Add" or node.domain != "" or len(node.inputs) != 2:
+        return None
+    if any(v is None or v.const_value is not None for v in node.inputs):
+        return None
+    sources = [weighted_producer(v) for v in node.inputs]
+    annotated = [s is not None and ANNOTATION_KEY in s.meta for s in sources]
+    if annotated.count(True) != 1 or sources.count(None) != 1:
+        return None
+    return sources.index(None)
 
 
 PASSES = (

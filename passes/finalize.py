@@ -10,6 +10,7 @@
 - ``target-conformance``: the target's own rules (``TargetSpec.check``).
 
 The last two only read the model; a failure raises ``ConformanceError`` naming the rule.
+``conformance_violations`` runs both and lists what they find (``qgraph check``).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import onnx_ir.passes.common as common
 from qgraph.errors import ConformanceError
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
-from qgraph.targets import TargetSpec
+from qgraph.targets import TargetSpec, Violation
 from qgraph.traversal import all_nodes
 
 MAX_VIOLATIONS_SHOWN = 5
-
+CHECKER_RULE = "onnx_checker"
+"""The rule name under which ``conformance_violations`` reports the ONNX checker's complaint."""
 
 EXTENSION_DOMAIN = "qgraph.runtime_extension"
 
@@ -41,13 +43,28 @@ class OnnxCheckerPass(ir.passes.InPlacePass):
         self.extensions = extensions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        try:
-            with _extensions_hidden(model, self.extensions):
-                common.CheckerPass()(model)
-        except onnx.checker.ValidationError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise ConformanceError(f"the model fails the ONNX checker: {first_line}") from error
+        failure = onnx_checker_failure(model, self.extensions)
+        if failure is not None:
+            raise ConformanceError(f"the model fails the ONNX checker: {failure}")
         return ir.passes.PassResult(model, modified=False)
+
+
+def onnx_checker_failure(model: ir.Model, extensions: frozenset[str] = frozenset()) -> str | None:
+    """The first line of the ONNX checker's complaint about ``model``, or None if it passes."""
+    try:
+        with _extensions_hidden(model, extensions):
+            common.CheckerPass()(model)
+    except onnx.checker.ValidationError as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def conformance_violations(model: ir.Model, target: TargetSpec) -> list[Violation]:
+    """What the two checks of the finalize phase find wrong with ``model`` for ``target``: the
+    ONNX checker's complaint (rule ``onnx_checker``), then each broken target rule."""
+    failure = onnx_checker_failure(model, target.default_domain_extensions)
+    found = [Violation(CHECKER_RULE, failure)] if failure is not None else []
+    return found + target.check(model)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ For every annotated op (see ``passes/annotate.py``):
 An activation read by several annotated ops is quantized once (one pair shared by all), unless
 the target wants one pair per consumer (``qdq_per_consumer``). Readers that are not annotated
 keep reading the float tensor. An activation whose calibrated range is not finite stays in
-float, and so does the op that reads it.
+float, and so does the op that reads it. The skip input of an annotated residual ``Add`` is
+quantized the same way (static mode), sharing the pair of an op that reads it too.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from qgraph.calibration import (
 )
 from qgraph.errors import QGraphError
 from qgraph.options import CalibrationProgress
-from qgraph.passes.annotate import ANNOTATION_KEY, FLOAT_REASON_KEY, NodeAnnotation
+from qgraph.passes.annotate import (
+    ANNOTATION_KEY,
+    FLOAT_REASON_KEY,
+    RESIDUAL_KEY,
+    NodeAnnotation,
+    ResidualAnnotation,
+)
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.quant_spec import (
     QuantizedTensor,
@@ -66,6 +73,7 @@ class QDQReport:
     float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Node name -> (op type, reason) for annotated ops that stayed in float."""
     activation_pairs: int = 0
+    residual_inputs: int = 0
     weights: int = 0
     biases: int = 0
     calibration_batches: int = 0
@@ -100,8 +108,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         common.NameFixPass()(model)
         graph = model.graph
         annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
+        residuals = [node for node in graph if RESIDUAL_KEY in node.meta]
         report = QDQReport()
-        ranges = self._activation_ranges(model, annotated, report)
+        ranges = self._activation_ranges(model, _activation_specs(annotated, residuals), report)
         builder = _QDQBuilder(model, self.target.qdq_per_consumer)
         for node in annotated:
             reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
@@ -110,10 +119,16 @@ class InsertQDQPass(ir.passes.InPlacePass):
             else:
                 node.meta[FLOAT_REASON_KEY] = reason
                 report.float_reasons[node.name] = (node.op_type, reason)
+        for node in residuals:
+            skip = node.meta.pop(RESIDUAL_KEY).skip
+            found = ranges.get(node.inputs[skip].name)
+            if found is not None:
+                builder.static_activation(node, skip, found)
+                report.residual_inputs += 1
         report.biases = builder.biases
         report.activation_pairs = builder.activation_pairs
         report.weights = len(builder.weights)
-        return ReportingPassResult(model, modified=bool(annotated), details=report)
+        return ReportingPassResult(model, modified=bool(annotated or residuals), details=report)
 
     def _quantize(
         self,
@@ -138,16 +153,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return None
 
     def _activation_ranges(
-        self, model: ir.Model, annotated: list[ir.Node], report: QDQReport
+        self, model: ir.Model, specs: dict[str, QuantSpec], report: QDQReport
     ) -> dict[str, ActivationQuantization]:
         """Calibrated scale and zero point of every statically quantized activation."""
-        if self.options.mode is not Mode.STATIC or not annotated:
+        if self.options.mode is not Mode.STATIC or not specs:
             return {}
-        specs: dict[str, QuantSpec] = {}
-        for node in annotated:
-            annotation: NodeAnnotation = node.meta[ANNOTATION_KEY]
-            name = node.inputs[annotation.activation].name
-            specs[name] = _wider(specs.get(name), annotation.activation_spec)
         promote = self._promotion_threshold()
         needs = {
             name: promote > 0 or METHODS[spec.method].needs_histogram
@@ -202,6 +212,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 self.progress(done, total)
 
         return seen
+
+
+def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dict[str, QuantSpec]:
+    """The spec of every activation the annotated ops and residual Adds quantize, by name."""
+    specs: dict[str, QuantSpec] = {}
+    for node in annotated:
+        annotation: NodeAnnotation = node.meta[ANNOTATION_KEY]
+        if annotation.activation is not None:
+            name = node.inputs[annotation.activation].name
+            specs[name] = _wider(specs.get(name), annotation.activation_spec)
+    for node in residuals:
+        residual: ResidualAnnotation = node.meta[RESIDUAL_KEY]
+        name = node.inputs[residual.skip].name
+        specs[name] = _wider(specs.get(name), residual.spec)
+    return specs
 
 
 def _wider(current: QuantSpec | None, new: QuantSpec) -> QuantSpec:

@@ -1,4 +1,4 @@
-"""The ``qgraph`` command line: compile, inspect, passes, targets, models.
+"""The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, models.
 
 Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and exit 1;
 ``--debug`` shows the traceback of any error instead.
@@ -6,6 +6,7 @@ Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import summarize
 from qgraph.model_io import load
 from qgraph.options import CompileOptions
+from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import Phase
 from qgraph.recipe import (
     CALIBRATION_METHODS,
@@ -37,6 +39,7 @@ from qgraph.recipe import (
 )
 from qgraph.registry import registered_passes
 from qgraph.report import (
+    check_report,
     compile_report,
     evaluation_report,
     passes_report,
@@ -105,6 +108,7 @@ def cli(debug: bool) -> None:
     \b
     Typical use:
       qgraph compile model.onnx -o model.q.onnx --target auto
+      qgraph check model.q.onnx --target tensorrt
       qgraph inspect model.q.onnx
     """
     logging.basicConfig(
@@ -294,6 +298,41 @@ def _tensor_flags(dtypes: tuple[str, ...], methods: tuple[str, ...]) -> dict[str
                 raise RecipeError(f"--tensor-{key} '{entry}': expected REGEX={key.upper()}")
             table.setdefault(pattern, {})[key] = value
     return table
+
+
+@cli.command(name="check")
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-t", "--target", default=AUTO, show_default=True, help=TARGET_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict and violations as JSON.")
+def check_command(model: Path, target: str, as_json: bool) -> None:
+    """Check MODEL against a target: the ONNX checker, then each of the target's conformance
+    rules (what `compile` checks last; `qgraph targets` lists every target's rules).
+
+    Prints a row per violation (rule, node, what is wrong) and exits with status 1 when MODEL
+    breaks a rule, 0 when it conforms. MODEL can come from any tool, not only from qgraph.
+
+    \b
+    Examples:
+      qgraph check model.q.onnx --target tensorrt
+      qgraph check model.q.onnx --target tensorrt --json
+    """
+    spec = get_target(target)
+    violations = conformance_violations(load(model), spec)
+    rules = [CHECKER_RULE, *(rule.__name__ for rule in spec.conformance_rules)]
+    if as_json:
+        echo_json(
+            {
+                "model": str(model),
+                "target": spec.name,
+                "conforms": not violations,
+                "rules": rules,
+                "violations": [dataclasses.asdict(v) for v in violations],
+            }
+        )
+    else:
+        out.print(check_report(str(model), spec, rules, violations))
+    if violations:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command(name="inspect")

@@ -14,7 +14,7 @@ from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelSummary, TensorInfo
 from qgraph.pipeline import PassRecord
 from qgraph.registry import PassInfo
-from qgraph.targets import TargetSpec
+from qgraph.targets import TargetSpec, Violation
 
 BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
 
@@ -165,6 +165,8 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
         f"{inserted.weights} weights and {inserted.biases} biases quantized, "
         f"{inserted.activation_pairs} activation Q/DQ pairs"
     )
+    if inserted.residual_inputs:
+        notes += f" ({inserted.residual_inputs} residual Adds read one on their skip input)"
     if inserted.calibration_batches:
         notes += f", calibrated on {inserted.calibration_batches} batches"
     if inserted.promoted:
@@ -231,6 +233,21 @@ def records_report(records: Iterable[PassRecord]) -> Table:
             str(r.nodes_before),
             str(r.nodes_after),
         )
+    return table
+
+
+def check_report(
+    source: str, target: TargetSpec, rules: Sequence[str], violations: Sequence[Violation]
+) -> RenderableType:
+    """What ``qgraph check`` prints: the verdict, and a row per violation."""
+    if not violations:
+        return Text(f"{source} conforms to target {target.name} ({len(rules)} rules checked)")
+    title = f"{source} breaks target {target.name}: {len(violations)} violation(s)"
+    table = _table("rule", "node", "what is wrong", title=title)
+    for column in table.columns:
+        column.overflow = "fold"  # names in full, never cut short
+    for violation in violations:
+        table.add_row(violation.rule, violation.node or "-", violation.message)
     return table
 
 

@@ -43,4 +43,6 @@ ARM64 = TargetSpec(
     matmul_add_as_gemm=True,
     allowed_domains=CPU_DOMAINS,
     conformance_rules=LOADABLE_RULES,
+    int32_bias=True,
+    quantize_residual_inputs=False,
 )

@@ -70,6 +70,12 @@ class TargetSpec:
         matmul_add_as_gemm: A 2-D ``MatMul + Add(bias)`` is better as ``Gemm`` (one op whose
             bias quantizes to int32) than the other way round.
         conformance_rules: Checks every compiled model must pass.
+        int32_bias: Biases of quantized ops become int32 at scale ``s_x * s_w``, which integer
+            kernels add to their accumulator; otherwise they stay float (a runtime whose
+            DequantizeLinear takes no int32 input).
+        quantize_residual_inputs: The skip input of a residual ``Add`` that follows a quantized
+            weighted op gets a Q/DQ pair too (the op's own output stays float), so the runtime
+            fuses op, bias and Add into one int8 kernel.
     """
 
     name: str
@@ -94,6 +100,8 @@ class TargetSpec:
     default_domain_extensions: frozenset[str]
     matmul_add_as_gemm: bool
     conformance_rules: tuple[ConformanceRule, ...]
+    int32_bias: bool
+    quantize_residual_inputs: bool
 
     def check(self, model: ir.Model) -> list[Violation]:
         """Every violation of this target's rules in ``model``; empty when it conforms."""
@@ -121,6 +129,8 @@ class TargetSpec:
             "default_domain_extensions": sorted(self.default_domain_extensions),
             "matmul_add_as_gemm": self.matmul_add_as_gemm,
             "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
+            "int32_bias": self.int32_bias,
+            "quantize_residual_inputs": self.quantize_residual_inputs,
         }
 
 

@@ -3,8 +3,11 @@
 TensorRT reads explicit Q/DQ and picks its own int8 kernels. Its ONNX parser takes int8
 symmetric quantization (zero point 0), per-channel weights and per-tensor activations, and
 no QOperator ops (QLinear*, ConvInteger, MatMulInteger, DynamicQuantizeLinear) or
-com.microsoft contrib ops. Its parser turns ``Gemm`` into a matrix multiply and an
-element-wise add anyway, so a ``MatMul + Add`` stays as it is (the bias stays float).
+com.microsoft contrib ops. Its DequantizeLinear takes no int32 input, so biases stay float.
+It fuses a weighted op with the Add of a skip connection when the skip input is quantized
+and the op's output is not (``tensorrt_rules.py`` lists every rule and its source). Its
+parser turns ``Gemm`` into a matrix multiply and an element-wise add anyway, so a
+``MatMul + Add`` stays as it is (the bias stays float).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import onnx_ir as ir
 from qgraph.targets.conformance import LOADABLE_RULES, ONNX_DOMAINS
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNEL_MIN_OPSET
 from qgraph.targets.spec import QuantFormat, TargetSpec
+from qgraph.targets.tensorrt_rules import TENSORRT_RULES
 
 TENSORRT = TargetSpec(
     name="tensorrt",
@@ -37,5 +41,7 @@ TENSORRT = TargetSpec(
     default_domain_extensions=frozenset(),
     matmul_add_as_gemm=False,
     allowed_domains=ONNX_DOMAINS,
-    conformance_rules=LOADABLE_RULES,
+    conformance_rules=LOADABLE_RULES + TENSORRT_RULES,
+    int32_bias=False,
+    quantize_residual_inputs=True,
 )

@@ -53,6 +53,8 @@ X86_VNNI = TargetSpec(
     matmul_add_as_gemm=True,
     allowed_domains=CPU_DOMAINS,
     conformance_rules=LOADABLE_RULES,
+    int32_bias=True,
+    quantize_residual_inputs=False,
 )
 
 X86_AVX2 = dataclasses.replace(

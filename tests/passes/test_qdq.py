@@ -23,6 +23,7 @@ RNG = np.random.default_rng(0)
 W = RNG.standard_normal((K, N)).astype(np.float32)
 W_T = RNG.standard_normal((K, N)).astype(np.float32)
 BIAS = RNG.standard_normal(K).astype(np.float32)
+W_R = RNG.standard_normal((K, K)).astype(np.float32)
 
 
 def mlp(opset: int = 17) -> onnx.ModelProto:
@@ -268,3 +269,49 @@ def test_estimated_sqnr_matches_the_uniform_noise_model():
 def test_16_bits_on_a_target_without_them_is_refused_by_name():
     with pytest.raises(RecipeError, match="tensor 'r': target tensorrt has no 16-bit"):
         compile_quantized(mlp(), target="tensorrt", tensor={"r": {"dtype": "int16"}})
+
+
+def residual_block() -> onnx.ModelProto:
+    """x[4,K] -> MatMul(W_R[K,K]) -> Add(BIAS) -> Add(x) -> y: a transformer's residual."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W_R"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "BIAS"], ["hb"], name="bias"),
+        helper.make_node("Add", ["hb", "x"], ["y"], name="residual"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, K])],
+        [numpy_helper.from_array(W_R, "W_R"), numpy_helper.from_array(BIAS, "BIAS")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_tensorrt_quantizes_the_skip_input_and_keeps_the_bias_float():
+    model = compile_quantized(residual_block(), target="tensorrt")
+    assert qgraph.get_target("tensorrt").check(model) == []
+    residual = next(n for n in model.graph if n.name == "residual")
+    assert [v.producer().op_type for v in residual.inputs] == ["Add", "DequantizeLinear"]
+    quantized = [n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert quantized == ["x"], "one pair, shared by the MatMul and the residual Add"
+    assert initializer(model, "x_zero_point").dtype == np.int8
+    assert initializer(model, "x_zero_point") == 0
+    np.testing.assert_array_equal(initializer(model, "BIAS"), BIAS)  # float: no int32 DQ
+    x = batches(1, seed=7)[0]["x"]
+    s_x, s_w = float(initializer(model, "x_scale")), initializer(model, "W_R_scale")
+    x_q = fake_quant(x, s_x, 0, -128, 127)
+    expected = x_q @ (initializer(model, "W_R_quantized") * s_w) + BIAS + x_q
+    actual = verify.run(model, {"x": x})["y"]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    # each of x's two reads is off by at most s_x / 2, each weight by s_w / 2
+    bound = np.abs(x) @ np.broadcast_to(s_w / 2, W_R.shape) + s_x / 2 * np.abs(W_R).sum(0)
+    bound += K * s_x / 2 * s_w / 2 + s_x / 2
+    assert (np.abs(actual - (x @ W_R + BIAS + x)) <= bound + 1e-5).all()
+
+
+def test_cpu_targets_leave_residual_inputs_float():
+    for target in ("x86-vnni", "x86-avx2", "arm64"):
+        model = compile_quantized(residual_block(), target=target)
+        residual = next(n for n in model.graph if n.name == "residual")
+        assert "x" in [v.name for v in residual.inputs], target

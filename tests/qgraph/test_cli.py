@@ -15,7 +15,7 @@ from onnx import TensorProto
 import qgraph
 from qgraph import verify
 from qgraph.cli import cli
-from qgraph.targets import TARGETS
+from qgraph.targets import TARGETS, detect_host_target
 
 
 def invoke(*args: str):
@@ -50,6 +50,7 @@ def test_not_onnx(tmp_path):
     path.write_text("this is a text file, not a model\n")
     assert_one_line_error(invoke("compile", path), "notes.onnx", "not an ONNX model")
     assert_one_line_error(invoke("inspect", path), "notes.onnx", "not an ONNX model")
+    assert_one_line_error(invoke("check", path), "notes.onnx", "not an ONNX model")
 
 
 def test_truncated_protobuf(model_file):
@@ -201,7 +202,7 @@ def test_eval_compares_two_models_on_a_zoo_dataset(tmp_path, monkeypatch):
 
 def test_help_explains_every_command():
     result = invoke("--help")
-    for command in ("compile", "inspect", "eval", "passes", "targets", "models"):
+    for command in ("compile", "check", "inspect", "eval", "passes", "targets", "models"):
         assert command in result.stdout
     assert "canonicalize" in invoke("compile", "--help").stdout
 
@@ -286,3 +287,53 @@ def test_quantization_errors_are_one_line(model_file, tmp_path):
         invoke("compile", model_file, "-o", out, "--calib", data), "input 'x'", "NaN"
     )
     assert not out.exists()
+
+
+@pytest.fixture
+def calibration(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32))
+    return path
+
+
+def test_check_passes_a_model_compiled_for_the_target(model_file, calibration, tmp_path):
+    out = tmp_path / "trt.onnx"
+    args = ("compile", model_file, "-t", "tensorrt", "--calib", calibration, "-o", out)
+    assert invoke(*args).exit_code == 0
+    result = invoke("check", out, "--target", "tensorrt")
+    assert result.exit_code == 0, result.output
+    assert "trt.onnx conforms to target tensorrt (13 rules checked)" in result.stdout
+    auto = invoke("check", model_file)  # --target auto: this host's CPU target
+    assert auto.exit_code == 0
+    assert f"conforms to target {detect_host_target().name}" in auto.stdout
+
+
+def test_check_lists_each_violation_and_fails(model_file, calibration, tmp_path):
+    out = tmp_path / "cpu.onnx"
+    args = ("compile", model_file, "-t", "x86-avx2", "--calib", calibration, "-o", out)
+    assert invoke(*args).exit_code == 0
+    table = invoke("check", out, "--target", "tensorrt")
+    assert table.exit_code == 1 and "Traceback" not in table.output
+    assert "breaks target tensorrt" in table.stdout
+    assert "qdq_types_int8" in table.stdout and "x_Q" in table.stdout
+    data = json.loads(invoke("check", out, "--target", "tensorrt", "--json").stdout)
+    assert data["target"] == "tensorrt" and data["conforms"] is False
+    rules = {v["rule"] for v in data["violations"]}
+    assert rules == {"qdq_types_int8", "zero_points_zero"}  # uint8 x, int32 bias
+    assert {"rule", "node", "message"} == set(data["violations"][0])
+    assert invoke("check", out, "--target", "x86-avx2").exit_code == 0
+
+
+def test_check_reports_the_onnx_checker_as_a_rule(model_file):
+    model = onnx.load(model_file)
+    model.graph.node[1].input[1] = "undefined_tensor"
+    onnx.save(model, model_file)
+    result = invoke("check", model_file, "--target", "tensorrt", "--json")
+    assert result.exit_code == 1
+    (violation,) = json.loads(result.stdout)["violations"]
+    assert violation["rule"] == "onnx_checker" and "undefined_tensor" in violation["message"]
+
+
+def test_check_errors_are_one_line(tmp_path, model_file):
+    assert_one_line_error(invoke("check", tmp_path / "absent.onnx"), "absent.onnx", "no such file")
+    assert_one_line_error(invoke("check", model_file, "-t", "gpu"), "unknown target 'gpu'")
