@@ -10,9 +10,10 @@ inside onnxruntime, read) and MIDR_EL1 (vendor and part; Linux lets user code re
 ``mrs``, and QEMU does the same).
 
 ``python3.11 _emulated_session.py run JOB`` reads ``JOB/job.json`` (model, inputs, optimization
-level, batch count) and ``JOB/feeds-<i>.npz``, runs the model with the CPU execution provider
-on one thread, and writes ``JOB/outputs-<i>.npz``, ``JOB/optimized.onnx`` (the graph onnxruntime
-ran) and ``JOB/report.json`` (machine, versions, and the probe's numbers from this process).
+level, session config entries, batch count) and ``JOB/feeds-<i>.npz``, runs the model with the
+CPU execution provider on one thread, and writes ``JOB/outputs-<i>.npz``, ``JOB/optimized.onnx``
+(the graph onnxruntime ran) and ``JOB/report.json`` (machine, versions, and the probe's numbers
+from this process).
 Arrays are stored positionally (``arr_0``...); names travel in the JSON files.
 """
 
@@ -57,6 +58,8 @@ def run(job: Path) -> None:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in spec["config"].items():
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
     for i in range(spec["batches"]):

@@ -243,11 +243,13 @@ def run(
     *,
     cpu: str = DOTPROD_CPU,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    session_config: Mapping[str, str] | None = None,
     trace: bool = False,
     sysroot: Sysroot | None = None,
 ) -> EmulatedRun:
     """Run the ONNX file ``model`` on each of ``batches`` in aarch64 onnxruntime, QEMU CPU ``cpu``.
 
+    ``session_config``: onnxruntime session config entries (``add_session_config_entry``).
     ``trace`` logs the code QEMU translates and counts ``KERNEL_INSTRUCTIONS`` in it (about twice
     as slow). With no batches the graph is only optimized (``optimized_ops``).
     """
@@ -257,7 +259,7 @@ def run(
         _make_cpu_prefix(sysroot, cpu, lambda step: None)
     with tempfile.TemporaryDirectory(prefix="qgraph-arm64-") as tmp:
         job = Path(tmp)
-        _write_job(job, Path(model), batches, optimization)
+        _write_job(job, Path(model), batches, optimization, session_config or {})
         log = job / "in_asm.log"
         start = time.perf_counter()
         _emulate(
@@ -463,6 +465,7 @@ def _write_job(
     model: Path,
     batches: Sequence[Mapping[str, np.ndarray]],
     optimization: ort.GraphOptimizationLevel,
+    session_config: Mapping[str, str],
 ) -> None:
     names = list(batches[0]) if batches else []
     for i, feeds in enumerate(batches):
@@ -471,6 +474,7 @@ def _write_job(
         "model": str(model.resolve()),
         "inputs": names,
         "optimization": optimization.name,
+        "config": dict(session_config),
         "batches": len(batches),
     }
     (job / "job.json").write_text(json.dumps(spec))

@@ -74,6 +74,20 @@ CPUS = {
 }
 
 
+ORT_VERSION = tuple(int(part) for part in ort.__version__.split(".")[:2])
+INT8_MATMULNBITS = pytest.mark.xfail(
+    ORT_VERSION >= (1, 32),
+    raises=AssertionError,
+    strict=True,
+    reason="onnxruntime 1.32 turns DequantizeLinear(int8 weight) -> MatMul whose activation is "
+    "16-bit or float into MatMulNBits(bits=8, accuracy_level=4), which quantizes the activation "
+    "to int8 as it runs, on x86 as on arm64: the decoder's o_proj input lands 24 steps and its "
+    "output 0.95 (of 4.9) from the Q/DQ reference, MiniLM's int16 activations up to 245 steps "
+    "and its embedding 2.5e-3; MATMULNBITS_IN_FLOAT restores the match",
+)
+MATMULNBITS_IN_FLOAT = {"session.qdq_matmulnbits_accuracy_level": "1"}
+
+
 @pytest.fixture(scope="module")
 def sysroot() -> emulation.Sysroot:
     try:
@@ -166,7 +180,13 @@ def _assert_matches_within_one_step(model: Compiled, arm: emulation.EmulatedRun)
 
 
 @pytest.mark.parametrize("cpu", list(CPUS))
-@pytest.mark.parametrize("name", REFERENCE_MODELS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=INT8_MATMULNBITS if name == "reference-decoder" else ())
+        for name in REFERENCE_MODELS
+    ],
+)
 def test_arm64_matches_the_qdq_reference_within_one_step(sysroot, compiled, name, cpu):
     model = compiled(name)
     arm = emulation.run(model.exposed, model.batches, cpu=cpu, trace=True, sysroot=sysroot)
@@ -191,7 +211,7 @@ MAGIKA_LAYERNORM = pytest.mark.xfail(
     "name",
     [
         pytest.param("magika", marks=MAGIKA_LAYERNORM),
-        pytest.param("minilm", marks=pytest.mark.torch),
+        pytest.param("minilm", marks=[pytest.mark.torch, INT8_MATMULNBITS]),
     ],
 )
 def test_zoo_model_matches_the_qdq_reference_within_one_step(sysroot, compiled, name):
@@ -199,6 +219,15 @@ def test_zoo_model_matches_the_qdq_reference_within_one_step(sysroot, compiled, 
     arm = emulation.run(model.exposed, model.batches, trace=True, sysroot=sysroot)
     assert INTEGER_OPS & set(arm.optimized_ops), f"no integer kernel in {arm.optimized_ops}"
     assert CPUS[emulation.DOTPROD_CPU][1] & set(arm.kernel_instructions)
+    _assert_matches_within_one_step(model, arm)
+
+
+def test_the_decoder_matches_when_matmulnbits_computes_in_float(sysroot, compiled):
+    """On onnxruntime >= 1.32 the decoder's mismatch is MatMulNBits' int8 accuracy level alone."""
+    model = compiled("reference-decoder")
+    arm = emulation.run(
+        model.exposed, model.batches, session_config=MATMULNBITS_IN_FLOAT, sysroot=sysroot
+    )
     _assert_matches_within_one_step(model, arm)
 
 
