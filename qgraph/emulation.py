@@ -202,16 +202,11 @@ def requested() -> dict[str, object]:
 def find(folder: Path | None = None) -> Sysroot:
     """The ready sysroot in ``folder`` (default: the cache); ``EmulationUnavailable`` if none."""
     sysroot = Sysroot(folder or default_folder())
-    how = f"build it with `{sys.executable} -m qgraph.emulation setup` (Debian, root, network)"
-    if shutil.which(QEMU) is None:
-        raise EmulationUnavailable(f"{QEMU} is not installed; {how}")
-    if not sysroot.stamp.exists():
-        raise EmulationUnavailable(f"no arm64 sysroot in {sysroot.folder}; {how}")
-    stamp = json.loads(sysroot.stamp.read_text())
-    if stamp.get("requested") != requested():
+    why = _not_ready(sysroot)
+    if why is not None:
         raise EmulationUnavailable(
-            f"the arm64 sysroot in {sysroot.folder} was built for {stamp.get('requested')}, "
-            f"not {requested()}; {how}"
+            f"{why}; build it with `{sys.executable} -m qgraph.emulation setup` "
+            "(Debian, root, network)"
         )
     return sysroot
 
@@ -219,13 +214,13 @@ def find(folder: Path | None = None) -> Sysroot:
 def setup(folder: Path | None = None, *, progress: Progress | None = None) -> Sysroot:
     """Build the arm64 sysroot into ``folder`` (default: the cache) unless it is ready."""
     tell = progress or (lambda step: None)
-    folder = folder or default_folder()
+    sysroot = Sysroot(folder or default_folder())
     _ensure_qemu(tell)
-    try:
-        return find(folder)
-    except EmulationUnavailable as why:
-        tell(f"building: {why}")
-    with replaced_folder(folder) as staging:
+    why = _not_ready(sysroot)
+    if why is None:
+        return sysroot
+    tell(f"building the arm64 sysroot: {why}")
+    with replaced_folder(sysroot.folder) as staging:
         staged = Sysroot(staging)
         fetched = _unpack_debian_packages(staged.root, tell)
         _relativize_symlinks(staged.root)
@@ -234,7 +229,19 @@ def setup(folder: Path | None = None, *, progress: Progress | None = None) -> Sy
             _make_cpu_prefix(staged, cpu, tell)
         stamp = {"requested": requested(), "debian_versions": fetched}
         staged.stamp.write_text(json.dumps(stamp, indent=2) + "\n")
-    return Sysroot(folder)
+    return sysroot
+
+
+def _not_ready(sysroot: Sysroot) -> str | None:
+    """Why ``sysroot`` cannot run models, or None."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed"
+    if not sysroot.stamp.exists():
+        return f"no arm64 sysroot in {sysroot.folder}"
+    built_for = json.loads(sysroot.stamp.read_text()).get("requested")
+    if built_for != requested():
+        return f"the arm64 sysroot in {sysroot.folder} was built for {built_for}, not {requested()}"
+    return None
 
 
 def run(
