@@ -3,7 +3,9 @@
 What for: the arm64 target's promises (s8 Q/DQ that onnxruntime fuses into SDOT / SMMLA
 kernels, with numbers that match the Q/DQ reference) need an aarch64 onnxruntime to check.
 QEMU's user-mode emulation executes the real aarch64 build instruction by instruction, so its
-numbers are the ones an ARM CPU computes; its timings mean nothing.
+numbers are the ones an ARM CPU computes; its timings mean nothing. It is part of the package,
+not of the tests, so that ``python -m qgraph.emulation setup`` works wherever qgraph is installed
+and users on Debian can check their own arm64 models the way the tests do.
 
 How (``setup`` builds it once, ``find`` checks it is there, ``run`` uses it):
 
