@@ -146,3 +146,48 @@ def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
         return 0.0
     scale = float(np.max(np.abs(e)))
     return error / scale if scale > 0 else float("inf")
+
+
+RECOMPUTED_SUFFIX = ".recomputed"
+
+
+def quantize_nodes(model: ir.Model) -> list[ir.Node]:
+    """The main graph's QuantizeLinear nodes (default and com.microsoft domains)."""
+    return [node for node in model.graph if node.op_type == "QuantizeLinear"]
+
+
+def expose_quantized(model: ir.Model) -> list[str]:
+    """Make each quantized activation (a QuantizeLinear output) a graph output too, in place, so
+    that a run also returns the integers computed at every quantization point; their names."""
+    names = []
+    for node in quantize_nodes(model):
+        value = node.outputs[0]
+        if not value.is_graph_output():
+            model.graph.outputs.append(value)
+        names.append(value.name)
+    return names
+
+
+def feed_quantized(model: ir.Model) -> dict[str, str]:
+    """Cut ``model`` at its quantized activations, in place; {input name: recomputed name}.
+
+    Each QuantizeLinear output becomes a graph input of the same name, read by the nodes that
+    read it before, and what the QuantizeLinear computes becomes the graph output
+    ``<name>.recomputed``. Fed the quantized activations of another run (``expose_quantized``),
+    the model recomputes each one from that run's own upstream integers, so a one-step
+    difference at one quantization point does not propagate into the next: each point, and
+    each float output, can be judged on its own.
+    """
+    fed = {}
+    for node in quantize_nodes(model):
+        computed = node.outputs[0]
+        name = computed.name
+        zero_point = node.inputs[2] if len(node.inputs) > 2 else None  # none: uint8
+        dtype = ir.DataType.UINT8 if zero_point is None else zero_point.dtype
+        computed.name = name + RECOMPUTED_SUFFIX
+        value = ir.Value(name=name, shape=computed.shape, type=ir.TensorType(dtype))
+        computed.replace_all_uses_with(value)
+        model.graph.inputs.append(value)
+        model.graph.outputs.append(computed)
+        fed[name] = computed.name
+    return fed
