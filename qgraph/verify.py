@@ -191,3 +191,46 @@ def feed_quantized(model: ir.Model) -> dict[str, str]:
         model.graph.outputs.append(computed)
         fed[name] = computed.name
     return fed
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedReference:
+    """A compiled model cut at its quantized activations (``feed_quantized``), to judge another
+    run of it point by point: see ``one_step_mismatches``."""
+
+    fed: bytes
+    recomputed: dict[str, str]
+    zero_points: dict[str, np.ndarray]
+    outputs: list[str]
+
+    @classmethod
+    def of(cls, model: ir.Model) -> QuantizedReference:
+        """The reference for ``model`` (left unchanged)."""
+        zero_points = {
+            n.outputs[0].name: n.inputs[2].const_value.numpy() for n in quantize_nodes(model)
+        }
+        outputs = [value.name for value in model.graph.outputs]
+        fed = ir.from_proto(ir.to_proto(model))
+        recomputed = feed_quantized(fed)
+        return cls(serialize(fed), recomputed, zero_points, outputs)
+
+    def one_step_mismatches(
+        self, feeds: Mapping[str, object], run_outputs: Mapping[str, np.ndarray]
+    ) -> list[str]:
+        """Where a run of the exposed model (``expose_quantized``) on ``feeds`` strays: a
+        quantized activation more than one step from the reference's rounding of the same
+        upstream integers (``|dq| <= 1 + FLOAT32_RTOL * max|q - z|``), or a float output off by
+        more than the float tolerance. Empty when the run matches."""
+        quantized = {name: run_outputs[name] for name in self.recomputed}
+        reference = run(self.fed, {**feeds, **quantized})
+        problems = []
+        for fed, recomputed in self.recomputed.items():
+            q_run = np.asarray(run_outputs[fed], np.int64)
+            q_ref = np.asarray(reference[recomputed], np.int64)
+            largest = np.abs(q_ref - self.zero_points[fed]).max()
+            steps = np.abs(q_run - q_ref).max()
+            if steps > 1 + FLOAT32_RTOL * largest:
+                problems.append(f"{fed}: {steps} steps apart")
+        expected = {name: reference[name] for name in self.outputs}
+        actual = {name: run_outputs[name] for name in self.outputs}
+        return problems + [str(m) for m in compare(expected, actual)]

@@ -44,7 +44,6 @@ import pytest
 import qgraph
 from qgraph import emulation, models, verify
 from qgraph.data import read_batches
-from qgraph.model_io import serialize
 from qgraph.options import CompileOptions
 from qgraph.recipe import quant_options
 
@@ -104,10 +103,7 @@ class Compiled:
 
     path: Path  # as compiled
     exposed: Path  # with every quantized activation as an output too
-    fed: bytes  # cut at the quantized activations (the reference's side)
-    recomputed: dict[str, str]  # fed input -> output recomputing it
-    zero_points: dict[str, np.ndarray]
-    outputs: list[str]  # the model's own outputs
+    reference: verify.QuantizedReference  # cut at the quantized activations
     batches: list[dict[str, np.ndarray]]
 
 
@@ -135,17 +131,10 @@ def _compile(name: str, folder: Path) -> Compiled:
     exposed = qgraph.load(path)
     verify.expose_quantized(exposed)
     qgraph.save(exposed, folder / f"{name}.exposed.onnx")
-    fed = qgraph.load(path)
-    recomputed = verify.feed_quantized(fed)
     return Compiled(
         path=path,
         exposed=folder / f"{name}.exposed.onnx",
-        fed=serialize(fed),
-        recomputed=recomputed,
-        zero_points={
-            n.outputs[0].name: n.inputs[2].const_value.numpy() for n in verify.quantize_nodes(model)
-        },
-        outputs=[value.name for value in model.graph.outputs],
+        reference=verify.QuantizedReference.of(model),
         batches=_evaluation_batches(name, zoo),
     )
 
@@ -168,15 +157,7 @@ def _assert_matches_within_one_step(model: Compiled, arm: emulation.EmulatedRun)
     """See the module doc: each quantized activation within one step of the reference's
     rounding of the same upstream integers, each float output within FLOAT32_RTOL."""
     for feeds, outputs in zip(model.batches, arm.outputs, strict=True):
-        quantized = {name: outputs[name] for name in model.recomputed}
-        reference = verify.run(model.fed, {**feeds, **quantized})
-        for fed, recomputed in model.recomputed.items():
-            q_arm, q_ref = outputs[fed].astype(np.int64), reference[recomputed].astype(np.int64)
-            largest = np.abs(q_ref - model.zero_points[fed]).max()
-            steps = np.abs(q_arm - q_ref).max()
-            assert steps <= 1 + verify.FLOAT32_RTOL * largest, f"{fed}: {steps} steps apart"
-        expected = {name: reference[name] for name in model.outputs}
-        assert not verify.compare(expected, {name: outputs[name] for name in model.outputs})
+        assert not model.reference.one_step_mismatches(feeds, outputs)
 
 
 @pytest.mark.parametrize("cpu", list(CPUS))

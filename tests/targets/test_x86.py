@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -9,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
-from qgraph import verify
+from qgraph import models, verify
+from qgraph.data import read_batches
 from qgraph.model_io import serialize
 from qgraph.targets import VNNI_FLAGS, host_cpu_flags
 
@@ -19,6 +22,8 @@ INTEGER_KERNELS = {
     "MatMulInteger",
     "QLinearMatMul",
     "DynamicQuantizeMatMul",
+    "QLinearConv",
+    "QGemm",
 }
 RNG = np.random.default_rng(5)
 
@@ -77,3 +82,39 @@ def test_full_range_s8_weights_saturate_on_this_avx2_host(tmp_path):
     error, bound, kernels = deviation_from_qdq_reference("x86-vnni", tmp_path)
     assert kernels & INTEGER_KERNELS
     assert error > 1000 * bound, "vpmaddubsw saturated the int16 pair sums"
+
+
+ORT_1_32 = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 32)
+MATMULNBITS_REQUANTIZES = pytest.mark.xfail(
+    ORT_1_32,
+    raises=AssertionError,
+    strict=True,
+    reason="onnxruntime 1.32 runs DequantizeLinear(int8 weight) -> MatMul with a 16-bit "
+    "activation as MatMulNBits(accuracy_level=4), requantizing that activation to int8 "
+    "(see test_arm64's INT8_MATMULNBITS)",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "reference-cnn",
+        "reference-encoder",
+        pytest.param("reference-decoder", marks=MATMULNBITS_REQUANTIZES),
+    ],
+)
+def test_x86_avx2_output_matches_the_qdq_reference_within_one_step(tmp_path, name):
+    """onnxruntime here, all optimizations (its integer kernels), against the same model with
+    none; each quantized activation judged from the same upstream integers, as in
+    ``test_arm64``."""
+    zoo = models.fetch(name)
+    options = qgraph.CompileOptions(quantization=qgraph.quant_options(calib=zoo.calibration))
+    model = qgraph.compile_model(zoo.model, "x86-avx2", options=options).model
+    reference = verify.QuantizedReference.of(model)
+    verify.expose_quantized(model)
+    exposed = serialize(model)
+    kernels = kernels_used(exposed, tmp_path)
+    assert kernels & INTEGER_KERNELS, f"onnxruntime ran no integer kernel: {sorted(kernels)}"
+    for feeds in itertools.islice(read_batches(zoo.evaluation), 2):
+        outputs = verify.run(exposed, feeds, optimize=True)
+        assert not reference.one_step_mismatches(feeds, outputs)
