@@ -49,10 +49,13 @@ def session(
 
 
 def run(
-    model: ir.Model | bytes, feeds: Mapping[str, object], *, optimize: bool = False
+    model: ir.Model | bytes | ort.InferenceSession,
+    feeds: Mapping[str, object],
+    *,
+    optimize: bool = False,
 ) -> dict[str, object]:
-    """``model``'s outputs on ``feeds``, by output name."""
-    sess = session(model, optimize=optimize)
+    """``model``'s outputs on ``feeds``, by output name (an open session is reused as it is)."""
+    sess = model if isinstance(model, ort.InferenceSession) else session(model, optimize=optimize)
     names = [output.name for output in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
 
@@ -198,7 +201,7 @@ class QuantizedReference:
     """A compiled model cut at its quantized activations (``feed_quantized``), to judge another
     run of it point by point: see ``one_step_mismatches``."""
 
-    fed: bytes
+    fed: ort.InferenceSession
     recomputed: dict[str, str]
     zero_points: dict[str, np.ndarray]
     outputs: list[str]
@@ -212,7 +215,7 @@ class QuantizedReference:
         outputs = [value.name for value in model.graph.outputs]
         fed = ir.from_proto(ir.to_proto(model))
         recomputed = feed_quantized(fed)
-        return cls(serialize(fed), recomputed, zero_points, outputs)
+        return cls(session(fed), recomputed, zero_points, outputs)
 
     def one_step_mismatches(
         self, feeds: Mapping[str, object], run_outputs: Mapping[str, np.ndarray]
