@@ -198,8 +198,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         return QuantSpec(dtype, symmetric=dtype.is_signed(), axis=channel_axis)
 
     def _bias(self, node: ir.Node, layout: WeightedOp) -> int | None:
-        """The bias input, when it can become int32 (static mode, a constant vector, a target
-        that takes int32 biases)."""
+        """The bias input, when it can become int32 (static mode, a constant vector or a
+        ``[1, N]`` row, a target that takes int32 biases)."""
         if (
             layout.bias is None
             or self.options.mode is not Mode.STATIC
@@ -207,9 +207,14 @@ class AnnotatePass(ir.passes.InPlacePass):
         ):
             return None
         bias = _input(node, layout.bias)
-        if bias is None or bias.const_value is None or len(bias.const_value.shape) != 1:
+        if bias is None or bias.const_value is None or not _is_row(bias.const_value.shape):
             return None
         return layout.bias if bias.dtype == ir.DataType.FLOAT else None
+
+
+def _is_row(shape: ir.Shape) -> bool:
+    """A vector, or a matrix of one row (a Gemm ``C`` exported as ``[1, N]``)."""
+    return len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:

@@ -13,8 +13,12 @@ For every annotated op (see ``passes/annotate.py``):
 An activation read by several annotated ops is quantized once (one pair shared by all), unless
 the target wants one pair per consumer (``qdq_per_consumer``). Readers that are not annotated
 keep reading the float tensor. An activation whose calibrated range is not finite stays in
-float, and so does the op that reads it. The skip input of an annotated residual ``Add`` is
-quantized the same way (static mode), sharing the pair of an op that reads it too.
+float, and so does the op that reads it. So does one too noisy for 8 bits: where the expected
+SQNR ``10 log10(E[x^2] / (s_x^2 / 12))`` (uniform rounding noise, from the calibration
+histogram) is under ``min_sqnr_db``, it goes to 16 bits on a target with 16-bit kernels
+(``int16_kernels``), and its readers stay in float on any other. The skip input of an
+annotated residual ``Add`` is quantized the same way (static mode), sharing the pair of an op
+that reads it too.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class QDQReport:
     calibration_batches: int = 0
     promoted: dict[str, float] = dataclasses.field(default_factory=dict)
     """Activations quantized to 16 bits, with the SQNR (dB) 8 bits would have had."""
+    kept_float: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Activations whose readers stayed in float instead, with that SQNR (dB)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +128,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for node in residuals:
             skip = node.meta.pop(RESIDUAL_KEY).skip
             found = ranges.get(node.inputs[skip].name)
-            if found is not None:
+            if isinstance(found, ActivationQuantization):
                 builder.static_activation(node, skip, found)
                 report.residual_inputs += 1
         report.biases = builder.biases
@@ -134,16 +140,16 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self,
         node: ir.Node,
         annotation: NodeAnnotation,
-        ranges: dict[str, ActivationQuantization],
+        ranges: dict[str, ActivationQuantization | str],
         builder: _QDQBuilder,
     ) -> str | None:
         """Quantize one annotated node; the reason it stays in float, if it does."""
         index = annotation.activation
         found = None
         if index is not None and self.options.mode is Mode.STATIC:
-            found = ranges.get(node.inputs[index].name)
-            if found is None:
-                return f"the range of '{node.inputs[index].name}' is not finite"
+            found = ranges[node.inputs[index].name]
+            if isinstance(found, str):
+                return found
             builder.static_activation(node, index, found)
         elif index is not None:
             builder.dynamic_activation(node, index)
@@ -154,11 +160,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _activation_ranges(
         self, model: ir.Model, specs: dict[str, QuantSpec], report: QDQReport
-    ) -> dict[str, ActivationQuantization]:
-        """Calibrated scale and zero point of every statically quantized activation."""
+    ) -> dict[str, ActivationQuantization | str]:
+        """Calibrated scale and zero point of every statically quantized activation, or the
+        reason its readers stay in float."""
         if self.options.mode is not Mode.STATIC or not specs:
             return {}
-        promote = self._promotion_threshold()
+        promote = self.options.min_sqnr_db
         needs = {
             name: promote > 0 or METHODS[spec.method].needs_histogram
             for name, spec in specs.items()
@@ -166,26 +173,30 @@ class InsertQDQPass(ir.passes.InPlacePass):
         statistics = collect_statistics(
             model, needs, self._calibration_data(model), progress=self._count(report)
         )
-        ranges = {}
+        ranges: dict[str, ActivationQuantization | str] = {}
         for name, spec in specs.items():
             stats = statistics[name]
             if not stats.finite:
                 logger.warning("'%s' held NaN or inf during calibration; left in float", name)
+                ranges[name] = f"the range of '{name}' is not finite"
                 continue
             lo, hi = tensor_range(stats, spec.method, percentile=self.options.percentile)
             scale, zero_point = scale_and_zero_point(lo, hi, spec)
             if self._user_dtype(name) is None and promote > 0:
                 sqnr = estimated_sqnr_db(stats, lo, hi, float(scale))
+                if sqnr < promote and not self.target.int16_kernels:
+                    report.kept_float[name] = sqnr
+                    ranges[name] = (
+                        f"8 bits would give '{name}' an SQNR of {sqnr:.1f} dB, under "
+                        f"{promote:g} dB, and the target has no 16-bit kernels"
+                    )
+                    continue
                 if sqnr < promote:
                     spec = dataclasses.replace(spec, dtype=self._wide_dtype())
                     scale, zero_point = scale_and_zero_point(lo, hi, spec)
                     report.promoted[name] = sqnr
             ranges[name] = ActivationQuantization(spec, scale, zero_point)
         return ranges
-
-    def _promotion_threshold(self) -> float:
-        """The SQNR (dB) below which activations go to 16 bits; 0 where that cannot happen."""
-        return self.options.int16_below_db if self.target.int16_activations else 0.0
 
     def _user_dtype(self, name: str) -> ir.DataType | None:
         return self.options.override(name).dtype
@@ -314,7 +325,8 @@ class _QDQBuilder:
         self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray
     ) -> None:
         value = node.inputs[index]
-        quantized = quantize_bias(value.const_value.numpy(), float(input_scale), weight_scale)
+        vector = value.const_value.numpy().reshape(-1)  # Gemm reads C [1, N] and [N] alike
+        quantized = quantize_bias(vector, float(input_scale), weight_scale)
         spec = QuantSpec(ir.DataType.INT32, symmetric=True, axis=0)
         self.biases += 1
         node.replace_input_with(

@@ -203,11 +203,12 @@ def cli(debug: bool) -> None:
     help="Calibrate matching activations with METHOD, repeatable.",
 )
 @click.option(
-    "--int16-below-db",
+    "--min-sqnr-db",
     type=click.FloatRange(0, 100),
     metavar="DB",
-    help="Quantize an activation to 16 bits where 8 would give an SQNR below DB "
-    "(static mode, targets with 16-bit activations; 0: never) [default: 30].",
+    help="Where 8 bits would give an activation an SQNR below DB, keep more precision: "
+    "16 bits on targets with 16-bit kernels, else its readers stay in float "
+    "(static mode; 0: never) [default: 30].",
 )
 @click.option(
     "--recipe",

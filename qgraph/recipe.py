@@ -11,7 +11,7 @@ become underscores); flags given on the command line override it, and list flags
     exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
-    int16_below_db = 30             # 16-bit activations where 8 bits would be this noisy
+    min_sqnr_db = 30                # more precision where 8 bits would be this noisy
 
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
@@ -42,7 +42,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
 ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
 DEFAULT_BLOCK_SIZE = 32
-DEFAULT_INT16_BELOW_DB = 30.0
+DEFAULT_MIN_SQNR_DB = 30.0
 """8-bit SQNR under which an activation goes to 16 bits: above it, the rounding noise is under
 1/1000 of the signal's power (about 3% RMS)."""
 OPSET_21 = 21
@@ -84,9 +84,10 @@ class QuantOptions:
         exclude_node: Regular expressions; nodes whose whole name matches stay in float.
         exclude_op: Op types that stay in float.
         tensor: Per-tensor overrides, keyed by a regular expression on the whole value name.
-        int16_below_db: Static mode, targets with 16-bit activations: an activation whose
-            8-bit quantization would have an expected SQNR below this (dB, from calibration)
-            is quantized to 16 bits instead; 0 turns this off.
+        min_sqnr_db: Static mode: an activation whose 8-bit quantization would have an
+            expected SQNR below this (dB, from calibration) gets more precision: 16 bits on
+            a target with 16-bit integer kernels, else its readers stay in float; 0 turns
+            this off.
         calib: Calibration data (a dataset path or an iterable of feed dicts).
         calib_random: Calibrate on this many random batches instead (accuracy meaningless).
     """
@@ -99,7 +100,7 @@ class QuantOptions:
     exclude_node: tuple[str, ...] = ()
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
-    int16_below_db: float = DEFAULT_INT16_BELOW_DB
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
 
@@ -256,7 +257,7 @@ _FIELDS = {
     "exclude_node": _patterns("exclude_node"),
     "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
     "tensor": _tensor_overrides,
-    "int16_below_db": _number("int16_below_db", float, 0.0, 100.0),
+    "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
     "calib": lambda value: value,
     "calib_random": _number("calib_random", int, 1, 1_000_000),
 }

@@ -34,6 +34,7 @@ ARM64 = TargetSpec(
     per_channel_weights=True,
     qdq_per_consumer=True,
     int16_activations=True,
+    int16_kernels=False,
     quantizable_ops=CPU_QUANTIZABLE_OPS,
     lowering_rules=(),
     min_opset=PER_CHANNEL_MIN_OPSET,

@@ -58,7 +58,10 @@ class TargetSpec:
         per_channel_weights: Weights get one scale per output channel.
         qdq_per_consumer: Each consumer of a quantized activation gets its own Q/DQ pair
             (kernels fuse a Q/DQ only when it has a single consumer).
-        int16_activations: Sensitive activations may be kept in 16-bit.
+        int16_activations: The runtime accepts 16-bit activation Q/DQ (a user may ask for it).
+        int16_kernels: The runtime computes with 16-bit activations in integer arithmetic, so
+            an activation too noisy in 8 bits goes to 16; without such kernels its readers
+            stay in float instead (a 16-bit Q/DQ in front of a float op only adds rounding).
         quantizable_ops: Op types this target runs faster in integer arithmetic.
         lowering_rules: Names of the lowering rule sets applied in the lower phase.
         min_opset: Lowest default-domain opset the output may use.
@@ -91,6 +94,7 @@ class TargetSpec:
     per_channel_weights: bool
     qdq_per_consumer: bool
     int16_activations: bool
+    int16_kernels: bool
     quantizable_ops: frozenset[str]
     lowering_rules: tuple[str, ...]
     min_opset: int
@@ -120,6 +124,7 @@ class TargetSpec:
             "per_channel_weights": self.per_channel_weights,
             "qdq_per_consumer": self.qdq_per_consumer,
             "int16_activations": self.int16_activations,
+            "int16_kernels": self.int16_kernels,
             "quantizable_ops": sorted(self.quantizable_ops),
             "lowering_rules": list(self.lowering_rules),
             "min_opset": self.min_opset,

@@ -33,6 +33,7 @@ TENSORRT = TargetSpec(
     per_channel_weights=True,
     qdq_per_consumer=False,
     int16_activations=False,
+    int16_kernels=False,
     quantizable_ops=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
     lowering_rules=(),
     min_opset=PER_CHANNEL_MIN_OPSET,

@@ -11,6 +11,11 @@ Facts measured on this kind of machine (see ARCHITECTURE.md):
   (``benchmarks/integer_kernels.py``). So x86-avx2 stores weights as symmetric uint8.
 - onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
   consumer; u8 activations have no such restriction.
+- onnxruntime's CPU provider has no 16-bit integer matmul: a 16-bit activation Q/DQ only rounds
+  the input of a float op, and onnxruntime 1.32 turns ``DQ(int8 W) -> MatMul`` behind one into
+  ``MatMulNBits(accuracy_level=4)``, which requantizes the activation to 8 bits and ran at 0.5x
+  of fp32. So activations too noisy for 8 bits leave their readers in float
+  (``int16_kernels=False``), on arm64 too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ X86_VNNI = TargetSpec(
     per_channel_weights=True,
     qdq_per_consumer=False,
     int16_activations=True,
+    int16_kernels=False,
     quantizable_ops=CPU_QUANTIZABLE_OPS,
     lowering_rules=(),
     min_opset=PER_CHANNEL_MIN_OPSET,

@@ -132,6 +132,18 @@ def test_specs_follow_the_target():
     assert np.abs(initializer(vnni, "W_quantized")).max() == 127
 
 
+def test_a_gemm_bias_exported_as_one_row_becomes_int32():
+    """``C`` of shape ``[1, N]`` broadcasts like ``[N]``; the quantized bias is that vector."""
+    proto = mlp()
+    bias = next(i for i in proto.graph.initializer if i.name == "BIAS")
+    bias.CopyFrom(numpy_helper.from_array(BIAS.reshape(1, K), "BIAS"))
+    model = compile_quantized(proto)
+    assert initializer(model, "BIAS_gemm_quantized").shape == (K,)
+    reference = compile_quantized(mlp())
+    feeds = batches(1, seed=7)[0]
+    np.testing.assert_array_equal(verify.run(model, feeds)["y"], verify.run(reference, feeds)["y"])
+
+
 def test_only_weighted_op_inputs_are_quantized():
     model = compile_quantized(mlp())
     sum_node = next(n for n in model.graph if n.op_type == "ReduceSum")
@@ -233,22 +245,43 @@ def test_computed_weights_stay_in_float():
     assert annotate.float_reasons["mm"][1].startswith("its weight is not a constant")
 
 
-def test_a_heavy_tailed_activation_goes_to_16_bits():
+def heavy_tailed_batches() -> list[dict[str, np.ndarray]]:
     data = batches(16)
     data[0]["x"][0, 0] = 500.0  # one outlier in 1024 values: 8 bits give an SQNR near 29 dB
-    model = compile_quantized(mlp(), calib=data)
+    return data
+
+
+def test_a_heavy_tailed_activation_goes_to_16_bits_on_a_target_with_16_bit_kernels():
+    target = dataclasses.replace(qgraph.get_target("x86-avx2"), int16_kernels=True)
+    model = compile_quantized(mlp(), target, calib=heavy_tailed_batches())
     quantize = next(
         n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"
     )
     assert quantize.domain == "com.microsoft", "opset 17 has no 16-bit QuantizeLinear"
     assert initializer(model, "x_zero_point").dtype == np.uint16
     assert initializer(model, "r_zero_point").dtype == np.uint8, "the well-behaved one stays"
-    eight_bit = compile_quantized(mlp(), calib=data, int16_below_db=0)
+    eight_bit = compile_quantized(mlp(), target, calib=heavy_tailed_batches(), min_sqnr_db=0)
     assert initializer(eight_bit, "x_zero_point").dtype == np.uint8
     x = batches(1, seed=7)[0]["x"]
     error_16 = verify.relative_error(x @ W, matmul_output(model, x))
     error_8 = verify.relative_error(x @ W, matmul_output(eight_bit, x))
     assert error_16 < error_8 / 10
+
+
+def test_a_heavy_tailed_activation_leaves_its_reader_in_float_without_16_bit_kernels():
+    options = CompileOptions(quantization=quant_options(calib=heavy_tailed_batches()))
+    result = qgraph.compile_model(mlp(), "x86-avx2", options=options)
+    inserted = next(r for r in result.records if r.name == "insert-qdq").details
+    assert set(inserted.kept_float) == {"x"} and 25 < inserted.kept_float["x"] < 30
+    op, reason = inserted.float_reasons["mm"]
+    assert op == "MatMul" and "SQNR of" in reason and "no 16-bit kernels" in reason
+    assert "x_zero_point" not in result.model.graph.initializers
+    assert "W_quantized" not in result.model.graph.initializers, "its weight stays float too"
+    assert initializer(result.model, "r_zero_point").dtype == np.uint8, "the gemm is quantized"
+    x = batches(1, seed=7)[0]["x"]
+    # two float32 sums of K products, each within K * eps / 2 of the exact one
+    float_rounding = K * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(W))
+    assert np.all(np.abs(matmul_output(result.model, x) - x @ W) <= float_rounding)
 
 
 def matmul_output(model: ir.Model, x: np.ndarray) -> np.ndarray:

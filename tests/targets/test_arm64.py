@@ -73,20 +73,6 @@ CPUS = {
 }
 
 
-ORT_VERSION = tuple(int(part) for part in ort.__version__.split(".")[:2])
-INT8_MATMULNBITS = pytest.mark.xfail(
-    ORT_VERSION >= (1, 32),
-    raises=AssertionError,
-    strict=True,
-    reason="onnxruntime 1.32 turns DequantizeLinear(int8 weight) -> MatMul whose activation is "
-    "16-bit or float into MatMulNBits(bits=8, accuracy_level=4), which quantizes the activation "
-    "to int8 as it runs, on x86 as on arm64: the decoder's o_proj input lands 24 steps and its "
-    "output 0.95 (of 4.9) from the Q/DQ reference, MiniLM's int16 activations up to 245 steps "
-    "and its embedding 2.5e-3; MATMULNBITS_IN_FLOAT restores the match",
-)
-MATMULNBITS_IN_FLOAT = {"session.qdq_matmulnbits_accuracy_level": "1"}
-
-
 @pytest.fixture(scope="module")
 def sysroot() -> emulation.Sysroot:
     try:
@@ -161,13 +147,7 @@ def _assert_matches_within_one_step(model: Compiled, arm: emulation.EmulatedRun)
 
 
 @pytest.mark.parametrize("cpu", list(CPUS))
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=INT8_MATMULNBITS if name == "reference-decoder" else ())
-        for name in REFERENCE_MODELS
-    ],
-)
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_arm64_matches_the_qdq_reference_within_one_step(sysroot, compiled, name, cpu):
     model = compiled(name)
     arm = emulation.run(model.exposed, model.batches, cpu=cpu, trace=True, sysroot=sysroot)
@@ -178,21 +158,11 @@ def test_arm64_matches_the_qdq_reference_within_one_step(sysroot, compiled, name
     _assert_matches_within_one_step(model, arm)
 
 
-MAGIKA_LAYERNORM = pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="magika's exported LayerNorm computes var = E[x^2] - E[x]^2 in float32: ARM's ReduceSum "
-    "rounds differently (3e-6 of the sum, x86 5e-7), the cancellation (var / E[x^2] down to 5e-4) "
-    "amplifies that to 6e-3 of 1/sigma, and the int16 Conv input lands up to 60 steps apart from "
-    "the same upstream integers: float conditioning of the model, not quantization",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param("magika", marks=MAGIKA_LAYERNORM),
-        pytest.param("minilm", marks=[pytest.mark.torch, INT8_MATMULNBITS]),
+        "magika",
+        pytest.param("minilm", marks=pytest.mark.torch),
     ],
 )
 def test_zoo_model_matches_the_qdq_reference_within_one_step(sysroot, compiled, name):
@@ -200,15 +170,6 @@ def test_zoo_model_matches_the_qdq_reference_within_one_step(sysroot, compiled, 
     arm = emulation.run(model.exposed, model.batches, trace=True, sysroot=sysroot)
     assert INTEGER_OPS & set(arm.optimized_ops), f"no integer kernel in {arm.optimized_ops}"
     assert CPUS[emulation.DOTPROD_CPU][1] & set(arm.kernel_instructions)
-    _assert_matches_within_one_step(model, arm)
-
-
-def test_the_decoder_matches_when_matmulnbits_computes_in_float(sysroot, compiled):
-    """On onnxruntime >= 1.32 the decoder's mismatch is MatMulNBits' int8 accuracy level alone."""
-    model = compiled("reference-decoder")
-    arm = emulation.run(
-        model.exposed, model.batches, session_config=MATMULNBITS_IN_FLOAT, sysroot=sysroot
-    )
     _assert_matches_within_one_step(model, arm)
 
 

@@ -84,23 +84,12 @@ def test_full_range_s8_weights_saturate_on_this_avx2_host(tmp_path):
     assert error > 1000 * bound, "vpmaddubsw saturated the int16 pair sums"
 
 
-ORT_1_32 = tuple(int(part) for part in ort.__version__.split(".")[:2]) >= (1, 32)
-MATMULNBITS_REQUANTIZES = pytest.mark.xfail(
-    ORT_1_32,
-    raises=AssertionError,
-    strict=True,
-    reason="onnxruntime 1.32 runs DequantizeLinear(int8 weight) -> MatMul with a 16-bit "
-    "activation as MatMulNBits(accuracy_level=4), requantizing that activation to int8 "
-    "(see test_arm64's INT8_MATMULNBITS)",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     [
         "reference-cnn",
         "reference-encoder",
-        pytest.param("reference-decoder", marks=MATMULNBITS_REQUANTIZES),
+        "reference-decoder",
     ],
 )
 def test_x86_avx2_output_matches_the_qdq_reference_within_one_step(tmp_path, name):
