@@ -92,9 +92,15 @@ def label(node: ir.Node) -> str:
 
 
 def _apply(variants: Variants, model: ir.Model, graph: ir.Graph) -> int:
-    """Rewrite every match of the rule's variants in ``graph`` (not its subgraphs); the count."""
+    """Rewrite every match of the rule's variants in ``graph`` (not its subgraphs); the count.
+
+    Nodes nothing reads are skipped: a rule whose pattern ends at a later node leaves the ops
+    it absorbed in place, unread, until dead-code removal.
+    """
     count = 0
     for node in graph:
+        if _unread(node):
+            continue
         for roots, rule in variants:
             if node.op_type not in roots:
                 continue
@@ -114,6 +120,10 @@ def _apply(variants: Variants, model: ir.Model, graph: ir.Graph) -> int:
             count += 1
             break
     return count
+
+
+def _unread(node: ir.Node) -> bool:
+    return not any(output.uses() or output.is_graph_output() for output in node.outputs)
 
 
 class _NearMissRecorder:

@@ -46,7 +46,7 @@ from qgraph.report import (
     summary_report,
     targets_report,
 )
-from qgraph.targets import AUTO, TARGETS, detect_host_target, get_target
+from qgraph.targets import AUTO, TARGETS, QuantFormat, detect_host_target, get_target
 
 EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
 QUIET_LIBRARIES = ("onnxscript", "onnx_ir")
@@ -143,6 +143,14 @@ def cli(debug: bool) -> None:
     show_default=True,
     help="Write weights to MODEL.data: auto does so when they exceed protobuf's 2 GB.",
 )
+@click.option(
+    "--format",
+    "quant_format",
+    type=click.Choice([f.value for f in QuantFormat]),
+    help="qdq: Q/DQ pairs around float ops, which onnxruntime fuses into integer kernels "
+    "itself; qoperator: those kernels written out (QLinearConv, QGemm, MatMulIntegerToFloat, "
+    "MatMulNBits), for runtimes or sessions that do not fuse [default: the target's].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass did.")
 @click.option(
     "--explain",
@@ -221,6 +229,7 @@ def compile_command(
     target: str,
     skip_passes: tuple[str, ...],
     external_data: str,
+    quant_format: str | None,
     verbose: bool,
     explain: bool,
     recipe: Path | None,
@@ -256,6 +265,7 @@ def compile_command(
             explain=explain,
             quantization=quant,
             calibration_progress=calibrated,
+            format=QuantFormat(quant_format) if quant_format else None,
         )
         result = compile_model(
             model,

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from qgraph.recipe import QuantOptions
+from qgraph.targets import QuantFormat
 
 CalibrationProgress = Callable[[int, "int | None"], None]
 """Told ``(batches done, batches in all or None)`` after each calibration batch."""
@@ -22,6 +23,7 @@ class CompileOptions:
         quantization: What to quantize and how; None compiles in float (canonicalize, fuse,
             finalize).
         calibration_progress: Told of each calibration batch (the CLI draws a progress bar).
+        format: Q/DQ pairs or QOperator ops; None takes the target's.
     """
 
     skip_passes: frozenset[str] = frozenset()
@@ -30,3 +32,4 @@ class CompileOptions:
     calibration_progress: CalibrationProgress | None = dataclasses.field(
         default=None, compare=False
     )
+    format: QuantFormat | None = None

@@ -36,6 +36,7 @@ BUILTIN_PASS_MODULES = (
     "qgraph.passes.fusion",
     "qgraph.passes.annotate",
     "qgraph.passes.qdq",
+    "qgraph.passes.lowering",
     "qgraph.passes.finalize",
 )
 BUILTIN_ORIGIN = "qgraph"

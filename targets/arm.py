@@ -13,6 +13,7 @@ from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import (
     CPU_DEFAULT_DOMAIN_EXTENSIONS,
     CPU_DOMAINS,
+    CPU_LOWERING_RULES,
     CPU_QUANTIZABLE_OPS,
     MAX_ORT_IR_VERSION,
     MAX_ORT_OPSET,
@@ -36,7 +37,7 @@ ARM64 = TargetSpec(
     int16_activations=True,
     int16_kernels=False,
     quantizable_ops=CPU_QUANTIZABLE_OPS,
-    lowering_rules=(),
+    lowering_rules=CPU_LOWERING_RULES,
     min_opset=PER_CHANNEL_MIN_OPSET,
     max_ir_version=MAX_ORT_IR_VERSION,
     max_opset=MAX_ORT_OPSET,

@@ -24,6 +24,16 @@ CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization"})
 CPU_QUANTIZABLE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 """Ops with integer CPU kernels that beat fp32; quantizing more mostly costs accuracy."""
 
+CPU_LOWERING_RULES = (
+    "qlinear-conv",
+    "qlinear-matmul",
+    "qgemm",
+    "matmul-integer-to-float",
+    "conv-integer",
+    "matmul-nbits",
+)
+"""The lowering rules (``qgraph.passes.lowering``) whose ops the CPU provider has kernels for."""
+
 PER_CHANNEL_MIN_OPSET = 13
 """DequantizeLinear gained ``axis`` (per-channel scales) in opset 13."""
 

@@ -63,7 +63,8 @@ class TargetSpec:
             an activation too noisy in 8 bits goes to 16; without such kernels its readers
             stay in float instead (a 16-bit Q/DQ in front of a float op only adds rounding).
         quantizable_ops: Op types this target runs faster in integer arithmetic.
-        lowering_rules: Names of the lowering rule sets applied in the lower phase.
+        lowering_rules: The lowering rules (``qgraph.passes.lowering``) whose operators the
+            runtime has kernels for, applied when the QOperator format is asked for.
         min_opset: Lowest default-domain opset the output may use.
         max_ir_version: Highest IR version the runtime loads.
         max_opset: Highest default-domain opset the runtime loads.

@@ -1,0 +1,134 @@
+"""Lowering: Q/DQ groups rewritten to the integer operators of the target's runtime.
+
+A Q/DQ model states the arithmetic (``DQ(q) = (q - z) s`` around float ops); a QOperator model
+names the kernels that do it. This pass (lower phase) turns the first into the second when the
+compile asks for the QOperator format, with the rules the target's runtime has kernels for
+(``TargetSpec.lowering_rules``). Rules are tried in table order, so a group whose output is
+quantized becomes one ``QLinear*`` op before the op alone can become a float-output one. The
+math of each rule is in its module: ``weighted`` (Conv, MatMul, Gemm) and ``nbits`` (4-bit
+weight-only MatMul).
+
+onnxruntime fuses the Q/DQ form into the same kernels itself when its graph optimizations are
+on (level extended or above), so the QOperator format is for runtimes and sessions that do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from qgraph.errors import QGraphError
+from qgraph.passes.lowering import nbits, weighted
+from qgraph.passes.lowering.groups import MICROSOFT_DOMAIN
+from qgraph.passes.rule_table import (
+    CompiledTable,
+    NearMiss,
+    TableRule,
+    apply_rules,
+    compile_table,
+    near_misses,
+)
+from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.registry import PassInfo
+from qgraph.targets import QuantFormat, TargetSpec
+
+
+class LoweringUnavailableError(QGraphError):
+    """The QOperator format was asked of a target whose runtime has no QOperator kernels."""
+
+
+def _runs(name: str):
+    return lambda target: name in target.lowering_rules
+
+
+RULES = tuple(
+    TableRule(name, summary, classes, wanted=_runs(name))
+    for name, summary, classes in (
+        (
+            "qlinear-conv",
+            "Q([Relu](Conv(DQ(x), DQ(w), DQ(b)))) -> QLinearConv",
+            (weighted.QLinearConvLowering, weighted.QLinearConvReluLowering),
+        ),
+        (
+            "qlinear-matmul",
+            "Q([Relu](MatMul(DQ(a), DQ(w)))) -> QLinearMatMul",
+            (weighted.QLinearMatMulLowering, weighted.QLinearMatMulReluLowering),
+        ),
+        ("qgemm", "Gemm(DQ(a), DQ(w), DQ(c)) -> QGemm", (weighted.GemmToQGemm,)),
+        (
+            "matmul-integer-to-float",
+            "MatMul(DQ(a), DQ(w)) -> MatMulIntegerToFloat",
+            (weighted.MatMulToMatMulIntegerToFloat,),
+        ),
+        (
+            "conv-integer",
+            "Conv(DQ(x), DQ(w), b) -> ConvInteger * s_x s_w + b",
+            (weighted.ConvToConvInteger,),
+        ),
+        (
+            "matmul-nbits",
+            "MatMul(a, DQ(4-bit w in blocks)) -> MatMulNBits",
+            (nbits.MatMulToMatMulNBits,),
+        ),
+    )
+)
+RULE_NAMES = tuple(rule.name for rule in RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringReport:
+    """What the lower pass did: rewrites per rule, and near-misses when explaining."""
+
+    applied: dict[str, int]
+    near_misses: tuple[NearMiss, ...]
+
+
+@functools.cache
+def compiled_rules(target: TargetSpec) -> CompiledTable:
+    return compile_table(RULES, target)
+
+
+class LowerPass(ir.passes.InPlacePass):
+    """Rewrite Q/DQ groups to the target runtime's integer operators."""
+
+    def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
+        super().__init__()
+        if not target.lowering_rules:
+            raise LoweringUnavailableError(
+                f"target {target.name} has no QOperator kernels; its runtime reads Q/DQ only "
+                "(drop --format qoperator)"
+            )
+        self.rules = compiled_rules(target)
+        self.explain = explain
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        had_domain = MICROSOFT_DOMAIN in model.opset_imports
+        model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+        applied = apply_rules(model, self.rules)
+        if any(applied.values()):
+            common.RemoveUnusedNodesPass()(model)
+        elif not had_domain:
+            del model.opset_imports[MICROSOFT_DOMAIN]
+        misses = near_misses(model, self.rules) if self.explain else ()
+        return ReportingPassResult(model, any(applied.values()), LoweringReport(applied, misses))
+
+
+def _build(ctx) -> LowerPass | None:
+    requested = ctx.options.format or ctx.target.format
+    if requested is not QuantFormat.QOPERATOR or ctx.options.quantization is None:
+        return None
+    return LowerPass(ctx.target, explain=ctx.options.explain)
+
+
+PASSES = (
+    PassInfo(
+        "lower",
+        Phase.LOWER,
+        "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "
+        "(QOperator format)",
+        _build,
+    ),
+)
