@@ -302,6 +302,9 @@ class _QDQBuilder:
             parts = ("quantized", "scale", "zero_point")
             for output, part in zip(quantize.outputs, parts, strict=True):
                 output.name = f"{value.name}_{part}"
+            scale, zero_point = quantize.outputs[1:]
+            scale.dtype, scale.shape = ir.DataType.FLOAT, ir.Shape([])
+            zero_point.dtype, zero_point.shape = ir.DataType.UINT8, ir.Shape([])
             self._name_outputs(quantize, dequantize, value, ir.DataType.UINT8, "")
             self._insert_after(value, [quantize, dequantize])
             self.activations[value.name] = dequantize.outputs[0]

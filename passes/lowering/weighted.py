@@ -7,7 +7,7 @@ integer sum is exact in int32. So:
 - ``MatMul(DQ(a), DQ(w))`` -> ``MatMulIntegerToFloat(a_q, w_q, s_a, s_w, z_a, z_w)``;
   ``s_a`` may be computed at run time (``DynamicQuantizeLinear``).
 - ``Gemm(DQ(a), DQ(w)[, DQ(c_q)])`` -> ``QGemm`` with a float output; ``c_q`` is int32 at scale
-  ``s_a s_w``, which QGemm adds to the integer sum.
+  ``s_a s_w``, which QGemm adds to the integer sum; a float ``c`` (dynamic mode) is added after.
 - ``Q(Conv(DQ(x), DQ(w)[, DQ(b_q)]), s_y, z_y)`` -> ``QLinearConv`` and ``Q(MatMul(DQ(a),
   DQ(w)), s_y, z_y)`` -> ``QLinearMatMul``: ``y_q = clamp(round((s_a s_w / s_y) (sum + b_q)) +
   z_y)``. A ``Relu`` between the op and the Q is dropped when ``z_y`` is the integer type's
@@ -81,6 +81,13 @@ def _bias(node: ir.Node, activation: QuantizedOperand, weight: QuantizedOperand)
     return bias.values, bias_problem(bias, activation.scale, weight.scale)
 
 
+def _float_bias(node: ir.Node) -> ir.Value | None:
+    """The third input when it is float (dynamic mode keeps biases float), else None."""
+    if len(node.inputs) < 3 or node.inputs[2] is None or dequantized(node.inputs[2]):
+        return None
+    return node.inputs[2]
+
+
 class MatMulToMatMulIntegerToFloat(TargetRule):
     """``MatMul(DQ(a), DQ(w))`` -> ``com.microsoft.MatMulIntegerToFloat``."""
 
@@ -122,7 +129,9 @@ class GemmToQGemm(TargetRule):
             return not_a_candidate()
         channel_axis = 0 if gemm.attributes.get_int("transB", 0) else 1
         self._a, self._w, problem = _operands(gemm, channel_axis, rank=2)
-        if problem is None:
+        self._float_c = _float_bias(gemm)
+        self._c = None
+        if problem is None and self._float_c is None:
             self._c, problem = _bias(gemm, self._a, self._w)
         if problem is None and gemm.attributes.get_float("beta", 1.0) != 1.0:
             problem = "beta is not 1"
@@ -132,7 +141,7 @@ class GemmToQGemm(TargetRule):
     def rewrite(self, op, a, w, out, **_):
         a_, w_ = self._a, self._w
         attributes = {k: v for k, v in self._gemm.attributes.items() if k != "beta"}
-        return op.QGemm(
+        product = op.QGemm(
             a_.values,
             a_.scale,
             a_.zero_point,
@@ -143,6 +152,7 @@ class GemmToQGemm(TargetRule):
             _domain=MICROSOFT_DOMAIN,
             **attributes,
         )
+        return product if self._float_c is None else op.Add(product, self._float_c)
 
 
 class QuantizedOutputRule(TargetRule):

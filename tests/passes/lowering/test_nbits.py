@@ -1,0 +1,78 @@
+"""4-bit weight-only MatMuls lowered to MatMulNBits: the packed weights dequantize to exactly
+the Q/DQ model's, so outputs agree to float32 rounding of the sums (``FLOAT32_RTOL``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qgraph
+from qgraph import verify
+from qgraph.passes.lowering import LowerPass, compiled_rules
+from qgraph.passes.lowering.nbits import _pack_nibbles
+from qgraph.passes.rule_table import near_misses
+
+RNG = np.random.default_rng(0)
+
+
+def matmul(k: int, n: int) -> ir.Model:
+    """x[3, 7, k] -> MatMul(W[k, n]) -> y."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 7, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7, n])],
+        [numpy_helper.from_array(RNG.standard_normal((k, n)).astype(np.float32), "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+def weight_only(model: ir.Model, dtype: str, block: int) -> ir.Model:
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(mode="weight-only", weight_dtype=dtype, block_size=block)
+    )
+    return qgraph.compile_model(model, "x86-avx2", options=options).model
+
+
+@pytest.mark.parametrize(
+    ("dtype", "k", "block"),
+    [("int4", 64, 32), ("uint4", 64, 16), ("int4", 40, 16), ("uint4", 100, 32)],
+)
+def test_four_bit_weights_lower_to_matmul_nbits_and_match(dtype, k, block):
+    qdq = weight_only(matmul(k, 24), dtype, block)
+    lowered = LowerPass(qgraph.get_target("x86-avx2"))(ir.from_proto(ir.to_proto(qdq))).model
+    nodes = [node for node in lowered.graph if node.op_type == "MatMulNBits"]
+    assert len(nodes) == 1 and "MatMul" not in {node.op_type for node in lowered.graph}
+    attributes = nodes[0].attributes
+    assert (attributes["K"].as_int(), attributes["N"].as_int()) == (k, 24)
+    assert attributes["block_size"].as_int() == block
+    assert (len(nodes[0].inputs) == 4) == (dtype == "uint4"), "zero points only when not 8"
+    reference = verify.session(qdq, optimize=False)
+    candidate = verify.session(lowered, optimize=False)
+    for seed in range(2):
+        x = np.random.default_rng(seed).standard_normal((3, 7, k)).astype(np.float32)
+        expected = verify.run(reference, {"x": x})
+        assert not verify.compare(expected, verify.run(candidate, {"x": x}))
+
+
+def test_nibbles_pack_low_first():
+    assert _pack_nibbles(np.array([[1, 2, 15]])).tolist() == [[0x21, 0x0F]]
+
+
+def test_a_block_below_sixteen_stays_in_qdq_form_with_the_reason():
+    """qgraph's recipes refuse such blocks; a foreign Q/DQ model may carry them."""
+    qdq = weight_only(matmul(64, 8), "int4", 16)
+    dequantize = next(node for node in qdq.graph if node.op_type == "DequantizeLinear")
+    dequantize.attributes["block_size"] = ir.AttrInt64("block_size", 8)
+    for operand in dequantize.inputs[1:]:
+        halves = np.repeat(operand.const_value.numpy(), 2, axis=0)
+        operand.const_value = ir.tensor(halves, dtype=operand.dtype, name=operand.name)
+        operand.shape = ir.Shape(halves.shape)
+    target = qgraph.get_target("x86-avx2")
+    reasons = {miss.reason for miss in near_misses(qdq, compiled_rules(target))}
+    assert "block size 8 is not a power of 2 of at least 16" in reasons
+    lowered = LowerPass(target)(qdq).model
+    assert "MatMulNBits" not in {node.op_type for node in lowered.graph}
