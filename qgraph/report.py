@@ -192,7 +192,8 @@ def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
 
 
 def explain_report(records: Iterable[PassRecord]) -> RenderableType:
-    """For each pass that reports rules (fusion): matches per rule, near-misses by reason."""
+    """For each pass that reports rules (fusion, lower): matches per rule, near-misses by
+    reason."""
     parts: list[RenderableType] = []
     for record in records:
         details = record.details
@@ -202,7 +203,7 @@ def explain_report(records: Iterable[PassRecord]) -> RenderableType:
         misses = collections.Counter(m.rule for m in details.near_misses)
         for name, count in details.applied.items():
             rules.add_row(name, str(count), str(misses.get(name, 0)))
-        for activation, count in details.activations.items():
+        for activation, count in getattr(details, "activations", {}).items():
             rules.add_row(f"activation {activation}", str(count), "")
         parts.append(rules)
         parts.append(_near_miss_table(record.name, details.near_misses))

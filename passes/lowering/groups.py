@@ -127,4 +127,4 @@ def new_initializer(op, node: ir.Node, suffix: str, array: np.ndarray) -> ir.Val
     name, index = base, 1
     while name in taken:
         name, index = f"{base}_{index}", index + 1
-    return op.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+    return op.initializer(ir.tensor(np.array(array, order="C"), name=name), name=name)  # keeps 0-d
