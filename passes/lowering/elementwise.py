@@ -45,7 +45,6 @@ from qgraph.passes.lowering.groups import (
     QuantizedOperand,
     dequantized,
     eight_bit_problem,
-    new_initializer,
     quantize_operands,
 )
 
@@ -126,9 +125,8 @@ class QLinearLowering(TargetRule):
         return _kernel_operand_problem(output, "output")
 
     def rewrite(self, op, out, **_):
-        node = self._node
-        inputs = [value for operand in self._inputs for value in _triple(op, node, operand)]
-        output = _triple(op, node, self._output)[1:]
+        inputs = [value for operand in self._inputs for value in _triple(op, operand)]
+        output = _triple(op, self._output)[1:]
         ordered = [*output, *inputs] if self.row.output_first else [*inputs, *output]
         return getattr(op, self.row.qlinear)(*ordered, _domain=MICROSOFT_DOMAIN, **self._attributes)
 
@@ -149,12 +147,12 @@ def _kernel_operand_problem(operand: QuantizedOperand, role: str) -> str | None:
     return problem
 
 
-def _triple(op, node: ir.Node, operand: QuantizedOperand) -> list[ir.Value]:
-    """(integers, scale, zero point): a zero point of 0 is spelled out, as some kernels need."""
+def _triple(op, operand: QuantizedOperand) -> list[ir.Value]:
+    """(integers, scale, zero point): an absent zero point is spelled out as a scalar 0, since
+    some kernels need one (``new_initializer`` would make it [1], which QLinearAdd refuses)."""
     zero_point = operand.zero_point
     if zero_point is None:
-        zero = np.zeros((), operand.dtype.numpy())
-        zero_point = new_initializer(op, node, "zero_point", zero)
+        zero_point = op.Constant(value=ir.tensor(np.zeros((), operand.dtype.numpy())))
     return [operand.values, operand.scale, zero_point]
 
 

@@ -228,6 +228,32 @@ def test_the_group_becomes_its_qlinear_op_within_one_step(group, target):
         assert np.unique(expected).size > 1, "a constant output would prove nothing"
 
 
+def group_of(rule: str) -> Group:
+    return next(group for group in GROUPS if group.rule == rule)
+
+
+NEEDING_ZERO_POINTS = (
+    group_of("qlinear-add"),
+    group_of("qlinear-concat"),
+    dataclasses.replace(group_of("qlinear-global-average-pool"), output_scale=0.05),
+    group_of("qlinear-softmax"),
+)
+"""Groups whose kernels need zero points (GlobalAveragePool's mean, about 6.4 with zero points
+0, would saturate its output at a scale of 0.01)."""
+
+
+@pytest.mark.parametrize("group", NEEDING_ZERO_POINTS, ids=str)
+def test_absent_zero_points_become_scalar_zeros(group):
+    """A Q or DQ without a zero point means uint8 and 0; these kernels want one spelled out."""
+    proto = qdq_group(group, np.uint8)
+    for node in proto.graph.node:
+        del node.input[2:]
+    lowered, applied = lower(proto, "x86-avx2")
+    assert applied[group.rule] == 1 and group.qlinear in ops(lowered)
+    steps, expected = steps_apart(proto, lowered, full_range_feeds(proto, seed=0))
+    assert steps <= 1 and np.unique(expected).size > 1
+
+
 def test_softmax_before_opset_13_keeps_its_flattening_axis():
     """Softmax(axis=1) of opset 11 normalizes over everything after axis 1, together."""
     group = Group(
