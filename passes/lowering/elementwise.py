@@ -50,15 +50,15 @@ from qgraph.passes.lowering.groups import (
 
 Attributes = Callable[[ir.Node, int], dict[str, Any]]
 """The QLinear op's attributes, from the float op and the model's ai.onnx opset."""
-Problem = Callable[[ir.Node, QuantizedOperand], str | None]
-"""Why the float op, with the Q of its output, cannot become the QLinear op (None if it can)."""
+Problem = Callable[[ir.Node], str | None]
+"""Why the float op cannot become the QLinear op, beyond its operands (None if it can)."""
 
 
 def _no_attributes(node: ir.Node, opset: int) -> dict[str, Any]:
     return {}
 
 
-def _no_problem(node: ir.Node, output: QuantizedOperand) -> str | None:
+def _no_problem(node: ir.Node) -> str | None:
     return None
 
 
@@ -102,7 +102,7 @@ class QLinearLowering(TargetRule):
             return not_a_candidate()
         self._node, self._inputs = node, inputs
         self._output = quantize_operands(out.producer())
-        problem = self._operand_problem() or self.row.problem(node, self._output)
+        problem = self._operand_problem() or self.row.problem(node)
         if problem:
             return fail(problem, node)
         self._attributes = self.row.attributes(node, model_opset(context))
@@ -172,7 +172,7 @@ def _average_pool_attributes(node: ir.Node, opset: int) -> dict[str, Any]:
     return {name: attr for name, attr in node.attributes.items() if name != "dilations"}
 
 
-def _average_pool_problem(node: ir.Node, output: QuantizedOperand) -> str | None:
+def _average_pool_problem(node: ir.Node) -> str | None:
     dilations = node.attributes.get_ints("dilations", ())
     if any(d != 1 for d in dilations):
         return f"its dilations are {list(dilations)}; QLinearAveragePool has none"
