@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.errors import QGraphError
-from qgraph.passes.lowering import nbits, weighted
+from qgraph.passes.lowering import elementwise, nbits, weighted
 from qgraph.passes.lowering.groups import MICROSOFT_DOMAIN
 from qgraph.passes.rule_table import (
     CompiledTable,
@@ -57,6 +57,7 @@ RULES = tuple(
             "Q([Relu](MatMul(DQ(a), DQ(w)))) -> QLinearMatMul",
             (weighted.QLinearMatMulLowering, weighted.QLinearMatMulReluLowering),
         ),
+        *elementwise.TABLE,
         ("qgemm", "Gemm(DQ(a), DQ(w), DQ(c)) -> QGemm", (weighted.GemmToQGemm,)),
         (
             "matmul-integer-to-float",
