@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -169,6 +169,16 @@ def expose_quantized(model: ir.Model) -> list[str]:
             model.graph.outputs.append(value)
         names.append(value.name)
     return names
+
+
+def expose_values(model: ir.Model, names: Iterable[str]) -> None:
+    """Make the main graph's values called ``names`` graph outputs too, in place (a QOperator
+    model's quantized activations, which QLinear ops rather than QuantizeLinear write)."""
+    wanted = set(names)
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name in wanted and not value.is_graph_output():
+                model.graph.outputs.append(value)
 
 
 def feed_quantized(model: ir.Model) -> dict[str, str]:

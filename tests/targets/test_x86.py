@@ -14,7 +14,7 @@ import qgraph
 from qgraph import models, verify
 from qgraph.data import read_batches
 from qgraph.model_io import serialize
-from qgraph.targets import VNNI_FLAGS, host_cpu_flags
+from qgraph.targets import VNNI_FLAGS, QuantFormat, host_cpu_flags
 
 K, N, ROWS = 256, 32, 16
 INTEGER_KERNELS = {
@@ -84,23 +84,21 @@ def test_full_range_s8_weights_saturate_on_this_avx2_host(tmp_path):
     assert error > 1000 * bound, "vpmaddubsw saturated the int16 pair sums"
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "reference-cnn",
-        "reference-encoder",
-        "reference-decoder",
-    ],
-)
-def test_x86_avx2_output_matches_the_qdq_reference_within_one_step(tmp_path, name):
-    """onnxruntime here, all optimizations (its integer kernels), against the same model with
+@pytest.mark.parametrize("quant_format", list(QuantFormat))
+@pytest.mark.parametrize("name", ["reference-cnn", "reference-encoder", "reference-decoder"])
+def test_x86_avx2_output_matches_the_qdq_reference_within_one_step(tmp_path, name, quant_format):
+    """onnxruntime here, all optimizations (its integer kernels), against the Q/DQ model with
     none; each quantized activation judged from the same upstream integers, as in
-    ``test_arm64``."""
+    ``test_arm64``. The QOperator output keeps the quantized activations' names."""
     zoo = models.fetch(name)
-    options = qgraph.CompileOptions(quantization=qgraph.quant_options(calib=zoo.calibration))
+    quantization = qgraph.quant_options(calib=zoo.calibration)
+    qdq = qgraph.compile_model(
+        zoo.model, "x86-avx2", options=qgraph.CompileOptions(quantization=quantization)
+    ).model
+    reference = verify.QuantizedReference.of(qdq)
+    options = qgraph.CompileOptions(quantization=quantization, format=quant_format)
     model = qgraph.compile_model(zoo.model, "x86-avx2", options=options).model
-    reference = verify.QuantizedReference.of(model)
-    verify.expose_quantized(model)
+    verify.expose_values(model, reference.recomputed)
     exposed = serialize(model)
     kernels = kernels_used(exposed, tmp_path)
     assert kernels & INTEGER_KERNELS, f"onnxruntime ran no integer kernel: {sorted(kernels)}"
