@@ -240,9 +240,10 @@ def compile_command(
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
     CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
     LayerNorm / RMSNorm / GELU fused, activations recorded), annotate and insert Q/DQ
-    (weights per channel, activations calibrated per tensor, biases int32), then finalize
-    (cleanup, topological order, names, ONNX checker, target conformance). The input file is
-    never modified.
+    (weights per channel, activations calibrated per tensor, biases int32), lower (with
+    --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
+    topological order, names, ONNX checker, target conformance). The input file is never
+    modified.
 
     \b
     Examples:
