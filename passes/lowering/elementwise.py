@@ -149,7 +149,7 @@ def _kernel_operand_problem(operand: QuantizedOperand, role: str) -> str | None:
 
 def _triple(op, operand: QuantizedOperand) -> list[ir.Value]:
     """(integers, scale, zero point): an absent zero point is spelled out as a scalar 0, since
-    some kernels need one (``new_initializer`` would make it [1], which QLinearAdd refuses)."""
+    some kernels need one."""
     zero_point = operand.zero_point
     if zero_point is None:
         zero_point = op.Constant(value=ir.tensor(np.zeros((), operand.dtype.numpy())))

@@ -52,7 +52,8 @@ def _weight_problem(weight: QuantizedOperand | None, channel_axis: int, rank: in
         return "its weight is not dequantized"
     if weight.dtype not in EIGHT_BIT:
         return f"its weight is {weight.dtype}, not 8-bit"
-    if constant(weight.values) is None or len(constant(weight.values).shape) != rank:
+    values = constant(weight.values)
+    if values is None or values.ndim != rank:
         return f"its weight is not a constant of rank {rank}"
     if not (weight.per_tensor() or weight.per_axis(channel_axis, rank)):
         return f"its weight scales are neither one nor one per channel (axis {channel_axis})"
