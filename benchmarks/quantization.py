@@ -1,6 +1,6 @@
 """qgraph's quantization on the zoo: accuracy, speed, compile cost, calibration memory.
 
-    python benchmarks/quantization.py [--models NAME ...] [--runs 10] [--out FILE]
+    python benchmarks/quantization.py [--models NAME ...] [--modes MODE ...] [--runs 10]
 
 Three tables, each measured side by side in one run:
 
@@ -81,10 +81,11 @@ def child_main(source: str, target: str, flags: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}))
 
 
-def accuracy_rows(name: str, runs: int, out_root: Path) -> list[Row]:
+def accuracy_rows(name: str, modes: list[str], runs: int, out_root: Path) -> list[Row]:
     zoo_model = models.fetch(name)
     rows = []
-    for mode, flags in MODES.items():
+    for mode in modes:
+        flags = MODES[mode]
         if mode in LLM_ONLY and zoo_model.metric != "causal-lm":
             continue
         print(f"  {name} / {mode} ...", file=sys.stderr, flush=True)
@@ -194,6 +195,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("quantization.md"))
     parser.add_argument(
@@ -204,7 +206,7 @@ def main() -> None:
     rows = []
     for name in args.models if "accuracy" in args.sections else ():
         print(f"{name}:", file=sys.stderr, flush=True)
-        rows.extend(accuracy_rows(name, args.runs, out_root))
+        rows.extend(accuracy_rows(name, args.modes, args.runs, out_root))
     with tempfile.TemporaryDirectory() as scratch:
         memory = memory_table(Path(scratch)) if "memory" in args.sections else ["(not run)"]
         timing = compile_time_table(Path(scratch)) if "time" in args.sections else ["(not run)"]
