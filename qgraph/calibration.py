@@ -47,6 +47,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -134,6 +135,65 @@ def _bin_indices(magnitudes: np.ndarray, top: float) -> np.ndarray:
         return np.zeros(magnitudes.size, dtype=np.intp)
     above = np.ceil(magnitudes / (top / HISTOGRAM_BINS)).astype(np.intp) - 1
     return np.clip(above, 0, HISTOGRAM_BINS - 1)
+
+
+class ChannelStatistics:
+    """Per-channel minimum and maximum of one tensor, and a held-out sample of its slices.
+
+    Channels lie along ``axis``. A unit is the tensor's last ``unit_rank`` axes (1: a row
+    ``[K]`` of a MatMul input; 3: an image ``[C, H, W]`` of a Conv input). With a
+    ``sample_size``, searches that need real values (SmoothQuant's alpha) get ``sample``: up to
+    that many units drawn uniformly (reservoir sampling with random keys, seeded so that a
+    compile is reproducible) from the odd-numbered units (counted over all batches), and
+    ``fitted_minimum`` / ``fitted_maximum``: the per-channel range of the even-numbered ones. A
+    range fitted on data the sample is not part of lets a search see the clipping that new
+    data meets. Units of every batch must have one shape.
+    """
+
+    def __init__(self, axis: int, unit_rank: int = 1, sample_size: int = 0, seed: int = 0) -> None:
+        self.axis = axis
+        self.unit_rank = unit_rank
+        self.sample_size = sample_size
+        self.minimum: np.ndarray | None = None
+        self.maximum: np.ndarray | None = None
+        self.fitted_minimum: np.ndarray | None = None
+        self.fitted_maximum: np.ndarray | None = None
+        self.sample: np.ndarray | None = None
+        self._units = 0
+        self._keys = np.empty(0)
+        self._rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray) -> None:
+        self.minimum, self.maximum = self._widened(x, self.minimum, self.maximum, self.axis)
+        if not self.sample_size:
+            return
+        units = x.reshape(-1, *x.shape[x.ndim - self.unit_rank :])
+        axis = self.axis % x.ndim - (x.ndim - self.unit_rank) + 1
+        first_even = self._units % 2
+        self._units += len(units)
+        self.fitted_minimum, self.fitted_maximum = self._widened(
+            units[first_even::2], self.fitted_minimum, self.fitted_maximum, axis
+        )
+        self._sample(units[1 - first_even :: 2])
+
+    @property
+    def absmax(self) -> np.ndarray:
+        """``max |x_j|`` per channel."""
+        return np.maximum(-self.minimum, self.maximum)
+
+    @staticmethod
+    def _widened(x: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, axis: int):
+        others = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
+        x_low, x_high = x.min(axis=others), x.max(axis=others)
+        if low is None:
+            return x_low, x_high
+        return np.minimum(low, x_low), np.maximum(high, x_high)
+
+    def _sample(self, units: np.ndarray) -> None:
+        keys = np.concatenate([self._keys, self._rng.random(len(units))])
+        pool = units if self.sample is None else np.concatenate([self.sample, units])
+        kept = np.argsort(keys, kind="stable")[: self.sample_size]
+        self._keys, self.sample = keys[kept], pool[kept].astype(np.float32)
 
 
 # Range methods
@@ -325,6 +385,15 @@ def estimated_sqnr_db(stats: TensorStatistics, lo: float, hi: float, scale: floa
 # Collection
 
 
+class Accumulator(Protocol):
+    """Anything that keeps a running summary of one tensor over calibration batches."""
+
+    def update(self, x: np.ndarray) -> None: ...
+
+
+A = TypeVar("A", bound=Accumulator)
+
+
 def collect_statistics(
     model: ir.Model,
     tensors: Mapping[str, bool],
@@ -332,30 +401,41 @@ def collect_statistics(
     *,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, TensorStatistics]:
-    """Statistics of the named values of ``model.graph`` over every batch of ``data``.
+    """``TensorStatistics`` of the named values of ``model.graph`` over every batch of ``data``;
+    ``tensors`` maps each value's name to whether it needs a histogram (see ``collect``)."""
+    statistics = {name: TensorStatistics(histogram=wanted) for name, wanted in tensors.items()}
+    return collect(model, statistics, data, progress=progress)
 
-    ``tensors`` maps each value's name to whether it needs a histogram. Graph inputs are read
-    from the feeds; other values are made graph outputs for the session only (``model`` is left
-    as it was). ``progress`` is told ``(batches done, batches in all or None)`` after each batch.
+
+def collect(
+    model: ir.Model,
+    accumulators: Mapping[str, A],
+    data: DataSource,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> Mapping[str, A]:
+    """Feed each named value of ``model.graph``, batch by batch over ``data``, to its accumulator.
+
+    Graph inputs are read from the feeds; other values are made graph outputs for the session
+    only (``model`` is left as it was). ``progress`` is told ``(batches done, batches in all or
+    None)`` after each batch. Returns ``accumulators``.
     """
     graph = model.graph
-    values = _named_values(graph, tensors)
+    values = _named_values(graph, accumulators)
     computed = [v for v in values.values() if not v.is_graph_input()]
     sess = _session_reading(model, [v for v in computed if not v.is_graph_output()])
     names = [v.name for v in computed]
     files = batch_files(data) if isinstance(data, (str, os.PathLike)) else None
     total = None if files is None else len(files)
-
-    statistics = {name: TensorStatistics(histogram=wanted) for name, wanted in tensors.items()}
     done = 0
     for done, feeds in enumerate(read_batches(data), start=1):
         _check_feeds(graph, feeds, _batch_label(done, files))
-        _update(statistics, _run(sess, names, feeds), values, feeds)
+        _update(accumulators, _run(sess, names, feeds), values, feeds)
         if progress is not None:
             progress(done, total)
     if done == 0:
         raise CalibrationError("the calibration data holds no batches")
-    return statistics
+    return accumulators
 
 
 def _named_values(graph: ir.Graph, names: Iterable[str]) -> dict[str, ir.Value]:
@@ -402,15 +482,15 @@ def _temporary_outputs(graph: ir.Graph, values: Sequence[ir.Value]) -> Iterator[
 
 
 def _update(
-    statistics: dict[str, TensorStatistics],
+    accumulators: Mapping[str, Accumulator],
     results: dict[str, np.ndarray],
     values: Mapping[str, ir.Value],
     feeds: Feeds,
 ) -> None:
-    """Add one batch to ``statistics``. A function of its own so that the batch's outputs are
+    """Add one batch to ``accumulators``. A function of its own so that the batch's outputs are
     freed before the next batch runs (a loop variable would hold them through that run)."""
-    for name, stats in statistics.items():
-        stats.update(results[name] if name in results else _input_array(values[name], feeds))
+    for name, accumulator in accumulators.items():
+        accumulator.update(results[name] if name in results else _input_array(values[name], feeds))
 
 
 def _run(sess: ort.InferenceSession, names: list[str], feeds: Feeds) -> dict[str, np.ndarray]:

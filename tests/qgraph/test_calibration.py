@@ -16,6 +16,7 @@ from qgraph.calibration import (
     KL_EPSILON,
     METHODS,
     CalibrationError,
+    ChannelStatistics,
     TensorStatistics,
     collect_statistics,
     kl_divergences,
@@ -342,3 +343,37 @@ def test_random_batches_match_the_inputs():
     assert ids.min() >= 0 and ids.max() < 100
     again = next(random_batches(model, 1, seed=7))
     np.testing.assert_array_equal(again["x"], batches[0]["x"])
+
+
+def test_channel_statistics_are_the_per_channel_range_of_all_batches():
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((2, 5, 4)) for _ in range(3)]
+    stats = ChannelStatistics(axis=-1)
+    for batch in batches:
+        stats.update(batch)
+    rows = np.concatenate([b.reshape(-1, 4) for b in batches])
+    np.testing.assert_array_equal(stats.minimum, rows.min(0))
+    np.testing.assert_array_equal(stats.absmax, np.abs(rows).max(0))
+    assert stats.sample is None and stats.fitted_minimum is None
+
+
+def test_the_sample_and_the_fitted_range_split_the_units_between_them():
+    """Units alternate across batch boundaries: odd ones may be sampled, even ones fit."""
+    batches = [np.arange(3 * 4, dtype=np.float32).reshape(3, 4) + 100 * b for b in range(3)]
+    stats = ChannelStatistics(axis=-1, sample_size=100)
+    for batch in batches:
+        stats.update(batch)
+    rows = np.concatenate(batches)
+    np.testing.assert_array_equal(stats.fitted_maximum, rows[0::2].max(0))
+    assert sorted(map(tuple, stats.sample)) == sorted(map(tuple, rows[1::2]))
+
+
+def test_the_sample_is_a_seeded_uniform_draw_of_images():
+    images = np.random.default_rng(4).standard_normal((50, 2, 3, 3)).astype(np.float32)
+    first, second = (ChannelStatistics(axis=1, unit_rank=3, sample_size=5) for _ in range(2))
+    for stats in (first, second):
+        for start in range(0, 50, 10):
+            stats.update(images[start : start + 10])
+    np.testing.assert_array_equal(first.sample, second.sample)
+    assert first.sample.shape == (5, 2, 3, 3)
+    np.testing.assert_array_equal(first.fitted_minimum, images[0::2].min(axis=(0, 2, 3)))
