@@ -112,9 +112,9 @@ class AnnotatePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ReportingPassResult:
         report = AnnotationReport()
         for node in model.graph:
-            if node.op_type not in self.target.quantizable_ops or node.domain != "":
+            decision = self.decide(node)
+            if decision is None:
                 continue
-            decision = self._annotate(node)
             if isinstance(decision, str):
                 node.meta[FLOAT_REASON_KEY] = decision
                 report.float_reasons[node.name or "?"] = (node.op_type, decision)
@@ -137,7 +137,11 @@ class AnnotatePass(ir.passes.InPlacePass):
             count += 1
         return count
 
-    def _annotate(self, node: ir.Node) -> NodeAnnotation | str:
+    def decide(self, node: ir.Node) -> NodeAnnotation | str | None:
+        """What of ``node`` to quantize, the reason it stays in float, or None for a node the
+        target never quantizes. Reads the graph only (SmoothQuant asks before annotating)."""
+        if node.op_type not in self.target.quantizable_ops or node.domain != "":
+            return None
         layout = WEIGHTED_OPS.get(node.op_type)
         if layout is None:
             return f"qgraph has no quantization rule for {node.op_type}"

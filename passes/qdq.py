@@ -38,6 +38,7 @@ from qgraph.calibration import (
     random_batches,
     tensor_range,
 )
+from qgraph.data import DataSource
 from qgraph.errors import QGraphError
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
@@ -171,7 +172,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
             for name, spec in specs.items()
         }
         statistics = collect_statistics(
-            model, needs, self._calibration_data(model), progress=self._count(report)
+            model,
+            needs,
+            calibration_data(
+                self.options,
+                model,
+                "static quantization",
+                "choose --mode dynamic or weight-only",
+            ),
+            progress=self._count(report),
         )
         ranges: dict[str, ActivationQuantization | str] = {}
         for name, spec in specs.items():
@@ -206,16 +215,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         signed = self.target.activation_dtype.is_signed()
         return ir.DataType.INT16 if signed else ir.DataType.UINT16
 
-    def _calibration_data(self, model: ir.Model):
-        if self.options.calib is not None:
-            return self.options.calib
-        if self.options.calib_random is not None:
-            return random_batches(model, self.options.calib_random)
-        raise CalibrationMissingError(
-            "static quantization needs calibration data: pass --calib DATA (a .npz file or a "
-            "folder of them), or --calib-random N, or choose --mode dynamic or weight-only"
-        )
-
     def _count(self, report: QDQReport) -> CalibrationProgress:
         def seen(done: int, total: int | None) -> None:
             report.calibration_batches = done
@@ -223,6 +222,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 self.progress(done, total)
 
         return seen
+
+
+def calibration_data(
+    options: QuantOptions, model: ir.Model, purpose: str, remedy: str
+) -> DataSource:
+    """The calibration data ``options`` name; without any, an error saying that ``purpose``
+    needs it and, besides giving some, the ``remedy``."""
+    if options.calib is not None:
+        return options.calib
+    if options.calib_random is not None:
+        return random_batches(model, options.calib_random)
+    raise CalibrationMissingError(
+        f"{purpose} needs calibration data: pass --calib DATA (a .npz file or a folder of "
+        f"them), or --calib-random N, or {remedy}"
+    )
 
 
 def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dict[str, QuantSpec]:
