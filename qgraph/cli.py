@@ -219,6 +219,14 @@ def cli(debug: bool) -> None:
     "(static mode; 0: never) [default: 30].",
 )
 @click.option(
+    "--smoothquant",
+    metavar="ALPHA",
+    help="SmoothQuant first: divide each quantized activation by s per channel and multiply "
+    "its readers' weights by s, s = max|X|^ALPHA / max|W|^(1-ALPHA), taming outlier channels "
+    "(transformers). ALPHA in [0, 1] (0.5 is the paper's), or 'auto' to search it per "
+    "tensor. Needs calibration data, also in dynamic mode [default: off].",
+)
+@click.option(
     "--recipe",
     type=click.Path(path_type=Path),
     help="A TOML file with any of the quantization options above (flags override it).",
@@ -239,7 +247,8 @@ def compile_command(
 
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
     CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
-    LayerNorm / RMSNorm / GELU fused, activations recorded), annotate and insert Q/DQ
+    LayerNorm / RMSNorm / GELU fused, activations recorded), with --smoothquant the
+    outlier migration, annotate and insert Q/DQ
     (weights per channel, activations calibrated per tensor, biases int32), lower (with
     --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
     topological order, names, ONNX checker, target conformance). The input file is never
@@ -251,6 +260,7 @@ def compile_command(
       qgraph compile model.onnx --mode dynamic                        # no data needed
       qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
       qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
+      qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
     """
     spec = get_target(target)
     output = output or model.with_name(f"{model.stem}.{spec.name}.onnx")

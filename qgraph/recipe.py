@@ -12,6 +12,7 @@ become underscores); flags given on the command line override it, and list flags
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy
+    smoothquant = 0.5               # SmoothQuant's migration strength alpha, or "auto"
 
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
@@ -46,6 +47,8 @@ DEFAULT_MIN_SQNR_DB = 30.0
 """8-bit SQNR under which an activation goes to 16 bits: above it, the rounding noise is under
 1/1000 of the signal's power (about 3% RMS)."""
 OPSET_21 = 21
+AUTO_ALPHA = "auto"
+"""``smoothquant = "auto"``: search SmoothQuant's alpha per tensor."""
 
 
 class RecipeError(QGraphError):
@@ -88,6 +91,8 @@ class QuantOptions:
             expected SQNR below this (dB, from calibration) gets more precision: 16 bits on
             a target with 16-bit integer kernels, else its readers stay in float; 0 turns
             this off.
+        smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
+            strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none.
         calib: Calibration data (a dataset path or an iterable of feed dicts).
         calib_random: Calibrate on this many random batches instead (accuracy meaningless).
     """
@@ -101,8 +106,16 @@ class QuantOptions:
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    smoothquant: float | str | None = None
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.smoothquant is not None and self.mode is Mode.WEIGHT_ONLY:
+            raise RecipeError(
+                "smoothquant moves quantization difficulty from activations to weights; "
+                "weight-only mode quantizes no activations (use --mode static or dynamic)"
+            )
 
     def excluded(self, node: ir.Node) -> str | None:
         """Why the user keeps ``node`` in float, or None."""
@@ -201,6 +214,19 @@ def _number(key: str, kind: type, low: float, high: float):
     return convert
 
 
+def _smoothquant(value: object) -> float | str:
+    """An alpha in [0, 1] (a number, or its text from the command line) or ``"auto"``."""
+    if value == AUTO_ALPHA:
+        return AUTO_ALPHA
+    try:
+        alpha = float(value) if isinstance(value, str) else value
+    except ValueError:
+        alpha = None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise RecipeError(f"smoothquant = {value!r}: expected an alpha in [0, 1] or 'auto'")
+    return float(alpha)
+
+
 def _patterns(key: str):
     def convert(value: object) -> tuple[str, ...]:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -258,6 +284,7 @@ _FIELDS = {
     "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
     "tensor": _tensor_overrides,
     "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
+    "smoothquant": _smoothquant,
     "calib": lambda value: value,
     "calib_random": _number("calib_random", int, 1, 1_000_000),
 }

@@ -176,9 +176,39 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
             f"SQNR as low as {worst:.1f} dB"
         )
     parts.append(notes)
+    smoothing = by_name.get("smoothquant")
+    if smoothing is not None:
+        parts.append(smoothquant_summary(smoothing))
     if reasons:
         parts.append(_float_reasons_table(reasons))
     return _spaced(parts)
+
+
+def smoothquant_summary(report) -> str:
+    """One line: how many activations were smoothed, how, with which alphas."""
+    smoothed = report.smoothed
+    alphas = collections.Counter(tensor.alpha for tensor in smoothed)
+    chosen = ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(alphas.items()))
+    line = (
+        f"SmoothQuant: {len(smoothed)} activations smoothed (alpha {chosen or '-'}), "
+        f"{report.folded} folded into their producers, {len(smoothed) - report.folded} "
+        f"through an inserted Mul; {len(report.skipped)} left as they were"
+    )
+    searched = [tensor.sqnr_db for tensor in smoothed if tensor.sqnr_db is not None]
+    if searched:
+        gain = sum(after - before for before, after in searched) / len(searched)
+        line += f"; the search expects +{gain:.1f} dB output SQNR on average"
+    return line
+
+
+def smoothquant_table(report) -> Table:
+    """Every activation SmoothQuant looked at: alpha and where ``X / s`` went, or why not."""
+    table = _table("activation", "alpha", "where X / s went (or why left)", title="SmoothQuant")
+    for tensor in report.smoothed:
+        table.add_row(tensor.name, f"{tensor.alpha:g}", tensor.placement)
+    for name, reason in report.skipped.items():
+        table.add_row(name, "-", reason)
+    return table
 
 
 def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
@@ -193,10 +223,12 @@ def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
 
 def explain_report(records: Iterable[PassRecord]) -> RenderableType:
     """For each pass that reports rules (fusion, lower): matches per rule, near-misses by
-    reason."""
+    reason; for SmoothQuant, every activation it smoothed or left."""
     parts: list[RenderableType] = []
     for record in records:
         details = record.details
+        if record.name == "smoothquant" and details is not None:
+            parts.append(smoothquant_table(details))
         if not hasattr(details, "near_misses"):
             continue
         rules = _table("rule", "applied", "near-misses", title=f"{record.name}: rules")

@@ -281,6 +281,14 @@ def test_quantization_errors_are_one_line(model_file, tmp_path):
     assert_one_line_error(
         invoke("compile", model_file, "-o", out, "--calib", tmp_path / "none"), "no such dataset"
     )
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--smoothquant", "high"),
+        "smoothquant = 'high': expected an alpha in [0, 1] or 'auto'",
+    )
+    assert_one_line_error(
+        invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--smoothquant", "0.5"),
+        "SmoothQuant needs calibration data",
+    )
     data = tmp_path / "nan.npz"
     np.savez(data, x=np.full((2, 4), np.nan, np.float32))
     assert_one_line_error(
