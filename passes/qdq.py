@@ -180,7 +180,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 "static quantization",
                 "choose --mode dynamic or weight-only",
             ),
-            progress=self._count(report),
+            progress=counting_batches(report, self.progress),
         )
         ranges: dict[str, ActivationQuantization | str] = {}
         for name, spec in specs.items():
@@ -215,14 +215,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         signed = self.target.activation_dtype.is_signed()
         return ir.DataType.INT16 if signed else ir.DataType.UINT16
 
-    def _count(self, report: QDQReport) -> CalibrationProgress:
-        def seen(done: int, total: int | None) -> None:
-            report.calibration_batches = done
-            if self.progress is not None:
-                self.progress(done, total)
-
-        return seen
-
 
 def calibration_data(
     options: QuantOptions, model: ir.Model, purpose: str, remedy: str
@@ -237,6 +229,18 @@ def calibration_data(
         f"{purpose} needs calibration data: pass --calib DATA (a .npz file or a folder of "
         f"them), or --calib-random N, or {remedy}"
     )
+
+
+def counting_batches(report, progress: CalibrationProgress | None) -> CalibrationProgress:
+    """A progress callback that keeps the batch count in ``report.calibration_batches`` and
+    tells ``progress``, if any."""
+
+    def seen(done: int, total: int | None) -> None:
+        report.calibration_batches = done
+        if progress is not None:
+            progress(done, total)
+
+    return seen
 
 
 def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dict[str, QuantSpec]:

@@ -33,7 +33,7 @@ from qgraph.calibration import CalibrationError, ChannelStatistics, collect
 from qgraph.data import DataSource
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import AnnotatePass, NodeAnnotation
-from qgraph.passes.qdq import calibration_data
+from qgraph.passes.qdq import calibration_data, counting_batches
 from qgraph.passes.smoothquant.folding import (
     Channels,
     Rescale,
@@ -134,7 +134,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             model,
             {c.value.name: self._statistics(c) for c in candidates},
             self._data(model),
-            progress=self._count(report),
+            progress=counting_batches(report, self.progress),
         )
         for candidate in candidates:
             outcome = self._smooth(candidate, statistics[candidate.value.name])
@@ -240,14 +240,6 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 "dataset path or a list of batches, not a one-shot iterator"
             )
         return calibration_data(self.options, model, "SmoothQuant", "leave out --smoothquant")
-
-    def _count(self, report: SmoothQuantReport) -> CalibrationProgress:
-        def seen(done: int, total: int | None) -> None:
-            report.calibration_batches = done
-            if self.progress is not None:
-                self.progress(done, total)
-
-        return seen
 
 
 def _build(ctx) -> SmoothQuantPass | None:
