@@ -30,6 +30,7 @@ from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import Phase
 from qgraph.recipe import (
     CALIBRATION_METHODS,
+    DEFAULT_ALPHA,
     WEIGHT_ONLY_DTYPES,
     Mode,
     QuantOptions,
@@ -220,11 +221,14 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--smoothquant",
-    metavar="ALPHA",
+    metavar="[ALPHA]",
+    is_flag=False,
+    flag_value=str(DEFAULT_ALPHA),
     help="SmoothQuant first: divide each quantized activation by s per channel and multiply "
     "its readers' weights by s, s = max|X|^ALPHA / max|W|^(1-ALPHA), taming outlier channels "
-    "(transformers). ALPHA in [0, 1] (0.5 is the paper's), or 'auto' to search it per "
-    "tensor. Needs calibration data, also in dynamic mode [default: off].",
+    f"(transformers). ALPHA in [0, 1] ({DEFAULT_ALPHA} when left out, the paper's), or 'auto' "
+    "to search it per tensor (best on SmolLM2 and MiniLM). Needs calibration data, also in "
+    "dynamic mode [default: off].",
 )
 @click.option(
     "--recipe",

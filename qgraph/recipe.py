@@ -49,6 +49,8 @@ DEFAULT_MIN_SQNR_DB = 30.0
 OPSET_21 = 21
 AUTO_ALPHA = "auto"
 """``smoothquant = "auto"``: search SmoothQuant's alpha per tensor."""
+DEFAULT_ALPHA = 0.5
+"""SmoothQuant's migration strength where none is given (``--smoothquant`` alone)."""
 
 
 class RecipeError(QGraphError):

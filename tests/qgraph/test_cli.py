@@ -286,7 +286,7 @@ def test_quantization_errors_are_one_line(model_file, tmp_path):
         "smoothquant = 'high': expected an alpha in [0, 1] or 'auto'",
     )
     assert_one_line_error(
-        invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--smoothquant", "0.5"),
+        invoke("compile", model_file, "-o", out, "--mode", "dynamic", "--smoothquant"),
         "SmoothQuant needs calibration data",
     )
     data = tmp_path / "nan.npz"
