@@ -14,7 +14,7 @@ the search see some of the clipping new data meets; it still favours large alpha
 1.0 everywhere, 5 dB worse on the held-out set than a fixed 0.5: the calibration maxima
 understate new data's). The search ranks scales by min/max calibration; it does not predict
 the final calibration method's error. Candidates: every alpha of ``ALPHA_GRID`` and no
-smoothing at all, so the search never makes a tensor worse than it was.
+smoothing at all, so by its own score no tensor ends worse than it was.
 """
 
 from __future__ import annotations
