@@ -8,7 +8,7 @@ index computations, masks and everything the target runs in float are left exact
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
 kW]`` on axis 0, ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with
-``transB=1`` and axis 1 without. Per-block weight specs (4-bit, weight-only) split the
+``transB=1`` and axis 1 without. Per-block weight specs (4-bit, in any mode) split the
 reduction axis ``K`` into blocks, each with its own scale per output channel. Biases become
 int32 only where the target says so (``int32_bias``).
 
@@ -36,6 +36,9 @@ from qgraph.traversal import weighted_producer
 ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
 FLOAT_REASON_KEY = "qgraph.float_reason"
+KEEP_FLOAT_KEY = "qgraph.keep_float"
+"""Node metadata a float rewrite sets on nodes it adds that must stay in float (an online
+rotation): the value is the reason given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +148,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         layout = WEIGHTED_OPS.get(node.op_type)
         if layout is None:
             return f"qgraph has no quantization rule for {node.op_type}"
-        reason = self.options.excluded(node)
+        reason = node.metadata_props.get(KEEP_FLOAT_KEY) or self.options.excluded(node)
         if reason:
             return reason
         activation = _input(node, layout.activation)
@@ -183,7 +186,8 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
         channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
-        if self.options.mode is not Mode.WEIGHT_ONLY:
+        four_bit = self.options.weight_dtype.bitwidth == 4
+        if self.options.mode is not Mode.WEIGHT_ONLY and not four_bit:
             return QuantSpec(
                 dtype=self.target.weight_dtype,
                 symmetric=self.target.weight_symmetric,
@@ -192,7 +196,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             )
         dtype = self.options.weight_dtype
         reduction_axis = layout.reduction_axis(node)
-        if dtype.bitwidth == 4 and reduction_axis is not None:
+        if four_bit and reduction_axis is not None:
             return QuantSpec(
                 dtype,
                 symmetric=dtype.is_signed(),
