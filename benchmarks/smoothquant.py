@@ -42,10 +42,11 @@ VARIANTS = {
 }
 
 
-def rows(name: str, runs: int, out_root: Path) -> list[str]:
+def rows(name: str, variants: dict[str, dict], runs: int, out_root: Path) -> list[str]:
+    """One table row per variant of ``name``: compiled in a child process, then evaluated."""
     zoo_model = models.fetch(name)
     lines = []
-    for variant, flags in VARIANTS.items():
+    for variant, flags in variants.items():
         print(f"  {name} / {variant} ...", file=sys.stderr, flush=True)
         target = out_root / name / f"{''.join(c if c.isalnum() else '-' for c in variant)}.onnx"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def main() -> None:
     ]
     for name in args.models:
         print(f"{name}:", file=sys.stderr, flush=True)
-        table.extend(rows(name, args.runs, out_root))
+        table.extend(rows(name, VARIANTS, args.runs, out_root))
     command = "python benchmarks/smoothquant.py " + " ".join(sys.argv[1:])
     text = "\n".join(
         [

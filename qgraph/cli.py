@@ -187,7 +187,8 @@ def cli(debug: bool) -> None:
 @click.option(
     "--weight-dtype",
     type=click.Choice(WEIGHT_ONLY_DTYPES),
-    help="Weight type in weight-only mode; int4/uint4 are per-block [default: int8].",
+    help="Weight type: int4/uint4 are per-block, in any mode (static: W4A8); int8 is per "
+    "channel, weight-only mode [default: int8 weight-only, the target's otherwise].",
 )
 @click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
 @click.option(
@@ -231,6 +232,20 @@ def cli(debug: bool) -> None:
     "dynamic mode [default: off].",
 )
 @click.option(
+    "--rotate/--no-rotate",
+    default=None,
+    help="Rotate first (QuaRot-style): the residual stream, each attention head's values and "
+    "each MLP down projection's input by orthogonal Hadamard matrices folded into the weights "
+    "(the last one applied online, in float), so no channel stands out; the float function "
+    "is unchanged. Any mode; pairs well with 4-bit weights [default: off].",
+)
+@click.option(
+    "--rotate-seed",
+    type=click.IntRange(0, 2**32 - 1),
+    metavar="N",
+    help="Seed of the rotations' random signs; the same seed gives the same model [0].",
+)
+@click.option(
     "--recipe",
     type=click.Path(path_type=Path),
     help="A TOML file with any of the quantization options above (flags override it).",
@@ -251,8 +266,8 @@ def compile_command(
 
     Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
     CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
-    LayerNorm / RMSNorm / GELU fused, activations recorded), with --smoothquant the
-    outlier migration, annotate and insert Q/DQ
+    LayerNorm / RMSNorm / GELU fused, activations recorded), with --rotate the Hadamard
+    rotations and with --smoothquant the outlier migration, annotate and insert Q/DQ
     (weights per channel, activations calibrated per tensor, biases int32), lower (with
     --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
     topological order, names, ONNX checker, target conformance). The input file is never
@@ -265,6 +280,7 @@ def compile_command(
       qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
       qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
       qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
+      qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
     """
     spec = get_target(target)
     output = output or model.with_name(f"{model.stem}.{spec.name}.onnx")

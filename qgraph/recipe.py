@@ -6,13 +6,15 @@ become underscores); flags given on the command line override it, and list flags
     mode = "static"                 # static | dynamic | weight-only
     calib_method = "percentile"     # minmax | percentile | entropy | mse
     percentile = 99.99
-    weight_dtype = "int4"           # weight-only: int8 | int4 | uint4
+    weight_dtype = "int4"           # int8 (weight-only) | int4 | uint4 (per block, any mode)
     block_size = 32
     exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy
     smoothquant = 0.5               # SmoothQuant's migration strength alpha, or "auto"
+    rotate = true                   # Hadamard rotations (QuaRot-style) before quantizing
+    rotate_seed = 0                 # the rotations' random signs
 
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
@@ -84,7 +86,9 @@ class QuantOptions:
         mode: Static, dynamic or weight-only.
         calib_method: How activation ranges are chosen from calibration statistics.
         percentile: The percentile of |x| kept by the ``percentile`` method.
-        weight_dtype: Weight type in weight-only mode (other modes use the target's).
+        weight_dtype: Weight type: int4/uint4 per block in any mode (static and dynamic
+            then quantize weights to 4 bits and activations to the target's 8); int8 per
+            channel in weight-only mode (other modes use the target's weight type).
         block_size: Per-block length for 4-bit weights.
         exclude_node: Regular expressions; nodes whose whole name matches stay in float.
         exclude_op: Op types that stay in float.
@@ -95,6 +99,9 @@ class QuantOptions:
             this off.
         smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
             strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none.
+        rotate: Rotate the residual stream, attention heads and MLP inputs by orthogonal
+            (Hadamard) matrices first (any mode), spreading outlier channels.
+        rotate_seed: Seed of the rotations' random signs (the same seed, the same model).
         calib: Calibration data (a dataset path or an iterable of feed dicts).
         calib_random: Calibrate on this many random batches instead (accuracy meaningless).
     """
@@ -109,6 +116,8 @@ class QuantOptions:
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     smoothquant: float | str | None = None
+    rotate: bool = False
+    rotate_seed: int = 0
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
 
@@ -139,7 +148,7 @@ class QuantOptions:
     def required_opset(self, target_min_opset: int) -> int:
         """Lowest default-domain opset whose Q/DQ ops carry every spec these options ask for
         (4-bit weights, blocks and 16-bit activations arrived in opset 21)."""
-        four_bit = self.mode is Mode.WEIGHT_ONLY and self.weight_dtype.bitwidth == 4
+        four_bit = self.weight_dtype.bitwidth == 4
         sixteen_bit = any(o.dtype is not None and o.dtype.bitwidth == 16 for _, o in self.tensor)
         return max(target_min_opset, OPSET_21 if four_bit or sixteen_bit else 0)
 
@@ -216,6 +225,15 @@ def _number(key: str, kind: type, low: float, high: float):
     return convert
 
 
+def _flag(key: str):
+    def convert(value: object) -> bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key} = {value!r}: expected true or false")
+        return value
+
+    return convert
+
+
 def _smoothquant(value: object) -> float | str:
     """An alpha in [0, 1] (a number, or its text from the command line) or ``"auto"``."""
     if value == AUTO_ALPHA:
@@ -287,6 +305,8 @@ _FIELDS = {
     "tensor": _tensor_overrides,
     "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
     "smoothquant": _smoothquant,
+    "rotate": _flag("rotate"),
+    "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),
     "calib": lambda value: value,
     "calib_random": _number("calib_random", int, 1, 1_000_000),
 }

@@ -34,6 +34,7 @@ ENTRY_POINT_GROUP = "qgraph.passes"
 BUILTIN_PASS_MODULES = (
     "qgraph.passes.canonicalize",
     "qgraph.passes.fusion",
+    "qgraph.passes.rotation",
     "qgraph.passes.smoothquant",
     "qgraph.passes.annotate",
     "qgraph.passes.qdq",

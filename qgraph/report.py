@@ -176,6 +176,9 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
             f"SQNR as low as {worst:.1f} dB"
         )
     parts.append(notes)
+    rotation = by_name.get("rotation")
+    if rotation is not None:
+        parts.append(rotation_summary(rotation))
     smoothing = by_name.get("smoothquant")
     if smoothing is not None:
         parts.append(smoothquant_summary(smoothing))
@@ -201,6 +204,38 @@ def smoothquant_summary(report) -> str:
     return line
 
 
+def rotation_summary(report) -> str:
+    """One line: which rotations went where, and which were declined."""
+    kinds = {
+        name: sorted({applied.rotation for applied in report.applied if applied.name == name})
+        for name in ("R1", "R2", "R4")
+    }
+    done = [
+        f"{name} x{report.count(name)} ({', '.join(kinds[name])})"
+        for name in kinds
+        if report.count(name)
+    ]
+    line = f"Rotation (seed {report.seed}): {', '.join(done) or 'none applied'}"
+    online = sum(bool(applied.online) for applied in report.applied)
+    if online:
+        line += f"; {online} with ops added in float"
+    if report.declined:
+        line += "; not applied: " + "; ".join(f"{k}: {v}" for k, v in report.declined.items())
+    return line
+
+
+def rotation_table(report) -> Table:
+    """Every rotation applied: where, which matrix, what it folded into or added."""
+    table = _table("rotation", "where", "matrix", "folded", "added", title="Rotation")
+    for applied in report.applied:
+        table.add_row(
+            applied.name, applied.where, applied.rotation, str(applied.folded), applied.online
+        )
+    for name, reason in report.declined.items():
+        table.add_row(name, "-", "-", "-", f"not applied: {reason}")
+    return table
+
+
 def smoothquant_table(report) -> Table:
     """Every activation SmoothQuant looked at: alpha and where ``X / s`` went, or why not."""
     table = _table("activation", "alpha", "where X / s went (or why left)", title="SmoothQuant")
@@ -223,12 +258,15 @@ def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
 
 def explain_report(records: Iterable[PassRecord]) -> RenderableType:
     """For each pass that reports rules (fusion, lower): matches per rule, near-misses by
-    reason; for SmoothQuant, every activation it smoothed or left."""
+    reason; for SmoothQuant, every activation it smoothed or left; for rotation, every
+    rotation and where it went."""
     parts: list[RenderableType] = []
     for record in records:
         details = record.details
         if record.name == "smoothquant" and details is not None:
             parts.append(smoothquant_table(details))
+        if record.name == "rotation" and details is not None:
+            parts.append(rotation_table(details))
         if not hasattr(details, "near_misses"):
             continue
         rules = _table("rule", "applied", "near-misses", title=f"{record.name}: rules")

@@ -195,12 +195,14 @@ def apply(rescale: Rescale, scale: np.ndarray) -> None:
     replace_constant(rescale.node, rescale.index, (array * factor).astype(array.dtype))
 
 
-def replace_constant(node: ir.Node, index: int, array: np.ndarray) -> None:
-    """Give ``node`` a new initializer ``<old name>.smoothed`` as input ``index``; the old one
+def replace_constant(
+    node: ir.Node, index: int, array: np.ndarray, suffix: str = "smoothed"
+) -> None:
+    """Give ``node`` a new initializer ``<old name>.<suffix>`` as input ``index``; the old one
     stays for its other readers (a weight tied elsewhere is not changed there)."""
     old = node.inputs[index]
     graph = node.graph
-    base = f"{old.name}.smoothed"
+    base = f"{old.name}.{suffix}"
     name, number = base, 1
     while name in graph.initializers:
         name, number = f"{base}.{number}", number + 1
