@@ -59,6 +59,19 @@ RULES = (
         (batchnorm.FoldBatchNorm,),
     ),
     TableRule(
+        "layer-norm", "decomposed LayerNorm -> LayerNormalization", (normalization.LayerNormFusion,)
+    ),
+    TableRule(
+        "layer-norm-bias",
+        "LayerNormalization + beta -> LayerNormalization(.., beta)",
+        (normalization.LayerNormBiasFusion,),
+    ),
+    TableRule(
+        "rms-norm",
+        "decomposed RMSNorm -> RMSNormalization / SimplifiedLayerNormalization",
+        (normalization.RMSNormFusion,),
+    ),
+    TableRule(
         "scale-after-matmul",
         "MatMul(x, W) * c or / c -> MatMul(x, W')",
         (scales.ScaleAfterMatMul, scales.DivisionAfterMatMul),
@@ -77,19 +90,6 @@ RULES = (
         "scale-before-conv",
         "Conv(x * c or x / c, W) -> Conv(x, W')",
         (scales.ScaleBeforeConv, scales.DivisionBeforeConv),
-    ),
-    TableRule(
-        "layer-norm", "decomposed LayerNorm -> LayerNormalization", (normalization.LayerNormFusion,)
-    ),
-    TableRule(
-        "layer-norm-bias",
-        "LayerNormalization + beta -> LayerNormalization(.., beta)",
-        (normalization.LayerNormBiasFusion,),
-    ),
-    TableRule(
-        "rms-norm",
-        "decomposed RMSNorm -> RMSNormalization / SimplifiedLayerNormalization",
-        (normalization.RMSNormFusion,),
     ),
     TableRule(
         "gelu-erf",

@@ -3,19 +3,20 @@
 LayerNorm over the last axis, as exporters write it out::
 
     mean = ReduceMean(x); d = x - mean; var = ReduceMean(d^2)      (d^2 as Pow(d, 2) or d * d)
-    y = d / Sqrt(var + eps) * gamma  [+ beta]                      (or d * Reciprocal(Sqrt(..)))
+    y = d / Sqrt(var + eps) * gamma  [+ beta]        (or d * Reciprocal(Sqrt(..)), d * (1 / Sqrt))
       -> LayerNormalization(x, gamma[, beta], axis=-1, epsilon=eps)          (opset >= 17)
 
 RMSNorm (Llama) over the last axis::
 
-    y = x / Sqrt(ReduceMean(x^2) + eps) * gamma                    (or x * Reciprocal(Sqrt(..)))
+    y = x / Sqrt(ReduceMean(x^2) + eps) * gamma      (or x * Reciprocal(Sqrt(..)), x * (1 / Sqrt))
       -> RMSNormalization(x, gamma, axis=-1, epsilon=eps)                    (opset >= 23)
       -> SimplifiedLayerNormalization(x, gamma, ...) where the target's runtime adds it
 
 Both ReduceMeans must reduce exactly the last axis with ``keepdims`` (the ``axes`` attribute
 before opset 18, an input from 18 on), ``eps`` must be a constant scalar and ``gamma`` (and
 ``beta``) must have the shape of that last axis: anything else is not this op. A last axis of
-size 1 stays decomposed: onnxruntime (1.22) refuses to normalize a single value.
+size 1 stays decomposed: onnxruntime (1.22) refuses to normalize a single value. The norms are
+matched before constant scales fold into MatMul weights, so a gamma stays with its norm.
 """
 
 from __future__ import annotations
@@ -48,9 +49,15 @@ def _square(op, x, two):
     return pattern.OrValue([op.Pow(x, two), op.Mul(x, x)])
 
 
-def _divided_by(op, numerator, denominator):
+def _divided_by(op, numerator, denominator, one):
     return pattern.OrValue(
-        [op.Div(numerator, denominator), op.Mul(numerator, op.Reciprocal(denominator))]
+        [
+            op.Div(numerator, denominator),
+            op.Mul(numerator, op.Reciprocal(denominator)),
+            op.Mul(numerator, op.Div(one, denominator)),
+        ],
+        tag_var="division",  # onnxscript 0.7 cannot clone a backtracking OrValue without one
+        tag_values=("div", "reciprocal", "one-over"),
     )
 
 
@@ -66,7 +73,7 @@ def _reduces_last_axis(mean: ir.Value, rank: int | None) -> bool:
     return axes is not None and len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)
 
 
-def _normalization_problem(x, means, eps, two, gamma) -> str | None:
+def _normalization_problem(x, means, eps, two, gamma, one=None) -> str | None:
     rank = None if x.shape is None else len(x.shape)
     if x.dtype not in FLOAT_TYPES:
         return f"{x.dtype} is not a float type"
@@ -76,6 +83,8 @@ def _normalization_problem(x, means, eps, two, gamma) -> str | None:
         return "a ReduceMean does not reduce exactly the last axis with keepdims"
     if two is not None and scalar(two) != 2.0:
         return "the power is not 2"
+    if one is not None and scalar(one) != 1.0:
+        return "the reciprocal's numerator is not 1"
     if scalar(eps) is None:
         return f"epsilon '{eps.name}' is not a constant scalar"
     return _vector_problem(gamma, x, "scale")
@@ -110,16 +119,16 @@ class LayerNormFusion(TargetRule):
 
     root_ops = frozenset({"Mul"})
 
-    def pattern(self, op, x, two, eps, gamma):
+    def pattern(self, op, x, two, eps, gamma, one):
         deviation = op.Sub(x, _mean(op, x, "mean"))
         variance = _mean(op, _square(op, deviation, two), "variance")
-        normalized = _divided_by(op, deviation, op.Sqrt(op.Add(variance, eps)))
+        normalized = _divided_by(op, deviation, op.Sqrt(op.Add(variance, eps)), one)
         return op.Mul(normalized, gamma)
 
-    def check(self, context, x, mean, variance, eps, gamma, two=None, **_) -> MatchResult:
+    def check(self, context, x, mean, variance, eps, gamma, two=None, one=None, **_) -> MatchResult:
         if model_opset(context) < LAYER_NORM_OPSET:
             return fail(f"opset {model_opset(context)} has no LayerNormalization (from 17)", x)
-        problem = _normalization_problem(x, (mean, variance), eps, two, gamma)
+        problem = _normalization_problem(x, (mean, variance), eps, two, gamma, one)
         return MatchResult() if problem is None else fail(problem, x)
 
     def rewrite(self, op, x, eps, gamma, **_):
@@ -154,11 +163,11 @@ class RMSNormFusion(TargetRule):
 
     root_ops = frozenset({"Mul"})
 
-    def pattern(self, op, x, two, eps, gamma):
+    def pattern(self, op, x, two, eps, gamma, one):
         mean_square = _mean(op, _square(op, x, two), "mean_square")
-        return op.Mul(_divided_by(op, x, op.Sqrt(op.Add(mean_square, eps))), gamma)
+        return op.Mul(_divided_by(op, x, op.Sqrt(op.Add(mean_square, eps)), one), gamma)
 
-    def check(self, context, x, mean_square, eps, gamma, two=None, **_) -> MatchResult:
+    def check(self, context, x, mean_square, eps, gamma, two=None, one=None, **_) -> MatchResult:
         self._op_type = self._available_op(model_opset(context))
         if self._op_type is None:
             return fail(
@@ -166,7 +175,7 @@ class RMSNormFusion(TargetRule):
                 f"{self.target.name} adds no {RUNTIME_RMS_NORM}",
                 x,
             )
-        problem = _normalization_problem(x, (mean_square,), eps, two, gamma)
+        problem = _normalization_problem(x, (mean_square,), eps, two, gamma, one)
         return MatchResult() if problem is None else fail(problem, x)
 
     def _available_op(self, opset: int) -> str | None:

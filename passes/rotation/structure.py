@@ -95,11 +95,12 @@ def weight_reader(node: ir.Node, value: ir.Value) -> bool:
 
 
 def only_reader(value: ir.Value) -> ir.Node | None:
-    """The one node reading ``value`` once (None if more, none, or a graph output)."""
-    uses = value.uses()
+    """The one node reading ``value``'s data, once (None if more, none, or a graph output);
+    ``Shape`` readers do not count: a rotation keeps the shape."""
+    uses = [node for node, _ in value.uses() if node.op_type not in SHAPE_READERS]
     if len(uses) != 1 or value.is_graph_output():
         return None
-    return uses[0][0]
+    return uses[0]
 
 
 def bias_after(node: ir.Node) -> ir.Node | None:
@@ -236,11 +237,13 @@ def _head_region(projection: ir.Node) -> HeadRegion | None:
 def _merged(
     projection: ir.Node, bias: ir.Node | None, merge: ir.Node, head_dim: int
 ) -> HeadRegion | None:
-    width = _last_dim(merge.outputs[0])
+    """The region ending in ``merge`` if an output projection reads it; the merged width is
+    its weight's row count (the Reshape's own last dimension may be unknown)."""
     output = only_reader(merge.outputs[0])
-    if width is None or width % head_dim or output is None:
+    if output is None or not weight_reader(output, merge.outputs[0]):
         return None
-    if not weight_reader(output, merge.outputs[0]):
+    width = output.inputs[1].const_value.shape[0]
+    if width % head_dim or _last_dim(merge.outputs[0]) not in (None, width):
         return None
     return HeadRegion(projection, bias, output, head_dim)
 
