@@ -48,6 +48,8 @@ from qgraph.options import CompileOptions
 from qgraph.recipe import quant_options
 
 REFERENCE_MODELS = ("reference-cnn", "reference-encoder", "reference-decoder")
+ROTATED = "+rotation"
+"""A zoo name with this suffix: the model compiled with ``rotate``."""
 EVALUATION_BATCHES = 2
 # Real models run slowly under QEMU (magika: seconds per row): a few rows, calibrated on a
 # few batches, on the dotprod CPU only; the reference models cover every CPU model.
@@ -108,10 +110,11 @@ def compiled(tmp_path_factory) -> Callable[[str], Compiled]:
 
 
 def _compile(name: str, folder: Path) -> Compiled:
-    missing = models.get_recipe(name).missing()
+    zoo_name = name.removesuffix(ROTATED)
+    missing = models.get_recipe(zoo_name).missing()
     if missing:
-        pytest.skip(f"{name} needs {', '.join(missing)}: pip install -e '.[zoo]'")
-    zoo = models.fetch(name)
+        pytest.skip(f"{zoo_name} needs {', '.join(missing)}: pip install -e '.[zoo]'")
+    zoo = models.fetch(zoo_name)
     path = folder / f"{name}.onnx"
     model = qgraph.compile_model(zoo.model, "arm64", output=path, options=_options(name, zoo)).model
     exposed = qgraph.load(path)
@@ -129,7 +132,10 @@ def _options(name: str, zoo: models.ZooModel) -> CompileOptions:
     calibration: object = zoo.calibration
     if name in ZOO_ROWS:
         calibration = list(itertools.islice(read_batches(zoo.calibration), ZOO_CALIBRATION_BATCHES))
-    return CompileOptions(quantization=quant_options(mode="static", calib=calibration))
+    rotate = name.endswith(ROTATED)
+    return CompileOptions(
+        quantization=quant_options(mode="static", calib=calibration, rotate=rotate)
+    )
 
 
 def _evaluation_batches(name: str, zoo: models.ZooModel) -> list[dict[str, np.ndarray]]:
@@ -167,6 +173,15 @@ def test_arm64_matches_the_qdq_reference_within_one_step(sysroot, compiled, name
 )
 def test_zoo_model_matches_the_qdq_reference_within_one_step(sysroot, compiled, name):
     model = compiled(name)
+    arm = emulation.run(model.exposed, model.batches, trace=True, sysroot=sysroot)
+    assert INTEGER_OPS & set(arm.optimized_ops), f"no integer kernel in {arm.optimized_ops}"
+    assert CPUS[emulation.DOTPROD_CPU][1] & set(arm.kernel_instructions)
+    _assert_matches_within_one_step(model, arm)
+
+
+def test_a_rotated_model_runs_in_integer_kernels(sysroot, compiled):
+    """Rotation's online transforms stay float MatMuls between the integer groups."""
+    model = compiled(f"reference-decoder{ROTATED}")
     arm = emulation.run(model.exposed, model.batches, trace=True, sysroot=sysroot)
     assert INTEGER_OPS & set(arm.optimized_ops), f"no integer kernel in {arm.optimized_ops}"
     assert CPUS[emulation.DOTPROD_CPU][1] & set(arm.kernel_instructions)
