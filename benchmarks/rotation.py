@@ -1,6 +1,6 @@
 """Rotation (QuaRot-style) on the zoo's transformers, against SmoothQuant, side by side.
 
-    python benchmarks/rotation.py [--models NAME ...] [--runs 5] [--out FILE]
+    python benchmarks/rotation.py [--models NAME ...] [--variants NAME ...] [--runs 5]
 
 Each variant is ``qgraph compile --target x86-avx2`` in a child process, evaluated against the
 FP32 model on the held-out set (``qgraph.evaluation``; latency FP32 / quantized for one batch,
@@ -14,19 +14,9 @@ median of ``--runs`` interleaved runs, one intra-op thread):
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
-
-import onnxruntime as ort
 from quantization import TARGET
-from smoothquant import rows
+from smoothquant import variant_benchmark
 
-from qgraph import models
-from qgraph.targets import host_description
-
-ZOO = ("reference-decoder", "minilm", "smollm2")
 ALL_8_BIT = {"mode": "static", "min_sqnr_db": 0}
 W4A8 = {**ALL_8_BIT, "weight_dtype": "int4", "block_size": 32}
 VARIANTS = {
@@ -46,41 +36,5 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("rotation.md"))
-    args = parser.parse_args()
-    variants = {name: VARIANTS[name] for name in args.variants}
-    out_root = models.cache_dir() / "rotation"
-    table = [
-        "| model | variant | compile (s) | 8-bit ops | speed-up | size vs FP32 | accuracy |",
-        "|---|---|---:|---:|---:|---:|---|",
-    ]
-    for name in args.models:
-        print(f"{name}:", file=sys.stderr, flush=True)
-        table.extend(rows(name, variants, args.runs, out_root))
-    command = "python benchmarks/rotation.py " + " ".join(sys.argv[1:])
-    text = "\n".join(
-        [
-            f"# Rotation on the zoo ({TARGET})",
-            "",
-            f"Produced by `{command.strip()}` with onnxruntime {ort.__version__} on "
-            f"{host_description()}, {time.strftime('%Y-%m-%d')}. Latency: FP32 time / "
-            f"quantized time for one evaluation batch, median of {args.runs} interleaved runs, "
-            "one intra-op thread, all optimizations (> 1 is faster). Speed-up and size are "
-            "against FP32.",
-            "",
-            *table,
-        ]
-    )
-    args.out.write_text(text + "\n")
-    print(text)
-
-
 if __name__ == "__main__":
-    main()
+    variant_benchmark(__doc__, f"Rotation on the zoo ({TARGET})", "rotation", VARIANTS)

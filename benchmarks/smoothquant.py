@@ -1,6 +1,6 @@
 """SmoothQuant on the zoo's transformers: static W8A8 with and without it, side by side.
 
-    python benchmarks/smoothquant.py [--models NAME ...] [--runs 5] [--out FILE]
+    python benchmarks/smoothquant.py [--models NAME ...] [--variants NAME ...] [--runs 5]
 
 For each model, ``qgraph compile --target x86-avx2`` in static mode, in a child process:
 
@@ -67,26 +67,30 @@ def rows(name: str, variants: dict[str, dict], runs: int, out_root: Path) -> lis
     return lines
 
 
-def main() -> None:
+def variant_benchmark(doc: str, title: str, name: str, variants: dict[str, dict]) -> None:
+    """The command line of a benchmark comparing compile variants on ``ZOO``: ``--models``,
+    ``--variants``, ``--runs``, ``--out`` (default ``benchmarks/<name>.md``); prints the table
+    and writes it."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=ZOO)
+    parser.add_argument("--variants", nargs="+", default=list(variants), choices=variants)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("smoothquant.md"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name(f"{name}.md"))
     args = parser.parse_args()
-    out_root = models.cache_dir() / "smoothquant"
+    chosen = {variant: variants[variant] for variant in args.variants}
     table = [
         "| model | variant | compile (s) | 8-bit ops | speed-up | size vs FP32 | accuracy |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
-    for name in args.models:
-        print(f"{name}:", file=sys.stderr, flush=True)
-        table.extend(rows(name, VARIANTS, args.runs, out_root))
-    command = "python benchmarks/smoothquant.py " + " ".join(sys.argv[1:])
+    for model in args.models:
+        print(f"{model}:", file=sys.stderr, flush=True)
+        table.extend(rows(model, chosen, args.runs, models.cache_dir() / name))
+    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
     text = "\n".join(
         [
-            f"# SmoothQuant on the zoo ({TARGET}, static W8A8)",
+            f"# {title}",
             "",
             f"Produced by `{command.strip()}` with onnxruntime {ort.__version__} on "
             f"{host_description()}, {time.strftime('%Y-%m-%d')}. Latency: FP32 time / "
@@ -102,4 +106,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    variant_benchmark(
+        __doc__, f"SmoothQuant on the zoo ({TARGET}, static W8A8)", "smoothquant", VARIANTS
+    )

@@ -235,3 +235,18 @@ def test_smollm2_keeps_its_logits(name):
     assert {applied.rotation for applied in r4} == {"hadamard 12 x 2^7"}
     evaluation = list(itertools.islice(read_batches(zoo.evaluation), 2))
     assert_same_function(model, rotated, evaluation, rtol=models.smollm2.LOGITS_RTOL)
+
+
+@pytest.mark.torch
+def test_minilm_gets_local_rotations_and_keeps_its_function():
+    """A post-norm encoder: LayerNorm on the stream itself, so R2 (6 layers, with the value
+    bias) and R4 only; 6 layers of float32 rounding as the reference blocks, FLOAT32_RTOL."""
+    pytest.importorskip("torch")
+    zoo = models.fetch("minilm")
+    model = float_compiled(zoo.model)
+    rotated, report = rotate(model)
+    assert "LayerNormalization" in report.declined["R1"]
+    assert (report.count("R2"), report.count("R4")) == (6, 6)
+    assert {applied.folded for applied in report.applied if applied.name == "R2"} == {3}
+    evaluation = list(itertools.islice(read_batches(zoo.evaluation), 2))
+    assert_same_function(model, rotated, evaluation)
