@@ -324,6 +324,15 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
     mode = flags.get("mode") or table.get("mode")
     has_data = any(flags.get(k) or table.get(k) for k in ("calib", "calib_random"))
     if mode == FLOAT_MODE or (mode is None and not has_data):
+        asked = [
+            f"--{key}" for key in ("rotate", "smoothquant") if flags.get(key) or table.get(key)
+        ]
+        if asked:
+            raise RecipeError(
+                f"{' and '.join(asked)} {'prepares' if len(asked) == 1 else 'prepare'} a model "
+                "for quantization; give calibration "
+                "data (--calib) or a --mode other than float"
+            )
         return None
     if flags.get("calib") is not None:
         flags["calib"] = str(flags["calib"])

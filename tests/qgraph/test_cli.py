@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 import qgraph
-from qgraph import verify
+from qgraph import models, verify
 from qgraph.cli import cli
 from qgraph.targets import TARGETS, detect_host_target
 
@@ -264,6 +264,22 @@ def test_compile_reads_a_recipe_and_flags(model_file, tmp_path):
     plain = invoke("compile", model_file, "-o", tmp_path / "out.onnx", "--mode", "dynamic")
     histogram = qgraph.summarize(qgraph.load(tmp_path / "out.onnx")).op_histogram
     assert plain.exit_code == 0 and histogram["DynamicQuantizeLinear"] == 1
+
+
+def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
+    decoder = models.fetch("reference-decoder")
+    out = tmp_path / "rotated.onnx"
+    args = ("compile", decoder.model, "-o", out, "--calib", decoder.calibration, "--rotate")
+    result = invoke(*args, "--rotate-seed", "3", "--explain")
+    assert result.exit_code == 0, result.output
+    summary = "Rotation (seed 3): R1 x1 (randomized hadamard 1 x 2^8), R2 x1"
+    assert summary in " ".join(result.stdout.split())
+    assert "an online rotation (rotation pass), kept in float" in result.stdout
+    assert "R4" in result.stdout and "random orthogonal" in result.stdout
+    assert_one_line_error(
+        invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--mode", "float", "--rotate"),
+        "--rotate prepares a model for quantization",
+    )
 
 
 def test_quantization_errors_are_one_line(model_file, tmp_path):

@@ -62,6 +62,13 @@ def test_opset_21_is_needed_for_4_bit_weights_and_16_bit_activations():
     assert QuantOptions().required_opset(13) == 13
     assert quant_options(mode="weight-only", weight_dtype="int4").required_opset(13) == 21
     assert quant_options(tensor={"x": {"dtype": "uint16"}}).required_opset(13) == 21
+    assert quant_options(weight_dtype="int4").required_opset(13) == 21, "W4A8 too"
+
+
+def test_rotation_is_a_flag_with_a_seed():
+    options = quant_options({"rotate": True, "rotate_seed": 7})
+    assert options.rotate and options.rotate_seed == 7
+    assert not quant_options().rotate
 
 
 @pytest.mark.parametrize(
@@ -74,6 +81,8 @@ def test_opset_21_is_needed_for_4_bit_weights_and_16_bit_activations():
         ('exclude_node = ["("]', "is not a regular expression"),
         ('[tensor."x"]\ndtype = "float8"', "tensor 'x' dtype = 'float8': choose one of"),
         ("mode = ", "not valid TOML"),
+        ('rotate = "yes"', "rotate = 'yes': expected true or false"),
+        ("rotate_seed = -1", "expected a value in [0, 4294967295]"),
     ],
 )
 def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):
