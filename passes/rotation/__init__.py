@@ -20,17 +20,22 @@ rotations, on the structures ``structure.py`` finds (activations are rows, ``y =
   head's context comes out rotated by the same ``R2`` and ``Wo`` takes it back (SpinQuant's
   form; QuaRot's whole-width version needs a Hadamard matrix over the head count, and 9 heads
   have none).
-- **R4**, an MLP's down-projection input ``z -> z R4`` online (a float transform in the graph,
-  ``online.py``), with ``Wd <- R4^T Wd``: SwiGLU's product has the largest outliers of a
-  Llama block and no linear producer to fold into.
+- **Ro**, the attention output projection's input ``c -> c Ro`` online (a float transform in
+  the graph, ``online.py``), with ``Wo <- Ro^T Wo``: R2 leaves each head's scale alone, and a
+  few heads' large outputs would set the per-tensor scale for all; ``Ro`` mixes all heads
+  (QuaRot's online Hadamard before ``o_proj``, over the whole width: its per-head-count factor
+  needs a Hadamard matrix of order 9 for SmolLM2, which does not exist).
+- **R4**, an MLP's down-projection input ``z -> z R4`` online, with ``Wd <- R4^T Wd``:
+  SwiGLU's product has the largest outliers of a Llama block and no linear producer to fold
+  into.
 
 R1 and R2 are randomized Hadamard matrices ``diag(s) H / sqrt(n)`` where ``n = m 2^k`` allows
-(``hadamard.py``), random orthogonal otherwise; R4 is a plain Hadamard matrix (its online form
-is cheaper), random orthogonal where none exists. Signs come from ``seed``: the same seed gives
+(``hadamard.py``), random orthogonal otherwise; Ro and R4 are plain Hadamard matrices (their
+online form is cheaper), random orthogonal where none exists. Signs come from ``seed``: the same seed gives
 the same model. Folds are computed in float64 from the float32 weights and rounded once.
 
 A LayerNorm model (mean subtraction) gets no R1: its stream would have to be made zero-mean
-first. Post-norm encoders (BERT, MiniLM) put a LayerNorm on the stream itself; R2 and R4 are
+first. Post-norm encoders (BERT, MiniLM) put a LayerNorm on the stream itself; R2, Ro and R4 are
 local to one block and apply to them as to any model.
 """
 
@@ -100,7 +105,8 @@ class RotationReport:
 
 
 class RotationPass(ir.passes.InPlacePass):
-    """Apply R1 (residual stream), R2 (per head) and R4 (MLP input, online) where they fit."""
+    """Apply R1 (residual stream), R2 (per head), Ro and R4 (attention output and MLP inputs,
+    online) where they fit."""
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
@@ -121,11 +127,12 @@ class RotationPass(ir.passes.InPlacePass):
             report.declined["R2"] = "no value -> output projection path with a head layout"
         for region in regions:
             report.applied.append(_rotate_heads(region, random_rotation(region.head_dim, rng)))
+            report.applied.append(_rotate_input_online(region.output_projection, "Ro", rng))
         projections = mlp_inputs(graph)
         if not projections:
             report.declined["R4"] = "no MLP down projection (elementwise input, residual output)"
         for projection in projections:
-            report.applied.append(_rotate_mlp_input(projection, rng))
+            report.applied.append(_rotate_input_online(projection, "R4", rng))
         logger.info("rotation: %d applied, %d declined", len(report.applied), len(report.declined))
         return ReportingPassResult(model, modified=bool(report.applied), details=report)
 
@@ -295,18 +302,20 @@ def _rotate_heads(region: HeadRegion, rotation: Rotation) -> Applied:
     return Applied("R2", where, rotation.kind, folded)
 
 
-# R4: MLP down-projection inputs.
+# Online rotations: MLP down-projection inputs (R4), attention output-projection inputs (Ro).
 
 
-def _rotate_mlp_input(projection: ir.Node, rng: np.random.Generator) -> Applied:
+def _rotate_input_online(projection: ir.Node, name: str, rng: np.random.Generator) -> Applied:
+    """``x -> x Q`` online before ``MatMul(x, B)``, ``B <- Q^T B``: ``Q`` a plain Hadamard
+    matrix (random orthogonal where none has the width)."""
     value = projection.inputs[0]
-    width = int(value.shape[-1])
+    width = int(projection.inputs[1].const_value.shape[0])
     order = hadamard_order(width)
     rotation = hadamard_rotation(order) if order else random_rotation(width, rng)
     _rotate_rows(projection, rotation.matrix)
-    online = _online(value, [projection], rotation, _prefix(projection, value, "R4"))
+    online = _online(value, [projection], rotation, _prefix(projection, value, name))
     where = f"input of '{projection.name}' (width {width})"
-    return Applied("R4", where, rotation.kind, 1, online)
+    return Applied(name, where, rotation.kind, 1, online)
 
 
 def _build(ctx) -> RotationPass | None:

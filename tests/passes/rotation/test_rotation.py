@@ -171,9 +171,10 @@ def decoder() -> models.ZooModel:
 def test_the_reference_decoder_keeps_its_function(decoder):
     model = float_compiled(decoder.model)
     rotated, report = rotate(model)
-    assert [a.name for a in report.applied] == ["R1", "R2", "R4"]
+    assert [a.name for a in report.applied] == ["R1", "R2", "Ro", "R4"]
     assert report.applied[1].where.endswith("head_dim 64")
-    assert report.applied[2].rotation == "random orthogonal"  # 704 = 11 x 64: no Hadamard
+    assert report.applied[2].rotation == "hadamard 1 x 2^8"
+    assert report.applied[3].rotation == "random orthogonal"  # 704 = 11 x 64: no Hadamard
     assert_same_function(model, rotated, list(read_batches(decoder.evaluation))[:4])
 
 
@@ -182,7 +183,7 @@ def test_the_reference_encoder_gets_local_rotations_only():
     model = float_compiled(encoder.model)
     rotated, report = rotate(model)
     assert "LayerNormalization" in report.declined["R1"]
-    assert sorted(a.name for a in report.applied) == ["R2", "R4"]
+    assert sorted(a.name for a in report.applied) == ["R2", "R4", "Ro"]
     assert_same_function(model, rotated, list(read_batches(encoder.evaluation))[:4])
 
 
@@ -229,7 +230,7 @@ def test_smollm2_keeps_its_logits(name):
     zoo = models.fetch(name)
     model = float_compiled(zoo.model)
     rotated, report = rotate(model)
-    assert report.count("R1") == 1 and report.count("R2") == 30 and report.count("R4") == 30
+    assert [report.count(name) for name in ("R1", "R2", "Ro", "R4")] == [1, 30, 30, 30]
     assert report.applied[0].rotation == "randomized hadamard 36 x 2^4"
     r4 = [applied for applied in report.applied if applied.name == "R4"]
     assert {applied.rotation for applied in r4} == {"hadamard 12 x 2^7"}
@@ -246,7 +247,7 @@ def test_minilm_gets_local_rotations_and_keeps_its_function():
     model = float_compiled(zoo.model)
     rotated, report = rotate(model)
     assert "LayerNormalization" in report.declined["R1"]
-    assert (report.count("R2"), report.count("R4")) == (6, 6)
+    assert [report.count(name) for name in ("R2", "Ro", "R4")] == [6, 6, 6]
     assert {applied.folded for applied in report.applied if applied.name == "R2"} == {3}
     evaluation = list(itertools.islice(read_batches(zoo.evaluation), 2))
     assert_same_function(model, rotated, evaluation)
