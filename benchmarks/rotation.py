@@ -7,8 +7,9 @@ FP32 model on the held-out set (``qgraph.evaluation``; latency FP32 / quantized 
 median of ``--runs`` interleaved runs, one intra-op thread):
 
 - ``W8A8``: static, every activation in 8 bits (``--min-sqnr-db 0``): plain, with SmoothQuant
-  ``auto``, with ``--rotate``, and with both;
-- ``W4A8``: 4-bit weights per block of 32, 8-bit activations, without and with rotation;
+  ``auto``, with ``--rotate``, and with both (SmoothQuant runs first);
+- ``W4A8``: 4-bit weights per block of 32, 8-bit activations, without and with rotation (and
+  SmoothQuant);
 - ``W4 weight-only``: 4-bit weights per block of 32, float activations, without and with it.
 """
 
@@ -23,9 +24,10 @@ VARIANTS = {
     "W8A8": ALL_8_BIT,
     "W8A8 + SmoothQuant auto": {**ALL_8_BIT, "smoothquant": "auto"},
     "W8A8 + rotation": {**ALL_8_BIT, "rotate": True},
-    "W8A8 + rotation + SmoothQuant auto": {**ALL_8_BIT, "rotate": True, "smoothquant": "auto"},
+    "W8A8 + SmoothQuant auto + rotation": {**ALL_8_BIT, "smoothquant": "auto", "rotate": True},
     "W4A8": W4A8,
     "W4A8 + rotation": {**W4A8, "rotate": True},
+    "W4A8 + SmoothQuant auto + rotation": {**W4A8, "smoothquant": "auto", "rotate": True},
     "W4 weight-only": {"mode": "weight-only", "weight_dtype": "int4", "block_size": 32},
     "W4 weight-only + rotation": {
         "mode": "weight-only",

@@ -34,8 +34,8 @@ ENTRY_POINT_GROUP = "qgraph.passes"
 BUILTIN_PASS_MODULES = (
     "qgraph.passes.canonicalize",
     "qgraph.passes.fusion",
-    "qgraph.passes.rotation",
     "qgraph.passes.smoothquant",
+    "qgraph.passes.rotation",
     "qgraph.passes.annotate",
     "qgraph.passes.qdq",
     "qgraph.passes.lowering",

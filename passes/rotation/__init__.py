@@ -34,6 +34,14 @@ R1 and R2 are randomized Hadamard matrices ``diag(s) H / sqrt(n)`` where ``n = m
 online form is cheaper), random orthogonal where none exists. Signs come from ``seed``: the same seed gives
 the same model. Folds are computed in float64 from the float32 weights and rounded once.
 
+With SmoothQuant, rotation runs second. SmoothQuant moves outliers that sit in fixed channels
+into the weights; the rotation then spreads what is left. The other order fails: rotated
+activations have no channel outliers left for SmoothQuant, only tokens whose every channel is
+large, which no per-channel scale fixes (SmolLM2, all 8-bit: 1.085 against 1.017,
+``benchmarks/rotation.md``). For activations fed by a norm, R1's gamma fold absorbs
+SmoothQuant's ``1 / s`` into the same weights that took ``s``, which cancels it; rotation alone
+does that part.
+
 A LayerNorm model (mean subtraction) gets no R1: its stream would have to be made zero-mean
 first. Post-norm encoders (BERT, MiniLM) put a LayerNorm on the stream itself; R2, Ro and R4 are
 local to one block and apply to them as to any model.
