@@ -83,3 +83,22 @@ def random_feeds() -> Callable[[onnx.ModelProto], dict[str, np.ndarray]]:
         return result
 
     return feeds
+
+
+@pytest.fixture
+def output_sqnr(tmp_path) -> Callable[..., float]:
+    """``output_sqnr(zoo_model, **flags)``: the held-out output SQNR (dB) of ``zoo_model``
+    compiled for x86-avx2 with its calibration data and the quantization ``flags``."""
+    import qgraph
+    from qgraph.evaluation import evaluate
+
+    def sqnr(zoo_model, **flags) -> float:
+        output = tmp_path / f"{len(list(tmp_path.iterdir()))}.onnx"
+        options = qgraph.CompileOptions(
+            quantization=qgraph.quant_options(calib=str(zoo_model.calibration), **flags)
+        )
+        qgraph.compile_model(zoo_model.model, "x86-avx2", output=output, options=options)
+        evaluation = evaluate(zoo_model.model, output, zoo_model.evaluation, runs=1)
+        return evaluation.figures["output.sqnr_db"]
+
+    return sqnr
