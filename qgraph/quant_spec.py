@@ -169,6 +169,23 @@ def quantize_weight(weight: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
     return QuantizedTensor(_join_blocks(values, axis, weight.shape[axis]), scale, zero_point)
 
 
+def fake_quantize_weight(weight: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """``weight`` quantized to ``spec`` and back (per tensor, channel or block)."""
+    quantized = quantize_weight(weight, spec)
+    scale, zero_point = quantized.scale, quantized.zero_point
+    if spec.axis is not None:
+        axis = spec.axis % weight.ndim
+        if spec.block_size is None:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        else:
+            kept = np.arange(weight.shape[axis])
+            scale = np.repeat(scale, spec.block_size, axis=axis).take(kept, axis=axis)
+            zero_point = np.repeat(zero_point, spec.block_size, axis=axis).take(kept, axis=axis)
+    return dequantize(quantized.values, scale, zero_point)
+
+
 def _split_blocks(weight: np.ndarray, axis: int, block: int) -> np.ndarray:
     """``weight`` with ``axis`` split into ``(blocks, block)``, the tail padded with zeros."""
     length = weight.shape[axis]

@@ -31,8 +31,9 @@ rotations, on the structures ``structure.py`` finds (activations are rows, ``y =
 
 R1 and R2 are randomized Hadamard matrices ``diag(s) H / sqrt(n)`` where ``n = m 2^k`` allows
 (``hadamard.py``), random orthogonal otherwise; Ro and R4 are plain Hadamard matrices (their
-online form is cheaper), random orthogonal where none exists. Signs come from ``seed``: the same seed gives
-the same model. Folds are computed in float64 from the float32 weights and rounded once.
+online form is cheaper), random orthogonal where none exists. Signs come from ``seed``: the
+same seed gives the same model. Folds are computed in float64 from the float32 weights and
+rounded once.
 
 With SmoothQuant, rotation runs second. SmoothQuant moves outliers that sit in fixed channels
 into the weights; the rotation then spreads what is left. The other order fails: rotated

@@ -25,7 +25,13 @@ import numpy as np
 
 from qgraph.calibration import ChannelStatistics
 from qgraph.passes.smoothquant.readers import ReaderProduct
-from qgraph.quant_spec import QuantSpec, dequantize, quantize, quantize_weight, scale_and_zero_point
+from qgraph.quant_spec import (
+    QuantSpec,
+    dequantize,
+    fake_quantize_weight,
+    quantize,
+    scale_and_zero_point,
+)
 
 ALPHA_GRID = tuple(round(0.1 * step, 1) for step in range(11))
 
@@ -93,7 +99,7 @@ class AlphaSearch:
             rows = dequantize(
                 quantize(rows, a_scale, a_zero, self.activation_spec), a_scale, a_zero
             )
-            weight = _fake_quantized(
+            weight = fake_quantize_weight(
                 _scaled(reader.weight, scale, product.weight_axis), reader.weight_spec
             )
             noise += float(
@@ -106,17 +112,6 @@ def _scaled(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * weight.ndim
     shape[axis] = -1
     return (weight * scale.reshape(shape)).astype(np.float32)
-
-
-def _fake_quantized(weight: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """``weight`` quantized to ``spec`` and back (per tensor or per channel)."""
-    quantized = quantize_weight(weight, spec)
-    shape = [1] * weight.ndim
-    if spec.axis is not None:
-        shape[spec.axis % weight.ndim] = -1
-    return dequantize(
-        quantized.values, quantized.scale.reshape(shape), quantized.zero_point.reshape(shape)
-    )
 
 
 def _decibels(signal: float, noise: float) -> float:

@@ -9,6 +9,7 @@ import pytest
 from qgraph.quant_spec import (
     QuantSpec,
     dequantize,
+    fake_quantize_weight,
     quantize,
     quantize_bias,
     quantize_weight,
@@ -105,3 +106,20 @@ def test_bias_is_int32_at_input_times_weight_scale():
 )
 def test_describe(spec, text):
     assert spec.describe() == text
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_fake_quantized_blocks_are_within_half_a_step(axis):
+    """Each value moves by at most half its block's step: (max - min) / 15 / 2 for uint4, 4-bit
+    blocks of 8 along ``axis`` of a [20, 12] weight (a tail block of 4 on axis 0)."""
+    weight = np.random.default_rng(0).standard_normal((20, 12)).astype(np.float32)
+    spec = QuantSpec(ir.DataType.UINT4, symmetric=False, axis=axis, block_size=8)
+    result = fake_quantize_weight(weight, spec)
+    blocks = [slice(start, start + 8) for start in range(0, weight.shape[axis], 8)]
+    for block in blocks:
+        part = (weight[block], result[block]) if axis == 0 else (weight[:, block], result[:, block])
+        spread = np.maximum(part[0].max(axis, keepdims=True), 0) - np.minimum(
+            part[0].min(axis, keepdims=True), 0
+        )
+        step = spread / 15
+        assert np.all(np.abs(part[1] - part[0]) <= step / 2 * (1 + 1e-5) + 1e-7)
