@@ -184,6 +184,8 @@ class Rotation:
     """``"hadamard m x 2^k"`` or ``"random orthogonal"``."""
     order: HadamardOrder | None = None
     """For a Hadamard rotation: ``m`` and ``k`` (an online transform factors through them)."""
+    randomized: bool = False
+    """Whether random signs ``diag(s)`` precede the Hadamard matrix."""
 
     @property
     def n(self) -> int:
@@ -205,4 +207,4 @@ def random_rotation(n: int, rng: np.random.Generator) -> Rotation:
         return Rotation(q * np.sign(np.diag(r)), "random orthogonal")
     signs = rng.choice([-1.0, 1.0], size=n)
     matrix = signs[:, None] * order.matrix() / np.sqrt(n)
-    return Rotation(matrix, f"randomized hadamard {order.m} x 2^{order.k}", order)
+    return Rotation(matrix, f"randomized hadamard {order.m} x 2^{order.k}", order, True)

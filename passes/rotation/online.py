@@ -62,7 +62,7 @@ FORM_COSTS = {
 
 def choose_form(rotation: Rotation) -> str:
     """The cheapest form for ``rotation`` (``dense`` unless it is a plain Hadamard matrix)."""
-    if rotation.order is None or not rotation.kind.startswith("hadamard"):
+    if rotation.order is None or rotation.randomized:
         return "dense"
     return min(FORM_COSTS, key=lambda form: FORM_COSTS[form].per_row(rotation.order))
 
