@@ -38,7 +38,8 @@ rounded once.
 With SmoothQuant, rotation runs second. SmoothQuant moves outliers that sit in fixed channels
 into the weights; the rotation then spreads what is left. The other order fails: rotated
 activations have no channel outliers left for SmoothQuant, only tokens whose every channel is
-large, which no per-channel scale fixes (SmolLM2, all 8-bit: 1.085 against 1.017,
+large, which no per-channel scale fixes (SmolLM2, all 8-bit: rotation 1.121, SmoothQuant
+1.033, SmoothQuant then rotation 1.007; rotation then SmoothQuant measured 1.085,
 ``benchmarks/rotation.md``). For activations fed by a norm, R1's gamma fold absorbs
 SmoothQuant's ``1 / s`` into the same weights that took ``s``, which cancels it; rotation alone
 does that part.
