@@ -115,9 +115,14 @@ def insert_online(
 
 
 def insert_matmul(
-    value: ir.Value, readers: list[ir.Node], matrix: np.ndarray, prefix: str, graph=None
+    value: ir.Value,
+    readers: list[ir.Node],
+    matrix: np.ndarray,
+    prefix: str,
+    graph: ir.Graph | None = None,
 ) -> ir.Value:
-    """Make ``readers`` read ``MatMul(value, matrix)`` (float32, kept in float); its output."""
+    """Make ``readers`` read ``MatMul(value, matrix)`` (float32, kept in float); its output.
+    ``graph`` is needed only where there are no readers (a new graph output)."""
     emit = _Emitter(graph or readers[0].graph, value.producer(), prefix)
     (result,) = emit.op("MatMul", [value, emit.constant("matrix", matrix.astype(np.float32))])
     _rewire(value, readers, result)

@@ -61,15 +61,22 @@ def test_paley_needs_a_prime_power():
         jacobsthal(15)
 
 
-@pytest.mark.parametrize("n", [576, 64, 704])
-def test_random_rotations_are_orthogonal_and_seeded(n):
+@pytest.mark.parametrize(
+    ("n", "kind"),
+    [
+        (576, "randomized hadamard 36 x 2^4"),
+        (64, "randomized hadamard 1 x 2^6"),
+        (704, "random orthogonal"),
+    ],
+)
+def test_random_rotations_are_orthogonal_and_seeded(n, kind):
     first = random_rotation(n, np.random.default_rng(7))
     again = random_rotation(n, np.random.default_rng(7))
     other = random_rotation(n, np.random.default_rng(8))
     np.testing.assert_allclose(first.matrix @ first.matrix.T, np.eye(n), atol=ORTHOGONAL_ATOL)
     assert np.array_equal(first.matrix, again.matrix)
     assert not np.array_equal(first.matrix, other.matrix)
-    assert first.kind == ("random orthogonal" if n == 704 else first.kind)
+    assert first.kind == kind
 
 
 def test_a_randomized_hadamard_is_signs_times_hadamard():
