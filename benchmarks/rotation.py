@@ -20,6 +20,8 @@ from smoothquant import variant_benchmark
 
 ALL_8_BIT = {"mode": "static", "min_sqnr_db": 0}
 W4A8 = {**ALL_8_BIT, "weight_dtype": "int4", "block_size": 32}
+W4_ONLY = {"mode": "weight-only", "weight_dtype": "int4", "block_size": 32}
+GPTQ = {"weight_rounding": "gptq"}
 VARIANTS = {
     "W8A8": ALL_8_BIT,
     "W8A8 + SmoothQuant auto": {**ALL_8_BIT, "smoothquant": "auto"},
@@ -28,13 +30,18 @@ VARIANTS = {
     "W4A8": W4A8,
     "W4A8 + rotation": {**W4A8, "rotate": True},
     "W4A8 + SmoothQuant auto + rotation": {**W4A8, "smoothquant": "auto", "rotate": True},
-    "W4 weight-only": {"mode": "weight-only", "weight_dtype": "int4", "block_size": 32},
-    "W4 weight-only + rotation": {
-        "mode": "weight-only",
-        "weight_dtype": "int4",
-        "block_size": 32,
+    "W4A8 + GPTQ": {**W4A8, **GPTQ},
+    "W4A8 + rotation + GPTQ": {**W4A8, "rotate": True, **GPTQ},
+    "W4A8 + SmoothQuant auto + rotation + GPTQ": {
+        **W4A8,
+        "smoothquant": "auto",
         "rotate": True,
+        **GPTQ,
     },
+    "W4 weight-only": W4_ONLY,
+    "W4 weight-only + rotation": {**W4_ONLY, "rotate": True},
+    "W4 weight-only + GPTQ": {**W4_ONLY, **GPTQ},
+    "W4 weight-only + rotation + GPTQ": {**W4_ONLY, "rotate": True, **GPTQ},
 }
 
 

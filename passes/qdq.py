@@ -4,6 +4,8 @@ For every annotated op (see ``passes/annotate.py``):
 
 - its weight ``W`` is quantized offline, ``W_q = clamp(round(W / s_w) + z_w)``, stored as an
   integer initializer, and read through ``DequantizeLinear(W_q, s_w, z_w[, axis, block_size])``;
+  with ``weight_rounding = "gptq"``, MatMul and Gemm weights are rounded by GPTQ instead
+  (``passes/gptq.py``), from ``X^T X`` of their input collected in the same calibration run;
 - its activation ``x`` gets ``DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)``. In
   static mode ``[lo, hi]`` comes from calibration statistics (``qgraph.calibration``) and sets
   ``s_x, z_x`` once; in dynamic mode ``DynamicQuantizeLinear`` computes them per run from the
@@ -33,7 +35,9 @@ import onnx_ir.passes.common as common
 
 from qgraph.calibration import (
     METHODS,
-    collect_statistics,
+    Accumulators,
+    TensorStatistics,
+    collect,
     estimated_sqnr_db,
     random_batches,
     tensor_range,
@@ -45,9 +49,11 @@ from qgraph.passes.annotate import (
     ANNOTATION_KEY,
     FLOAT_REASON_KEY,
     RESIDUAL_KEY,
+    WEIGHTED_OPS,
     NodeAnnotation,
     ResidualAnnotation,
 )
+from qgraph.passes.gptq import InputGram, gptq_quantize
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.quant_spec import (
     QuantizedTensor,
@@ -86,6 +92,8 @@ class QDQReport:
     """Activations quantized to 16 bits, with the SQNR (dB) 8 bits would have had."""
     kept_float: dict[str, float] = dataclasses.field(default_factory=dict)
     """Activations whose readers stayed in float instead, with that SQNR (dB)."""
+    gptq_weights: int = 0
+    """Weights rounded by GPTQ (the others: to nearest)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +125,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
         annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
         residuals = [node for node in graph if RESIDUAL_KEY in node.meta]
         report = QDQReport()
-        ranges = self._activation_ranges(model, _activation_specs(annotated, residuals), report)
-        builder = _QDQBuilder(model, self.target.qdq_per_consumer)
+        specs = _activation_specs(annotated, residuals)
+        rounded_by_gptq = self._gptq_inputs(annotated)
+        statistics, grams = self._calibrate(model, specs, rounded_by_gptq, report)
+        ranges = self._activation_ranges(specs, statistics, report)
+        builder = _QDQBuilder(
+            model, self.target.qdq_per_consumer, _weight_grams(annotated, rounded_by_gptq, grams)
+        )
         for node in annotated:
             reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
             if reason is None:
@@ -135,6 +148,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         report.biases = builder.biases
         report.activation_pairs = builder.activation_pairs
         report.weights = len(builder.weights)
+        report.gptq_weights = builder.gptq_weights
         return ReportingPassResult(model, modified=bool(annotated or residuals), details=report)
 
     def _quantize(
@@ -159,29 +173,63 @@ class InsertQDQPass(ir.passes.InPlacePass):
             builder.bias(node, annotation.bias, found.scale, weight_scale)
         return None
 
+    def _gptq_inputs(self, annotated: list[ir.Node]) -> dict[str, str]:
+        """Node name -> the input whose ``X^T X`` GPTQ reads, for the annotated ops whose
+        weights it rounds (none unless asked for)."""
+        if self.options.weight_rounding != "gptq":
+            return {}
+        inputs = {node.name: _gptq_input(node) for node in annotated}
+        return {name: source for name, source in inputs.items() if source is not None}
+
+    def _calibrate(
+        self,
+        model: ir.Model,
+        specs: dict[str, QuantSpec],
+        rounded_by_gptq: dict[str, str],
+        report: QDQReport,
+    ) -> tuple[dict[str, TensorStatistics], dict[str, InputGram]]:
+        """One run over the calibration data: the statistics of every statically quantized
+        activation, and ``X^T X`` of every input GPTQ reads."""
+        static = self.options.mode is Mode.STATIC
+        if not rounded_by_gptq and not (static and specs):
+            return {}, {}
+        promote = self.options.min_sqnr_db
+        wanted = specs if static else {}
+        statistics = {
+            name: TensorStatistics(histogram=promote > 0 or METHODS[spec.method].needs_histogram)
+            for name, spec in wanted.items()
+        }
+        grams = {name: InputGram() for name in rounded_by_gptq.values()}
+        accumulators = {
+            name: Accumulators(
+                part for part in (statistics.get(name), grams.get(name)) if part is not None
+            )
+            for name in {*statistics, *grams}
+        }
+        purpose, remedy = (
+            ("static quantization", "choose --mode dynamic or weight-only")
+            if statistics
+            else ("GPTQ weight rounding", "choose --weight-rounding nearest")
+        )
+        collect(
+            model,
+            accumulators,
+            calibration_data(self.options, model, purpose, remedy),
+            progress=counting_batches(report, self.progress),
+        )
+        return statistics, grams
+
     def _activation_ranges(
-        self, model: ir.Model, specs: dict[str, QuantSpec], report: QDQReport
+        self,
+        specs: dict[str, QuantSpec],
+        statistics: dict[str, TensorStatistics],
+        report: QDQReport,
     ) -> dict[str, ActivationQuantization | str]:
         """Calibrated scale and zero point of every statically quantized activation, or the
         reason its readers stay in float."""
-        if self.options.mode is not Mode.STATIC or not specs:
+        if not statistics:
             return {}
         promote = self.options.min_sqnr_db
-        needs = {
-            name: promote > 0 or METHODS[spec.method].needs_histogram
-            for name, spec in specs.items()
-        }
-        statistics = collect_statistics(
-            model,
-            needs,
-            calibration_data(
-                self.options,
-                model,
-                "static quantization",
-                "choose --mode dynamic or weight-only",
-            ),
-            progress=counting_batches(report, self.progress),
-        )
         ranges: dict[str, ActivationQuantization | str] = {}
         for name, spec in specs.items():
             stats = statistics[name]
@@ -258,6 +306,32 @@ def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dic
     return specs
 
 
+def _gptq_input(node: ir.Node) -> str | None:
+    """The name of the input whose rows multiply the weight of a MatMul or a Gemm (not
+    ``transA``), which GPTQ can round; None for other ops, whose weights go to nearest."""
+    transposed = node.attributes.get("transA")
+    if node.op_type not in ("MatMul", "Gemm") or (transposed and transposed.as_int()):
+        return None
+    return node.inputs[WEIGHTED_OPS[node.op_type].activation].name
+
+
+def _weight_grams(
+    annotated: list[ir.Node], rounded_by_gptq: dict[str, str], grams: dict[str, InputGram]
+) -> dict[str, np.ndarray]:
+    """Weight name -> the sum of ``X^T X`` over its readers (the output error of all of them
+    is minimized), for weights that every reader lets GPTQ round."""
+    found: dict[str, np.ndarray] = {}
+    to_nearest = set()
+    for node in annotated:
+        weight = node.inputs[node.meta[ANNOTATION_KEY].weight].name
+        if node.name not in rounded_by_gptq:
+            to_nearest.add(weight)
+            continue
+        gram = grams[rounded_by_gptq[node.name]].gram
+        found[weight] = gram if weight not in found else found[weight] + gram
+    return {weight: gram for weight, gram in found.items() if weight not in to_nearest}
+
+
 def _wider(current: QuantSpec | None, new: QuantSpec) -> QuantSpec:
     """Of two specs two consumers want for one tensor, the one with more bits."""
     if current is None or new.width > current.width:
@@ -268,10 +342,12 @@ def _wider(current: QuantSpec | None, new: QuantSpec) -> QuantSpec:
 class _QDQBuilder:
     """Creates the Q/DQ nodes and quantized initializers of one graph, sharing what it can."""
 
-    def __init__(self, model: ir.Model, per_consumer: bool) -> None:
+    def __init__(self, model: ir.Model, per_consumer: bool, grams: dict[str, np.ndarray]) -> None:
         self.model = model
         self.graph = model.graph
         self.per_consumer = per_consumer
+        self.grams = grams
+        self.gptq_weights = 0
         self.activations: dict[str, ir.Value] = {}
         self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
         self.activation_pairs = 0
@@ -334,13 +410,22 @@ class _QDQBuilder:
         value = node.inputs[index]
         key = (value.name, spec)
         if key not in self.weights:
-            quantized = quantize_weight(value.const_value.numpy(), spec)
+            quantized = self._quantized_weight(node, value, spec)
             name = self._unused(value.name, "_quantized")
             output = self._dequantized_constant(name, quantized, spec, node)
             self.weights[key] = (output, quantized.scale)
         output, scale = self.weights[key]
         node.replace_input_with(index, output)
         return scale
+
+    def _quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
+        """GPTQ where its ``X^T X`` was collected, else round to nearest."""
+        array = value.const_value.numpy()
+        gram = self.grams.get(value.name)
+        if gram is None:
+            return quantize_weight(array, spec)
+        self.gptq_weights += 1
+        return gptq_quantize(array, gram, spec, WEIGHTED_OPS[node.op_type].reduction_axis(node))
 
     def bias(
         self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray

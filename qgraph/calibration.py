@@ -394,6 +394,17 @@ class Accumulator(Protocol):
 A = TypeVar("A", bound=Accumulator)
 
 
+class Accumulators:
+    """Several accumulators of one tensor, fed together (one calibration run for all)."""
+
+    def __init__(self, parts: Iterable[Accumulator]) -> None:
+        self.parts = list(parts)
+
+    def update(self, x: np.ndarray) -> None:
+        for part in self.parts:
+            part.update(x)
+
+
 def collect_statistics(
     model: ir.Model,
     tensors: Mapping[str, bool],

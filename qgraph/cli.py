@@ -32,6 +32,7 @@ from qgraph.recipe import (
     CALIBRATION_METHODS,
     DEFAULT_ALPHA,
     WEIGHT_ONLY_DTYPES,
+    WEIGHT_ROUNDINGS,
     Mode,
     QuantOptions,
     RecipeError,
@@ -192,6 +193,14 @@ def cli(debug: bool) -> None:
 )
 @click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
 @click.option(
+    "--weight-rounding",
+    type=click.Choice(WEIGHT_ROUNDINGS),
+    help="nearest: round each weight on its own; gptq: round MatMul and Gemm weights one input "
+    "at a time, each rounding error absorbed by the weights not yet rounded, so the layer's "
+    "output on the calibration data stays close (GPTQ; best with 4-bit weights; needs "
+    "calibration data in every mode) [default: nearest].",
+)
+@click.option(
     "--exclude-node",
     multiple=True,
     metavar="REGEX",
@@ -327,11 +336,12 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
         asked = [
             f"--{key}" for key in ("rotate", "smoothquant") if flags.get(key) or table.get(key)
         ]
+        if "gptq" in (flags.get("weight_rounding"), table.get("weight_rounding")):
+            asked.append("--weight-rounding gptq")
         if asked:
             raise RecipeError(
-                f"{' and '.join(asked)} {'prepares' if len(asked) == 1 else 'prepare'} a model "
-                "for quantization; give calibration "
-                "data (--calib) or a --mode other than float"
+                f"{' and '.join(asked)} {'works' if len(asked) == 1 else 'work'} only in a "
+                "quantizing compile; give calibration data (--calib) or a --mode other than float"
             )
         return None
     if flags.get("calib") is not None:

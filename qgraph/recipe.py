@@ -8,6 +8,7 @@ become underscores); flags given on the command line override it, and list flags
     percentile = 99.99
     weight_dtype = "int4"           # int8 (weight-only) | int4 | uint4 (per block, any mode)
     block_size = 32
+    weight_rounding = "gptq"        # nearest | gptq (error-compensating, needs calibration)
     exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
@@ -42,6 +43,7 @@ else:
     import tomli as tomllib
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
 ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
 DEFAULT_BLOCK_SIZE = 32
@@ -90,6 +92,9 @@ class QuantOptions:
             then quantize weights to 4 bits and activations to the target's 8); int8 per
             channel in weight-only mode (other modes use the target's weight type).
         block_size: Per-block length for 4-bit weights.
+        weight_rounding: ``nearest`` rounds each weight on its own; ``gptq`` rounds them so
+            that each MatMul / Gemm output stays close on the calibration data (GPTQ; needs
+            calibration data in every mode).
         exclude_node: Regular expressions; nodes whose whole name matches stay in float.
         exclude_op: Op types that stay in float.
         tensor: Per-tensor overrides, keyed by a regular expression on the whole value name.
@@ -111,6 +116,7 @@ class QuantOptions:
     percentile: float = 99.999
     weight_dtype: ir.DataType = ir.DataType.INT8
     block_size: int = DEFAULT_BLOCK_SIZE
+    weight_rounding: str = "nearest"
     exclude_node: tuple[str, ...] = ()
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
@@ -300,6 +306,7 @@ _FIELDS = {
     "percentile": _number("percentile", float, 50.0, 100.0),
     "weight_dtype": _dtype("weight_dtype", WEIGHT_ONLY_DTYPES),
     "block_size": _number("block_size", int, 16, 4096),
+    "weight_rounding": lambda value: _choice("weight_rounding", value, WEIGHT_ROUNDINGS),
     "exclude_node": _patterns("exclude_node"),
     "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
     "tensor": _tensor_overrides,

@@ -167,6 +167,8 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     )
     if inserted.residual_inputs:
         notes += f" ({inserted.residual_inputs} residual Adds read one on their skip input)"
+    if inserted.gptq_weights:
+        notes += f" ({inserted.gptq_weights} weights rounded by GPTQ)"
     if inserted.calibration_batches:
         notes += f", calibrated on {inserted.calibration_batches} batches"
     if inserted.promoted:

@@ -278,7 +278,11 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
     assert "R4" in result.stdout and "random orthogonal" in result.stdout
     assert_one_line_error(
         invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--mode", "float", "--rotate"),
-        "--rotate prepares a model for quantization",
+        "--rotate works only in a quantizing compile",
+    )
+    assert_one_line_error(
+        invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--weight-rounding", "gptq"),
+        "--weight-rounding gptq works only in a quantizing compile",
     )
 
 

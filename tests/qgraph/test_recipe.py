@@ -65,6 +65,11 @@ def test_opset_21_is_needed_for_4_bit_weights_and_16_bit_activations():
     assert quant_options(weight_dtype="int4").required_opset(13) == 21, "W4A8 too"
 
 
+def test_weight_rounding_is_nearest_unless_gptq_is_asked_for():
+    assert QuantOptions().weight_rounding == "nearest"
+    assert quant_options({"weight_rounding": "gptq"}).weight_rounding == "gptq"
+
+
 def test_rotation_is_a_flag_with_a_seed():
     options = quant_options({"rotate": True, "rotate_seed": 7})
     assert options.rotate and options.rotate_seed == 7
@@ -83,6 +88,7 @@ def test_rotation_is_a_flag_with_a_seed():
         ("mode = ", "not valid TOML"),
         ('rotate = "yes"', "rotate = 'yes': expected true or false"),
         ("rotate_seed = -1", "expected a value in [0, 4294967295]"),
+        ('weight_rounding = "best"', "weight_rounding = 'best': choose one of nearest, gptq"),
     ],
 )
 def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):

@@ -1,0 +1,125 @@
+"""GPTQ: round a weight to its quantization grid so that the layer's output, not the weight,
+stays close (Frantar et al., arXiv 2210.17323).
+
+A layer ``y = x W`` with ``W`` of ``K`` inputs by ``N`` outputs is quantized to ``W'``; over the
+calibration inputs ``X`` (rows are samples) the output error is
+
+    E = ||X W - X W'||^2 = sum over outputs n of (w_n - w'_n)^T H (w_n - w'_n),   H = X^T X
+
+so each output's weights ``w_n`` (a row of ``W^T``) meet the same quadratic form. GPTQ rounds
+the inputs one at a time, in order ``k = 0 .. K-1``: round ``w_k`` to the grid, then move the
+not yet rounded ``w_{k+1..}`` to absorb its error, the least-squares optimum given ``w_k``:
+
+    e = (w_k - w'_k) / U_kk,     w_j <- w_j - e U_kj   for j > k
+
+where ``U`` is the upper Cholesky factor of ``H^{-1}`` (``H^{-1} = U^T U``); its row ``k`` is
+the inverse Hessian restricted to the inputs after ``k``, which is what makes one factorization
+serve every step. With ``H = c I`` there is nothing to absorb (``U`` is diagonal) and GPTQ is
+round-to-nearest.
+
+The grid follows the weight's ``QuantSpec``: per block of ``g`` inputs, a block's scale and zero
+point are set from its min/max at the moment its first input is reached (after the updates of
+the blocks before it), as in the paper's grouped variant; per channel, from each output's
+original min/max; per tensor, from the whole original weight's. ``H`` gets a damping of
+``DAMPING`` times its mean diagonal (inputs that were never nonzero get a diagonal of 1 and
+weights of 0, since they never reach the output). Columns are processed ``LAZY_COLUMNS`` at a
+time, the paper's lazy batch update: the same arithmetic, with most of it in matrix products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph.quant_spec import (
+    INTEGER_DTYPES,
+    QuantizedTensor,
+    QuantSpec,
+    quantize,
+    scale_and_zero_point,
+)
+
+DAMPING = 0.01
+"""Added to H's diagonal, as a fraction of its mean diagonal: keeps the Cholesky factorization
+of a near-singular H (few samples, correlated inputs) stable; the paper's value."""
+LAZY_COLUMNS = 128
+"""Inputs rounded between two updates of the rest of the weight (a multiple of the block)."""
+
+
+class InputGram:
+    """The running ``X^T X`` of a layer's input over calibration batches (an accumulator for
+    ``qgraph.calibration.collect``); ``X`` is the input with every axis but the last flattened."""
+
+    def __init__(self) -> None:
+        self.gram: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        product = (rows.T @ rows).astype(np.float64)
+        self.gram = product if self.gram is None else self.gram + product
+        self.rows += rows.shape[0]
+
+
+def gptq_quantize(
+    weight: np.ndarray, gram: np.ndarray, spec: QuantSpec, reduction_axis: int
+) -> QuantizedTensor:
+    """``weight`` (2-D, ``K`` inputs along ``reduction_axis``) quantized to ``spec`` by GPTQ
+    with ``gram = X^T X`` of its input; the result has ``quantize_weight``'s layout."""
+    if spec.block_size is not None and spec.axis % 2 != reduction_axis:
+        raise ValueError("GPTQ blocks run along the weight's inputs")
+    rows = weight.T if reduction_axis == 0 else weight  # [N outputs, K inputs]
+    values, scale, zero_point = _round_columns(rows.astype(np.float64), gram, spec)
+    if spec.block_size is None:  # one group: per channel [N], or per tensor (a scalar)
+        scale, zero_point = scale[:, 0], zero_point[:, 0]
+        if spec.axis is None:
+            scale, zero_point = scale[0, ...], zero_point[0, ...]
+    elif reduction_axis == 0:
+        scale, zero_point = scale.T, zero_point.T
+    values = values.T if reduction_axis == 0 else values
+    return QuantizedTensor(np.ascontiguousarray(values), scale, zero_point)
+
+
+def _round_columns(
+    rows: np.ndarray, gram: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ over the columns of ``rows`` [N, K]: the integers [N, K], and the scales and zero
+    points [N, groups] (one group of ``K`` for per-channel and per-tensor specs)."""
+    count, inputs = rows.shape
+    group = spec.block_size or inputs
+    factor = _inverse_cholesky(gram, rows)
+    lazy = group if group >= LAZY_COLUMNS else group * (LAZY_COLUMNS // group)
+    values = np.zeros(rows.shape, np.int64)
+    scales = np.zeros((count, -(-inputs // group)), np.float32)
+    zero_points = np.zeros(scales.shape, np.int64)
+    whole = scale_and_zero_point(rows.min(), rows.max(), spec) if spec.axis is None else None
+    for start in range(0, inputs, lazy):
+        stop = min(start + lazy, inputs)
+        block = rows[:, start:stop].copy()
+        errors = np.zeros(block.shape)
+        for i in range(stop - start):
+            column = start + i
+            if column % group == 0:
+                window = block[:, i : i + group]
+                found = whole if whole else scale_and_zero_point(window.min(1), window.max(1), spec)
+                scale = np.broadcast_to(found[0], (count,))
+                zero_point = np.broadcast_to(found[1], (count,))
+                scales[:, column // group], zero_points[:, column // group] = scale, zero_point
+            q = quantize(block[:, i], scale, zero_point, spec)
+            rounded = (q.astype(np.float64) - zero_point) * scale
+            values[:, column] = q
+            errors[:, i] = (block[:, i] - rounded) / factor[column, column]
+            block[:, i + 1 :] -= np.outer(errors[:, i], factor[column, column + 1 : stop])
+        rows[:, stop:] -= errors @ factor[start:stop, stop:]
+    dtype = INTEGER_DTYPES[spec.dtype]
+    return values.astype(dtype), scales, zero_points.astype(dtype)
+
+
+def _inverse_cholesky(gram: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Upper ``U`` with ``U^T U = (H + damping)^{-1}``; zeroes ``rows``' columns for dead inputs."""
+    hessian = np.array(gram, np.float64)
+    dead = np.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    rows[:, dead] = 0.0
+    hessian[np.diag_indices_from(hessian)] += DAMPING * np.mean(np.diag(hessian))
+    inverse = np.linalg.inv(hessian)
+    return np.linalg.cholesky((inverse + inverse.T) / 2).T
