@@ -21,6 +21,7 @@ from qgraph import models
 from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
+from qgraph.debugging import debug_accuracy, write_exclusions
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import summarize
@@ -43,6 +44,7 @@ from qgraph.registry import registered_passes
 from qgraph.report import (
     check_report,
     compile_report,
+    debug_report,
     evaluation_report,
     passes_report,
     summary_report,
@@ -410,6 +412,66 @@ def inspect_command(model: Path, as_json: bool, top: int | None) -> None:
         echo_json(summary.to_json())
     else:
         out.print(summary_report(summary, top_ops=top))
+
+
+@cli.command(name="debug")
+@click.argument("float_model", metavar="FLOAT", type=click.Path(path_type=Path))
+@click.argument("quantized", metavar="QUANT", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A dataset (a .npz file or a folder of them), e.g. the calibration data.",
+)
+@click.option("--top", type=int, default=20, show_default=True, help="Rows to show (0: all).")
+@click.option(
+    "--suggest-exclusions",
+    "exclusions",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Write a recipe keeping the K ops of lowest local SQNR in float (see -o).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Where --suggest-exclusions writes its recipe [default: QUANT's name + .exclude.toml].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def debug_command(
+    float_model: Path,
+    quantized: Path,
+    data: Path,
+    top: int,
+    exclusions: int | None,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Find the quantized ops of QUANT (a Q/DQ model compiled from FLOAT) that cost accuracy.
+
+    Runs both models on DATA and, for every op that reads a DequantizeLinear, compares its
+    output with the float model's (matched by name) as an SQNR, 10 log10(sum y^2 / sum
+    (y - y')^2) in dB: local, with the op fed the float model's own inputs, so only its own
+    quantization counts (the ranking), and cumulative, as the quantized model runs. With
+    --suggest-exclusions K it writes a recipe keeping the K worst in float, for
+    `qgraph compile --recipe`.
+
+    \b
+    Examples:
+      qgraph debug model.onnx model.q.onnx --data calib/
+      qgraph debug model.onnx model.q.onnx --data calib/ --suggest-exclusions 5 -o keep.toml
+      qgraph compile model.onnx --calib calib/ --recipe keep.toml -o model.q2.onnx
+    """
+    report = debug_accuracy(load(float_model), load(quantized), data)
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        out.print(debug_report(report, top=top or None))
+    if exclusions is not None:
+        path = output or quantized.with_name(f"{quantized.stem}.exclude.toml")
+        note = f"qgraph debug {float_model} {quantized} --data {data}"
+        chosen = write_exclusions(report, exclusions, path, note)
+        err.print(f"wrote {path}: {len(chosen)} ops kept in float; recompile with --recipe {path}")
 
 
 @cli.command(name="passes")

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qgraph.compiler import CompileResult
+from qgraph.debugging import DebugReport
 from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelSummary, TensorInfo
 from qgraph.pipeline import PassRecord
@@ -371,6 +372,38 @@ def evaluation_report(evaluation: Evaluation, reference: str, candidate: str) ->
             else f"{1 / latency.speedup:.2f}x slower",
         )
     return _spaced([Text(heading, style="bold"), accuracy, cost])
+
+
+def debug_report(report: DebugReport, *, top: int | None) -> RenderableType:
+    """What ``qgraph debug`` prints: the quantized ops, worst local SQNR first."""
+    shown = report.ops if top is None else report.ops[:top]
+    heading = f"{len(report.ops)} quantized ops over {report.batches} batches, worst first" + (
+        f" (the {len(shown)} worst shown)" if len(shown) < len(report.ops) else ""
+    )
+    table = _table("rank", "node", "op", "module", "local SQNR (dB)", "cumulative SQNR (dB)")
+    for rank, op in enumerate(shown, start=1):
+        table.add_row(
+            str(rank),
+            op.node,
+            op.op_type,
+            op.module or "-",
+            f"{op.local_sqnr_db:.1f}",
+            f"{op.cumulative_sqnr_db:.1f}",
+        )
+    outputs = _table("model output", "SQNR (dB)")
+    for name, value in report.outputs.items():
+        outputs.add_row(name, f"{value:.1f}")
+    parts: list[RenderableType] = [Text(heading, style="bold"), table, outputs]
+    parts.append(
+        "local: the op fed the float model's own inputs (its own error alone); cumulative: "
+        "the quantized model as it runs (upstream error included)"
+    )
+    if report.unmatched:
+        parts.append(
+            f"{len(report.unmatched)} quantized ops have no float counterpart by name: "
+            + ", ".join(report.unmatched[:5])
+        )
+    return _spaced(parts)
 
 
 def _plain(value: object) -> str:

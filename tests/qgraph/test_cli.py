@@ -286,6 +286,25 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
     )
 
 
+def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
+    decoder = models.fetch("reference-decoder")
+    quantized = tmp_path / "q.onnx"
+    calib = ("--calib", decoder.calibration, "--min-sqnr-db", "0")
+    assert invoke("compile", decoder.model, "-o", quantized, *calib).exit_code == 0
+    keep = tmp_path / "keep.toml"
+    args = ("debug", decoder.model, quantized, "--data", decoder.calibration)
+    result = invoke(*args, "--suggest-exclusions", "2", "-o", keep)
+    assert result.exit_code == 0, result.output
+    assert "7 quantized ops over 8 batches, worst first" in result.stdout
+    assert "attn/v_proj/MatMul" in result.stdout and f"wrote {keep}" in result.stderr
+    assert len(qgraph.load_recipe(keep)["exclude_node"]) == 2
+    again = invoke("compile", decoder.model, "-o", tmp_path / "q2.onnx", *calib, "--recipe", keep)
+    assert again.exit_code == 0 and "excluded by the user" in again.stdout
+    assert_one_line_error(
+        invoke("debug", decoder.model, quantized, "--data", tmp_path / "none"), "no such dataset"
+    )
+
+
 def test_quantization_errors_are_one_line(model_file, tmp_path):
     out = tmp_path / "out.onnx"
     assert_one_line_error(

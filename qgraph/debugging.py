@@ -1,0 +1,273 @@
+"""Accuracy debugging: which quantized ops make a compiled model depart from its float original.
+
+A *quantized op* is an op of the compiled (Q/DQ) model that reads a ``DequantizeLinear``
+output. Each one's output ``y'`` is matched by name to the float model's ``y`` (qgraph keeps
+value and node names through its rewrites) and judged, over every batch of the data, by
+
+    SQNR = 10 log10( sum y^2 / sum (y - y')^2 )   (dB; higher is closer)
+
+in two ways:
+
+- **local**: the op in the compiled model, fed the float model's own values at every
+  quantization point (the inputs of activation ``QuantizeLinear`` nodes and the float inputs
+  of weight-only ops are cut and fed). This is the error the op's own quantization adds,
+  upstream error excluded: the ranking, worst first, and what ``suggest_exclusions`` keeps
+  in float.
+- **cumulative**: the compiled model as it runs, every upstream error included; it usually
+  falls along the network, so it says where accuracy is lost, not which op loses it.
+
+The float model's outputs are compared the same way (cumulative).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.atomic import replaced_file
+from qgraph.data import DataSource, read_batches
+from qgraph.errors import QGraphError
+from qgraph.inspection import QDQ_OPS
+from qgraph.recipe import load_recipe
+from qgraph.verify import expose_values, session
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+"""Node metadata of torch's dynamo exporter: the module path a node came from."""
+CUT_SUFFIX = ".quantized_path"
+"""The suffix a cut value's compiled-model copy takes (the graph input keeps the name)."""
+
+
+class DebugError(QGraphError):
+    """The two models cannot be compared."""
+
+
+@dataclasses.dataclass
+class _Energy:
+    """Running sums of ``y^2`` and of the squared error of each way of computing ``y'``."""
+
+    signal: float = 0.0
+    local: float = 0.0
+    cumulative: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OpError:
+    """How far one quantized op's output is from the float model's."""
+
+    node: str
+    op_type: str
+    module: str | None
+    output: str
+    local_sqnr_db: float
+    cumulative_sqnr_db: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugReport:
+    """Quantized ops, worst local SQNR first, and the SQNR of each model output."""
+
+    ops: list[OpError]
+    outputs: dict[str, float]
+    unmatched: list[str]
+    """Quantized ops whose output the float model does not have (renamed by a rewrite)."""
+    batches: int
+
+    def to_json(self) -> dict:
+        return {
+            "ops": [dataclasses.asdict(op) for op in self.ops],
+            "outputs": self.outputs,
+            "unmatched": self.unmatched,
+            "batches": self.batches,
+        }
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``: inf for no noise."""
+    if noise == 0.0:
+        return float("inf")
+    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def debug_accuracy(float_model: ir.Model, quantized: ir.Model, data: DataSource) -> DebugReport:
+    """Compare every quantized op of ``quantized`` with ``float_model`` over ``data``."""
+    ops = quantized_ops(quantized)
+    if not ops:
+        raise DebugError(
+            "the quantized model has no op reading a DequantizeLinear (is it a Q/DQ model? "
+            "QOperator models cannot be debugged op by op: compile with --format qdq)"
+        )
+    float_values = _computed_names(float_model)
+    matched = [node for node in ops if node.outputs[0].name in float_values]
+    unmatched = [node.name for node in ops if node.outputs[0].name not in float_values]
+    watched = [node.outputs[0].name for node in matched]
+    outputs = [value.name for value in quantized.graph.outputs if value.name in float_values]
+    cut = [name for name in _cut_points(quantized) if name in float_values]
+    runs = _Sessions.of(float_model, quantized, watched, cut)
+    energy = {name: _Energy() for name in [*watched, *outputs]}
+    count = 0
+    for feeds in read_batches(data):
+        runs.accumulate(feeds, energy, outputs)
+        count += 1
+    if count == 0:
+        raise DebugError("the data holds no batches")
+    errors = [
+        OpError(
+            node.name,
+            node.op_type,
+            _module(node),
+            node.outputs[0].name,
+            sqnr_db(energy[node.outputs[0].name].signal, energy[node.outputs[0].name].local),
+            sqnr_db(energy[node.outputs[0].name].signal, energy[node.outputs[0].name].cumulative),
+        )
+        for node in matched
+    ]
+    errors.sort(key=lambda error: error.local_sqnr_db)
+    output_sqnr = {name: sqnr_db(energy[name].signal, energy[name].cumulative) for name in outputs}
+    return DebugReport(errors, output_sqnr, unmatched, count)
+
+
+def quantized_ops(model: ir.Model) -> list[ir.Node]:
+    """The main graph's ops (not Q/DQ) that read a DequantizeLinear output."""
+    return [
+        node
+        for node in model.graph
+        if node.op_type not in QDQ_OPS
+        and any(_produced_by(value, "DequantizeLinear") for value in node.inputs)
+    ]
+
+
+def _produced_by(value: ir.Value | None, op_type: str) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == op_type
+
+
+def _cut_points(model: ir.Model) -> list[str]:
+    """The float values a quantized op's inputs come from: each activation QuantizeLinear's
+    input, and the non-constant float inputs that quantized ops read directly."""
+    points = {
+        node.inputs[0].name
+        for node in model.graph
+        if node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None
+    }
+    for node in quantized_ops(model):
+        for value in node.inputs:
+            direct = value is not None and value.const_value is None
+            if direct and not _produced_by(value, "DequantizeLinear"):
+                points.add(value.name)
+    return sorted(points)
+
+
+def _computed_names(model: ir.Model) -> set[str]:
+    """The names of the values the main graph's nodes compute (graph inputs need no cut)."""
+    return {value.name for node in model.graph for value in node.outputs}
+
+
+def _module(node: ir.Node) -> str | None:
+    """The torch module path a node came from, where the exporter recorded it."""
+    scopes = node.metadata_props.get(NAME_SCOPES_KEY)
+    if not scopes:
+        return None
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    named = [part for part in parts[:-1] if part]
+    return named[-1] if named else None
+
+
+@dataclasses.dataclass
+class _Sessions:
+    """The float model, the compiled model, and the compiled model cut at its quantization
+    points, each with the watched values exposed."""
+
+    float_run: object
+    quantized_run: object
+    local_run: object
+    watched: list[str]
+    cut: list[str]
+
+    @classmethod
+    def of(
+        cls, float_model: ir.Model, quantized: ir.Model, watched: list[str], cut: list[str]
+    ) -> _Sessions:
+        float_model = _copy(float_model)
+        expose_values(float_model, [*watched, *cut])
+        exposed = _copy(quantized)
+        expose_values(exposed, watched)
+        local = _copy(quantized)
+        _feed_values(local, cut)
+        expose_values(local, watched)
+        return cls(
+            session(float_model, optimize=True, threads=0),
+            session(exposed, optimize=True, threads=0),
+            session(local, optimize=True, threads=0),
+            watched,
+            cut,
+        )
+
+    def accumulate(
+        self, feeds: Mapping[str, np.ndarray], energy: dict[str, _Energy], outputs: list[str]
+    ) -> None:
+        """Add one batch's sums to ``energy``."""
+        names = [*self.watched, *outputs]
+        reference = _run(self.float_run, [*names, *self.cut], feeds)
+        cumulative = _run(self.quantized_run, names, feeds)
+        local = _run(self.local_run, self.watched, {**feeds, **{n: reference[n] for n in self.cut}})
+        for name in names:
+            y = reference[name].astype(np.float64)
+            found = energy[name]
+            found.signal += float(np.sum(y * y))
+            found.cumulative += float(np.sum((y - cumulative[name]) ** 2))
+            if name in local:
+                found.local += float(np.sum((y - local[name]) ** 2))
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def _feed_values(model: ir.Model, names: Iterable[str]) -> None:
+    """Make each value called ``names`` a graph input of that name, read by every node that
+    read the computed value (which is renamed ``<name>.quantized_path``), in place."""
+    wanted = set(names)
+    for node in list(model.graph):
+        for computed in node.outputs:
+            if computed.name not in wanted:
+                continue
+            fed = ir.Value(name=computed.name, shape=computed.shape, type=computed.type)
+            computed.name += CUT_SUFFIX
+            computed.replace_all_uses_with(fed)
+            model.graph.inputs.append(fed)
+
+
+def _run(sess, names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    inputs = {value.name for value in sess.get_inputs()}
+    results = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
+    return dict(zip(names, results, strict=True))
+
+
+def write_exclusions(report: DebugReport, count: int, path: Path, note: str) -> list[OpError]:
+    """Write a recipe (TOML) keeping the ``count`` ops of lowest local SQNR in float; the ops.
+
+    ``note`` heads the file as a comment (what was compared, on which data).
+    """
+    chosen = report.ops[:count]
+    lines = [f"# {line}" for line in note.splitlines()]
+    lines.append(f"# The {len(chosen)} quantized ops of lowest local SQNR, kept in float:")
+    lines.append("exclude_node = [")
+    for op in chosen:
+        where = f", {op.module}" if op.module else ""
+        pattern = json.dumps(re.escape(op.node))
+        lines.append(f"    {pattern},  # {op.op_type}{where}: {op.local_sqnr_db:.1f} dB local")
+    lines.append("]")
+    with replaced_file(path) as staging:
+        staging.write_text("\n".join(lines) + "\n")
+        load_recipe(staging)
+    return chosen
