@@ -24,7 +24,7 @@ from qgraph.data import batch_files
 from qgraph.debugging import debug_accuracy, write_exclusions
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
-from qgraph.inspection import summarize
+from qgraph.inspection import diff_models, summarize
 from qgraph.model_io import load
 from qgraph.options import CompileOptions
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
@@ -45,6 +45,7 @@ from qgraph.report import (
     check_report,
     compile_report,
     debug_report,
+    diff_report,
     evaluation_report,
     passes_report,
     summary_report,
@@ -402,11 +403,32 @@ def check_command(model: Path, target: str, as_json: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--top", type=int, default=None, help="Show only the N most frequent ops.")
-def inspect_command(model: Path, as_json: bool, top: int | None) -> None:
+@click.option(
+    "--diff",
+    "other",
+    metavar="OTHER",
+    type=click.Path(dir_okay=True, path_type=Path),
+    help="Compare MODEL with OTHER (e.g. its compile): ops added and removed, nodes each pass "
+    "made, tensors quantized by spec, parameters by dtype, size.",
+)
+def inspect_command(model: Path, as_json: bool, top: int | None, other: Path | None) -> None:
     """Summarize MODEL: interface, opsets, op histogram, parameters by dtype, quantization.
 
-    Tensor data is never read, so this is quick even for multi-GB models.
+    With --diff OTHER, say what changed from MODEL to OTHER instead. Tensor data is never
+    read, so this is quick even for multi-GB models.
+
+    \b
+    Examples:
+      qgraph inspect model.q.onnx
+      qgraph inspect model.onnx --diff model.q.onnx
     """
+    if other is not None:
+        diff = diff_models(load(model), load(other))
+        if as_json:
+            echo_json(diff.to_json())
+        else:
+            out.print(diff_report(diff, str(model), str(other)))
+        return
     summary = summarize(load(model))
     if as_json:
         echo_json(summary.to_json())

@@ -34,7 +34,7 @@ import onnx_ir as ir
 from qgraph.atomic import replaced_file
 from qgraph.data import DataSource, read_batches
 from qgraph.errors import QGraphError
-from qgraph.inspection import QDQ_OPS
+from qgraph.inspection import QDQ_OPS, reads_dequantized
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session
 
@@ -135,12 +135,7 @@ def debug_accuracy(float_model: ir.Model, quantized: ir.Model, data: DataSource)
 
 def quantized_ops(model: ir.Model) -> list[ir.Node]:
     """The main graph's ops (not Q/DQ) that read a DequantizeLinear output."""
-    return [
-        node
-        for node in model.graph
-        if node.op_type not in QDQ_OPS
-        and any(_produced_by(value, "DequantizeLinear") for value in node.inputs)
-    ]
+    return [node for node in model.graph if node.op_type not in QDQ_OPS and reads_dequantized(node)]
 
 
 def _produced_by(value: ir.Value | None, op_type: str) -> bool:

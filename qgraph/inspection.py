@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from qgraph.model_io import SOURCE_PATH_KEY
+from qgraph.pipeline import PROVENANCE_KEY
 from qgraph.traversal import all_nodes
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -120,6 +121,11 @@ def is_quantized_op(node: ir.Node) -> bool:
         return False
     if node.op_type.startswith("QLinear") or node.op_type in QOPERATOR_OPS:
         return True
+    return reads_dequantized(node)
+
+
+def reads_dequantized(node: ir.Node) -> bool:
+    """``node`` reads a DequantizeLinear output (a float op of a Q/DQ group, or a Q/DQ op)."""
     return any(
         value is not None
         and (producer := value.producer()) is not None
@@ -166,3 +172,98 @@ def _parameter_stats(model: ir.Model) -> list[ParameterStats]:
         ParameterStats(dtype, tensors[dtype], elements[dtype], nbytes[dtype])
         for dtype, _ in nbytes.most_common()
     ]
+
+
+# Differences between two models
+
+
+@dataclasses.dataclass(frozen=True)
+class OpChange:
+    """How often one op occurs before and after."""
+
+    op: str
+    before: int
+    after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDiff:
+    """What changed from one model to another (typically a float model and its compile).
+
+    Attributes:
+        before, after: The two models' summaries.
+        ops: Every op whose count changed.
+        created_by_pass: Pass -> op -> nodes of ``after`` that pass created (the provenance
+            qgraph records in node metadata; empty for models from other tools).
+        quantized_tensors: (kind, spec) -> how many tensors ``after`` dequantizes that way;
+            kind is ``weight`` (a constant) or ``activation``.
+    """
+
+    before: ModelSummary
+    after: ModelSummary
+    ops: list[OpChange]
+    created_by_pass: dict[str, dict[str, int]]
+    quantized_tensors: dict[tuple[str, str], int]
+
+    @property
+    def size_ratio(self) -> float:
+        return self.after.parameter_bytes / max(self.before.parameter_bytes, 1)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "before": self.before.to_json(),
+            "after": self.after.to_json(),
+            "ops": [dataclasses.asdict(change) for change in self.ops],
+            "created_by_pass": self.created_by_pass,
+            "quantized_tensors": [
+                {"kind": kind, "spec": spec, "count": count}
+                for (kind, spec), count in self.quantized_tensors.items()
+            ],
+            "size_ratio": self.size_ratio,
+        }
+
+
+def diff_models(before: ir.Model, after: ir.Model) -> ModelDiff:
+    """What changed from ``before`` to ``after``; tensor data is never read."""
+    old, new = summarize(before), summarize(after)
+    ops = [
+        OpChange(op, old.op_histogram.get(op, 0), new.op_histogram.get(op, 0))
+        for op in sorted(set(old.op_histogram) | set(new.op_histogram))
+        if old.op_histogram.get(op, 0) != new.op_histogram.get(op, 0)
+    ]
+    created: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node in all_nodes(after.graph):
+        pass_name = node.metadata_props.get(PROVENANCE_KEY)
+        if pass_name is not None:
+            created[pass_name][op_key(node)] += 1
+    specs = collections.Counter(
+        dequantized_spec(node)
+        for node in all_nodes(after.graph)
+        if node.op_type == "DequantizeLinear"
+    )
+    return ModelDiff(
+        old,
+        new,
+        ops,
+        {name: dict(counts.most_common()) for name, counts in created.items()},
+        dict(specs.most_common()),
+    )
+
+
+def dequantized_spec(node: ir.Node) -> tuple[str, str]:
+    """(``weight`` or ``activation``, ``int8 per-channel(axis 1)``-style text) of the tensor a
+    DequantizeLinear reads, from its dtype and attributes."""
+    source = node.inputs[0]
+    kind = "weight" if source is not None and source.const_value is not None else "activation"
+    dtype = source.dtype.name.lower() if source is not None and source.dtype else "?"
+    scale = node.inputs[1]
+    axis = node.attributes.get("axis")
+    block = node.attributes.get("block_size")
+    per_tensor = scale is None or scale.shape is None or scale.shape.numpy() in ((), (1,))
+    if block is not None and block.as_int() > 0:
+        granularity = f"per-block({block.as_int()}, axis {axis.as_int() if axis else 1})"
+    elif per_tensor:
+        granularity = "per-tensor"
+    else:
+        granularity = f"per-channel(axis {axis.as_int() if axis else 1})"
+    return kind, f"{dtype} {granularity}"

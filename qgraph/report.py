@@ -12,7 +12,7 @@ from rich.text import Text
 from qgraph.compiler import CompileResult
 from qgraph.debugging import DebugReport
 from qgraph.evaluation import Evaluation
-from qgraph.inspection import ModelSummary, TensorInfo
+from qgraph.inspection import ModelDiff, ModelSummary, TensorInfo
 from qgraph.pipeline import PassRecord
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec, Violation
@@ -404,6 +404,45 @@ def debug_report(report: DebugReport, *, top: int | None) -> RenderableType:
             + ", ".join(report.unmatched[:5])
         )
     return _spaced(parts)
+
+
+def diff_report(diff: ModelDiff, before: str, after: str) -> RenderableType:
+    """What ``qgraph inspect A --diff B`` prints: the counts a reviewer checks first, then
+    the op, pass, spec and dtype tables."""
+    old, new = diff.before, diff.after
+    headline = _table("", "", title=f"{before} -> {after}")
+    headline.add_row("nodes", f"{old.nodes} -> {new.nodes} ({new.nodes - old.nodes:+d})")
+    for op, quantized in new.quantized_ops.items():
+        headline.add_row(f"{op} quantized", f"{quantized} of {new.op_histogram.get(op, 0)}")
+    headline.add_row(
+        "Q/DQ inserted",
+        f"{new.quantize_nodes - old.quantize_nodes:+d} QuantizeLinear, "
+        f"{new.dequantize_nodes - old.dequantize_nodes:+d} DequantizeLinear",
+    )
+    for pass_name, created in diff.created_by_pass.items():
+        made = ", ".join(f"{op} x{count}" for op, count in created.items())
+        headline.add_row(f"made by {pass_name}", made)
+    headline.add_row(
+        "size",
+        f"{format_bytes(old.parameter_bytes)} -> {format_bytes(new.parameter_bytes)} "
+        f"({diff.size_ratio:.2f}x)",
+    )
+    ops = _table("op", "before", "after", "change", title="ops whose count changed")
+    for change in diff.ops:
+        ops.add_row(
+            change.op, str(change.before), str(change.after), f"{change.after - change.before:+d}"
+        )
+    specs = _table("kind", "spec", "tensors", title="quantized tensors")
+    for (kind, spec), count in diff.quantized_tensors.items():
+        specs.add_row(kind, spec, str(count))
+    dtypes = _table("dtype", "before", "after", title="parameters by dtype")
+    old_bytes = {p.dtype: p.bytes for p in old.parameters}
+    new_bytes = {p.dtype: p.bytes for p in new.parameters}
+    for dtype in sorted(set(old_bytes) | set(new_bytes)):
+        dtypes.add_row(
+            dtype, format_bytes(old_bytes.get(dtype, 0)), format_bytes(new_bytes.get(dtype, 0))
+        )
+    return _spaced([headline, ops, specs, dtypes])
 
 
 def _plain(value: object) -> str:

@@ -305,6 +305,21 @@ def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
     )
 
 
+def test_inspect_diff_states_the_counts_to_check(tmp_path):
+    decoder = models.fetch("reference-decoder")
+    quantized = tmp_path / "q.onnx"
+    calib = ("--calib", decoder.calibration, "--min-sqnr-db", "0")
+    assert invoke("compile", decoder.model, "-o", quantized, *calib).exit_code == 0
+    result = invoke("inspect", decoder.model, "--diff", quantized)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "MatMul quantized 7 of 9" in text
+    assert "Q/DQ inserted +4 QuantizeLinear, +11 DequantizeLinear" in text
+    assert "made by insert-qdq" in text and "size" in text
+    as_json = json.loads(invoke("inspect", decoder.model, "--diff", quantized, "--json").stdout)
+    assert as_json["after"]["quantized_ops"]["MatMul"] == 7
+
+
 def test_quantization_errors_are_one_line(model_file, tmp_path):
     out = tmp_path / "out.onnx"
     assert_one_line_error(

@@ -6,6 +6,7 @@ import numpy as np
 from onnx import helper
 
 import qgraph
+from qgraph.inspection import diff_models
 
 
 def _qdq_model(make_model):
@@ -74,3 +75,50 @@ def test_contrib_ops_are_keyed_by_domain(make_model):
         extra_opsets={"com.microsoft": 1},
     )
     assert qgraph.summarize(qgraph.load(proto)).op_histogram == {"com.microsoft::Gelu": 1}
+
+
+def _gelu_mlp(make_model):
+    """x [4, 8] -> MatMul(W [8, 8]) -> erf GELU -> MatMul(V [8, 8]) -> y."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="up"),
+        helper.make_node("Div", ["h", "root"], ["s"], name="div"),
+        helper.make_node("Erf", ["s"], ["e"], name="erf"),
+        helper.make_node("Add", ["e", "one"], ["p"], name="add"),
+        helper.make_node("Mul", ["half", "h"], ["hh"], name="half_mul"),
+        helper.make_node("Mul", ["hh", "p"], ["g"], name="mul"),
+        helper.make_node("MatMul", ["g", "V"], ["y"], name="down"),
+    ]
+    initializers = {
+        "W": rng.standard_normal((8, 8)).astype(np.float32),
+        "V": rng.standard_normal((8, 8)).astype(np.float32),
+        "root": np.array(np.sqrt(2.0), np.float32),
+        "one": np.array(1.0, np.float32),
+        "half": np.array(0.5, np.float32),
+    }
+    return make_model(nodes, {"x": [4, 8]}, {"y": [4, 8]}, initializers)
+
+
+def test_a_diff_counts_what_the_compile_did(make_model):
+    proto = _gelu_mlp(make_model)
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(2)]
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(calib=calibration, min_sqnr_db=0)
+    )
+    compiled = qgraph.compile_model(proto, "x86-avx2", options=options).model
+    diff = diff_models(qgraph.load(proto), compiled)
+    changes = {change.op: (change.before, change.after) for change in diff.ops}
+    assert changes["Erf"] == (1, 0) and "MatMul" not in changes
+    assert changes["QuantizeLinear"] == (0, 2) and changes["DequantizeLinear"] == (0, 4)
+    assert diff.created_by_pass["insert-qdq"] == {"DequantizeLinear": 4, "QuantizeLinear": 2}
+    assert diff.created_by_pass["fusion"] == {"com.microsoft::Gelu": 1}
+    assert diff.after.quantized_ops == {"MatMul": 2}
+    assert diff.quantized_tensors == {
+        ("weight", "uint8 per-channel(axis 1)"): 2,
+        ("activation", "uint8 per-tensor"): 2,
+    }
+    # two 8 x 8 float32 weights (512 B) become uint8 (128 B) with a float scale and a uint8
+    # zero point per channel (96 B); the 3 scalars and the 2 activations' pairs (10 B) remain
+    assert diff.before.parameter_bytes == 512 + 12
+    assert diff.after.parameter_bytes == 128 + 2 * 8 * (4 + 1) + 2 * (4 + 1)
