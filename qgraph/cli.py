@@ -22,6 +22,8 @@ from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
 from qgraph.debugging import debug_accuracy, write_exclusions
+from qgraph.drawing import COLLAPSE_ABOVE
+from qgraph.drawing import draw as draw_graph
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import diff_models, summarize
@@ -411,17 +413,53 @@ def check_command(model: Path, target: str, as_json: bool) -> None:
     help="Compare MODEL with OTHER (e.g. its compile): ops added and removed, nodes each pass "
     "made, tensors quantized by spec, parameters by dtype, size.",
 )
-def inspect_command(model: Path, as_json: bool, top: int | None, other: Path | None) -> None:
+@click.option(
+    "--draw",
+    type=click.Path(path_type=Path),
+    help="Also draw the graph to this file: .html (self-contained page: hover for scales and "
+    "zero points, search by name), .svg or .dot. Quantized ops, Q/DQ and float ops are "
+    f"colored apart; above {COLLAPSE_ABOVE} ops, repeated blocks (layers.N) are collapsed "
+    "after the first.",
+)
+@click.option(
+    "--around",
+    multiple=True,
+    metavar="NODE",
+    help="Draw only the region around this node (repeatable); see --radius.",
+)
+@click.option(
+    "--radius",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Edges from an --around node that the region reaches.",
+)
+def inspect_command(
+    model: Path,
+    as_json: bool,
+    top: int | None,
+    other: Path | None,
+    draw: Path | None,
+    around: tuple[str, ...],
+    radius: int,
+) -> None:
     """Summarize MODEL: interface, opsets, op histogram, parameters by dtype, quantization.
 
     With --diff OTHER, say what changed from MODEL to OTHER instead. Tensor data is never
-    read, so this is quick even for multi-GB models.
+    read (except the scales --draw shows), so this is quick even for multi-GB models.
 
     \b
     Examples:
       qgraph inspect model.q.onnx
       qgraph inspect model.onnx --diff model.q.onnx
+      qgraph inspect model.q.onnx --draw model.html
+      qgraph inspect model.q.onnx --draw region.svg --around /model/layers.3/mlp/down_proj/MatMul
     """
+    if around and draw is None:
+        raise click.UsageError("--around selects what --draw draws; give --draw too")
+    if draw is not None:
+        drawing = draw_graph(load(model), draw, around=around, radius=radius, title=model.name)
+        err.print(f"drew {len(drawing.boxes)} boxes to {draw}")
     if other is not None:
         diff = diff_models(load(model), load(other))
         if as_json:
