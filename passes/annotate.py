@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from qgraph.inspection import op_key
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
@@ -102,6 +103,9 @@ class AnnotationReport:
     float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Node name -> (op type, reason)."""
     residual_inputs: int = 0
+    unquantized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    """(op, reason) -> how many of the other ops stay in float, which the target never
+    quantizes."""
 
 
 class AnnotatePass(ir.passes.InPlacePass):
@@ -117,6 +121,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         for node in model.graph:
             decision = self.decide(node)
             if decision is None:
+                report.unquantized[(op_key(node), self._never_quantized)] += 1
                 continue
             if isinstance(decision, str):
                 node.meta[FLOAT_REASON_KEY] = decision
@@ -139,6 +144,11 @@ class AnnotatePass(ir.passes.InPlacePass):
             node.meta[RESIDUAL_KEY] = ResidualAnnotation(skip, spec)
             count += 1
         return count
+
+    @property
+    def _never_quantized(self) -> str:
+        ops = ", ".join(sorted(self.target.quantizable_ops))
+        return f"target {self.target.name} quantizes only {ops}"
 
     def decide(self, node: ir.Node) -> NodeAnnotation | str | None:
         """What of ``node`` to quantize, the reason it stays in float, or None for a node the

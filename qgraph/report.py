@@ -264,6 +264,10 @@ def explain_report(records: Iterable[PassRecord]) -> RenderableType:
     reason; for SmoothQuant, every activation it smoothed or left; for rotation, every
     rotation and where it went."""
     parts: list[RenderableType] = []
+    records = list(records)
+    left = _left_in_float_table(records)
+    if left is not None:
+        parts.append(left)
     for record in records:
         details = record.details
         if record.name == "smoothquant" and details is not None:
@@ -281,6 +285,24 @@ def explain_report(records: Iterable[PassRecord]) -> RenderableType:
         parts.append(rules)
         parts.append(_near_miss_table(record.name, details.near_misses))
     return _spaced(parts) if parts else Text("no pass reports rules")
+
+
+def _left_in_float_table(records: list[PassRecord]) -> Table | None:
+    """Every op a quantizing compile left in float, grouped by op and reason."""
+    by_name = {record.name: record.details for record in records}
+    annotated, inserted = by_name.get("annotate"), by_name.get("insert-qdq")
+    if annotated is None:
+        return None
+    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+    reasons = {**annotated.float_reasons, **(inserted.float_reasons if inserted else {})}
+    for node, (op, reason) in reasons.items():
+        groups[(op, reason)].append(node)
+    table = _table("op", "count", "why left in float", "e.g.", title="ops left in float")
+    for (op, reason), nodes in sorted(groups.items(), key=lambda item: -len(item[1])):
+        table.add_row(op, str(len(nodes)), reason, ", ".join(nodes[:MAX_EXAMPLES]))
+    for (op, reason), count in annotated.unquantized.most_common():
+        table.add_row(op, str(count), reason, "")
+    return table
 
 
 def _near_miss_table(pass_name: str, near_misses) -> RenderableType:

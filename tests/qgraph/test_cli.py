@@ -320,6 +320,17 @@ def test_inspect_diff_states_the_counts_to_check(tmp_path):
     assert as_json["after"]["quantized_ops"]["MatMul"] == 7
 
 
+def test_explain_lists_every_op_left_in_float_with_its_reason(tmp_path):
+    decoder = models.fetch("reference-decoder")
+    args = ("compile", decoder.model, "-o", tmp_path / "q.onnx", "--calib", decoder.calibration)
+    result = invoke(*args, "--explain", "--exclude-node", "attn/q_proj/MatMul")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "ops left in float" in text
+    assert "MatMul 1 excluded by the user (pattern 'attn/q_proj/MatMul')" in text
+    assert "Softmax 1 target x86-avx2 quantizes only Conv, Gemm, MatMul" in text
+
+
 def test_quantization_errors_are_one_line(model_file, tmp_path):
     out = tmp_path / "out.onnx"
     assert_one_line_error(
