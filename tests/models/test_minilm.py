@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qgraph import data, models, verify
+from qgraph import CompileOptions, compile_model, data, models, quant_options, verify
+from qgraph.inspection import diff_models
 from qgraph.model_io import load
 from qgraph.models import minilm
 
@@ -155,3 +156,18 @@ def test_datasets_have_the_stated_counts_and_shapes(zoo):
         info = data.read_info(folder)
         assert info.metric == "embedding"
         assert info.description.startswith(f"{batches * 32} English sentences")
+
+
+def test_a_diff_of_the_compile_states_the_counts_a_person_checks(zoo: models.ZooModel):
+    options = CompileOptions(quantization=quant_options(calib=str(zoo.calibration)))
+    compiled = compile_model(load(zoo.model), "x86-avx2", options=options).model
+    diff = diff_models(load(zoo.model), compiled)
+    quantized = diff.after.quantized_ops["MatMul"]
+    assert 0 < quantized <= diff.after.op_histogram["MatMul"] == 48
+    weights = diff.quantized_tensors[("weight", "uint8 per-channel(axis 1)")]
+    assert weights == quantized, "one dequantized weight per quantized MatMul"
+    activations = diff.quantized_tensors[("activation", "uint8 per-tensor")]
+    inserted = diff.after.quantize_nodes - diff.before.quantize_nodes
+    assert activations == inserted > 0
+    assert diff.created_by_pass["fusion"] == {"com.microsoft::Gelu": 6}
+    assert diff.size_ratio < 1
