@@ -21,7 +21,7 @@ from qgraph import models
 from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
-from qgraph.debugging import debug_accuracy, write_exclusions
+from qgraph.debugging import IMPACT_BATCHES, debug_accuracy, write_exclusions
 from qgraph.drawing import COLLAPSE_ABOVE
 from qgraph.drawing import draw as draw_graph
 from qgraph.errors import QGraphError
@@ -485,6 +485,14 @@ def inspect_command(
 )
 @click.option("--top", type=int, default=20, show_default=True, help="Rows to show (0: all).")
 @click.option(
+    "--impact-batches",
+    type=click.IntRange(min=0),
+    default=IMPACT_BATCHES,
+    show_default=True,
+    help="Batches on which to measure each op's error alone at the model outputs (one float "
+    "run per op and batch; 0: rank by local SQNR instead).",
+)
+@click.option(
     "--suggest-exclusions",
     "exclusions",
     type=click.IntRange(min=1),
@@ -503,16 +511,18 @@ def debug_command(
     quantized: Path,
     data: Path,
     top: int,
+    impact_batches: int,
     exclusions: int | None,
     output: Path | None,
     as_json: bool,
 ) -> None:
     """Find the quantized ops of QUANT (a Q/DQ model compiled from FLOAT) that cost accuracy.
 
-    Runs both models on DATA and, for every op that reads a DequantizeLinear, compares its
-    output with the float model's (matched by name) as an SQNR, 10 log10(sum y^2 / sum
-    (y - y')^2) in dB: local, with the op fed the float model's own inputs, so only its own
-    quantization counts (the ranking), and cumulative, as the quantized model runs. With
+    Runs both models on DATA and, for every op that reads a DequantizeLinear, gives SQNRs,
+    10 log10(sum y^2 / sum (y - y')^2) in dB, against the float model (matched by name):
+    alone at output, the float model's outputs with only this op's quantization error added
+    (the ranking: what the op costs the model); local, the op's output fed the float model's
+    own inputs; cumulative, the op's output as the quantized model runs. With
     --suggest-exclusions K it writes a recipe keeping the K worst in float, for
     `qgraph compile --recipe`.
 
@@ -522,7 +532,19 @@ def debug_command(
       qgraph debug model.onnx model.q.onnx --data calib/ --suggest-exclusions 5 -o keep.toml
       qgraph compile model.onnx --calib calib/ --recipe keep.toml -o model.q2.onnx
     """
-    report = debug_accuracy(load(float_model), load(quantized), data)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def tell(what: str, done: int, total: int | None) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        report = debug_accuracy(
+            load(float_model),
+            load(quantized),
+            data,
+            impact_batches=impact_batches,
+            progress=tell,
+        )
     if as_json:
         echo_json(report.to_json())
     else:

@@ -11,25 +11,34 @@ in two ways:
 - **local**: the op in the compiled model, fed the float model's own values at every
   quantization point (the inputs of activation ``QuantizeLinear`` nodes and the float inputs
   of weight-only ops are cut and fed). This is the error the op's own quantization adds,
-  upstream error excluded: the ranking, worst first, and what ``suggest_exclusions`` keeps
-  in float.
+  upstream error excluded.
 - **cumulative**: the compiled model as it runs, every upstream error included; it usually
   falls along the network, so it says where accuracy is lost, not which op loses it.
 
-The float model's outputs are compared the same way (cumulative).
+- **alone at the output**: the float model with only this op's local error added to its
+  output (``y + (y'_local - y)``), judged at the model's outputs (all of them together). This
+  is what the op's quantization costs the model, through everything downstream: an op with a
+  poor local SQNR whose error later layers damp matters less than a fair one whose error they
+  amplify (a transformer's massive activations). It costs one float run per op and batch, so
+  it uses the first ``impact_batches`` batches; when measured, it is the ranking, worst first,
+  and what ``write_exclusions`` keeps in float, else the local SQNR is.
+
+The float model's outputs are compared with the quantized model's the same way (cumulative).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from qgraph.atomic import replaced_file
 from qgraph.data import DataSource, read_batches
@@ -42,6 +51,10 @@ NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 """Node metadata of torch's dynamo exporter: the module path a node came from."""
 CUT_SUFFIX = ".quantized_path"
 """The suffix a cut value's compiled-model copy takes (the graph input keeps the name)."""
+ERROR_SUFFIX = ".injected_error"
+"""The float model's input (zero unless fed) added to a watched value, for the impact runs."""
+IMPACT_BATCHES = 2
+"""Batches of the data the output-impact measurement runs on (one float run per op each)."""
 
 
 class DebugError(QGraphError):
@@ -55,6 +68,8 @@ class _Energy:
     signal: float = 0.0
     local: float = 0.0
     cumulative: float = 0.0
+    alone: float = 0.0
+    """Squared error of the model outputs with only this op's local error injected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +82,12 @@ class OpError:
     output: str
     local_sqnr_db: float
     cumulative_sqnr_db: float
+    output_sqnr_db: float | None
+    """SQNR of the model outputs with only this op's error (None: not measured)."""
+
+    @property
+    def rank_key(self) -> float:
+        return self.local_sqnr_db if self.output_sqnr_db is None else self.output_sqnr_db
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +116,17 @@ def sqnr_db(signal: float, noise: float) -> float:
     return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
 
 
-def debug_accuracy(float_model: ir.Model, quantized: ir.Model, data: DataSource) -> DebugReport:
-    """Compare every quantized op of ``quantized`` with ``float_model`` over ``data``."""
+def debug_accuracy(
+    float_model: ir.Model,
+    quantized: ir.Model,
+    data: DataSource,
+    *,
+    impact_batches: int = IMPACT_BATCHES,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> DebugReport:
+    """Compare every quantized op of ``quantized`` with ``float_model`` over ``data`` (the
+    impact at the outputs over its first ``impact_batches`` batches; 0: not measured).
+    ``progress`` is told (what, done, total) as batches and impact runs finish."""
     ops = quantized_ops(quantized)
     if not ops:
         raise DebugError(
@@ -109,28 +139,38 @@ def debug_accuracy(float_model: ir.Model, quantized: ir.Model, data: DataSource)
     watched = [node.outputs[0].name for node in matched]
     outputs = [value.name for value in quantized.graph.outputs if value.name in float_values]
     cut = [name for name in _cut_points(quantized) if name in float_values]
-    runs = _Sessions.of(float_model, quantized, watched, cut)
+    runs = _Sessions.of(float_model, quantized, watched, cut, impact=impact_batches > 0)
     energy = {name: _Energy() for name in [*watched, *outputs]}
-    count = 0
+    count, output_signal = 0, 0.0
     for feeds in read_batches(data):
-        runs.accumulate(feeds, energy, outputs)
+        impact = count < impact_batches
+        what = f"impact of each op, batch {count + 1}"
+        tell = functools.partial(progress, what) if progress is not None and impact else None
+        output_signal += runs.accumulate(feeds, energy, outputs, impact=impact, progress=tell)
         count += 1
+        if progress is not None:
+            progress("comparing batches", count, None)
     if count == 0:
         raise DebugError("the data holds no batches")
     errors = [
-        OpError(
-            node.name,
-            node.op_type,
-            _module(node),
-            node.outputs[0].name,
-            sqnr_db(energy[node.outputs[0].name].signal, energy[node.outputs[0].name].local),
-            sqnr_db(energy[node.outputs[0].name].signal, energy[node.outputs[0].name].cumulative),
-        )
+        _op_error(node, energy[node.outputs[0].name], output_signal if impact_batches else None)
         for node in matched
     ]
-    errors.sort(key=lambda error: error.local_sqnr_db)
+    errors.sort(key=lambda error: error.rank_key)
     output_sqnr = {name: sqnr_db(energy[name].signal, energy[name].cumulative) for name in outputs}
     return DebugReport(errors, output_sqnr, unmatched, count)
+
+
+def _op_error(node: ir.Node, energy: _Energy, output_signal: float | None) -> OpError:
+    return OpError(
+        node.name,
+        node.op_type,
+        _module(node),
+        node.outputs[0].name,
+        sqnr_db(energy.signal, energy.local),
+        sqnr_db(energy.signal, energy.cumulative),
+        None if output_signal is None else sqnr_db(output_signal, energy.alone),
+    )
 
 
 def quantized_ops(model: ir.Model) -> list[ir.Node]:
@@ -179,38 +219,58 @@ def _module(node: ir.Node) -> str | None:
 
 @dataclasses.dataclass
 class _Sessions:
-    """The float model, the compiled model, and the compiled model cut at its quantization
-    points, each with the watched values exposed."""
+    """The float model, the compiled model, the compiled model cut at its quantization
+    points, each with the watched values exposed, and the float model with an error input
+    added to each watched value (for the impact runs; None when not wanted)."""
 
-    float_run: object
-    quantized_run: object
-    local_run: object
+    float_run: ort.InferenceSession
+    quantized_run: ort.InferenceSession
+    local_run: ort.InferenceSession
+    injected_run: ort.InferenceSession | None
     watched: list[str]
     cut: list[str]
 
     @classmethod
     def of(
-        cls, float_model: ir.Model, quantized: ir.Model, watched: list[str], cut: list[str]
+        cls,
+        float_model: ir.Model,
+        quantized: ir.Model,
+        watched: list[str],
+        cut: list[str],
+        *,
+        impact: bool,
     ) -> _Sessions:
-        float_model = _copy(float_model)
-        expose_values(float_model, [*watched, *cut])
+        reference = _copy(float_model)
+        expose_values(reference, [*watched, *cut])
         exposed = _copy(quantized)
         expose_values(exposed, watched)
         local = _copy(quantized)
         _feed_values(local, cut)
         expose_values(local, watched)
+        injected = None
+        if impact:
+            injected = _copy(float_model)
+            _add_error_inputs(injected, watched)
         return cls(
-            session(float_model, optimize=True, threads=0),
-            session(exposed, optimize=True, threads=0),
-            session(local, optimize=True, threads=0),
+            _session(reference),
+            _session(exposed),
+            _session(local),
+            None if injected is None else _session(injected),
             watched,
             cut,
         )
 
     def accumulate(
-        self, feeds: Mapping[str, np.ndarray], energy: dict[str, _Energy], outputs: list[str]
-    ) -> None:
-        """Add one batch's sums to ``energy``."""
+        self,
+        feeds: Mapping[str, np.ndarray],
+        energy: dict[str, _Energy],
+        outputs: list[str],
+        *,
+        impact: bool,
+        progress: Callable[[int, int | None], None] | None,
+    ) -> float:
+        """Add one batch's sums to ``energy`` and, with ``impact``, each op's impact; the
+        outputs' signal energy of the impact runs (0 without)."""
         names = [*self.watched, *outputs]
         reference = _run(self.float_run, [*names, *self.cut], feeds)
         cumulative = _run(self.quantized_run, names, feeds)
@@ -218,10 +278,54 @@ class _Sessions:
         for name in names:
             y = reference[name].astype(np.float64)
             found = energy[name]
-            found.signal += float(np.sum(y * y))
+            found.signal += energy_of(y)
             found.cumulative += float(np.sum((y - cumulative[name]) ** 2))
             if name in local:
                 found.local += float(np.sum((y - local[name]) ** 2))
+        if not impact or self.injected_run is None:
+            return 0.0
+        for done, name in enumerate(self.watched, start=1):
+            error = {name + ERROR_SUFFIX: local[name] - reference[name]}
+            injected = _run(self.injected_run, outputs, {**feeds, **error})
+            energy[name].alone += sum(
+                float(np.sum((reference[out].astype(np.float64) - injected[out]) ** 2))
+                for out in outputs
+            )
+            if progress is not None:
+                progress(done, len(self.watched))
+        return sum(energy_of(reference[out]) for out in outputs)
+
+
+def energy_of(array: np.ndarray) -> float:
+    """``sum x^2``, in float64."""
+    values = array.astype(np.float64)
+    return float(np.sum(values * values))
+
+
+def _session(model: ir.Model) -> ort.InferenceSession:
+    return session(model, optimize=True, threads=0)
+
+
+def _add_error_inputs(model: ir.Model, names: Iterable[str]) -> None:
+    """Add to each value called ``names`` an input ``<name>.injected_error``, zero unless fed
+    (an initializer that is also a graph input), in place; the sum takes the value's name, so
+    graph outputs keep theirs."""
+    wanted = set(names)
+    for node in list(model.graph):
+        for value in node.outputs:
+            if value.name not in wanted:
+                continue
+            dtype = value.dtype or ir.DataType.FLOAT  # an export may carry no inferred types
+            error = ir.Value(name=value.name + ERROR_SUFFIX, type=ir.TensorType(dtype))
+            error.const_value = ir.tensor(np.zeros((), dtype.numpy()), name=error.name)
+            model.graph.register_initializer(error)
+            model.graph.inputs.append(error)
+            add = ir.Node("", "Add", [value, error], name=f"{value.name}{ERROR_SUFFIX}/Add")
+            add.outputs[0].name, value.name = value.name, f"{value.name}{ERROR_SUFFIX}/clean"
+            add.outputs[0].type, add.outputs[0].shape = value.type, value.shape
+            value.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+            add.replace_input_with(0, value)
+            model.graph.insert_after(node, add)
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -243,24 +347,29 @@ def _feed_values(model: ir.Model, names: Iterable[str]) -> None:
 
 
 def _run(sess, names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inputs = {value.name for value in sess.get_inputs()}
+    inputs = {value.name for value in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     results = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
     return dict(zip(names, results, strict=True))
 
 
 def write_exclusions(report: DebugReport, count: int, path: Path, note: str) -> list[OpError]:
-    """Write a recipe (TOML) keeping the ``count`` ops of lowest local SQNR in float; the ops.
+    """Write a recipe (TOML) keeping the first ``count`` ops of the ranking in float; the ops.
 
     ``note`` heads the file as a comment (what was compared, on which data).
     """
     chosen = report.ops[:count]
+    measure = (
+        "output SQNR with its error alone"
+        if chosen and chosen[0].output_sqnr_db is not None
+        else "local SQNR"
+    )
     lines = [f"# {line}" for line in note.splitlines()]
-    lines.append(f"# The {len(chosen)} quantized ops of lowest local SQNR, kept in float:")
+    lines.append(f"# The {len(chosen)} quantized ops of lowest {measure}, kept in float:")
     lines.append("exclude_node = [")
     for op in chosen:
         where = f", {op.module}" if op.module else ""
         pattern = json.dumps(re.escape(op.node))
-        lines.append(f"    {pattern},  # {op.op_type}{where}: {op.local_sqnr_db:.1f} dB local")
+        lines.append(f"    {pattern},  # {op.op_type}{where}: {op.rank_key:.1f} dB")
     lines.append("]")
     with replaced_file(path) as staging:
         staging.write_text("\n".join(lines) + "\n")

@@ -402,13 +402,16 @@ def debug_report(report: DebugReport, *, top: int | None) -> RenderableType:
     heading = f"{len(report.ops)} quantized ops over {report.batches} batches, worst first" + (
         f" (the {len(shown)} worst shown)" if len(shown) < len(report.ops) else ""
     )
-    table = _table("rank", "node", "op", "module", "local SQNR (dB)", "cumulative SQNR (dB)")
+    table = _table(
+        "rank", "node", "op", "module", "alone at output", "local", "cumulative", title="SQNR (dB)"
+    )
     for rank, op in enumerate(shown, start=1):
         table.add_row(
             str(rank),
             op.node,
             op.op_type,
             op.module or "-",
+            "-" if op.output_sqnr_db is None else f"{op.output_sqnr_db:.1f}",
             f"{op.local_sqnr_db:.1f}",
             f"{op.cumulative_sqnr_db:.1f}",
         )
@@ -417,8 +420,9 @@ def debug_report(report: DebugReport, *, top: int | None) -> RenderableType:
         outputs.add_row(name, f"{value:.1f}")
     parts: list[RenderableType] = [Text(heading, style="bold"), table, outputs]
     parts.append(
-        "local: the op fed the float model's own inputs (its own error alone); cumulative: "
-        "the quantized model as it runs (upstream error included)"
+        "alone at output: the model outputs of the float model with only this op's error added "
+        "(the ranking, when measured); local: the op's output, fed the float model's own "
+        "inputs; cumulative: the op's output as the quantized model runs"
     )
     if report.unmatched:
         parts.append(

@@ -66,28 +66,46 @@ def dequantized_weight(model, name: str) -> np.ndarray:
 def test_local_and_cumulative_sqnr_match_a_numpy_reference(chain):
     batches = data()
     model = compiled(chain, batches)
-    report = debug_accuracy(qgraph.load(chain), model, batches)
+    report = debug_accuracy(qgraph.load(chain), model, batches, impact_batches=len(batches))
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
-    h = np.maximum(x @ W1, 0)
+    a = x @ W1
+    h = np.maximum(a, 0)
+    y = h @ W2
     w1, w2 = dequantized_weight(model, "W1"), dequantized_weight(model, "W2")
     local_first = fake_quantized(model, "x", x) @ w1
     local_second = fake_quantized(model, "h", h) @ w2
     cumulative_second = fake_quantized(model, "h", np.maximum(local_first, 0)) @ w2
+    alone_first = np.maximum(local_first, 0) @ W2  # a + (local_first - a), then float
     expected = {
-        "first": (sqnr_db(np.sum((x @ W1) ** 2), np.sum((x @ W1 - local_first) ** 2)),) * 2,
+        "first": (
+            sqnr_db(np.sum(a**2), np.sum((a - local_first) ** 2)),
+            sqnr_db(np.sum(a**2), np.sum((a - local_first) ** 2)),
+            sqnr_db(np.sum(y**2), np.sum((y - alone_first) ** 2)),
+        ),
         "second": (
-            sqnr_db(np.sum((h @ W2) ** 2), np.sum((h @ W2 - local_second) ** 2)),
-            sqnr_db(np.sum((h @ W2) ** 2), np.sum((h @ W2 - cumulative_second) ** 2)),
+            sqnr_db(np.sum(y**2), np.sum((y - local_second) ** 2)),
+            sqnr_db(np.sum(y**2), np.sum((y - cumulative_second) ** 2)),
+            sqnr_db(np.sum(y**2), np.sum((y - local_second) ** 2)),
         ),
     }
-    found = {op.node: (op.local_sqnr_db, op.cumulative_sqnr_db) for op in report.ops}
+    found = {
+        op.node: (op.local_sqnr_db, op.cumulative_sqnr_db, op.output_sqnr_db) for op in report.ops
+    }
     assert found.keys() == expected.keys()
-    for node, (local, cumulative) in expected.items():
+    for node, figures in expected.items():
         # float32 runs against float64 sums: 1e-3 dB is a 0.02% relative error in the noise
-        assert found[node] == pytest.approx((local, cumulative), abs=1e-3), node
+        assert found[node] == pytest.approx(figures, abs=1e-3), node
     assert found["second"][1] < found["second"][0], "upstream error only adds"
     assert report.outputs["y"] == pytest.approx(found["second"][1], abs=1e-3)
-    assert [op.local_sqnr_db for op in report.ops] == sorted(op.local_sqnr_db for op in report.ops)
+    ranked = [op.output_sqnr_db for op in report.ops]
+    assert ranked == sorted(ranked), "worst impact at the output first"
+
+
+def test_without_impact_runs_the_local_sqnr_ranks(chain):
+    batches = data()
+    report = debug_accuracy(qgraph.load(chain), compiled(chain, batches), batches, impact_batches=0)
+    assert all(op.output_sqnr_db is None for op in report.ops)
+    assert [op.rank_key for op in report.ops] == sorted(op.local_sqnr_db for op in report.ops)
 
 
 def test_the_worst_op_is_ranked_first_and_its_exclusion_recompiles_in_float(chain, tmp_path):
