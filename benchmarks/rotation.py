@@ -10,7 +10,8 @@ median of ``--runs`` interleaved runs, one intra-op thread):
   ``auto``, with ``--rotate``, and with both (SmoothQuant runs first);
 - ``W4A8``: 4-bit weights per block of 32, 8-bit activations, without and with rotation (and
   SmoothQuant);
-- ``W4 weight-only``: 4-bit weights per block of 32, float activations, without and with it.
+- ``W4 weight-only``: 4-bit weights per block of 32, float activations, without and with it;
+- ``+ GPTQ``: the 4-bit variants with GPTQ weight rounding (``--weight-rounding gptq``).
 """
 
 from __future__ import annotations
