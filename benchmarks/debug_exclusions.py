@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["smollm2"])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--keep", type=int, default=5)
     parser.add_argument("--impact-batches", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("debug_exclusions.md"))
