@@ -28,7 +28,6 @@ The float model's outputs are compared with the quantized model's the same way (
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import json
@@ -43,12 +42,10 @@ import onnxruntime as ort
 from qgraph.atomic import replaced_file
 from qgraph.data import DataSource, read_batches
 from qgraph.errors import QGraphError
-from qgraph.inspection import QDQ_OPS, reads_dequantized
+from qgraph.inspection import QDQ_OPS, reads_dequantized, torch_name_scopes
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-"""Node metadata of torch's dynamo exporter: the module path a node came from."""
 CUT_SUFFIX = ".quantized_path"
 """The suffix a cut value's compiled-model copy takes (the graph input keeps the name)."""
 ERROR_SUFFIX = ".injected_error"
@@ -205,15 +202,8 @@ def _computed_names(model: ir.Model) -> set[str]:
 
 
 def _module(node: ir.Node) -> str | None:
-    """The torch module path a node came from, where the exporter recorded it."""
-    scopes = node.metadata_props.get(NAME_SCOPES_KEY)
-    if not scopes:
-        return None
-    try:
-        parts = ast.literal_eval(scopes)
-    except (ValueError, SyntaxError):
-        return None
-    named = [part for part in parts[:-1] if part]
+    """The torch module a node came from, where the exporter recorded it."""
+    named = [part for part in torch_name_scopes(node)[:-1] if part]
     return named[-1] if named else None
 
 
@@ -284,16 +274,14 @@ class _Sessions:
                 found.local += float(np.sum((y - local[name]) ** 2))
         if not impact or self.injected_run is None:
             return 0.0
+        clean = {out: reference[out].astype(np.float64) for out in outputs}
         for done, name in enumerate(self.watched, start=1):
             error = {name + ERROR_SUFFIX: local[name] - reference[name]}
             injected = _run(self.injected_run, outputs, {**feeds, **error})
-            energy[name].alone += sum(
-                float(np.sum((reference[out].astype(np.float64) - injected[out]) ** 2))
-                for out in outputs
-            )
+            energy[name].alone += sum(energy_of(clean[out] - injected[out]) for out in outputs)
             if progress is not None:
                 progress(done, len(self.watched))
-        return sum(energy_of(reference[out]) for out in outputs)
+        return sum(energy_of(clean[out]) for out in outputs)
 
 
 def energy_of(array: np.ndarray) -> float:

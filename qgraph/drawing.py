@@ -21,7 +21,6 @@ which keeps a transformer's block readable top to bottom.
 
 from __future__ import annotations
 
-import ast
 import collections
 import dataclasses
 import difflib
@@ -37,14 +36,13 @@ import onnx_ir as ir
 from qgraph.atomic import replaced_file
 from qgraph.errors import QGraphError
 from qgraph.graph_view import GraphPort, to_networkx
-from qgraph.inspection import QDQ_OPS, is_quantized_op, op_key
+from qgraph.inspection import QDQ_OPS, is_quantized_op, op_key, torch_name_scopes
 from qgraph.pipeline import PROVENANCE_KEY
 
 FORMATS = ("html", "svg", "dot")
 COLLAPSE_ABOVE = 400
 """Ops above which repeated blocks are collapsed (unless ``around`` selects a region)."""
 BOX_WIDTH, BOX_HEIGHT, GAP_X, GAP_Y = 170, 38, 24, 34
-SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BLOCK_PATTERN = re.compile(r"^(/?(?:[^/]+/)*?[^/]*\.\d+)/")
 """A numbered module in a node's path: ``/model/layers.7/mlp/MatMul`` -> ``/model/layers.7``."""
 STYLE = {
@@ -121,9 +119,16 @@ def layout(
     boxes: dict[str, Box] = {}
     owner: dict[object, str] = {}
     for item in view:
-        box = _block_box(groups[item], view) if item in groups else _box(item, model)
-        boxes.setdefault(box.key, box)
-        owner[item] = box.key
+        if item in groups:
+            block, members = groups[item]
+            key = f"block:{block}"
+            if key not in boxes:
+                boxes[key] = _block_box(key, block, members)
+        else:
+            box = _box(item)
+            key = box.key
+            boxes[key] = box
+        owner[item] = key
     edges = {
         (owner[a], owner[b], data["name"])
         for a, b, data in view.edges(data=True)
@@ -149,15 +154,9 @@ def _region(view: nx.MultiDiGraph, names: tuple[str, ...], radius: int) -> set[o
 
 def block_of(node: ir.Node) -> str | None:
     """The numbered module ``node`` belongs to (``/model/layers.7``), or None."""
-    scopes = node.metadata_props.get(SCOPES_KEY)
-    if scopes:
-        try:
-            named = [part for part in ast.literal_eval(scopes) if part]
-        except (ValueError, SyntaxError):
-            named = []
-        for part in named:
-            if re.search(r"\.\d+$", part):
-                return part
+    for part in torch_name_scopes(node):
+        if re.search(r"\.\d+$", part):
+            return part
     found = BLOCK_PATTERN.match(node.name or "")
     return found.group(1) if found else None
 
@@ -189,18 +188,17 @@ def _collapsed_blocks(ops: list[ir.Node]) -> dict[ir.Node, tuple[str, list[ir.No
     }
 
 
-def _block_box(group: tuple[str, list[ir.Node]], view: nx.MultiDiGraph) -> Box:
-    block, nodes = group
+def _block_box(key: str, block: str, nodes: list[ir.Node]) -> Box:
     quantized = sum(is_quantized_op(node) for node in nodes)
     return Box(
-        f"block:{block}",
+        key,
         f"{block} ({len(nodes)} ops)",
         "block",
         {"block": block, "ops": str(len(nodes)), "quantized ops": str(quantized)},
     )
 
 
-def _box(item: object, model: ir.Model) -> Box:
+def _box(item: object) -> Box:
     if isinstance(item, GraphPort):
         return Box(f"{item.kind}:{item.name}", item.name, "port", {item.kind: item.name})
     node: ir.Node = item

@@ -6,6 +6,7 @@ external data costs no more than reading its graph.
 
 from __future__ import annotations
 
+import ast
 import collections
 import dataclasses
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ QOPERATOR_OPS = frozenset(
 """Integer operators besides the ``QLinear*`` family."""
 
 ONNX_DOMAINS = frozenset({"", "ai.onnx"})
+TORCH_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+"""Node metadata of torch's dynamo exporter: the module path a node came from."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +135,19 @@ def reads_dequantized(node: ir.Node) -> bool:
         and producer.op_type == "DequantizeLinear"
         for value in node.inputs
     )
+
+
+def torch_name_scopes(node: ir.Node) -> list[str]:
+    """The module path torch's exporter recorded for ``node`` (``['', 'model', 'model.layers.0',
+    ..., 'linear']``, the op last), or [] where there is none."""
+    scopes = node.metadata_props.get(TORCH_SCOPES_KEY)
+    if not scopes:
+        return []
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(part) for part in parts] if isinstance(parts, list) else []
 
 
 def _tensor_info(value: ir.Value) -> TensorInfo:

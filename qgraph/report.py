@@ -249,11 +249,11 @@ def smoothquant_table(report) -> Table:
     return table
 
 
-def _float_reasons_table(reasons: dict[str, tuple[str, str]]) -> Table:
+def _float_reasons_table(reasons: dict[str, tuple[str, str]], title: str | None = None) -> Table:
     groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     for node, (op, reason) in reasons.items():
         groups[(op, reason)].append(node)
-    table = _table("op", "count", "why left in float", "e.g.")
+    table = _table("op", "count", "why left in float", "e.g.", title=title)
     for (op, reason), nodes in sorted(groups.items(), key=lambda item: -len(item[1])):
         table.add_row(op, str(len(nodes)), reason, ", ".join(nodes[:MAX_EXAMPLES]))
     return table
@@ -293,13 +293,8 @@ def _left_in_float_table(records: list[PassRecord]) -> Table | None:
     annotated, inserted = by_name.get("annotate"), by_name.get("insert-qdq")
     if annotated is None:
         return None
-    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
     reasons = {**annotated.float_reasons, **(inserted.float_reasons if inserted else {})}
-    for node, (op, reason) in reasons.items():
-        groups[(op, reason)].append(node)
-    table = _table("op", "count", "why left in float", "e.g.", title="ops left in float")
-    for (op, reason), nodes in sorted(groups.items(), key=lambda item: -len(item[1])):
-        table.add_row(op, str(len(nodes)), reason, ", ".join(nodes[:MAX_EXAMPLES]))
+    table = _float_reasons_table(reasons, title="ops left in float")
     for (op, reason), count in annotated.unquantized.most_common():
         table.add_row(op, str(count), reason, "")
     return table
