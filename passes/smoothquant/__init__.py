@@ -90,6 +90,23 @@ class SmoothQuantReport:
         return sum(tensor.folded for tensor in self.smoothed)
 
 
+class _BatchTolerantStatistics(ChannelStatistics):
+    """``ChannelStatistics`` whose ranges a batch holding no values for them leaves as they were.
+
+    The sample takes the odd units and the fitted range the even ones, counted over all
+    batches, so a batch of one unit at an odd position adds none to the fitted range; widening
+    it over no units would take the minimum of an empty array.
+    """
+
+    @staticmethod
+    def _widened(
+        x: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, axis: int
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if x.size == 0:
+            return low, high
+        return ChannelStatistics._widened(x, low, high, axis)
+
+
 @dataclasses.dataclass
 class _Candidate:
     """An activation that a quantized reader reads, with its readers sorted out."""
@@ -185,11 +202,22 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         layout = READER_LAYOUTS[candidate.quantized[0][0].op_type]
         unit_rank = layout.unit_rank(rank)
         size = (SAMPLE_ROWS if unit_rank == 1 else SAMPLE_IMAGES) if self.searching else 0
-        return ChannelStatistics(candidate.channels.axis, unit_rank, size)
+        return _BatchTolerantStatistics(candidate.channels.axis, unit_rank, size)
 
-    def _smooth(self, candidate: _Candidate, stats: ChannelStatistics) -> SmoothedTensor | str:
+    def _statistics_problem(self, stats: ChannelStatistics) -> str | None:
+        """Why ``stats`` cannot give the tensor a scale (None if they can)."""
+        if stats.minimum is None:
+            return "the calibration data holds none of its values"
         if not np.all(np.isfinite(stats.absmax)):
             return "its calibrated range is not finite"
+        if self.searching and len(stats.sample) == 0:
+            return "the calibration data holds a single row or image, too few to search alpha on"
+        return None
+
+    def _smooth(self, candidate: _Candidate, stats: ChannelStatistics) -> SmoothedTensor | str:
+        problem = self._statistics_problem(stats)
+        if problem is not None:
+            return problem
         w_max = np.max([channel_maxima(node) for node, _ in candidate.quantized], axis=0)
         alpha, sqnr = self.options.smoothquant, None
         if self.searching:

@@ -75,24 +75,24 @@ def op_counts(model: ir.Model) -> collections.Counter:
     return collections.Counter(node.op_type for node in model.graph)
 
 
-def layer_norm_block(make_model, residual: bool = False):
+def layer_norm_block(make_model, residual: bool = False, rows: int = ROWS):
     """LayerNorm(x) -> MatMul(Wq), MatMul(Wk) [+ the normed value added back]."""
     nodes = [
         helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln"),
         helper.make_node("MatMul", ["n", "Wq"], ["q"], name="q_proj"),
         helper.make_node("MatMul", ["n", "Wk"], ["k"], name="k_proj"),
     ]
-    outputs = {"q": [ROWS, N], "k": [ROWS, N]}
+    outputs = {"q": [rows, N], "k": [rows, N]}
     if residual:
         nodes.append(helper.make_node("Relu", ["n"], ["r"], name="skip"))
-        outputs["r"] = [ROWS, K]
+        outputs["r"] = [rows, K]
     initializers = {
         "gamma": np.linspace(0.5, 2.0, K, dtype=np.float32),
         "beta": np.linspace(-0.3, 0.3, K, dtype=np.float32),
         "Wq": weight(K, N),
         "Wk": weight(K, N),
     }
-    return make_model(nodes, {"x": [ROWS, K]}, outputs, initializers)
+    return make_model(nodes, {"x": [rows, K]}, outputs, initializers)
 
 
 def test_a_norm_takes_the_division_and_the_readers_take_the_scale(make_model):
@@ -260,6 +260,34 @@ def test_the_search_expects_outlier_channels_to_gain(make_model):
     _, report = smooth(model, outlier_batches(), smoothquant="auto")
     before, after = report.smoothed[0].sqnr_db
     assert after > before + 6
+
+
+def one_row_batches(count: int) -> list[dict]:
+    return [{"x": batch["x"][:1]} for batch in outlier_batches(count)]
+
+
+def test_the_search_takes_batches_of_one_row(make_model):
+    """A one-row batch whose row goes to the sample adds nothing to the fitted range (magika
+    calibrated on one-input batches crashed on it)."""
+    model = float_compiled(layer_norm_block(make_model, rows=1))
+    batches = one_row_batches(4)
+    smoothed, report = smooth(model, batches, smoothquant="auto")
+    assert [tensor.name for tensor in report.smoothed] == ["n"], report
+    assert_same_function(model, smoothed, batches)
+
+
+def test_one_row_in_all_is_too_few_to_search_alpha_on(make_model):
+    model = float_compiled(layer_norm_block(make_model, rows=1))
+    _, report = smooth(model, one_row_batches(1), smoothquant="auto")
+    assert "too few to search alpha on" in report.skipped["n"], report
+
+
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_a_tensor_no_batch_holds_values_of_is_left_with_the_reason(make_model, alpha):
+    model = float_compiled(layer_norm_block(make_model, rows=0))
+    batches = [{"x": np.zeros((0, K), np.float32)}] * 2
+    _, report = smooth(model, batches, smoothquant=alpha)
+    assert report.skipped == {"n": "the calibration data holds none of its values"}
 
 
 def test_errors_name_the_problem(make_model):
