@@ -183,6 +183,10 @@ class ChannelStatistics:
 
     @staticmethod
     def _widened(x: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, axis: int):
+        """``[low, high]`` widened to hold ``x`` per channel; as it was if ``x`` is empty (a
+        batch of one unit at an odd position gives the fitted range none)."""
+        if x.size == 0:
+            return low, high
         others = tuple(d for d in range(x.ndim) if d != axis % x.ndim)
         x_low, x_high = x.min(axis=others), x.max(axis=others)
         if low is None:

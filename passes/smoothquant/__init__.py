@@ -90,23 +90,6 @@ class SmoothQuantReport:
         return sum(tensor.folded for tensor in self.smoothed)
 
 
-class _BatchTolerantStatistics(ChannelStatistics):
-    """``ChannelStatistics`` whose ranges a batch holding no values for them leaves as they were.
-
-    The sample takes the odd units and the fitted range the even ones, counted over all
-    batches, so a batch of one unit at an odd position adds none to the fitted range; widening
-    it over no units would take the minimum of an empty array.
-    """
-
-    @staticmethod
-    def _widened(
-        x: np.ndarray, low: np.ndarray | None, high: np.ndarray | None, axis: int
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if x.size == 0:
-            return low, high
-        return ChannelStatistics._widened(x, low, high, axis)
-
-
 @dataclasses.dataclass
 class _Candidate:
     """An activation that a quantized reader reads, with its readers sorted out."""
@@ -202,7 +185,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         layout = READER_LAYOUTS[candidate.quantized[0][0].op_type]
         unit_rank = layout.unit_rank(rank)
         size = (SAMPLE_ROWS if unit_rank == 1 else SAMPLE_IMAGES) if self.searching else 0
-        return _BatchTolerantStatistics(candidate.channels.axis, unit_rank, size)
+        return ChannelStatistics(candidate.channels.axis, unit_rank, size)
 
     def _statistics_problem(self, stats: ChannelStatistics) -> str | None:
         """Why ``stats`` cannot give the tensor a scale (None if they can)."""

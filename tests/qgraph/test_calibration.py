@@ -377,3 +377,14 @@ def test_the_sample_is_a_seeded_uniform_draw_of_images():
     np.testing.assert_array_equal(first.sample, second.sample)
     assert first.sample.shape == (5, 2, 3, 3)
     np.testing.assert_array_equal(first.fitted_minimum, images[0::2].min(axis=(0, 2, 3)))
+
+
+def test_channel_statistics_take_batches_that_give_the_fitted_range_no_unit():
+    """Odd units go to the sample, even ones to the fitted range, counted over all batches: a
+    one-row batch at an odd position leaves the fitted range as it was."""
+    stats = ChannelStatistics(axis=-1, unit_rank=1, sample_size=4)
+    stats.update(np.array([[1.0, -2.0]]))
+    stats.update(np.array([[5.0, 7.0]]))
+    np.testing.assert_array_equal(stats.fitted_maximum, [1.0, -2.0])
+    np.testing.assert_array_equal(stats.maximum, [5.0, 7.0])
+    np.testing.assert_array_equal(stats.sample, [[5.0, 7.0]])
