@@ -3,8 +3,10 @@
 The target says which op types it runs faster in integer arithmetic (``quantizable_ops``) and
 in which types; the user's options say the mode and what to keep in float. For each candidate
 op the pass records a ``NodeAnnotation`` in ``node.meta`` (read by the insert-qdq pass), or the
-reason it stays in float. Only the data inputs of weighted ops are ever quantized, so shape and
-index computations, masks and everything the target runs in float are left exact.
+reason it stays in float. Only the data inputs of weighted ops are ever quantized (and, where
+the runtime fuses an op into an integer kernel only behind a ``QuantizeLinear``, its output:
+``TargetSpec.output_quantized_ops``), so shape and index computations, masks and everything
+the target runs in float are left exact.
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
 kW]`` on axis 0, ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with
@@ -36,6 +38,7 @@ from qgraph.traversal import weighted_producer
 
 ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
+EMBEDDING_KEY = "qgraph.quantize_embedding"
 FLOAT_REASON_KEY = "qgraph.float_reason"
 KEEP_FLOAT_KEY = "qgraph.keep_float"
 """Node metadata a float rewrite sets on nodes it adds that must stay in float (an online
@@ -85,6 +88,15 @@ class NodeAnnotation:
     weight: int
     weight_spec: QuantSpec
     bias: int | None
+    output_spec: QuantSpec | None = None
+    """Set where the runtime fuses the op only with a Q on its output (static mode)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingAnnotation:
+    """A ``Gather`` of rows from a constant table, and the table's per-row spec."""
+
+    spec: QuantSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +115,7 @@ class AnnotationReport:
     float_reasons: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Node name -> (op type, reason)."""
     residual_inputs: int = 0
+    embeddings: int = 0
     unquantized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """(op, reason) -> how many of the other ops stay in float, which the target never
     quantizes."""
@@ -119,6 +132,8 @@ class AnnotatePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ReportingPassResult:
         report = AnnotationReport()
         for node in model.graph:
+            if self._annotate_embedding(node, report):
+                continue
             decision = self.decide(node)
             if decision is None:
                 report.unquantized[(op_key(node), self._never_quantized)] += 1
@@ -133,6 +148,26 @@ class AnnotatePass(ir.passes.InPlacePass):
             report.residual_inputs = self._annotate_residuals(model)
         return ReportingPassResult(model, modified=False, details=report)
 
+    def _annotate_embedding(self, node: ir.Node, report: AnnotationReport) -> bool:
+        """Mark a ``Gather`` from an embedding table the target stores in integers; whether
+        ``node`` is such a Gather (quantized, or kept float with a reason)."""
+        if not self.target.quantized_embeddings or embedding_table(node) is None:
+            return False
+        reason = self.options.excluded(node)
+        if reason:
+            node.meta[FLOAT_REASON_KEY] = reason
+            report.float_reasons[node.name or "?"] = (node.op_type, reason)
+            return True
+        spec = QuantSpec(
+            dtype=self.target.weight_dtype,
+            symmetric=self.target.weight_symmetric,
+            bits=self.target.weight_bits,
+            axis=0,
+        )
+        node.meta[EMBEDDING_KEY] = EmbeddingAnnotation(spec)
+        report.embeddings += 1
+        return True
+
     def _annotate_residuals(self, model: ir.Model) -> int:
         """Mark the skip input of every residual ``Add`` after an annotated op; how many."""
         count = 0
@@ -146,14 +181,21 @@ class AnnotatePass(ir.passes.InPlacePass):
         return count
 
     @property
+    def _quantizable_ops(self) -> frozenset[str]:
+        if self.options.mode is Mode.DYNAMIC:
+            return self.target.dynamic_quantizable_ops
+        return self.target.quantizable_ops
+
+    @property
     def _never_quantized(self) -> str:
-        ops = ", ".join(sorted(self.target.quantizable_ops))
-        return f"target {self.target.name} quantizes only {ops}"
+        ops = ", ".join(sorted(self._quantizable_ops))
+        dynamic = " in dynamic mode" if self.options.mode is Mode.DYNAMIC else ""
+        return f"target {self.target.name} quantizes only {ops}{dynamic}"
 
     def decide(self, node: ir.Node) -> NodeAnnotation | str | None:
         """What of ``node`` to quantize, the reason it stays in float, or None for a node the
         target never quantizes. Reads the graph only (SmoothQuant asks before annotating)."""
-        if node.op_type not in self.target.quantizable_ops or node.domain != "":
+        if node.op_type not in self._quantizable_ops or node.domain != "":
             return None
         layout = WEIGHTED_OPS.get(node.op_type)
         if layout is None:
@@ -165,19 +207,30 @@ class AnnotatePass(ir.passes.InPlacePass):
         weight = _input(node, layout.weight)
         if activation is None or weight is None:
             return "an input is missing"
-        if weight.const_value is None or not weight.is_initializer():
+        table = transposed_table(weight) if node.op_type == "MatMul" else None
+        constant = weight if table is None else table
+        if constant.const_value is None or not constant.is_initializer():
             return "its weight is not a constant (both inputs are computed at run time)"
-        if weight.const_value.dtype != ir.DataType.FLOAT:
+        if constant.const_value.dtype != ir.DataType.FLOAT:
             return "its weight is not float32"  # the activation has its type (ONNX typing)
-        if layout.weight_rank is not None and len(weight.const_value.shape) != layout.weight_rank:
-            return f"its weight has rank {len(weight.const_value.shape)}, not {layout.weight_rank}"
+        if layout.weight_rank is not None and len(constant.const_value.shape) != layout.weight_rank:
+            return f"its weight has rank {len(constant.const_value.shape)}, not {layout.weight_rank}"
         return NodeAnnotation(
             activation=None if self.options.mode is Mode.WEIGHT_ONLY else layout.activation,
             activation_spec=self._activation_spec(activation),
             weight=layout.weight,
             weight_spec=self._weight_spec(node, layout),
             bias=self._bias(node, layout),
+            output_spec=self._output_spec(node),
         )
+
+    def _output_spec(self, node: ir.Node) -> QuantSpec | None:
+        """The spec of the op's output where the target fuses the op only behind a Q."""
+        if node.op_type not in self.target.output_quantized_ops:
+            return None
+        if self.options.mode is not Mode.STATIC or node.outputs[0].is_graph_output():
+            return None
+        return self._activation_spec(node.outputs[0])
 
     def _activation_spec(self, value: ir.Value) -> QuantSpec | None:
         if self.options.mode is Mode.WEIGHT_ONLY:
@@ -228,6 +281,31 @@ class AnnotatePass(ir.passes.InPlacePass):
         if bias is None or bias.const_value is None or not _is_row(bias.const_value.shape):
             return None
         return layout.bias if bias.dtype == ir.DataType.FLOAT else None
+
+
+def embedding_table(node: ir.Node) -> ir.Value | None:
+    """The table of a ``Gather`` of rows from a constant float ``[V, H]`` initializer."""
+    if node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0):
+        return None
+    table = node.inputs[0]
+    if table is None or not table.is_initializer() or table.const_value is None:
+        return None
+    if table.const_value.dtype != ir.DataType.FLOAT or len(table.const_value.shape) != 2:
+        return None
+    return table
+
+
+def transposed_table(weight: ir.Value) -> ir.Value | None:
+    """The 2-D float initializer ``E`` of a weight computed as ``Transpose(E)`` (a tied output
+    projection reading an embedding table), or None."""
+    producer = weight.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain != "":
+        return None
+    source = producer.inputs[0]
+    perm = producer.attributes.get_ints("perm", [1, 0])
+    if list(perm) != [1, 0] or not source.is_initializer() or source.const_value is None:
+        return None
+    return source if len(source.const_value.shape) == 2 else None
 
 
 def _is_row(shape: ir.Shape) -> bool:

@@ -47,11 +47,13 @@ from qgraph.errors import QGraphError
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
     ANNOTATION_KEY,
+    EMBEDDING_KEY,
     FLOAT_REASON_KEY,
     RESIDUAL_KEY,
     WEIGHTED_OPS,
     NodeAnnotation,
     ResidualAnnotation,
+    transposed_table,
 )
 from qgraph.passes.gptq import InputGram, gptq_quantize
 from qgraph.pipeline import Phase, ReportingPassResult
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 
 MICROSOFT_DOMAIN = "com.microsoft"
+FLOAT_SOURCE_KEY = "qgraph.float_source"
+"""In-memory ``node.meta`` of a constant's DequantizeLinear: the float initializer it replaced,
+so a later pass can put it back (``passes/runtime_check.py``)."""
 
 
 class CalibrationMissingError(QGraphError):
@@ -94,6 +99,8 @@ class QDQReport:
     """Activations whose readers stayed in float instead, with that SQNR (dB)."""
     gptq_weights: int = 0
     """Weights rounded by GPTQ (the others: to nearest)."""
+    embeddings: int = 0
+    """Gathers reading an integer embedding table."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +131,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
         residuals = [node for node in graph if RESIDUAL_KEY in node.meta]
+        embeddings = any(EMBEDDING_KEY in node.meta for node in graph)
         report = QDQReport()
         specs = _activation_specs(annotated, residuals)
         rounded_by_gptq = self._gptq_inputs(annotated)
@@ -132,10 +140,25 @@ class InsertQDQPass(ir.passes.InPlacePass):
         builder = _QDQBuilder(
             model, self.target.qdq_per_consumer, _weight_grams(annotated, rounded_by_gptq, grams)
         )
+        outputs_to_quantize = [
+            (node, node.meta[ANNOTATION_KEY].output_spec)
+            for node in annotated
+            if node.meta[ANNOTATION_KEY].output_spec is not None and self.options.mode is Mode.STATIC
+        ]
         for node in annotated:
             reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
             if reason is None:
                 report.quantized[node.op_type] += 1
+            else:
+                node.meta[FLOAT_REASON_KEY] = reason
+                report.float_reasons[node.name] = (node.op_type, reason)
+        for node, spec in outputs_to_quantize:
+            if node.name not in report.float_reasons:
+                builder.output_activation(node, ranges[node.outputs[0].name])
+        for node in [n for n in graph if EMBEDDING_KEY in n.meta]:
+            reason = builder.embedding(node, node.meta.pop(EMBEDDING_KEY).spec)
+            if reason is None:
+                report.embeddings += 1
             else:
                 node.meta[FLOAT_REASON_KEY] = reason
                 report.float_reasons[node.name] = (node.op_type, reason)
@@ -149,7 +172,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         report.activation_pairs = builder.activation_pairs
         report.weights = len(builder.weights)
         report.gptq_weights = builder.gptq_weights
-        return ReportingPassResult(model, modified=bool(annotated or residuals), details=report)
+        modified = bool(annotated or residuals or embeddings)
+        return ReportingPassResult(model, modified=modified, details=report)
 
     def _quantize(
         self,
@@ -161,6 +185,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         """Quantize one annotated node; the reason it stays in float, if it does."""
         index = annotation.activation
         found = None
+        if annotation.output_spec is not None and self.options.mode is Mode.STATIC:
+            output = ranges[node.outputs[0].name]
+            if isinstance(output, str):
+                return f"{output}, and the runtime fuses {node.op_type} only behind a Q"
         if index is not None and self.options.mode is Mode.STATIC:
             found = ranges[node.inputs[index].name]
             if isinstance(found, str):
@@ -299,11 +327,34 @@ def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dic
         if annotation.activation is not None:
             name = node.inputs[annotation.activation].name
             specs[name] = _wider(specs.get(name), annotation.activation_spec)
+        if annotation.output_spec is not None:
+            name = node.outputs[0].name
+            specs[name] = _wider(specs.get(name), annotation.output_spec)
     for node in residuals:
         residual: ResidualAnnotation = node.meta[RESIDUAL_KEY]
         name = node.inputs[residual.skip].name
         specs[name] = _wider(specs.get(name), residual.spec)
     return specs
+
+
+def _is_quantize(node: ir.Node) -> bool:
+    return node.op_type == "QuantizeLinear"
+
+
+def _feeds_quantize_alone(value: ir.Value) -> bool:
+    """``value``'s only reader is a Q, or a Relu whose only reader is a Q."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return False
+    reader = uses[0].node
+    if reader.op_type == "Relu":
+        return _is_quantize_alone(reader.outputs[0])
+    return _is_quantize(reader)
+
+
+def _is_quantize_alone(value: ir.Value) -> bool:
+    uses = list(value.uses())
+    return len(uses) == 1 and _is_quantize(uses[0].node) and not value.is_graph_output()
 
 
 def _gptq_input(node: ir.Node) -> str | None:
@@ -349,6 +400,7 @@ class _QDQBuilder:
         self.grams = grams
         self.gptq_weights = 0
         self.activations: dict[str, ir.Value] = {}
+        self.tables: dict[str, tuple[ir.Value, QuantizedTensor]] = {}
         self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
         self.activation_pairs = 0
         self.biases = 0
@@ -358,23 +410,43 @@ class _QDQBuilder:
         key = f"{value.name}/{node.name}" if self.per_consumer else value.name
         if key not in self.activations:
             suffix = f"_{node.name}" if self.per_consumer else ""
-            scale = self._constant(f"{value.name}{suffix}_scale", found.scale)
-            zero_point = self._constant(f"{value.name}{suffix}_zero_point", found.zero_point)
-            domain = self._qdq_domain(found.spec)
-            quantize = ir.Node(
-                domain, "QuantizeLinear", [value, scale, zero_point], name=f"{value.name}{suffix}_Q"
-            )
-            dequantize = ir.Node(
-                domain,
-                "DequantizeLinear",
-                [quantize.outputs[0], scale, zero_point],
-                name=f"{value.name}{suffix}_DQ",
-            )
-            self._name_outputs(quantize, dequantize, value, found.spec.dtype, suffix)
-            self._insert_after(value, [quantize, dequantize])
-            self.activations[key] = dequantize.outputs[0]
-            self.activation_pairs += 1
+            self.activations[key] = self._activation_pair(value, found, suffix)
         node.replace_input_with(index, self.activations[key])
+
+    def _activation_pair(
+        self, value: ir.Value, found: ActivationQuantization, suffix: str
+    ) -> ir.Value:
+        """Insert ``DQ(Q(value))`` after ``value``'s producer; the dequantized value."""
+        scale = self._constant(f"{value.name}{suffix}_scale", found.scale)
+        zero_point = self._constant(f"{value.name}{suffix}_zero_point", found.zero_point)
+        domain = self._qdq_domain(found.spec)
+        quantize = ir.Node(
+            domain, "QuantizeLinear", [value, scale, zero_point], name=f"{value.name}{suffix}_Q"
+        )
+        dequantize = ir.Node(
+            domain,
+            "DequantizeLinear",
+            [quantize.outputs[0], scale, zero_point],
+            name=f"{value.name}{suffix}_DQ",
+        )
+        self._name_outputs(quantize, dequantize, value, found.spec.dtype, suffix)
+        self._insert_after(value, [quantize, dequantize])
+        self.activation_pairs += 1
+        return dequantize.outputs[0]
+
+    def output_activation(self, node: ir.Node, found: ActivationQuantization) -> None:
+        """Make a ``QuantizeLinear`` the only reader of ``node``'s output, unless a Q already
+        reads it alone, or through a Relu whose only reader is a Q (onnxruntime folds that
+        Relu into the Q): every other reader reads the dequantized output instead."""
+        value = node.outputs[0]
+        if _feeds_quantize_alone(value):
+            return
+        readers = [(user, index) for user, index in value.uses() if not _is_quantize(user)]
+        key = value.name if not self.per_consumer else f"{value.name}/"
+        if key not in self.activations:
+            self.activations[key] = self._activation_pair(value, found, "_output")
+        for user, index in readers:
+            user.replace_input_with(index, self.activations[key])
 
     def _qdq_domain(self, spec: QuantSpec) -> str:
         """The default domain where its opset carries ``spec``, else onnxruntime's
@@ -408,15 +480,93 @@ class _QDQBuilder:
     def weight(self, node: ir.Node, index: int, spec: QuantSpec) -> np.ndarray:
         """Replace the weight input with DQ(quantized weight); return the weight's scale."""
         value = node.inputs[index]
+        table = transposed_table(value)
+        if table is not None:
+            return self._tied_weight(node, index, table, spec)
         key = (value.name, spec)
         if key not in self.weights:
             quantized = self._quantized_weight(node, value, spec)
             name = self._unused(value.name, "_quantized")
             output = self._dequantized_constant(name, quantized, spec, node)
+            output.producer().meta[FLOAT_SOURCE_KEY] = value
             self.weights[key] = (output, quantized.scale)
         output, scale = self.weights[key]
         node.replace_input_with(index, output)
         return scale
+
+    def _tied_weight(
+        self, node: ir.Node, index: int, table: ir.Value, spec: QuantSpec
+    ) -> np.ndarray:
+        """A MatMul weight ``Transpose(E)`` of a table ``E`` an embedding may share: ``E`` is
+        quantized per row (the MatMul's output channels), read as ``DQ(Transpose(E_q))``, which
+        onnxruntime folds into a constant it multiplies in integers."""
+        original = node.inputs[index]
+        quantized_table = self._table(table, dataclasses.replace(spec, axis=0))
+        transpose = ir.Node("", "Transpose", [quantized_table], [ir.AttrInt64s("perm", [1, 0])])
+        transpose.name = transpose.outputs[0].name = f"{table.name}_quantized_transposed"
+        scale = self._constant(f"{table.name}_row_scale", self.tables[table.name][1].scale)
+        zero_point = self._constant(
+            f"{table.name}_row_zero_point", self.tables[table.name][1].zero_point, spec.dtype
+        )
+        dequantize = ir.Node(
+            "",
+            "DequantizeLinear",
+            [transpose.outputs[0], scale, zero_point],
+            [ir.AttrInt64("axis", 1)],
+            name=f"{table.name}_transposed_DQ",
+        )
+        dequantize.outputs[0].name = f"{table.name}_transposed_dequantized"
+        dequantize.outputs[0].dtype = ir.DataType.FLOAT
+        dequantize.meta[FLOAT_SOURCE_KEY] = original
+        self.graph.insert_before(node, [transpose, dequantize])
+        node.replace_input_with(index, dequantize.outputs[0])
+        return self.tables[table.name][1].scale
+
+    def _table(self, table: ir.Value, spec: QuantSpec) -> ir.Value:
+        """The integer copy of embedding table ``table`` (per-row ``spec``), made once."""
+        if table.name not in self.tables:
+            quantized = quantize_weight(table.const_value.numpy(), spec)
+            values = self._constant(f"{table.name}_quantized", quantized.values, spec.dtype)
+            self.tables[table.name] = (values, quantized)
+        return self.tables[table.name][0]
+
+    def embedding(self, node: ir.Node, spec: QuantSpec) -> str | None:
+        """Gather integer rows and scale them: ``(Gather(E_q) - z) * Gather(s)``; the reason
+        the Gather stays float where its table would then be stored twice."""
+        table = node.inputs[0]
+        others = [u.node for u in table.uses() if u.node.op_type != "Gather"]
+        floats = [o for o in others if o.op_type != "Transpose" or o.outputs[0].uses()]
+        if floats:
+            names = ", ".join(f"'{other.name}'" for other in floats)
+            return f"its table '{table.name}' is also read in float by {names}"
+        values = self._table(table, spec)
+        quantized = self.tables[table.name][1]
+        rows = ir.Node("", "Gather", [values, node.inputs[1]], name=f"{node.name}_rows")
+        scale = self._constant(f"{table.name}_scale_column", quantized.scale.reshape(-1, 1))
+        row_scales = ir.Node("", "Gather", [scale, node.inputs[1]], name=f"{node.name}_scales")
+        nodes = [rows, row_scales]
+        as_float = ir.Node("", "Cast", rows.outputs, [ir.AttrInt64("to", ir.DataType.FLOAT)])
+        nodes.append(as_float)
+        centered = as_float.outputs[0]
+        if np.any(quantized.zero_point):
+            zero_point = quantized.zero_point.astype(np.float32).reshape(-1, 1)[:1]
+            zero = self._constant(f"{table.name}_zero", zero_point)
+            subtract = ir.Node("", "Sub", [centered, zero])
+            nodes.append(subtract)
+            centered = subtract.outputs[0]
+        scaled = ir.Node("", "Mul", [centered, row_scales.outputs[0]], name=f"{node.name}_scaled")
+        nodes.append(scaled)
+        for extra in nodes[2:-1]:
+            extra.name = f"{node.name}_{extra.op_type.lower()}"
+        self.graph.insert_before(node, nodes)
+        output = node.outputs[0]
+        scaled.outputs[0].dtype, scaled.outputs[0].shape = output.dtype, output.shape
+        ir.convenience.replace_all_uses_with(output, scaled.outputs[0], replace_graph_outputs=True)
+        name = output.name
+        output.name = f"{name}_float_gather"
+        scaled.outputs[0].name = name
+        self.graph.remove(node, safe=True)
+        return None
 
     def _quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
         """GPTQ where its ``X^T X`` was collected, else round to nearest."""
@@ -435,9 +585,9 @@ class _QDQBuilder:
         quantized = quantize_bias(vector, float(input_scale), weight_scale)
         spec = QuantSpec(ir.DataType.INT32, symmetric=True, axis=0)
         self.biases += 1
-        node.replace_input_with(
-            index, self._dequantized_constant(f"{value.name}_{node.name}", quantized, spec, node)
-        )
+        output = self._dequantized_constant(f"{value.name}_{node.name}", quantized, spec, node)
+        output.producer().meta[FLOAT_SOURCE_KEY] = value
+        node.replace_input_with(index, output)
 
     def _dequantized_constant(
         self, name: str, quantized: QuantizedTensor, spec: QuantSpec, before: ir.Node

@@ -39,6 +39,7 @@ BUILTIN_PASS_MODULES = (
     "qgraph.passes.annotate",
     "qgraph.passes.qdq",
     "qgraph.passes.lowering",
+    "qgraph.passes.runtime_check",
     "qgraph.passes.finalize",
 )
 BUILTIN_ORIGIN = "qgraph"

@@ -157,10 +157,12 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     if inserted is None or annotated is None:
         return None
     table = _table("op", "quantized", "left in float", title="quantization")
-    reasons = {**annotated.float_reasons, **inserted.float_reasons}
+    checked = by_name.get("runtime-check")
+    reasons = {**annotated.float_reasons, **inserted.float_reasons, **runtime_reasons(checked)}
     left = collections.Counter(op for op, _ in reasons.values())
-    for op in sorted(set(inserted.quantized) | set(left)):
-        table.add_row(op, str(inserted.quantized.get(op, 0)), str(left.get(op, 0)))
+    quantized = inserted.quantized - collections.Counter(op for op, _ in runtime_reasons(checked).values())
+    for op in sorted(set(quantized) | set(left)):
+        table.add_row(op, str(quantized.get(op, 0)), str(left.get(op, 0)))
     parts: list[RenderableType] = [table]
     notes = (
         f"{inserted.weights} weights and {inserted.biases} biases quantized, "
@@ -179,6 +181,8 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
             f"SQNR as low as {worst:.1f} dB"
         )
     parts.append(notes)
+    if checked is not None:
+        parts.append(checked.summary())
     rotation = by_name.get("rotation")
     if rotation is not None:
         parts.append(rotation_summary(rotation))
@@ -188,6 +192,13 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     if reasons:
         parts.append(_float_reasons_table(reasons))
     return _spaced(parts)
+
+
+def runtime_reasons(report) -> dict[str, tuple[str, str]]:
+    """Node name -> (op type, reason) for the ops the runtime check put back in float."""
+    if report is None:
+        return {}
+    return {op.name: (op.op_type, op.reason) for op in report.reverted}
 
 
 def smoothquant_summary(report) -> str:

@@ -46,6 +46,12 @@ def detect_host_target(
     )
 
 
+def same_arch(arch: str | None, machine: str) -> bool:
+    """``arch`` (a target's, ``platform.machine()`` spelling) names ``machine``'s kind."""
+    kinds = (ARM_MACHINES, X86_MACHINES)
+    return any(arch in kind and machine.lower() in kind for kind in kinds)
+
+
 def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     """The feature flags of the first CPU in ``cpuinfo`` (empty where there is none)."""
     return frozenset(_cpuinfo_field(cpuinfo, {"flags", "Features"}).split())
@@ -84,4 +90,5 @@ __all__ = [
     "host_cpu_flags",
     "host_cpu_name",
     "host_description",
+    "same_arch",
 ]

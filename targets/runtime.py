@@ -24,6 +24,16 @@ CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization"})
 CPU_QUANTIZABLE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 """Ops with integer CPU kernels that beat fp32; quantizing more mostly costs accuracy."""
 
+CPU_DYNAMIC_QUANTIZABLE_OPS = frozenset({"MatMul", "Gemm"})
+"""With activation scales computed at run time: onnxruntime's dynamic ``ConvInteger`` path ran
+7.6x slower than the float Conv on the reference CNN (AVX512-VNNI host), so Conv stays float."""
+
+CPU_OUTPUT_QUANTIZED_OPS = frozenset({"Conv"})
+"""onnxruntime fuses ``DQ -> Conv`` into ``QLinearConv`` only with a Q after the Conv (or after a
+Relu/Clip it folds into the Q); ``DQ -> MatMul`` and ``DQ -> Gemm`` fuse with a float output too
+(``MatMulIntegerToFloat``, ``QGemm``). Measured: a Conv + SiLU quantized as one unit ran in float
+with its weight dequantized on every run."""
+
 CPU_LOWERING_RULES = (
     "qlinear-conv",
     "qlinear-matmul",

@@ -80,6 +80,20 @@ class TargetSpec:
         quantize_residual_inputs: The skip input of a residual ``Add`` that follows a quantized
             weighted op gets a Q/DQ pair too (the op's own output stays float), so the runtime
             fuses op, bias and Add into one int8 kernel.
+        quantized_embeddings: Embedding tables (``Gather`` from a constant ``[V, H]``, and a
+            tied output projection reading ``Transpose`` of the same table) are stored in the
+            weight type, one scale per row; the runtime gathers integer rows and scales them.
+        output_quantized_ops: Op types the runtime runs as an integer kernel only when a
+            ``QuantizeLinear`` reads their output (directly, or through a Relu or Clip it
+            folds into that Q): onnxruntime's ``QLinearConv``. Their outputs get a Q/DQ pair
+            of their own where no such Q follows already.
+        dynamic_quantizable_ops: The ``quantizable_ops`` of dynamic mode (activation scales
+            computed at run time), where integer kernels of that kind are faster than float.
+        dynamic_format: The format of dynamic-mode output, where it differs from ``format``:
+            onnxruntime's CPU provider fuses no ``DynamicQuantizeLinear -> DQ`` group into an
+            integer kernel, but runs the lowered ``MatMulIntegerToFloat`` and ``QGemm``.
+        runtime_checked: After compiling, qgraph asks the runtime which quantized ops it runs
+            as integer kernels (``qgraph.kernels``), on a host of the target's ``arch``.
     """
 
     name: str
@@ -107,6 +121,11 @@ class TargetSpec:
     conformance_rules: tuple[ConformanceRule, ...]
     int32_bias: bool
     quantize_residual_inputs: bool
+    quantized_embeddings: bool
+    output_quantized_ops: frozenset[str]
+    dynamic_quantizable_ops: frozenset[str]
+    dynamic_format: QuantFormat
+    runtime_checked: bool
 
     def check(self, model: ir.Model) -> list[Violation]:
         """Every violation of this target's rules in ``model``; empty when it conforms."""
@@ -137,6 +156,11 @@ class TargetSpec:
             "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
             "int32_bias": self.int32_bias,
             "quantize_residual_inputs": self.quantize_residual_inputs,
+            "quantized_embeddings": self.quantized_embeddings,
+            "output_quantized_ops": sorted(self.output_quantized_ops),
+            "dynamic_quantizable_ops": sorted(self.dynamic_quantizable_ops),
+            "dynamic_format": self.dynamic_format.value,
+            "runtime_checked": self.runtime_checked,
         }
 
 

@@ -19,6 +19,8 @@ from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNE
 from qgraph.targets.spec import QuantFormat, TargetSpec
 from qgraph.targets.tensorrt_rules import TENSORRT_RULES
 
+TENSORRT_QUANTIZABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
 TENSORRT = TargetSpec(
     name="tensorrt",
     summary="TensorRT execution provider: int8 symmetric Q/DQ, zero points 0, no QOperator ops",
@@ -34,7 +36,7 @@ TENSORRT = TargetSpec(
     qdq_per_consumer=False,
     int16_activations=False,
     int16_kernels=False,
-    quantizable_ops=frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}),
+    quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
     lowering_rules=(),
     min_opset=PER_CHANNEL_MIN_OPSET,
     max_ir_version=MAX_ORT_IR_VERSION,
@@ -45,4 +47,9 @@ TENSORRT = TargetSpec(
     conformance_rules=LOADABLE_RULES + TENSORRT_RULES,
     int32_bias=False,
     quantize_residual_inputs=True,
+    quantized_embeddings=False,
+    output_quantized_ops=frozenset(),
+    dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
+    dynamic_format=QuantFormat.QDQ,
+    runtime_checked=False,
 )

@@ -28,7 +28,9 @@ from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import (
     CPU_DEFAULT_DOMAIN_EXTENSIONS,
     CPU_DOMAINS,
+    CPU_DYNAMIC_QUANTIZABLE_OPS,
     CPU_LOWERING_RULES,
+    CPU_OUTPUT_QUANTIZED_OPS,
     CPU_QUANTIZABLE_OPS,
     MAX_ORT_IR_VERSION,
     MAX_ORT_OPSET,
@@ -62,6 +64,11 @@ X86_VNNI = TargetSpec(
     conformance_rules=LOADABLE_RULES,
     int32_bias=True,
     quantize_residual_inputs=False,
+    quantized_embeddings=True,
+    output_quantized_ops=CPU_OUTPUT_QUANTIZED_OPS,
+    dynamic_quantizable_ops=CPU_DYNAMIC_QUANTIZABLE_OPS,
+    dynamic_format=QuantFormat.QOPERATOR,
+    runtime_checked=True,
 )
 
 X86_AVX2 = dataclasses.replace(

@@ -32,6 +32,7 @@ from qgraph.passes.rule_table import (
     near_misses,
 )
 from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.recipe import Mode
 from qgraph.registry import PassInfo
 from qgraph.targets import QuantFormat, TargetSpec
 
@@ -118,8 +119,14 @@ class LowerPass(ir.passes.InPlacePass):
 
 
 def _build(ctx) -> LowerPass | None:
-    requested = ctx.options.format or ctx.target.format
-    if requested is not QuantFormat.QOPERATOR or ctx.options.quantization is None:
+    quantization = ctx.options.quantization
+    if quantization is None:
+        return None
+    dynamic = quantization.mode is Mode.DYNAMIC
+    requested = ctx.options.format or (
+        ctx.target.dynamic_format if dynamic else ctx.target.format
+    )
+    if requested is not QuantFormat.QOPERATOR:
         return None
     return LowerPass(ctx.target, explain=ctx.options.explain)
 

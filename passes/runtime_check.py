@@ -1,0 +1,145 @@
+"""Runtime check: every quantized op runs as an integer kernel, or goes back to float.
+
+onnxruntime runs a Q/DQ group as an integer kernel only where its QDQ transformers match it
+(``qgraph.kernels``); an unmatched group runs its op in float and dequantizes the weight on
+every run, slower than the float model. After quantization (and lowering) this pass loads the
+model in onnxruntime with every optimization on, reads the graph it will run, and puts each op
+that would run that way back in float: its weight and bias are the float tensors they were
+before quantization, and its activation inputs read the float tensors their Q/DQ pairs
+quantized (pairs no one reads any more go at ``remove-unused``). Float in, float out, so the
+model keeps the float function of those ops exactly.
+
+It runs only where the runtime it asks is the target's: a CPU target (``runtime_checked``) of
+this host's architecture. Elsewhere its report says why it did not check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
+from qgraph.passes.qdq import FLOAT_SOURCE_KEY
+from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.quant_spec import dequantize
+from qgraph.registry import PassInfo
+from qgraph.targets import TargetSpec, same_arch
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_OPS = frozenset({"QuantizeLinear", "DynamicQuantizeLinear"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeCheckReport:
+    """What the runtime said, and which ops went back to float; or why nothing was asked."""
+
+    kernels: KernelReport | None
+    reverted: tuple[FloatOp, ...] = ()
+    skipped: str | None = None
+
+    def summary(self) -> str:
+        if self.kernels is None:
+            return f"integer kernels not checked: {self.skipped}"
+        quantized = self.kernels.quantized - len(self.reverted)
+        if not quantized and self.reverted:
+            return (
+                f"none of the {len(self.reverted)} quantized ops would run as an integer kernel "
+                "in onnxruntime (each would dequantize its weights on every run): all stay float"
+            )
+        line = f"{quantized} of {quantized} quantized ops run as integer kernels (onnxruntime)"
+        if self.reverted:
+            line += (
+                f"; {len(self.reverted)} more would have run in float with weights dequantized "
+                "on every run, so they stay float"
+            )
+        return line
+
+
+class RuntimeCheckPass(ir.passes.InPlacePass):
+    """Ask onnxruntime which quantized ops run as integer kernels; put the others in float."""
+
+    def __init__(self, target: TargetSpec) -> None:
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        reason = self._not_checked()
+        if reason is not None:
+            return ReportingPassResult(model, False, RuntimeCheckReport(None, skipped=reason))
+        kernels = runtime_kernels(model)
+        by_name = {node.name: node for node in model.graph}
+        for op in kernels.float_ops:
+            logger.info("'%s' (%s): %s; kept in float", op.name, op.op_type, op.reason)
+            restore_float_inputs(by_name[op.name])
+        report = RuntimeCheckReport(kernels, kernels.float_ops)
+        return ReportingPassResult(model, bool(kernels.float_ops), report)
+
+    def _not_checked(self) -> str | None:
+        if not self.target.runtime_checked:
+            return f"target {self.target.name} runs on {self.target.execution_provider}"
+        if not same_arch(self.target.arch, platform.machine()):
+            return f"target {self.target.name} runs on {self.target.arch}, this host is not one"
+        return None
+
+
+def restore_float_inputs(node: ir.Node) -> None:
+    """Make ``node`` read float tensors where it reads dequantized ones."""
+    for index, value in enumerate(node.inputs):
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        node.replace_input_with(index, _float_source(producer))
+
+
+def _float_source(dequantize_node: ir.Node) -> ir.Value:
+    """The float tensor a DequantizeLinear's input was made from."""
+    quantized = dequantize_node.inputs[0]
+    source = quantized.producer()
+    if source is not None and source.op_type in QUANTIZE_OPS:
+        return source.inputs[0]
+    graph = dequantize_node.graph
+    original = dequantize_node.meta.get(FLOAT_SOURCE_KEY)
+    if original is not None and (
+        graph.initializers.get(original.name) is original or original.producer() is not None
+    ):
+        return original
+    name = f"{dequantize_node.outputs[0].name}_float"
+    if name in graph.initializers:
+        return graph.initializers[name]
+    tensor = original.const_value if original is not None else _dequantized_tensor(dequantize_node)
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def _dequantized_tensor(node: ir.Node) -> ir.Tensor:
+    """The float value of a DequantizeLinear of constants (per tensor, axis or block)."""
+    values, scale = node.inputs[0].const_value.numpy(), node.inputs[1].const_value.numpy()
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    zero_point = zero.const_value.numpy() if zero is not None else np.zeros_like(scale)
+    if scale.ndim == 1:
+        shape = [1] * values.ndim
+        shape[node.attributes.get_int("axis", 1)] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    elif scale.ndim > 1:
+        axis, block = node.attributes.get_int("axis", 1), node.attributes.get_int("block_size", 1)
+        length = values.shape[axis]
+        scale = np.repeat(scale, block, axis=axis).take(range(length), axis=axis)
+        zero_point = np.repeat(zero_point, block, axis=axis).take(range(length), axis=axis)
+    return ir.Tensor(dequantize(values, scale, zero_point))
+
+
+PASSES = (
+    PassInfo(
+        "runtime-check",
+        Phase.FINALIZE,
+        "ask onnxruntime which quantized ops run as integer kernels; put the others in float",
+        lambda ctx: None if ctx.options.quantization is None else RuntimeCheckPass(ctx.target),
+    ),
+)

@@ -1,0 +1,139 @@
+"""The runtime-check pass: quantized ops onnxruntime would run in float go back to float
+weights, exactly; those it fuses stay; dynamic mode is lowered so that its groups fuse."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qgraph
+from qgraph import verify
+from qgraph.kernels import runtime_kernels
+from qgraph.options import CompileOptions
+from qgraph.recipe import quant_options
+from qgraph.targets import same_arch
+
+RNG = np.random.default_rng(0)
+W1 = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+W2 = (RNG.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)
+FC = (RNG.standard_normal((8, 5)) * 0.3).astype(np.float32)
+
+
+def conv_silu() -> onnx.ModelProto:
+    """Two Conv + SiLU (Sigmoid, Mul) blocks, a global pool and a MatMul: the shape of a
+    YOLO-style backbone, where the activation sits between each Conv and the next Q."""
+    nodes = []
+    source = "x"
+    for i, weight in enumerate(("W1", "W2")):
+        nodes += [
+            helper.make_node("Conv", [source, weight], [f"c{i}"], name=f"conv{i}", pads=[1] * 4),
+            helper.make_node("Sigmoid", [f"c{i}"], [f"g{i}"], name=f"sigmoid{i}"),
+            helper.make_node("Mul", [f"c{i}", f"g{i}"], [f"a{i}"], name=f"silu{i}"),
+        ]
+        source = f"a{i}"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [source], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "FC"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_silu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+        [numpy_helper.from_array(a, n) for n, a in (("W1", W1), ("W2", W2), ("FC", FC))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def batches(count: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(count)]
+
+
+def compiled(target="x86-vnni", **flags) -> qgraph.CompileResult:
+    flags.setdefault("calib", batches())
+    options = CompileOptions(quantization=quant_options(**flags))
+    return qgraph.compile_model(conv_silu(), target, options=options)
+
+
+def details(result: qgraph.CompileResult, name: str):
+    return next(r.details for r in result.records if r.name == name)
+
+
+host_only = pytest.mark.skipif(
+    not same_arch("x86_64", __import__("platform").machine()), reason="needs an x86-64 host"
+)
+
+
+@host_only
+def test_every_conv_gets_a_q_on_its_output_and_runs_as_qlinearconv():
+    result = compiled()
+    kernels = runtime_kernels(result.model)
+    assert kernels.quantized == 3 and kernels.complete, kernels.float_ops
+    assert kernels.runtime_ops["com.microsoft::QLinearConv"] == 2
+    assert details(result, "runtime-check").reverted == ()
+
+
+@host_only
+def test_ops_the_runtime_would_run_in_float_go_back_to_their_float_weights():
+    no_output_q = dataclasses.replace(qgraph.get_target("x86-vnni"), output_quantized_ops=frozenset())
+    result = compiled(no_output_q)
+    check = details(result, "runtime-check")
+    assert sorted(op.name for op in check.reverted) == ["conv0", "conv1"]
+    assert "2 more would have run in float" in check.summary()
+    graph = result.model.graph
+    assert "W1" in graph.initializers and "W2" in graph.initializers, "the float weights are back"
+    convs = [n for n in graph if n.op_type == "Conv"]
+    assert all(n.inputs[1].const_value is not None for n in convs), "no DQ in front of a Conv"
+    assert runtime_kernels(result.model).complete
+    # conv1 reads conv0's float output and conv0 reads x: the Convs compute in float32 exactly
+    # as before, so only the MatMul's 8-bit error is left. The MatMul alone: its input and
+    # weight each round by at most half a step, so |y - y'| <= K (|f| s_w + |W| s_f) / 2 + ...
+    feeds = batches(1, seed=5)[0]
+    reference = verify.run(conv_silu().SerializeToString(), feeds)["y"]
+    actual = verify.run(result.model, feeds)["y"]
+    fc_only = compiled(exclude_op=["Conv"])
+    fc_only_y = verify.run(fc_only.model, feeds)["y"]
+    np.testing.assert_allclose(actual, fc_only_y, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+@host_only
+def test_the_qlinearconv_model_matches_its_qdq_reference_within_one_output_step():
+    result = compiled()
+    feeds = batches(1, seed=6)[0]
+    fused = verify.run(result.model, feeds, optimize=True)["y"]
+    qdq = verify.run(result.model, feeds, optimize=False)["y"]
+    # QLinearConv requantizes its int32 sum once: the output lands at most one step s_y of
+    # conv1 off the Q/DQ reference's; SiLU is 1.1-Lipschitz and the pool averages, so y moves
+    # by at most 1.1 s_y |FC| summed over the 8 channels (plus float rounding).
+    s_y = float(result.model.graph.initializers["c1_output_scale"].const_value.numpy())
+    s_0 = float(result.model.graph.initializers["c0_output_scale"].const_value.numpy())
+    bound = 1.1 * (s_y + s_0 * 1.1 * np.abs(W2).sum(axis=(1, 2, 3)).max()) * np.abs(FC).sum(0)
+    assert np.all(np.abs(fused - qdq) <= bound + 1e-5)
+    assert not np.array_equal(fused, qdq), "onnxruntime fused the groups: numbers moved"
+
+
+@host_only
+def test_dynamic_mode_lowers_matmuls_and_keeps_convs_float():
+    result = compiled(mode="dynamic", calib=None)
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Conv") == 2
+    annotate = details(result, "annotate")
+    assert annotate.unquantized[("Conv", "target x86-vnni quantizes only Gemm, MatMul in dynamic mode")] == 2
+    assert runtime_kernels(result.model).complete
+
+
+def test_the_check_is_skipped_where_the_runtime_is_not_this_hosts():
+    result = compiled("tensorrt")
+    check = details(result, "runtime-check")
+    assert check.kernels is None and "TensorrtExecutionProvider" in check.summary()
+
+
+def test_same_arch_spells_each_architecture_both_ways():
+    assert same_arch("x86_64", "AMD64") and same_arch("aarch64", "arm64")
+    assert not same_arch("aarch64", "x86_64") and not same_arch(None, "x86_64")
