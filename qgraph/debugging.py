@@ -236,7 +236,7 @@ class _Sessions:
         expose_values(exposed, watched)
         local = _copy(quantized)
         _feed_values(local, cut)
-        expose_values(local, watched)
+        expose_values(local, [_local_name(name, cut) for name in watched])
         injected = None
         if impact:
             injected = _copy(float_model)
@@ -264,7 +264,10 @@ class _Sessions:
         names = [*self.watched, *outputs]
         reference = _run(self.float_run, [*names, *self.cut], feeds)
         cumulative = _run(self.quantized_run, names, feeds)
-        local = _run(self.local_run, self.watched, {**feeds, **{n: reference[n] for n in self.cut}})
+        local_names = [_local_name(name, self.cut) for name in self.watched]
+        fed = {**feeds, **{n: reference[n] for n in self.cut}}
+        local_values = _run(self.local_run, local_names, fed)
+        local = {name: local_values[local_names[i]] for i, name in enumerate(self.watched)}
         for name in names:
             y = reference[name].astype(np.float64)
             found = energy[name]
@@ -282,6 +285,12 @@ class _Sessions:
             if progress is not None:
                 progress(done, len(self.watched))
         return sum(energy_of(clean[out]) for out in outputs)
+
+
+def _local_name(name: str, cut: list[str]) -> str:
+    """Where the cut model computes watched value ``name``: a value that is also a cut point
+    (a Conv output its own Q reads) is fed under its name and computed under another."""
+    return name + CUT_SUFFIX if name in cut else name
 
 
 def energy_of(array: np.ndarray) -> float:

@@ -5,7 +5,8 @@ one way only (each of C's trailing dimensions is 1 or equal to the result's). So
 
 - ``Add(MatMul(A, B), C)`` -> ``Gemm(A, B, C)`` when A and B are 2-D (rank 3 and up is no
   candidate) and C broadcasts to [M, N] one way (an Add that widens the result, e.g. C of
-  [2, M, N], is not a Gemm);
+  [2, M, N], is not a Gemm) and C is a constant (a computed C would keep the Gemm from its
+  quantized kernel, which adds only a constant int32 bias);
 - ``Gemm(A, B, C)`` with ``alpha = beta = 1``, ``transA = 0`` -> ``Add(MatMul(A, op(B)), C)``,
   ``op(B) = B^T`` stored transposed when B is a constant only this Gemm reads, else a Transpose.
 
@@ -55,6 +56,12 @@ class MatMulAddToGemm(TargetRule):
             return not_a_candidate()
         if a.dtype not in FLOAT_TYPES:
             return fail(f"{a.dtype} is not a float type", a)
+        if constant(c) is None:
+            return fail(
+                f"'{c.name}' is computed, not a constant bias (a quantized Gemm adds only a "
+                "constant int32 bias in its kernel)",
+                c,
+            )
         problem = _broadcast_problem(c, a.shape[0], b.shape[1])
         return MatchResult() if problem is None else fail(problem, c)
 
