@@ -28,7 +28,7 @@ from qgraph.evaluation import Evaluation, evaluate
 from qgraph.model_io import load
 from qgraph.targets import host_description
 
-ALL_8_BIT = {"mode": "static", "min_sqnr_db": 0}
+ALL_8_BIT = {"mode": "static", "budget": "none"}
 
 
 def distance(evaluation: Evaluation) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from quantization import TARGET
 from smoothquant import variant_benchmark
 
-ALL_8_BIT = {"mode": "static", "min_sqnr_db": 0}
+ALL_8_BIT = {"mode": "static", "budget": "none"}
 W4A8 = {**ALL_8_BIT, "weight_dtype": "int4", "block_size": 32}
 W4_ONLY = {"mode": "weight-only", "weight_dtype": "int4", "block_size": 32}
 GPTQ = {"weight_rounding": "gptq"}

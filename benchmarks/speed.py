@@ -72,7 +72,7 @@ from qgraph.verify import session as model_session
 ZOO = ("reference-cnn", "reference-encoder", "reference-decoder", "magika", "minilm", "smollm2")
 ORT_METHODS = {"ort-static-qdq": "static-qdq", "ort-dynamic": "dynamic"}
 """Variant name -> ``ort_baseline.py`` method."""
-QGRAPH_FLAGS = {"qgraph": [], "qgraph-all-8-bit": ["--min-sqnr-db", "0"]}
+QGRAPH_FLAGS = {"qgraph": [], "qgraph-all-8-bit": ["--budget", "none"]}
 """Variant name -> flags added to ``qgraph compile MODEL --calib CALIB -o OUT``."""
 VARIANTS = (*ORT_METHODS, *QGRAPH_FLAGS)
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})

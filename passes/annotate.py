@@ -40,6 +40,7 @@ ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
 EMBEDDING_KEY = "qgraph.quantize_embedding"
 FLOAT_REASON_KEY = "qgraph.float_reason"
+COMPUTED_WEIGHT = "its weight is not a constant (both inputs are computed at run time)"
 KEEP_FLOAT_KEY = "qgraph.keep_float"
 """Node metadata a float rewrite sets on nodes it adds that must stay in float (an online
 rotation): the value is the reason given."""
@@ -90,6 +91,9 @@ class NodeAnnotation:
     bias: int | None
     output_spec: QuantSpec | None = None
     """Set where the runtime fuses the op only with a Q on its output (static mode)."""
+    computed_weight: bool = False
+    """The "weight" is computed at run time (attention's ``Q K^T``, ``P V``): it is quantized
+    per tensor like an activation, with ``weight_spec`` its activation spec."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,8 @@ class AnnotatePass(ir.passes.InPlacePass):
             if self._annotate_embedding(node, report):
                 continue
             decision = self.decide(node)
+            if decision == COMPUTED_WEIGHT:
+                decision = self._activation_product(node) or decision
             if decision is None:
                 report.unquantized[(op_key(node), self._never_quantized)] += 1
                 continue
@@ -210,11 +216,13 @@ class AnnotatePass(ir.passes.InPlacePass):
         table = transposed_table(weight) if node.op_type == "MatMul" else None
         constant = weight if table is None else table
         if constant.const_value is None or not constant.is_initializer():
-            return "its weight is not a constant (both inputs are computed at run time)"
+            return COMPUTED_WEIGHT
         if constant.const_value.dtype != ir.DataType.FLOAT:
             return "its weight is not float32"  # the activation has its type (ONNX typing)
         if layout.weight_rank is not None and len(constant.const_value.shape) != layout.weight_rank:
-            return f"its weight has rank {len(constant.const_value.shape)}, not {layout.weight_rank}"
+            return (
+                f"its weight has rank {len(constant.const_value.shape)}, not {layout.weight_rank}"
+            )
         return NodeAnnotation(
             activation=None if self.options.mode is Mode.WEIGHT_ONLY else layout.activation,
             activation_spec=self._activation_spec(activation),
@@ -222,6 +230,25 @@ class AnnotatePass(ir.passes.InPlacePass):
             weight_spec=self._weight_spec(node, layout),
             bias=self._bias(node, layout),
             output_spec=self._output_spec(node),
+        )
+
+    def _activation_product(self, node: ir.Node) -> NodeAnnotation | None:
+        """Both inputs of a MatMul quantized per tensor, where the target multiplies two
+        computed 8-bit tensors in integers (static mode); None elsewhere."""
+        if not self.target.activation_products or self.options.mode is not Mode.STATIC:
+            return None
+        if node.op_type != "MatMul" or any(
+            v is None or v.dtype != ir.DataType.FLOAT for v in node.inputs
+        ):
+            return None
+        first, second = node.inputs
+        return NodeAnnotation(
+            activation=0,
+            activation_spec=self._activation_spec(first),
+            weight=1,
+            weight_spec=self._activation_spec(second),
+            bias=None,
+            computed_weight=True,
         )
 
     def _output_spec(self, node: ir.Node) -> QuantSpec | None:

@@ -140,10 +140,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         builder = _QDQBuilder(
             model, self.target.qdq_per_consumer, _weight_grams(annotated, rounded_by_gptq, grams)
         )
+        static = self.options.mode is Mode.STATIC
         outputs_to_quantize = [
-            (node, node.meta[ANNOTATION_KEY].output_spec)
-            for node in annotated
-            if node.meta[ANNOTATION_KEY].output_spec is not None and self.options.mode is Mode.STATIC
+            node for node in annotated if static and node.meta[ANNOTATION_KEY].output_spec
         ]
         for node in annotated:
             reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
@@ -152,7 +151,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             else:
                 node.meta[FLOAT_REASON_KEY] = reason
                 report.float_reasons[node.name] = (node.op_type, reason)
-        for node, spec in outputs_to_quantize:
+        for node in outputs_to_quantize:
             if node.name not in report.float_reasons:
                 builder.output_activation(node, ranges[node.outputs[0].name])
         for node in [n for n in graph if EMBEDDING_KEY in n.meta]:
@@ -196,6 +195,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
             builder.static_activation(node, index, found)
         elif index is not None:
             builder.dynamic_activation(node, index)
+        if annotation.computed_weight:
+            second = ranges[node.inputs[annotation.weight].name]
+            if isinstance(second, str):
+                return second
+            builder.static_activation(node, annotation.weight, second)
+            return None
         weight_scale = builder.weight(node, annotation.weight, annotation.weight_spec)
         if annotation.bias is not None and found is not None:
             builder.bias(node, annotation.bias, found.scale, weight_scale)
@@ -327,6 +332,9 @@ def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dic
         if annotation.activation is not None:
             name = node.inputs[annotation.activation].name
             specs[name] = _wider(specs.get(name), annotation.activation_spec)
+        if annotation.computed_weight:
+            name = node.inputs[annotation.weight].name
+            specs[name] = _wider(specs.get(name), annotation.weight_spec)
         if annotation.output_spec is not None:
             name = node.outputs[0].name
             specs[name] = _wider(specs.get(name), annotation.output_spec)

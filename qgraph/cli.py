@@ -34,6 +34,7 @@ from qgraph.pipeline import Phase
 from qgraph.recipe import (
     CALIBRATION_METHODS,
     DEFAULT_ALPHA,
+    DEFAULT_BUDGET_DB,
     WEIGHT_ONLY_DTYPES,
     WEIGHT_ROUNDINGS,
     Mode,
@@ -232,7 +233,16 @@ def cli(debug: bool) -> None:
     metavar="DB",
     help="Where 8 bits would give an activation an SQNR below DB, keep more precision: "
     "16 bits on targets with 16-bit kernels, else its readers stay in float "
-    "(static mode; 0: never) [default: 30].",
+    "(static mode; 0: never) [default: 0, the budget decides].",
+)
+@click.option(
+    "--budget",
+    metavar="DB|none",
+    help="The accuracy budget (static mode): the output SQNR, in dB against the float model "
+    "on a sample of the calibration data, that the compiled model keeps. Every op the target "
+    "runs faster in 8 bits is quantized, then the ops that cost the most accuracy per unit of "
+    "work saved stay float until the budget holds (a few compiles and one run per op). "
+    f"'none': quantize them all [default: {DEFAULT_BUDGET_DB:g}].",
 )
 @click.option(
     "--smoothquant",

@@ -17,9 +17,11 @@ from qgraph.errors import ModelLoadError
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
 from qgraph.options import CompileOptions
-from qgraph.pipeline import PassRecord, Phase, Pipeline
+from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
+from qgraph.planning import PlanReport, plan
+from qgraph.recipe import Mode
 from qgraph.registry import build_pipeline
-from qgraph.targets import TargetSpec, get_target
+from qgraph.targets import QuantFormat, TargetSpec, get_target
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class CompileResult:
     after: ModelSummary
     seconds: float
     saved: SavedModel | None
+    plan: PlanReport | None = None
+    """What the accuracy plan measured and kept in float, where it ran."""
 
 
 def compile_model(
@@ -64,6 +68,7 @@ def compile_model(
     tell = progress or (lambda step: None)
     options = options or CompileOptions()
     spec = get_target(target)
+    custom_pipeline = pipeline is not None
     pipeline = pipeline or build_pipeline(spec, options)
     tell("loading the model")
     model = load(source)
@@ -77,7 +82,11 @@ def compile_model(
         done = pipeline.names().index(name)
         tell(f"pass {done + 1}/{total}: {phase.value} / {name}")
 
-    result = pipeline.run(model, listener=on_pass)
+    plan_report = None
+    if _planned(options, custom_pipeline):
+        result, plan_report = _planned_run(model, spec, options, on_pass, tell)
+    else:
+        result = pipeline.run(model, listener=on_pass)
     result.model.metadata_props[TARGET_METADATA_KEY] = spec.name
     result.model.metadata_props[VERSION_METADATA_KEY] = version("qgraph")
     saved = None
@@ -92,7 +101,57 @@ def compile_model(
         after=summarize(result.model),
         seconds=time.perf_counter() - start,
         saved=saved,
+        plan=plan_report,
     )
+
+
+def _planned(options: CompileOptions, custom_pipeline: bool) -> bool:
+    """The accuracy plan runs for static quantization with a budget and real calibration
+    data, on qgraph's own pipeline (which it rebuilds for each round)."""
+    quantization = options.quantization
+    return (
+        not custom_pipeline
+        and quantization is not None
+        and quantization.mode is Mode.STATIC
+        and quantization.budget is not None
+        and quantization.calib is not None
+    )
+
+
+def _planned_run(
+    model: ir.Model,
+    spec: TargetSpec,
+    options: CompileOptions,
+    on_pass: Callable[[Phase, str], None],
+    tell: Progress,
+) -> tuple[PipelineResult, PlanReport]:
+    """Compile under the accuracy plan: rounds of Q/DQ compiles, each from a copy of
+    ``model``, judged against its float compile (the same canonicalization and fusion, so the
+    same value names), then the chosen one again in the asked format where that is not Q/DQ."""
+    original = ir.to_proto(model)
+    quantization = options.quantization
+    rounds: dict[frozenset[str], PipelineResult] = {}
+
+    def compile_with(kept: dict[str, str], format: QuantFormat | None) -> PipelineResult:
+        round_options = dataclasses.replace(
+            options,
+            quantization=dataclasses.replace(quantization, keep_float=tuple(kept.items())),
+            format=format,
+        )
+        pipeline = build_pipeline(spec, round_options)
+        return pipeline.run(ir.from_proto(original), listener=on_pass)
+
+    def qdq_round(kept: dict[str, str]) -> ir.Model:
+        rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
+        return rounds[frozenset(kept)].model
+
+    float_options = dataclasses.replace(options, quantization=None)
+    reference = build_pipeline(spec, float_options).run(ir.from_proto(original)).model
+    _, report = plan(reference, qdq_round, quantization.calib, quantization.budget, tell)
+    kept = report.kept_reasons()
+    if (options.format or spec.format) is QuantFormat.QDQ:
+        return rounds[frozenset(kept)], report
+    return compile_with(kept, options.format), report
 
 
 def _check_input(source: ModelSource, model: ir.Model) -> None:

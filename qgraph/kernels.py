@@ -8,9 +8,10 @@ in float, dequantizing its weight on every run: slower than the float model it c
 
 So the check asks the runtime: the model is loaded with every graph optimization on and the
 graph onnxruntime will run is written out (``SessionOptions.optimized_model_filepath``). A
-quantized op of the compiled model (``is_qdq_group``) runs as an integer kernel unless a ``DequantizeLinear`` it read still feeds a compute op there.
-onnxruntime keeps the names of the nodes it does not fuse (a copy it makes of a shared DQ is
-named ``<name>/duplicated``), which is how the two graphs are matched.
+quantized op of the compiled model (``is_qdq_group``) runs as an integer kernel unless a
+``DequantizeLinear`` it read still feeds a compute op there. onnxruntime keeps the names of
+the nodes it does not fuse (a copy it makes of a shared DQ is named ``<name>/duplicated``),
+which is how the two graphs are matched.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def is_qdq_group(node: ir.Node) -> bool:
         return node.op_type != "DynamicQuantizeLinear"
     producers = [v.producer() if v is not None else None for v in node.inputs]
     dequantized = [p is not None and p.op_type == "DequantizeLinear" for p in producers]
-    if any(d and p.inputs[0].const_value is not None for d, p in zip(dequantized, producers)):
+    if any(
+        d and p.inputs[0].const_value is not None
+        for d, p in zip(dequantized, producers, strict=True)
+    ):
         return True
     return node.op_type in WEIGHTED_OPS and bool(dequantized) and all(dequantized)
 

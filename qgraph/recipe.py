@@ -12,7 +12,8 @@ become underscores); flags given on the command line override it, and list flags
     exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
-    min_sqnr_db = 30                # more precision where 8 bits would be this noisy
+    budget = 25                     # output SQNR (dB) the plan keeps; "none": no plan
+    min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
     smoothquant = 0.5               # SmoothQuant's migration strength alpha, or "auto"
     rotate = true                   # Hadamard rotations (QuaRot-style) before quantizing
     rotate_seed = 0                 # the rotations' random signs
@@ -47,9 +48,12 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
 ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
 DEFAULT_BLOCK_SIZE = 32
-DEFAULT_MIN_SQNR_DB = 30.0
-"""8-bit SQNR under which an activation goes to 16 bits: above it, the rounding noise is under
-1/1000 of the signal's power (about 3% RMS)."""
+DEFAULT_MIN_SQNR_DB = 0.0
+"""No per-activation threshold by default: the accuracy budget decides, at the outputs."""
+DEFAULT_BUDGET_DB = 25.0
+"""The output SQNR the plan keeps by default: the noise at the outputs under 1/300 of their
+power (about 6% RMS), which held the zoo's accuracy goals (``benchmarks/speed.md``)."""
+NO_BUDGET = "none"
 OPSET_21 = 21
 AUTO_ALPHA = "auto"
 """``smoothquant = "auto"``: search SmoothQuant's alpha per tensor."""
@@ -100,8 +104,14 @@ class QuantOptions:
         tensor: Per-tensor overrides, keyed by a regular expression on the whole value name.
         min_sqnr_db: Static mode: an activation whose 8-bit quantization would have an
             expected SQNR below this (dB, from calibration) gets more precision: 16 bits on
-            a target with 16-bit integer kernels, else its readers stay in float; 0 turns
-            this off.
+            a target with 16-bit integer kernels, else its readers stay in float; 0 (the
+            default) turns this off.
+        budget: Static mode: the output SQNR (dB, all outputs against the float model's on
+            a sample of the calibration data) the compiled model keeps. Every op the target
+            runs faster in 8 bits is quantized, then the plan (``qgraph.planning``) keeps in
+            float the ops costing the most accuracy per unit of work until the budget holds.
+            None: no plan.
+        keep_float: Node name -> reason, for ops the plan keeps in float.
         smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
             strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none.
         rotate: Rotate the residual stream, attention heads and MLP inputs by orthogonal
@@ -121,6 +131,8 @@ class QuantOptions:
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    budget: float | None = DEFAULT_BUDGET_DB
+    keep_float: tuple[tuple[str, str], ...] = ()
     smoothquant: float | str | None = None
     rotate: bool = False
     rotate_seed: int = 0
@@ -135,7 +147,10 @@ class QuantOptions:
             )
 
     def excluded(self, node: ir.Node) -> str | None:
-        """Why the user keeps ``node`` in float, or None."""
+        """Why the user (or the plan) keeps ``node`` in float, or None."""
+        for name, reason in self.keep_float:
+            if node.name == name:
+                return reason
         if node.op_type in self.exclude_op:
             return f"op type {node.op_type} excluded by the user"
         for pattern in self.exclude_node:
@@ -253,6 +268,19 @@ def _smoothquant(value: object) -> float | str:
     return float(alpha)
 
 
+def _budget(value: object) -> float | None:
+    """An output SQNR in dB (a number, or its text from the command line), or ``"none"``."""
+    if value == NO_BUDGET:
+        return None
+    try:
+        db = float(value) if isinstance(value, str) else value
+    except ValueError:
+        db = None
+    if isinstance(db, bool) or not isinstance(db, (int, float)) or not 0 <= db <= 100:
+        raise RecipeError(f"budget = {value!r}: expected an output SQNR in dB (0-100) or 'none'")
+    return float(db)
+
+
 def _patterns(key: str):
     def convert(value: object) -> tuple[str, ...]:
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -311,6 +339,7 @@ _FIELDS = {
     "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
     "tensor": _tensor_overrides,
     "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
+    "budget": _budget,
     "smoothquant": _smoothquant,
     "rotate": _flag("rotate"),
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),

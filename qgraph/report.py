@@ -133,6 +133,8 @@ def compile_report(
     quantization = quantization_report(result.records)
     if quantization is not None:
         parts.append(quantization)
+    if result.plan is not None:
+        parts.append(result.plan.summary())
     if verbose:
         parts.append(records_report(result.records))
     if explain:
@@ -160,7 +162,9 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     checked = by_name.get("runtime-check")
     reasons = {**annotated.float_reasons, **inserted.float_reasons, **runtime_reasons(checked)}
     left = collections.Counter(op for op, _ in reasons.values())
-    quantized = inserted.quantized - collections.Counter(op for op, _ in runtime_reasons(checked).values())
+    quantized = inserted.quantized - collections.Counter(
+        op for op, _ in runtime_reasons(checked).values()
+    )
     for op in sorted(set(quantized) | set(left)):
         table.add_row(op, str(quantized.get(op, 0)), str(left.get(op, 0)))
     parts: list[RenderableType] = [table]

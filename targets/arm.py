@@ -49,6 +49,7 @@ ARM64 = TargetSpec(
     conformance_rules=LOADABLE_RULES,
     int32_bias=True,
     quantize_residual_inputs=False,
+    activation_products=True,
     quantized_embeddings=True,
     output_quantized_ops=CPU_OUTPUT_QUANTIZED_OPS,
     dynamic_quantizable_ops=CPU_DYNAMIC_QUANTIZABLE_OPS,

@@ -80,6 +80,8 @@ class TargetSpec:
         quantize_residual_inputs: The skip input of a residual ``Add`` that follows a quantized
             weighted op gets a Q/DQ pair too (the op's own output stays float), so the runtime
             fuses op, bias and Add into one int8 kernel.
+        activation_products: A ``MatMul`` of two computed tensors (attention's ``Q K^T`` and
+            ``P V``) runs in integers with both inputs quantized per tensor (static mode).
         quantized_embeddings: Embedding tables (``Gather`` from a constant ``[V, H]``, and a
             tied output projection reading ``Transpose`` of the same table) are stored in the
             weight type, one scale per row; the runtime gathers integer rows and scales them.
@@ -121,6 +123,7 @@ class TargetSpec:
     conformance_rules: tuple[ConformanceRule, ...]
     int32_bias: bool
     quantize_residual_inputs: bool
+    activation_products: bool
     quantized_embeddings: bool
     output_quantized_ops: frozenset[str]
     dynamic_quantizable_ops: frozenset[str]
@@ -156,6 +159,7 @@ class TargetSpec:
             "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
             "int32_bias": self.int32_bias,
             "quantize_residual_inputs": self.quantize_residual_inputs,
+            "activation_products": self.activation_products,
             "quantized_embeddings": self.quantized_embeddings,
             "output_quantized_ops": sorted(self.output_quantized_ops),
             "dynamic_quantizable_ops": sorted(self.dynamic_quantizable_ops),

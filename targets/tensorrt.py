@@ -47,6 +47,7 @@ TENSORRT = TargetSpec(
     conformance_rules=LOADABLE_RULES + TENSORRT_RULES,
     int32_bias=False,
     quantize_residual_inputs=True,
+    activation_products=False,
     quantized_embeddings=False,
     output_quantized_ops=frozenset(),
     dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,

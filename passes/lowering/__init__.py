@@ -123,9 +123,7 @@ def _build(ctx) -> LowerPass | None:
     if quantization is None:
         return None
     dynamic = quantization.mode is Mode.DYNAMIC
-    requested = ctx.options.format or (
-        ctx.target.dynamic_format if dynamic else ctx.target.format
-    )
+    requested = ctx.options.format or (ctx.target.dynamic_format if dynamic else ctx.target.format)
     if requested is not QuantFormat.QOPERATOR:
         return None
     return LowerPass(ctx.target, explain=ctx.options.explain)

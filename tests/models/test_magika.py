@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qgraph import models, verify
+from qgraph import CompileOptions, compile_model, models, quant_options, verify
 from qgraph.data import read_batches, read_info
+from qgraph.kernels import optimized_graph, runtime_kernels
 from qgraph.models.magika import INPUT_NAME, FeatureConfig, features, file_features
+from qgraph.targets import detect_host_target
 
 CONFIG = FeatureConfig(
     beg_size=4, mid_size=0, end_size=4, padding_token=256, block_size=8, min_file_size_for_dl=2
@@ -116,3 +118,20 @@ def test_file_sampling_is_deterministic_stratified_and_split(tmp_path, monkeypat
     counts = {s: sum(p.suffix == s for p in chosen) for s in (".py", ".txt", "")}
     assert counts == {".py": 10, ".txt": 4, "": 10}
     assert all(p.name not in {"tiny.py", "skipped.py", "link.py"} for p in chosen)
+
+
+def test_every_quantized_op_of_the_default_compile_runs_as_an_integer_kernel(magika_zoo):
+    """onnxruntime's optimized graph of the compiled magika keeps no DequantizeLinear of a
+    weight in front of a compute op: nothing dequantizes its weights on every run."""
+    options = CompileOptions(quantization=quant_options(calib=str(magika_zoo.calibration)))
+    compiled = compile_model(str(magika_zoo.model), detect_host_target(), options=options).model
+    kernels = runtime_kernels(compiled)
+    assert kernels.quantized > 0 and kernels.complete, kernels.float_ops
+    graph = optimized_graph(compiled)
+    constants = {tensor.name for tensor in graph.initializer}
+    weight_dequantizers = [
+        node.name
+        for node in graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in constants
+    ]
+    assert weight_dequantizers == []

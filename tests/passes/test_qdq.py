@@ -61,6 +61,7 @@ def compile_quantized(proto, target="x86-avx2", *, runtime_check=True, **flags) 
     """``proto`` compiled with ``flags``; without ``runtime_check``, the Q/DQ model as
     insert-qdq wrote it, before groups onnxruntime would run in float go back to float."""
     flags.setdefault("calib", batches())
+    flags.setdefault("budget", "none")  # the plan's own tests are in tests/qgraph
     skipped = frozenset() if runtime_check else frozenset({"runtime-check"})
     options = CompileOptions(quantization=quant_options(**flags), skip_passes=skipped)
     return qgraph.compile_model(proto, target, options=options).model
@@ -242,16 +243,27 @@ def test_static_mode_without_data_says_what_to_pass():
         compile_quantized(mlp(), calib=None)
 
 
-def test_computed_weights_stay_in_float():
+@pytest.mark.parametrize("target", ["x86-avx2", "tensorrt"])
+def test_computed_weights_are_quantized_per_tensor_where_the_target_multiplies_them(target):
     proto = mlp()
     proto.graph.node.insert(0, helper.make_node("Neg", ["W"], ["W_neg"], name="neg"))
     proto.graph.node[1].input[1] = "W_neg"
     options = CompileOptions(
-        quantization=quant_options(calib=batches()), skip_passes=frozenset({"constant-folding"})
+        quantization=quant_options(calib=batches(), budget="none"),
+        skip_passes=frozenset({"constant-folding"}),
     )
-    result = qgraph.compile_model(proto, "x86-avx2", options=options)
+    result = qgraph.compile_model(proto, target, options=options)
     annotate = next(r for r in result.records if r.name == "annotate").details
-    assert annotate.float_reasons["mm"][1].startswith("its weight is not a constant")
+    matmul = next(n for n in result.model.graph if n.name == "mm")
+    if qgraph.get_target(target).activation_products:
+        assert "mm" not in annotate.float_reasons
+        weight_dq = matmul.inputs[1].producer()
+        assert weight_dq.op_type == "DequantizeLinear"
+        assert weight_dq.inputs[0].producer().op_type == "QuantizeLinear", "calibrated at run"
+        assert weight_dq.inputs[1].const_value.numpy().ndim == 0, "one scale: per tensor"
+    else:
+        assert annotate.float_reasons["mm"][1].startswith("its weight is not a constant")
+        assert matmul.inputs[1].producer().op_type == "Neg"
 
 
 def heavy_tailed_batches() -> list[dict[str, np.ndarray]]:
@@ -262,7 +274,9 @@ def heavy_tailed_batches() -> list[dict[str, np.ndarray]]:
 
 def test_a_heavy_tailed_activation_goes_to_16_bits_on_a_target_with_16_bit_kernels():
     target = dataclasses.replace(qgraph.get_target("x86-avx2"), int16_kernels=True)
-    model = compile_quantized(mlp(), target, calib=heavy_tailed_batches(), runtime_check=False)
+    model = compile_quantized(
+        mlp(), target, calib=heavy_tailed_batches(), min_sqnr_db=30, runtime_check=False
+    )
     quantize = next(
         n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"
     )
@@ -280,7 +294,8 @@ def test_a_heavy_tailed_activation_goes_to_16_bits_on_a_target_with_16_bit_kerne
 
 
 def test_a_heavy_tailed_activation_leaves_its_reader_in_float_without_16_bit_kernels():
-    options = CompileOptions(quantization=quant_options(calib=heavy_tailed_batches()))
+    quantization = quant_options(calib=heavy_tailed_batches(), min_sqnr_db=30, budget="none")
+    options = CompileOptions(quantization=quantization)
     result = qgraph.compile_model(mlp(), "x86-avx2", options=options)
     inserted = next(r for r in result.records if r.name == "insert-qdq").details
     assert set(inserted.kept_float) == {"x"} and 25 < inserted.kept_float["x"] < 30

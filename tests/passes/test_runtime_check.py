@@ -81,7 +81,9 @@ def test_every_conv_gets_a_q_on_its_output_and_runs_as_qlinearconv():
 
 @host_only
 def test_ops_the_runtime_would_run_in_float_go_back_to_their_float_weights():
-    no_output_q = dataclasses.replace(qgraph.get_target("x86-vnni"), output_quantized_ops=frozenset())
+    no_output_q = dataclasses.replace(
+        qgraph.get_target("x86-vnni"), output_quantized_ops=frozenset()
+    )
     result = compiled(no_output_q)
     check = details(result, "runtime-check")
     assert sorted(op.name for op in check.reverted) == ["conv0", "conv1"]
@@ -124,7 +126,12 @@ def test_dynamic_mode_lowers_matmuls_and_keeps_convs_float():
     ops = [n.op_type for n in result.model.graph]
     assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Conv") == 2
     annotate = details(result, "annotate")
-    assert annotate.unquantized[("Conv", "target x86-vnni quantizes only Gemm, MatMul in dynamic mode")] == 2
+    assert (
+        annotate.unquantized[
+            ("Conv", "target x86-vnni quantizes only Gemm, MatMul in dynamic mode")
+        ]
+        == 2
+    )
     assert runtime_kernels(result.model).complete
 
 

@@ -289,13 +289,13 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
 def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
     decoder = models.fetch("reference-decoder")
     quantized = tmp_path / "q.onnx"
-    calib = ("--calib", decoder.calibration, "--min-sqnr-db", "0")
+    calib = ("--calib", decoder.calibration, "--budget", "none")
     assert invoke("compile", decoder.model, "-o", quantized, *calib).exit_code == 0
     keep = tmp_path / "keep.toml"
     args = ("debug", decoder.model, quantized, "--data", decoder.calibration)
     result = invoke(*args, "--suggest-exclusions", "2", "-o", keep)
     assert result.exit_code == 0, result.output
-    assert "7 quantized ops over 8 batches, worst first" in result.stdout
+    assert "9 quantized ops over 8 batches, worst first" in result.stdout
     assert "attn/v_proj/MatMul" in result.stdout and f"wrote {keep}" in result.stderr
     assert len(qgraph.load_recipe(keep)["exclude_node"]) == 2
     again = invoke("compile", decoder.model, "-o", tmp_path / "q2.onnx", *calib, "--recipe", keep)
@@ -308,16 +308,16 @@ def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
 def test_inspect_diff_states_the_counts_to_check(tmp_path):
     decoder = models.fetch("reference-decoder")
     quantized = tmp_path / "q.onnx"
-    calib = ("--calib", decoder.calibration, "--min-sqnr-db", "0")
+    calib = ("--calib", decoder.calibration, "--budget", "none")
     assert invoke("compile", decoder.model, "-o", quantized, *calib).exit_code == 0
     result = invoke("inspect", decoder.model, "--diff", quantized)
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "MatMul quantized 7 of 9" in text
-    assert "Q/DQ inserted +4 QuantizeLinear, +11 DequantizeLinear" in text
+    assert "MatMul quantized 9 of 9" in text
+    assert "Q/DQ inserted +8 QuantizeLinear, +15 DequantizeLinear" in text
     assert "made by insert-qdq" in text and "size" in text
     as_json = json.loads(invoke("inspect", decoder.model, "--diff", quantized, "--json").stdout)
-    assert as_json["after"]["quantized_ops"]["MatMul"] == 7
+    assert as_json["after"]["quantized_ops"]["MatMul"] == 9
 
 
 def test_explain_lists_every_op_left_in_float_with_its_reason(tmp_path):

@@ -44,7 +44,7 @@ def data(count: int = 4, outlier: bool = False) -> list[dict[str, np.ndarray]]:
 
 
 def compiled(proto: onnx.ModelProto, calibration, **flags) -> qgraph.ir.Model:
-    options = CompileOptions(quantization=quant_options(calib=calibration, min_sqnr_db=0, **flags))
+    options = CompileOptions(quantization=quant_options(calib=calibration, budget="none", **flags))
     return qgraph.compile_model(proto, "x86-avx2", options=options).model
 
 
@@ -138,7 +138,7 @@ def test_names_with_regex_characters_are_escaped(chain, tmp_path):
 def test_a_qoperator_model_is_refused_with_the_remedy(chain):
     batches = data()
     options = CompileOptions(
-        quantization=quant_options(calib=batches, min_sqnr_db=0), format=QuantFormat.QOPERATOR
+        quantization=quant_options(calib=batches, budget="none"), format=QuantFormat.QOPERATOR
     )
     lowered = qgraph.compile_model(chain, "x86-avx2", options=options).model
     with pytest.raises(DebugError, match="compile with --format qdq"):

@@ -47,7 +47,7 @@ def compiled(layers) -> qgraph.ir.Model:
     rng = np.random.default_rng(1)
     calibration = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(2)]
     options = qgraph.CompileOptions(
-        quantization=qgraph.quant_options(calib=calibration, min_sqnr_db=0)
+        quantization=qgraph.quant_options(calib=calibration, budget="none")
     )
     return qgraph.compile_model(layers, "x86-avx2", options=options).model
 

@@ -104,7 +104,7 @@ def test_a_diff_counts_what_the_compile_did(make_model):
     rng = np.random.default_rng(1)
     calibration = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(2)]
     options = qgraph.CompileOptions(
-        quantization=qgraph.quant_options(calib=calibration, min_sqnr_db=0)
+        quantization=qgraph.quant_options(calib=calibration, budget="none")
     )
     compiled = qgraph.compile_model(proto, "x86-avx2", options=options).model
     diff = diff_models(qgraph.load(proto), compiled)
