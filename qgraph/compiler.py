@@ -128,6 +128,10 @@ def _planned_run(
     """Compile under the accuracy plan: rounds of Q/DQ compiles, each from a copy of
     ``model``, judged against its float compile (the same canonicalization and fusion, so the
     same value names), then the chosen one again in the asked format where that is not Q/DQ."""
+    float_options = dataclasses.replace(options, quantization=None)
+    reference = build_pipeline(spec, float_options).run(ir.from_proto(ir.to_proto(model))).model
+    prepared = _float_rewrites(model, spec, options, on_pass)
+    options = _without_float_rewrites(options, spec)
     original = ir.to_proto(model)
     quantization = options.quantization
     rounds: dict[frozenset[str], PipelineResult] = {}
@@ -145,13 +149,41 @@ def _planned_run(
         rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
         return rounds[frozenset(kept)].model
 
-    float_options = dataclasses.replace(options, quantization=None)
-    reference = build_pipeline(spec, float_options).run(ir.from_proto(original)).model
     _, report = plan(reference, qdq_round, quantization.calib, quantization.budget, tell)
     kept = report.kept_reasons()
-    if (options.format or spec.format) is QuantFormat.QDQ:
-        return rounds[frozenset(kept)], report
-    return compile_with(kept, options.format), report
+    chosen = rounds[frozenset(kept)]
+    if (options.format or spec.format) is not QuantFormat.QDQ:
+        chosen = compile_with(kept, options.format)
+    return PipelineResult(chosen.model, prepared + chosen.records), report
+
+
+PREPARED_PHASES = frozenset({Phase.CANONICALIZE, Phase.FLOAT_REWRITES})
+
+
+def _float_rewrites(
+    model: ir.Model, spec: TargetSpec, options: CompileOptions, on_pass: Callable
+) -> list[PassRecord]:
+    """Run the float-equivalent phases once, in place (SmoothQuant's search and the
+    rotations need not run again in each round of the plan); their records."""
+    pipeline = build_pipeline(spec, options)
+    for phase, name, _ in list(pipeline.passes()):
+        if phase not in PREPARED_PHASES:
+            pipeline.remove(name)
+    return pipeline.run(model, listener=on_pass).records
+
+
+def _without_float_rewrites(options: CompileOptions, spec: TargetSpec) -> CompileOptions:
+    """``options`` for the plan's rounds, from a model the float rewrites already made: they
+    skip that phase (fusion again would fold SmoothQuant's ``X / s`` back into the weights)."""
+    done = {
+        name
+        for phase, name, _ in build_pipeline(spec, options).passes()
+        if phase is Phase.FLOAT_REWRITES
+    }
+    quantization = dataclasses.replace(options.quantization, smoothquant=None, rotate=False)
+    return dataclasses.replace(
+        options, quantization=quantization, skip_passes=options.skip_passes | done
+    )
 
 
 def _check_input(source: ModelSource, model: ir.Model) -> None:

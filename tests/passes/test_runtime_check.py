@@ -57,6 +57,8 @@ def batches(count: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
 
 def compiled(target="x86-vnni", **flags) -> qgraph.CompileResult:
     flags.setdefault("calib", batches())
+    flags.setdefault("smoothquant", "none")
+    flags.setdefault("budget", "none")
     options = CompileOptions(quantization=quant_options(**flags))
     return qgraph.compile_model(conv_silu(), target, options=options)
 

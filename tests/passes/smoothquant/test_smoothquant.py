@@ -312,12 +312,13 @@ def test_a_recipe_key_and_flag_reach_the_pipeline(make_model, tmp_path):
     result = qgraph.compile_model(source, "x86-avx2", options=options)
     details = {record.name: record.details for record in result.records}
     assert details["smoothquant"].smoothed and details["smoothquant"].calibration_batches == 4
-    plain = qgraph.compile_model(
-        source,
-        "x86-avx2",
-        options=qgraph.CompileOptions(quantization=qgraph.quant_options(calib=outlier_batches())),
+    plain = qgraph.quant_options(calib=outlier_batches(), smoothquant="none")
+    result = qgraph.compile_model(
+        source, "x86-avx2", options=qgraph.CompileOptions(quantization=plain)
     )
-    assert "smoothquant" not in [record.name for record in plain.records]
+    assert "smoothquant" not in [record.name for record in result.records]
+    assert qgraph.quant_options(calib=outlier_batches()).smoothquant == "auto", "the default"
+    assert qgraph.quant_options(calib=outlier_batches(), budget="none").smoothquant is None
 
 
 @pytest.fixture(scope="module")
