@@ -24,8 +24,8 @@ Two tables:
    - ``ort-dynamic``: onnxruntime ``quantize_dynamic()`` (``ort_baseline.py``'s ``dynamic``);
    - ``qgraph``: ``qgraph compile MODEL --calib CALIB -o OUT``, no other flag (``--target
      auto``: this host's target);
-   - ``qgraph-all-8-bit``: the same with ``--min-sqnr-db 0`` (no activation kept above 8 bits
-     or in float for its SQNR).
+   - ``qgraph-all-8-bit``: the same with ``--budget none`` (every candidate in 8 bits, no
+     op kept in float by the accuracy plan, no SmoothQuant).
 
    ``qgraph.evaluation.evaluate`` compares each with the FP32 model on the zoo's held-out
    evaluation set: the accuracy headline, the size ratio and the speed-up at one intra-op

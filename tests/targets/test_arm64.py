@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def _options(name: str, zoo: models.ZooModel) -> CompileOptions:
         calibration = list(itertools.islice(read_batches(zoo.calibration), ZOO_CALIBRATION_BATCHES))
     rotate = name.endswith(ROTATED)
     return CompileOptions(
-        quantization=quant_options(mode="static", calib=calibration, rotate=rotate)
+        quantization=quant_options(mode="static", calib=calibration, rotate=rotate, budget="none")
     )
 
 
@@ -193,7 +194,15 @@ def test_exposing_the_quantized_activations_keeps_onnxruntimes_fusions(sysroot, 
     model = compiled(name)
     as_compiled = emulation.run(model.path, [], sysroot=sysroot)
     exposed = emulation.run(model.exposed, [], sysroot=sysroot)
-    assert exposed.optimized_ops == as_compiled.optimized_ops
+    # An exposed activation is an NCHW graph output, so the NHWC layout Transposes around
+    # consecutive QLinearConvs stay; every fusion is the same.
+    assert _without_transposes(exposed.optimized_ops) == _without_transposes(
+        as_compiled.optimized_ops
+    )
+
+
+def _without_transposes(ops: Counter) -> dict[str, int]:
+    return {op: count for op, count in ops.items() if op != "Transpose"}
 
 
 def test_without_optimizations_no_integer_kernel_runs(sysroot, compiled):
