@@ -40,6 +40,7 @@ import onnx_ir as ir
 
 from qgraph.data import DataSource, Feeds, read_batches
 from qgraph.debugging import OpError, debug_accuracy, energy_of
+from qgraph.errors import QGraphError
 from qgraph.kernels import is_qdq_group
 from qgraph.verify import expose_values, run, session
 
@@ -159,13 +160,18 @@ def plan(
         logger.info("plan round %d: %d ops float, %.2f dB", rounds, count, final)
         if final >= budget_db:
             passing = (count, candidate, final)
+        elif count == len(order):
+            raise _unreachable(budget_db, final)
         else:
             failing = count
         count = _next_count(failing, passing[0] if passing else None, len(order))
     if passing is None:
         count = len(order)
         candidate = compile_with(_reasons(order, budget_db))
-        passing = (count, candidate, output_sqnr_db(float_model, candidate, batches))
+        final = output_sqnr_db(float_model, candidate, batches)
+        if final < budget_db:
+            raise _unreachable(budget_db, final)
+        passing = (count, candidate, final)
     count, candidate, final = passing
     kept = tuple(order[:count])
     total = sum(op.macs for op in costs) or 1
@@ -174,6 +180,18 @@ def plan(
         budget_db, measured, final, kept, share, rounds, time.perf_counter() - start
     )
     return candidate, report
+
+
+class BudgetError(QGraphError):
+    """The accuracy budget cannot be met."""
+
+
+def _unreachable(budget_db: float, float_db: float) -> BudgetError:
+    return BudgetError(
+        f"the accuracy budget of {budget_db:g} dB cannot be met: with every candidate op in "
+        f"float the outputs are at {float_db:.1f} dB of the float model (what stays quantized, "
+        "embedding tables, sets that); lower --budget, or --budget none"
+    )
 
 
 def _next_count(failing: int, passing: int | None, total: int) -> int:

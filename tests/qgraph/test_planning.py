@@ -124,3 +124,24 @@ def test_budgets_read_from_flags_and_recipes():
     assert quant_options({"budget": 30}).budget == 30.0
     with pytest.raises(RecipeError, match="budget = 'loose'"):
         quant_options(budget="loose")
+
+
+def test_a_budget_not_met_with_every_candidate_float_is_an_error():
+    """The embedding table stays 8-bit (it is no candidate), so 100 dB is out of reach."""
+    table = RNG.standard_normal((64, K)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"),
+            helper.make_node("MatMul", ["x", "W_quiet"], ["y"], name="mm"),
+        ],
+        "embedded",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, K])],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(W_QUIET, "W_quiet")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(2)
+    data = [{"ids": rng.integers(0, 64, 8).astype(np.int64)} for _ in range(3)]
+    options = CompileOptions(quantization=quant_options(calib=data, budget=100))
+    with pytest.raises(planning.BudgetError, match="budget of 100 dB cannot be met"):
+        qgraph.compile_model(proto, "x86-vnni", options=options)
