@@ -149,7 +149,7 @@ def _planned_run(
         rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
         return rounds[frozenset(kept)].model
 
-    _, report = plan(reference, qdq_round, quantization.calib, quantization.budget, tell)
+    _, report = plan(reference, qdq_round, quantization.calib, quantization.budget, spec, tell)
     kept = report.kept_reasons()
     chosen = rounds[frozenset(kept)]
     if (options.format or spec.format) is not QuantFormat.QDQ:

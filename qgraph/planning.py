@@ -13,11 +13,11 @@ together, on the plan's batches (the first ``PLAN_BATCHES`` calibration batches)
    model with only that op's quantization error added, ``e_i`` its error energy there.
    Errors of different ops are close to uncorrelated, so keeping a set ``F`` in float leaves
    about ``N - sum_{i in F} e_i``, and the budget asks for ``N_F <= S 10^(-B / 10)``.
-3. Each op's speed value ``v_i`` is the work int8 takes off it: its multiply-accumulates on
-   the plan batch (output elements times reduction length), times the same int8 gain for
-   every op (the cost model; measured per-op timings are an open issue). Keeping in float the
-   ops of largest ``e_i / v_i`` first spends the least speed per unit of error removed (the
-   greedy answer to this knapsack).
+3. Each op's speed value ``v_i`` is what 8 bits save on it, measured on this host at its own
+   shapes (``qgraph.timing``: the op alone in float and as qgraph quantizes it, timed in
+   onnxruntime, cached). An op that int8 makes slower stays float whatever the budget.
+   Keeping in float the ops of largest ``e_i / v_i`` first spends the least speed per unit of
+   error removed (the greedy answer to this knapsack).
 4. Errors compound along the network, so alone they add up to less than the measured ``N``:
    they are scaled to add up to it, and ``F`` is the shortest prefix of that order removing
    ``N - S 10^(-B / 10)``. Compile with ``F`` kept in float and measure; while the measure
@@ -42,6 +42,8 @@ from qgraph.data import DataSource, Feeds, read_batches
 from qgraph.debugging import OpError, debug_accuracy, energy_of
 from qgraph.errors import QGraphError
 from qgraph.kernels import is_qdq_group
+from qgraph.targets import TargetSpec
+from qgraph.timing import TIMED_OPS, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
 
 logger = logging.getLogger(__name__)
@@ -61,14 +63,15 @@ Compile = Callable[[dict[str, str]], ir.Model]
 
 @dataclasses.dataclass(frozen=True)
 class OpCost:
-    """What quantizing one op costs at the outputs and what it is worth in speed."""
+    """What quantizing one op costs at the outputs and what it gains in speed."""
 
     node: str
     op_type: str
     alone_sqnr_db: float
     """The output SQNR with only this op quantized."""
-    macs: int
-    """Its multiply-accumulates on the plan batch (the speed it gains in 8 bits)."""
+    gain_seconds: float
+    """What 8 bits save on it per run of the first calibration batch, measured; negative
+    where int8 is slower."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +82,8 @@ class PlanReport:
     all_quantized_db: float
     final_db: float
     kept_float: tuple[OpCost, ...]
-    quantized_macs_share: float
-    """The share of the candidate ops' multiply-accumulates left in 8 bits."""
+    gain_share: float
+    """The share of the measured int8 gain of all faster candidates that the model keeps."""
     rounds: int
     seconds: float
 
@@ -97,7 +100,7 @@ class PlanReport:
         return (
             f"accuracy budget {self.budget_db:g} dB: all in 8 bits gave "
             f"{self.all_quantized_db:.1f} dB; {len(self.kept_float)} ops kept in float "
-            f"({1 - self.quantized_macs_share:.0%} of the quantizable work) give "
+            f"({1 - self.gain_share:.0%} of the measured int8 gain) give "
             f"{self.final_db:.1f} dB ({self.rounds} rounds, {self.seconds:.0f} s)"
         )
 
@@ -135,23 +138,39 @@ def plan(
     compile_with: Compile,
     data: DataSource,
     budget_db: float,
+    target: TargetSpec,
     progress: Callable[[str], None] = lambda step: None,
 ) -> tuple[ir.Model, PlanReport]:
-    """The compiled model meeting ``budget_db`` with the fewest ops kept in float."""
+    """The compiled model meeting ``budget_db`` with the fewest ops kept in float; ops that
+    int8 makes slower here are kept in float whatever the budget."""
     start = time.perf_counter()
     batches = plan_batches(data)
     progress("plan: every candidate in 8 bits")
     candidate = compile_with({})
     measured = output_sqnr_db(float_model, candidate, batches)
+    progress("plan: timing each op in float and in 8 bits")
+    gains = _gains(candidate, batches[0], target)
+    types = {node.name: node.op_type for node in candidate.graph}
+    slow = [OpCost(n, types[n], math.inf, g) for n, g in gains.items() if g <= 0]
     if measured >= budget_db:
-        report = PlanReport(budget_db, measured, measured, (), 1.0, 1, time.perf_counter() - start)
+        if slow:
+            candidate = compile_with(_reasons(slow, budget_db))
+        final = measured if not slow else output_sqnr_db(float_model, candidate, batches)
+        report = _report(budget_db, measured, final, tuple(slow), gains, 1 + bool(slow), start)
         return candidate, report
     progress("plan: measuring each op's error alone at the outputs")
-    costs = _op_costs(float_model, candidate, batches)
-    order = sorted(costs, key=_error_per_work, reverse=True)
-    count = _ops_covering(order, _noise(measured), _noise(measured) - _noise(budget_db))
+    impacts = _impacts(float_model, candidate, batches)
+    slow = [dataclasses.replace(op, alone_sqnr_db=impacts.get(op.node, math.inf)) for op in slow]
+    costs = [
+        OpCost(node, types[node], impacts[node], gain)
+        for node, gain in gains.items()
+        if gain > 0 and node in impacts
+    ]
+    order = slow + sorted(costs, key=_error_per_gain, reverse=True)
+    needed = _noise(measured) - _noise(budget_db)
+    count = max(_ops_covering(order, _noise(measured), needed), len(slow))
     passing: tuple[int, ir.Model, float] | None = None
-    failing, rounds = 0, 1
+    failing, rounds = len(slow) - 1 if slow else 0, 1
     while rounds < MAX_ROUNDS and (passing is None or passing[0] - failing > 1):
         rounds += 1
         progress(f"plan: round {rounds}, {count} ops kept in float")
@@ -166,20 +185,30 @@ def plan(
             failing = count
         count = _next_count(failing, passing[0] if passing else None, len(order))
     if passing is None:
-        count = len(order)
         candidate = compile_with(_reasons(order, budget_db))
         final = output_sqnr_db(float_model, candidate, batches)
         if final < budget_db:
             raise _unreachable(budget_db, final)
-        passing = (count, candidate, final)
+        passing = (len(order), candidate, final)
     count, candidate, final = passing
-    kept = tuple(order[:count])
-    total = sum(op.macs for op in costs) or 1
-    share = 1 - sum(op.macs for op in kept) / total
-    report = PlanReport(
-        budget_db, measured, final, kept, share, rounds, time.perf_counter() - start
+    return candidate, _report(
+        budget_db, measured, final, tuple(order[:count]), gains, rounds, start
     )
-    return candidate, report
+
+
+def _report(
+    budget_db: float,
+    measured: float,
+    final: float,
+    kept: tuple[OpCost, ...],
+    gains: dict[str, float],
+    rounds: int,
+    start: float,
+) -> PlanReport:
+    faster = sum(g for g in gains.values() if g > 0) or 1.0
+    lost = sum(op.gain_seconds for op in kept if op.gain_seconds > 0)
+    seconds = time.perf_counter() - start
+    return PlanReport(budget_db, measured, final, kept, 1 - lost / faster, rounds, seconds)
 
 
 class BudgetError(QGraphError):
@@ -207,6 +236,11 @@ def _reasons(ops: tuple[OpCost, ...] | list[OpCost], budget_db: float) -> dict[s
 
 
 def _reason(op: OpCost, budget_db: float) -> str:
+    if op.gain_seconds <= 0:
+        return (
+            "kept in float by the accuracy plan: in 8 bits it ran slower here "
+            f"({-op.gain_seconds * 1e3:.3f} ms more, measured)"
+        )
     return (
         f"kept in float by the accuracy plan: alone in 8 bits it takes the outputs to "
         f"{op.alone_sqnr_db:.1f} dB (budget {budget_db:g} dB)"
@@ -218,8 +252,8 @@ def _noise(sqnr_db: float) -> float:
     return 10 ** (-sqnr_db / 10)
 
 
-def _error_per_work(op: OpCost) -> float:
-    return _noise(op.alone_sqnr_db) / max(op.macs, 1)
+def _error_per_gain(op: OpCost) -> float:
+    return _noise(op.alone_sqnr_db) / op.gain_seconds
 
 
 def _ops_covering(order: list[OpCost], total: float, needed: float) -> int:
@@ -236,68 +270,49 @@ def _ops_covering(order: list[OpCost], total: float, needed: float) -> int:
     return len(order)
 
 
-def _op_costs(float_model: ir.Model, candidate: ir.Model, batches: list[Feeds]) -> list[OpCost]:
+def _impacts(float_model: ir.Model, candidate: ir.Model, batches: list[Feeds]) -> dict[str, float]:
+    """Node name -> the output SQNR with only that op quantized, on the impact sample."""
     sample = [{name: array[:IMPACT_ROWS] for name, array in batches[0].items()}]
     if not all(_dynamic_batch(value) for value in float_model.graph.inputs):
         sample = batches[:1]
     report = debug_accuracy(float_model, candidate, sample, impact_batches=1)
-    macs = _macs(float_model, candidate, sample[0])
-    return [_cost(op, macs[op.node]) for op in report.ops if op.node in macs]
+    return {op.node: _alone(op) for op in report.ops}
 
 
-def _cost(op: OpError, macs: int) -> OpCost:
-    alone = op.output_sqnr_db if op.output_sqnr_db is not None else op.local_sqnr_db
-    return OpCost(op.node, op.op_type, alone, macs)
+def _alone(op: OpError) -> float:
+    return op.output_sqnr_db if op.output_sqnr_db is not None else op.local_sqnr_db
 
 
-def _macs(float_model: ir.Model, candidate: ir.Model, feeds: Feeds) -> dict[str, int]:
-    """Node name -> multiply-accumulates on ``feeds``, for each quantized op of ``candidate``
-    (``is_qdq_group``: the plan's candidates, not the float ops reading a dequantized value):
-    output elements times the reduction length (weight elements per output channel, or the
-    last axis of the first input for a product of two computed tensors)."""
-    ops = [node for node in candidate.graph if is_qdq_group(node)]
-    probe = ir.from_proto(ir.to_proto(float_model))
-    computed = {value.name for node in probe.graph for value in node.outputs}
-    names = [v.name for n in ops for v in (n.outputs[0], n.inputs[0]) if v.name in computed]
-    expose_values(probe, names)
-    shapes = {name: np.shape(array) for name, array in run(probe, feeds, optimize=True).items()}
-    feeds_shapes = {name: np.shape(array) for name, array in feeds.items()}
-    return {node.name: _node_macs(node, {**feeds_shapes, **shapes}) for node in ops}
+def _gains(candidate: ir.Model, feeds: Feeds, target: TargetSpec) -> dict[str, float]:
+    """Node name -> seconds int8 saves on ``feeds``, measured (``qgraph.timing``), for each
+    quantized op of ``candidate`` (``is_qdq_group``: the plan's candidates, not the float
+    ops reading a dequantized value)."""
+    ops = [node for node in candidate.graph if is_qdq_group(node) and node.op_type in TIMED_OPS]
+    probe = ir.from_proto(ir.to_proto(candidate))  # its float values have the float shapes
+    sources = {v.name: _float_source(v).name for n in ops for v in n.inputs[:2] if v is not None}
+    expose_values(probe, set(sources.values()))
+    shapes = {name: np.shape(array) for name, array in feeds.items()}
+    shapes |= {name: np.shape(a) for name, a in run(probe, feeds, optimize=True).items()}
+    cache = default_cache()
+    gains = {}
+    for node in ops:
+        if sources[node.inputs[0].name] not in shapes:
+            continue
+        read = {
+            v.name: shapes[sources[v.name]]
+            for v in node.inputs[:2]
+            if v is not None and sources[v.name] in shapes
+        }
+        float_seconds, int8_seconds = cache.seconds(op_shape(node, read, target), target)
+        gains[node.name] = float_seconds - int8_seconds
+    return gains
 
 
-def _node_macs(node: ir.Node, shapes: dict[str, tuple[int, ...]]) -> int:
-    output = shapes.get(node.outputs[0].name)
-    if output is None:
-        return 0
-    return int(np.prod(output)) * _reduction(node, shapes)
-
-
-def _reduction(node: ir.Node, shapes: dict[str, tuple[int, ...]]) -> int:
-    weight = _constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is not None:
-        return max(int(np.prod(weight)) // max(_channels(node, weight), 1), 1)
-    first = shapes.get(node.inputs[0].name)
-    return int(first[-1]) if first else 1
-
-
-def _channels(node: ir.Node, shape: tuple[int, ...]) -> int:
-    if node.op_type == "Conv":
-        return shape[0]
-    transposed = node.attributes.get_int("transB", 0) if node.op_type == "Gemm" else 0
-    return shape[0] if transposed else shape[-1]
-
-
-def _constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
-    """The shape of the constant behind a dequantized weight (through a 2-D Transpose of a
-    tied table), or None for a computed one."""
-    transposes = 0
-    while value is not None and value.const_value is None:
-        producer = value.producer()
-        if producer is None or producer.op_type not in ("DequantizeLinear", "Transpose"):
-            return None
-        transposes += producer.op_type == "Transpose"
+def _float_source(value: ir.Value) -> ir.Value:
+    """The float tensor behind ``value``, through its DequantizeLinear and QuantizeLinear."""
+    while (producer := value.producer()) is not None and producer.op_type in (
+        "DequantizeLinear",
+        "QuantizeLinear",
+    ):
         value = producer.inputs[0]
-    if value is None:
-        return None
-    shape = tuple(value.const_value.shape)
-    return shape[::-1] if transposes % 2 else shape
+    return value

@@ -50,7 +50,7 @@ def batches(count: int = 4) -> list[dict[str, np.ndarray]]:
 
 
 def compiled(proto: onnx.ModelProto, target: str = "x86-vnni") -> qgraph.CompileResult:
-    options = CompileOptions(quantization=quant_options(calib=batches()))
+    options = CompileOptions(quantization=quant_options(calib=batches(), budget="none"))
     return qgraph.compile_model(proto, target, options=options)
 
 

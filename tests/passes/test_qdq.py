@@ -230,8 +230,9 @@ def test_an_activation_with_a_non_finite_range_stays_in_float():
         ]
     )
     proto.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, N]))
+    quantization = quant_options(calib=batches(), budget="none")
     result = qgraph.compile_model(
-        proto, "x86-avx2", options=CompileOptions(quantization=quant_options(calib=batches()))
+        proto, "x86-avx2", options=CompileOptions(quantization=quantization)
     )
     inserted = next(r for r in result.records if r.name == "insert-qdq").details
     assert inserted.float_reasons == {"mm_log": ("MatMul", "the range of 'logx' is not finite")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -225,10 +226,10 @@ def test_quantizing_the_bundled_cnn_as_the_readme_does(tmp_path, monkeypatch):
     assert (tmp_path / "cnn.calibration").is_dir() and (tmp_path / "cnn.evaluation").is_dir()
     result = invoke("compile", "cnn.onnx", "--calib", "cnn.calibration", "-o", "q.onnx", "-v")
     assert result.exit_code == 0, result.output
-    assert (
-        "Conv          6              0" in result.stdout
-        and "calibrated on 8 batches" in result.stdout
-    )
+    text = " ".join(result.stdout.split())
+    assert "calibrated on 8 batches" in text
+    kept = re.search(r"(\d+) of \1 quantized ops run as integer kernels", text)
+    assert kept and int(kept.group(1)) > 0, "some ops in 8 bits, all of them integer kernels"
     evaluation = invoke("eval", "cnn.onnx", "q.onnx", "--data", "cnn.evaluation", "--json")
     figures = json.loads(evaluation.stdout)["figures"]
     assert figures["top1_agreement"] >= 0.99
@@ -386,7 +387,8 @@ def test_check_passes_a_model_compiled_for_the_target(model_file, calibration, t
 def test_check_lists_each_violation_and_fails(model_file, calibration, tmp_path):
     out = tmp_path / "cpu.onnx"
     args = ("compile", model_file, "-t", "x86-avx2", "--calib", calibration, "-o", out)
-    assert invoke(*args, "--smoothquant", "none").exit_code == 0  # so x feeds x_Q directly
+    # every candidate in 8 bits, x feeding x_Q directly: int8 is slower on this tiny model
+    assert invoke(*args, "--budget", "none").exit_code == 0
     table = invoke("check", out, "--target", "tensorrt")
     assert table.exit_code == 1 and "Traceback" not in table.output
     assert "breaks target tensorrt" in table.stdout

@@ -13,7 +13,8 @@ from qgraph import planning
 from qgraph.options import CompileOptions
 from qgraph.recipe import RecipeError, quant_options
 
-K = 32
+K = 256  # large enough that int8 is faster here than float (measured by the plan)
+ROWS = 128
 RNG = np.random.default_rng(0)
 W_QUIET = (RNG.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32)
 W_LOUD = (RNG.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32)
@@ -32,10 +33,10 @@ def two_branches() -> onnx.ModelProto:
         nodes,
         "branches",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, K]),
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, [8, K]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, K]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [ROWS, K]),
         ],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [8, K]) for name in "ab"],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [ROWS, K]) for name in "ab"],
         [numpy_helper.from_array(W_QUIET, "W_quiet"), numpy_helper.from_array(W_LOUD, "W_loud")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -47,8 +48,8 @@ def batches(count: int = 3, seed: int = 1) -> list[dict[str, np.ndarray]]:
     spike[0] = 300.0
     return [
         {
-            "x": rng.standard_normal((8, K)).astype(np.float32),
-            "z": (rng.standard_normal((8, K)) * spike).astype(np.float32),
+            "x": rng.standard_normal((ROWS, K)).astype(np.float32),
+            "z": (rng.standard_normal((ROWS, K)) * spike).astype(np.float32),
         }
         for _ in range(count)
     ]
@@ -145,3 +146,14 @@ def test_a_budget_not_met_with_every_candidate_float_is_an_error():
     options = CompileOptions(quantization=quant_options(calib=data, budget=100))
     with pytest.raises(planning.BudgetError, match="budget of 100 dB cannot be met"):
         qgraph.compile_model(proto, "x86-vnni", options=options)
+
+
+def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
+    monkeypatch.setattr(planning, "_gains", lambda *args: {"quiet": -1e-4, "loud": 2e-3})
+    result = compiled(0)
+    assert [op.node for op in result.plan.kept_float] == ["quiet"]
+    annotate = next(r.details for r in result.records if r.name == "annotate")
+    assert (
+        "in 8 bits it ran slower here (0.100 ms more, measured)"
+        in annotate.float_reasons["quiet"][1]
+    )

@@ -186,7 +186,7 @@ def test_a_bias_at_another_scale_keeps_the_gemm_in_qdq_form():
 
 def test_the_qoperator_format_runs_the_lower_pass_in_a_compile():
     options = qgraph.CompileOptions(
-        quantization=qgraph.quant_options(calib=mlp_batches(4, seed=1)),
+        quantization=qgraph.quant_options(calib=mlp_batches(4, seed=1), budget="none"),
         format=QuantFormat.QOPERATOR,
     )
     result = qgraph.compile_model(mlp(), "x86-avx2", options=options)

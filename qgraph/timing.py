@@ -1,0 +1,253 @@
+"""Measured int8 gains: what quantizing one op saves on this host, timed in onnxruntime.
+
+For each candidate op of the accuracy plan, a one-op float model and its 8-bit twin, written
+as qgraph writes it (the activations through QuantizeLinear / DequantizeLinear, the weight
+dequantized per output channel in the target's weight type, a Q/DQ pair on the output of the
+ops the target fuses only behind one), run in onnxruntime with every optimization at one
+intra-op thread, the two alternating run by run, median of ``RUNS``, at the op's own shapes.
+The gain is ``t_float - t_int8``: negative where int8 is slower (small Convs, whose quantize,
+requantize and layout work outweighs the product).
+
+Timings are cached in ``<QGRAPH_CACHE>/timings.json`` by the op's shapes and attributes, the
+types, the onnxruntime version and the CPU's flags; an entry that does not parse as two
+positive numbers is measured again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from qgraph.models import cache_dir
+from qgraph.targets import TargetSpec, host_cpu_flags
+
+logger = logging.getLogger(__name__)
+
+RUNS = 15
+TIMED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+_ATTRIBUTES = ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad", "transB")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpShape:
+    """What the timing of one op depends on: its type, attributes and tensor shapes."""
+
+    op_type: str
+    inputs: tuple[tuple[int, ...], ...]
+    """Shapes of the data inputs (the activation, and a computed second operand)."""
+    weight: tuple[int, ...] | None
+    """Shape of a constant weight, None for a product of two computed tensors."""
+    attributes: tuple[tuple[str, str], ...]
+    quantized_output: bool
+
+    def key(self, target: TargetSpec) -> str:
+        text = json.dumps(
+            [
+                dataclasses.astuple(self),
+                target.activation_dtype.name,
+                target.weight_dtype.name,
+                ort.__version__,
+                sorted(host_cpu_flags()),
+            ]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def op_shape(node: ir.Node, shapes: dict[str, tuple[int, ...]], target: TargetSpec) -> OpShape:
+    """``node``'s ``OpShape`` from the shapes of a run (value name -> shape)."""
+    weight = _weight_shape(node)
+    data = node.inputs[:1] if weight is not None else node.inputs[:2]
+    attributes = tuple(
+        (name, _attribute_text(node.attributes[name].value))
+        for name in _ATTRIBUTES
+        if name in node.attributes
+    )
+    return OpShape(
+        node.op_type,
+        tuple(tuple(shapes[v.name]) for v in data),
+        weight,
+        attributes,
+        node.op_type in target.output_quantized_ops,
+    )
+
+
+def _weight_shape(node: ir.Node) -> tuple[int, ...] | None:
+    """The shape of the constant behind the op's dequantized weight (through a Transpose)."""
+    value, transposes = node.inputs[1] if len(node.inputs) > 1 else None, 0
+    while value is not None and value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type not in ("DequantizeLinear", "Transpose"):
+            return None
+        transposes += producer.op_type == "Transpose"
+        value = producer.inputs[0]
+    if value is None:
+        return None
+    shape = tuple(value.const_value.shape)
+    return shape[::-1] if transposes % 2 else shape
+
+
+class TimingCache:
+    """Measured (float, int8) seconds per op shape, kept in a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = self._read()
+
+    def _read(self) -> dict[str, list[float]]:
+        try:
+            loaded = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def seconds(self, shape: OpShape, target: TargetSpec) -> tuple[float, float]:
+        key = shape.key(target)
+        found = self.entries.get(key)
+        if not _valid(found):
+            found = list(measure(shape, target))
+            self.entries[key] = found
+            self._write()
+        return found[0], found[1]
+
+    def _write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.entries))
+            temporary.replace(self.path)
+        except OSError as error:
+            logger.warning("cannot write the timing cache %s: %s", self.path, error)
+
+
+def _valid(entry: object) -> bool:
+    return (
+        isinstance(entry, list)
+        and len(entry) == 2
+        and all(isinstance(t, float) and t > 0 for t in entry)
+    )
+
+
+def measure(shape: OpShape, target: TargetSpec) -> tuple[float, float]:
+    """Median seconds of the op in float and in 8 bits, alternating run by run."""
+    rng = np.random.default_rng(0)
+    float_model, int8_model, feeds = _twins(shape, target, rng)
+    sessions = [_session(float_model), _session(int8_model)]
+    times: list[list[float]] = [[], []]
+    for run in range(2 + RUNS):  # the first runs pack the weights
+        for sess, record in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            if run >= 2:
+                record.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
+    """(float model, 8-bit model, feeds) of one op at ``shape``."""
+    names = [f"x{i}" for i in range(len(shape.inputs))]
+    feeds = {
+        name: rng.standard_normal(dims).astype(np.float32)
+        for name, dims in zip(names, shape.inputs, strict=True)
+    }
+    attributes = {name: _attribute(value) for name, value in shape.attributes}
+    weight = None if shape.weight is None else rng.standard_normal(shape.weight)
+    operands = list(names)
+    float_initializers = []
+    if weight is not None:
+        operands.append("W")
+        float_initializers.append(numpy_helper.from_array(weight.astype(np.float32), "W"))
+    float_nodes = [helper.make_node(shape.op_type, operands, ["y"], **attributes)]
+    int8_nodes, int8_initializers = _quantized_inputs(names, target)
+    operands = [f"{name}_dq" for name in names]
+    if weight is not None:
+        operands.append("W_dq")
+        int8_nodes.append(_weight_dequantizer(shape, weight, target, int8_initializers))
+    output = "y_float" if shape.quantized_output else "y"
+    int8_nodes.append(helper.make_node(shape.op_type, operands, [output], **attributes))
+    if shape.quantized_output:
+        int8_nodes += [
+            helper.make_node("QuantizeLinear", ["y_float", "s", "z"], ["y_q"]),
+            helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"]),
+        ]
+    return (
+        _model(float_nodes, float_initializers, names, shape),
+        _model(int8_nodes, int8_initializers, names, shape),
+        feeds,
+    )
+
+
+def _quantized_inputs(names: list[str], target: TargetSpec):
+    zero = 0 if target.activation_dtype.is_signed() else 128
+    dtype = np.int8 if target.activation_dtype.is_signed() else np.uint8
+    initializers = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+        numpy_helper.from_array(np.array(zero, dtype), "z"),
+    ]
+    nodes = []
+    for name in names:
+        nodes.append(helper.make_node("QuantizeLinear", [name, "s", "z"], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", "s", "z"], [f"{name}_dq"]))
+    return nodes, initializers
+
+
+def _weight_dequantizer(shape, weight, target, initializers):
+    axis = 0 if shape.op_type == "Conv" or dict(shape.attributes).get("transB") == "1" else 1
+    signed = target.weight_dtype.is_signed()
+    values = np.clip(np.rint(weight * 40), -127, 127) + (0 if signed else 128)
+    dtype = np.int8 if signed else np.uint8
+    channels = weight.shape[axis]
+    initializers += [
+        numpy_helper.from_array(values.astype(dtype), "W_q"),
+        numpy_helper.from_array(np.full(channels, 0.025, np.float32), "W_s"),
+        numpy_helper.from_array(np.full(channels, 0 if signed else 128, dtype), "W_z"),
+    ]
+    return helper.make_node("DequantizeLinear", ["W_q", "W_s", "W_z"], ["W_dq"], axis=axis)
+
+
+def _model(nodes, initializers, names, shape) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "op",
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+            for name, dims in zip(names, shape.inputs, strict=True)
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _attribute_text(value: object) -> str:
+    """An attribute value (an int, ints or a string) as JSON text, for keys and back."""
+    return json.dumps(list(value) if isinstance(value, (list, tuple)) else value)
+
+
+def _attribute(text: str) -> object:
+    return json.loads(text)
+
+
+def default_cache() -> TimingCache:
+    """The cache under the zoo's cache folder (``$QGRAPH_CACHE``)."""
+    return TimingCache(cache_dir() / "timings.json")
