@@ -349,20 +349,16 @@ def _is_quantize(node: ir.Node) -> bool:
     return node.op_type == "QuantizeLinear"
 
 
-def _feeds_quantize_alone(value: ir.Value) -> bool:
-    """``value``'s only reader is a Q, or a Relu whose only reader is a Q."""
+def _feeds_quantize_alone(value: ir.Value, through_relu: bool = True) -> bool:
+    """``value``'s only reader is a Q, or (``through_relu``) a Relu whose only reader is a Q;
+    neither value a graph output."""
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output():
         return False
     reader = uses[0].node
-    if reader.op_type == "Relu":
-        return _is_quantize_alone(reader.outputs[0])
+    if through_relu and reader.op_type == "Relu":
+        return _feeds_quantize_alone(reader.outputs[0], through_relu=False)
     return _is_quantize(reader)
-
-
-def _is_quantize_alone(value: ir.Value) -> bool:
-    uses = list(value.uses())
-    return len(uses) == 1 and _is_quantize(uses[0].node) and not value.is_graph_output()
 
 
 def _gptq_input(node: ir.Node) -> str | None:

@@ -115,16 +115,20 @@ def _dynamic_batch(value: ir.Value) -> bool:
     return shape is not None and len(shape) > 0 and not isinstance(shape[0], int)
 
 
-def output_sqnr_db(float_model: ir.Model, candidate: ir.Model, batches: list[Feeds]) -> float:
-    """The SQNR of ``candidate``'s outputs against ``float_model``'s, all outputs together."""
-    reference, compiled = (
-        session(float_model, optimize=True, threads=0),
-        session(candidate, optimize=True, threads=0),
-    )
+def reference_outputs(float_model: ir.Model, batches: list[Feeds]) -> list[dict]:
+    """The float model's outputs on each batch, computed once for every round's measure."""
+    reference = session(float_model, optimize=True, threads=0)
+    return [run(reference, feeds) for feeds in batches]
+
+
+def output_sqnr_db(expected: list[dict], candidate: ir.Model, batches: list[Feeds]) -> float:
+    """The SQNR of ``candidate``'s outputs against the ``expected`` ones (the float model's,
+    ``reference_outputs``), all outputs together."""
+    compiled = session(candidate, optimize=True, threads=0)
     signal = noise = 0.0
-    for feeds in batches:
-        expected, actual = run(reference, feeds), run(compiled, feeds)
-        for name, y in expected.items():
+    for feeds, reference in zip(batches, expected, strict=True):
+        actual = run(compiled, feeds)
+        for name, y in reference.items():
             if not np.issubdtype(np.asarray(y).dtype, np.floating):
                 continue
             finite = np.isfinite(y)  # where the float model itself gives NaN, nothing to keep
@@ -145,9 +149,10 @@ def plan(
     int8 makes slower here are kept in float whatever the budget."""
     start = time.perf_counter()
     batches = plan_batches(data)
+    expected = reference_outputs(float_model, batches)
     progress("plan: every candidate in 8 bits")
     candidate = compile_with({})
-    measured = output_sqnr_db(float_model, candidate, batches)
+    measured = output_sqnr_db(expected, candidate, batches)
     progress("plan: timing each op in float and in 8 bits")
     gains = _gains(candidate, batches[0], target)
     types = {node.name: node.op_type for node in candidate.graph}
@@ -155,7 +160,7 @@ def plan(
     if measured >= budget_db:
         if slow:
             candidate = compile_with(_reasons(slow, budget_db))
-        final = measured if not slow else output_sqnr_db(float_model, candidate, batches)
+        final = measured if not slow else output_sqnr_db(expected, candidate, batches)
         report = _report(budget_db, measured, final, tuple(slow), gains, 1 + bool(slow), start)
         return candidate, report
     progress("plan: measuring each op's error alone at the outputs")
@@ -175,7 +180,7 @@ def plan(
         rounds += 1
         progress(f"plan: round {rounds}, {count} ops kept in float")
         candidate = compile_with(_reasons(order[:count], budget_db))
-        final = output_sqnr_db(float_model, candidate, batches)
+        final = output_sqnr_db(expected, candidate, batches)
         logger.info("plan round %d: %d ops float, %.2f dB", rounds, count, final)
         if final >= budget_db:
             passing = (count, candidate, final)
@@ -186,7 +191,7 @@ def plan(
         count = _next_count(failing, passing[0] if passing else None, len(order))
     if passing is None:
         candidate = compile_with(_reasons(order, budget_db))
-        final = output_sqnr_db(float_model, candidate, batches)
+        final = output_sqnr_db(expected, candidate, batches)
         if final < budget_db:
             raise _unreachable(budget_db, final)
         passing = (len(order), candidate, final)

@@ -274,26 +274,33 @@ def _smoothquant(value: object) -> float | str | None:
         return AUTO_ALPHA
     if value == NO_SMOOTHING:
         return None
-    try:
-        alpha = float(value) if isinstance(value, str) else value
-    except ValueError:
-        alpha = None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise RecipeError(f"smoothquant = {value!r}: expected an alpha in [0, 1], 'auto' or 'none'")
-    return float(alpha)
+    return _bounded(
+        value, 0, 1, f"smoothquant = {value!r}: expected an alpha in [0, 1], 'auto' or 'none'"
+    )
 
 
 def _budget(value: object) -> float | None:
     """An output SQNR in dB (a number, or its text from the command line), or ``"none"``."""
     if value == NO_BUDGET:
         return None
+    return _bounded(
+        value, 0, 100, f"budget = {value!r}: expected an output SQNR in dB (0-100) or 'none'"
+    )
+
+
+def _bounded(value: object, low: float, high: float, complaint: str) -> float:
+    """``value`` (a number, or its text) as a float in [low, high]; ``complaint`` otherwise."""
     try:
-        db = float(value) if isinstance(value, str) else value
+        number = float(value) if isinstance(value, str) else value
     except ValueError:
-        db = None
-    if isinstance(db, bool) or not isinstance(db, (int, float)) or not 0 <= db <= 100:
-        raise RecipeError(f"budget = {value!r}: expected an output SQNR in dB (0-100) or 'none'")
-    return float(db)
+        number = None
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, (int, float))
+        or not low <= number <= high
+    ):
+        raise RecipeError(complaint)
+    return float(number)
 
 
 def _patterns(key: str):
