@@ -245,6 +245,14 @@ def cli(debug: bool) -> None:
     f"'none': quantize them all [default: {DEFAULT_BUDGET_DB:g}].",
 )
 @click.option(
+    "--measure/--no-measure",
+    default=None,
+    help="How the budget's plan learns what 8 bits save on each op: timed alone at its own "
+    "shapes in float and in 8 bits on this host (cached in $QGRAPH_CACHE/timings.json), or, "
+    "with --no-measure, estimated from its multiply-accumulates and the target's nominal int8 "
+    "speed-up (faster to compile, blind to this CPU) [default: measure].",
+)
+@click.option(
     "--smoothquant",
     metavar="[ALPHA]",
     is_flag=False,

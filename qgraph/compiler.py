@@ -18,10 +18,10 @@ from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
 from qgraph.options import CompileOptions
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
-from qgraph.planning import PlanReport, plan
-from qgraph.recipe import Mode
+from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target
+from qgraph.timing import CostModel
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,7 @@ def _planned(options: CompileOptions, custom_pipeline: bool) -> bool:
     """The accuracy plan runs for static quantization with a budget and real calibration
     data, on qgraph's own pipeline (which it rebuilds for each round)."""
     quantization = options.quantization
-    return (
-        not custom_pipeline
-        and quantization is not None
-        and quantization.mode is Mode.STATIC
-        and quantization.budget is not None
-        and quantization.calib is not None
-    )
+    return not custom_pipeline and quantization is not None and quantization.planned
 
 
 def _planned_run(
@@ -125,12 +119,31 @@ def _planned_run(
     on_pass: Callable[[Phase, str], None],
     tell: Progress,
 ) -> tuple[PipelineResult, PlanReport]:
-    """Compile under the accuracy plan: rounds of Q/DQ compiles, each from a copy of
-    ``model``, judged against its float compile (the same canonicalization and fusion, so the
-    same value names), then the chosen one again in the asked format where that is not Q/DQ."""
+    """Compile under the accuracy plan.
+
+    1. The float compile (the plan's reference: the same canonicalization and fusion, so the
+       same value names) and a probe, every candidate in 8 bits without SmoothQuant, whose
+       quantized ops are timed in float and in 8 bits (``planning.speed_gains``).
+    2. The float rewrites, once, in place: SmoothQuant leaves alone the activations whose
+       readers 8 bits make slower (they stay float, and its ``X / s`` would only cost time).
+    3. The plan's rounds, each a Q/DQ compile from a copy of the rewritten model; the chosen
+       one compiled again in the asked format where that is not Q/DQ.
+    """
+    quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
-    reference = build_pipeline(spec, float_options).run(ir.from_proto(ir.to_proto(model))).model
-    prepared = _float_rewrites(model, spec, options, on_pass)
+    reference = build_pipeline(spec, float_options).run(_copy(model)).model
+    batches = plan_batches(quantization.calib)
+    tell("plan: timing each op in float and in 8 bits")
+    unsmoothed = dataclasses.replace(quantization, smoothquant=None)
+    probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
+    timer = None if quantization.measure else CostModel()
+    speeds = speed_gains(probe.run(_copy(model)).model, batches[0], spec, timer)
+    slow = [op for op in speeds if op.gain_seconds <= 0]
+    slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
+    informed = dataclasses.replace(quantization, keep_float=slow_kept)
+    prepared = _float_rewrites(
+        model, spec, dataclasses.replace(options, quantization=informed), on_pass
+    )
     options = _without_float_rewrites(options, spec)
     original = ir.to_proto(model)
     quantization = options.quantization
@@ -149,12 +162,16 @@ def _planned_run(
         rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
         return rounds[frozenset(kept)].model
 
-    _, report = plan(reference, qdq_round, quantization.calib, quantization.budget, spec, tell)
+    _, report = plan(reference, qdq_round, batches, quantization.budget, speeds, tell)
     kept = report.kept_reasons()
     chosen = rounds[frozenset(kept)]
     if (options.format or spec.format) is not QuantFormat.QDQ:
         chosen = compile_with(kept, options.format)
     return PipelineResult(chosen.model, prepared + chosen.records), report
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
 
 
 PREPARED_PHASES = frozenset({Phase.CANONICALIZE, Phase.FLOAT_REWRITES})

@@ -6,28 +6,30 @@ together, on the plan's batches (the first ``PLAN_BATCHES`` calibration batches)
 
     SQNR = 10 log10(S / N),    S = sum y^2,    N = sum (y - y')^2
 
-1. Compile with every candidate op quantized. If its SQNR meets the budget ``B``, that is the
-   model.
-2. Measure each quantized op's error alone at the outputs (``qgraph.debugging``, on the first
-   ``IMPACT_ROWS`` rows of the first batch): the float
-   model with only that op's quantization error added, ``e_i`` its error energy there.
-   Errors of different ops are close to uncorrelated, so keeping a set ``F`` in float leaves
-   about ``N - sum_{i in F} e_i``, and the budget asks for ``N_F <= S 10^(-B / 10)``.
-3. Each op's speed value ``v_i`` is what 8 bits save on it, measured on this host at its own
-   shapes (``qgraph.timing``: the op alone in float and as qgraph quantizes it, timed in
-   onnxruntime, cached). An op that int8 makes slower stays float whatever the budget.
-   Keeping in float the ops of largest ``e_i / v_i`` first spends the least speed per unit of
-   error removed (the greedy answer to this knapsack).
-4. Errors compound along the network, so alone they add up to less than the measured ``N``:
-   they are scaled to add up to it, and ``F`` is the shortest prefix of that order removing
-   ``N - S 10^(-B / 10)``. Compile with ``F`` kept in float and measure; while the measure
-   misses the budget, double ``F``; once one passes, bisect between the longest failing and
-   the shortest passing prefix, in all at most ``MAX_ROUNDS`` compiles. If none passed, every
-   candidate stays float, which meets any budget.
+1. Each candidate's speed value ``v_i`` is what 8 bits save on it, measured on this host at
+   its own shapes (``qgraph.timing``: the op alone in float and as qgraph quantizes it, timed
+   in onnxruntime, cached), or with ``--no-measure`` estimated from its work
+   (``timing.CostModel``). An op that int8 makes slower stays float whatever the budget.
+2. Compile with every other candidate quantized. If its SQNR meets the budget ``B``, that is
+   the model.
+3. Measure each quantized op's error alone at the outputs (``qgraph.debugging``, on the first
+   ``IMPACT_ROWS`` rows of the first batch): the float model with only that op's
+   quantization error added, ``e_i`` its error energy there. Errors of different ops are
+   close to uncorrelated, so keeping a set ``F`` in float leaves about ``N - sum_{i in F}
+   e_i``, and the budget asks for ``N_F <= S 10^(-B / 10)``. Keeping in float the ops of
+   largest ``e_i / v_i`` first spends the least speed per unit of error removed (the greedy
+   answer to this knapsack).
+4. Errors compound along the network, so alone they add up to less than the measured ``N``,
+   and the shortest prefix of that order meeting the budget is searched by compiling and
+   measuring (``CountSearch``: a line through the measures so far predicts the next count,
+   with a bisection step whenever the line keeps landing on one side), in all at most
+   ``MAX_ROUNDS`` compiles. If none passed, every candidate stays float, which meets any
+   budget the float model can.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -43,7 +45,7 @@ from qgraph.debugging import OpError, debug_accuracy, energy_of
 from qgraph.errors import QGraphError
 from qgraph.kernels import is_qdq_group
 from qgraph.targets import TargetSpec
-from qgraph.timing import TIMED_OPS, default_cache, op_shape
+from qgraph.timing import TIMED_OPS, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
 
 logger = logging.getLogger(__name__)
@@ -68,10 +70,12 @@ class OpCost:
     node: str
     op_type: str
     alone_sqnr_db: float
-    """The output SQNR with only this op quantized."""
+    """The output SQNR with only this op quantized (inf until measured)."""
     gain_seconds: float
-    """What 8 bits save on it per run of the first calibration batch, measured; negative
-    where int8 is slower."""
+    """What 8 bits save on it per run of the first calibration batch; negative where int8 is
+    slower."""
+    measured: bool = True
+    """The gain was timed on this host, not estimated (``--no-measure``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +84,7 @@ class PlanReport:
 
     budget_db: float
     all_quantized_db: float
+    """The output SQNR with every op faster in 8 bits quantized."""
     final_db: float
     kept_float: tuple[OpCost, ...]
     gain_share: float
@@ -89,19 +94,23 @@ class PlanReport:
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
-        return {op.node: _reason(op, self.budget_db) for op in self.kept_float}
+        return kept_reasons(self.kept_float, self.budget_db)
 
     def summary(self) -> str:
-        if not self.kept_float:
+        slow = [op for op in self.kept_float if op.gain_seconds <= 0]
+        kept = len(self.kept_float) - len(slow)
+        slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
+        if not kept:
+            every = "every op faster in 8 bits" if slow else "every candidate"
             return (
-                f"accuracy budget {self.budget_db:g} dB met with every candidate in 8 bits "
-                f"(output SQNR {self.all_quantized_db:.1f} dB on the calibration sample)"
+                f"accuracy budget {self.budget_db:g} dB met with {every} in 8 bits (output "
+                f"SQNR {self.all_quantized_db:.1f} dB on the calibration sample){slower}"
             )
         return (
-            f"accuracy budget {self.budget_db:g} dB: all in 8 bits gave "
-            f"{self.all_quantized_db:.1f} dB; {len(self.kept_float)} ops kept in float "
-            f"({1 - self.gain_share:.0%} of the measured int8 gain) give "
-            f"{self.final_db:.1f} dB ({self.rounds} rounds, {self.seconds:.0f} s)"
+            f"accuracy budget {self.budget_db:g} dB: the ops faster in 8 bits gave "
+            f"{self.all_quantized_db:.1f} dB; {kept} of them kept in float "
+            f"({1 - self.gain_share:.0%} of the int8 gain) give {self.final_db:.1f} dB "
+            f"({self.rounds} rounds, {self.seconds:.0f} s){slower}"
         )
 
 
@@ -140,65 +149,136 @@ def output_sqnr_db(expected: list[dict], candidate: ir.Model, batches: list[Feed
 def plan(
     float_model: ir.Model,
     compile_with: Compile,
-    data: DataSource,
+    batches: list[Feeds],
     budget_db: float,
-    target: TargetSpec,
+    speeds: list[OpCost],
     progress: Callable[[str], None] = lambda step: None,
 ) -> tuple[ir.Model, PlanReport]:
-    """The compiled model meeting ``budget_db`` with the fewest ops kept in float; ops that
-    int8 makes slower here are kept in float whatever the budget."""
+    """The compiled model meeting ``budget_db`` with the fewest ops kept in float, from each
+    candidate's measured speed (``speed_gains``); ops that int8 makes slower here are kept in
+    float whatever the budget."""
     start = time.perf_counter()
-    batches = plan_batches(data)
     expected = reference_outputs(float_model, batches)
-    progress("plan: every candidate in 8 bits")
-    candidate = compile_with({})
+    slow = [op for op in speeds if op.gain_seconds <= 0]
+    progress("plan: every op faster in 8 bits quantized")
+    candidate = compile_with(kept_reasons(slow, budget_db))
     measured = output_sqnr_db(expected, candidate, batches)
-    progress("plan: timing each op in float and in 8 bits")
-    gains = _gains(candidate, batches[0], target)
-    types = {node.name: node.op_type for node in candidate.graph}
-    slow = [OpCost(n, types[n], math.inf, g) for n, g in gains.items() if g <= 0]
     if measured >= budget_db:
-        if slow:
-            candidate = compile_with(_reasons(slow, budget_db))
-        final = measured if not slow else output_sqnr_db(expected, candidate, batches)
-        report = _report(budget_db, measured, final, tuple(slow), gains, 1 + bool(slow), start)
-        return candidate, report
+        return candidate, _report(budget_db, measured, measured, tuple(slow), speeds, 1, start)
+    if len(slow) == len(speeds):
+        raise _unreachable(budget_db, measured)
     progress("plan: measuring each op's error alone at the outputs")
     impacts = _impacts(float_model, candidate, batches)
-    slow = [dataclasses.replace(op, alone_sqnr_db=impacts.get(op.node, math.inf)) for op in slow]
     costs = [
-        OpCost(node, types[node], impacts[node], gain)
-        for node, gain in gains.items()
-        if gain > 0 and node in impacts
+        dataclasses.replace(op, alone_sqnr_db=impacts[op.node])
+        for op in speeds
+        if op.gain_seconds > 0 and op.node in impacts
     ]
-    order = slow + sorted(costs, key=_error_per_gain, reverse=True)
-    needed = _noise(measured) - _noise(budget_db)
-    count = max(_ops_covering(order, _noise(measured), needed), len(slow))
+    order = sorted(costs, key=_error_per_gain, reverse=True)
+    search = CountSearch(
+        [_noise(op.alone_sqnr_db) for op in order], _noise(measured), _noise(budget_db)
+    )
     passing: tuple[int, ir.Model, float] | None = None
-    failing, rounds = len(slow) - 1 if slow else 0, 1
-    while rounds < MAX_ROUNDS and (passing is None or passing[0] - failing > 1):
+    rounds, final = 1, measured
+    while rounds < MAX_ROUNDS and (count := search.next_count()) is not None:
         rounds += 1
-        progress(f"plan: round {rounds}, {count} ops kept in float")
-        candidate = compile_with(_reasons(order[:count], budget_db))
+        progress(f"plan: round {rounds}, {len(slow) + count} ops kept in float")
+        candidate = compile_with(kept_reasons(slow + order[:count], budget_db))
         final = output_sqnr_db(expected, candidate, batches)
-        logger.info("plan round %d: %d ops float, %.2f dB", rounds, count, final)
-        if final >= budget_db:
+        logger.info("plan round %d: %d ops float, %.2f dB", rounds, len(slow) + count, final)
+        search.record(count, _noise(final))
+        if final >= budget_db and (passing is None or count < passing[0]):
             passing = (count, candidate, final)
-        elif count == len(order):
-            raise _unreachable(budget_db, final)
-        else:
-            failing = count
-        count = _next_count(failing, passing[0] if passing else None, len(order))
     if passing is None:
-        candidate = compile_with(_reasons(order, budget_db))
-        final = output_sqnr_db(expected, candidate, batches)
+        if search.failing < len(order):  # the rounds ran out before all were tried
+            candidate = compile_with(kept_reasons(slow + order, budget_db))
+            final = output_sqnr_db(expected, candidate, batches)
         if final < budget_db:
             raise _unreachable(budget_db, final)
         passing = (len(order), candidate, final)
     count, candidate, final = passing
-    return candidate, _report(
-        budget_db, measured, final, tuple(order[:count]), gains, rounds, start
-    )
+    kept = tuple(slow + order[:count])
+    return candidate, _report(budget_db, measured, final, kept, speeds, rounds, start)
+
+
+class CountSearch:
+    """How many ops of the plan's order to keep in float: about the smallest count whose output
+    noise is within the allowed noise, in few compiles.
+
+    ``N(c)``, the output noise (per unit of signal) with the first ``c`` ops kept in float,
+    falls about in proportion to their errors alone: ``N(c) ~ N(0) - k C(c)``, ``C(c)`` the
+    sum of the first ``c`` alone errors. The first guess takes ``k = N(0) / C(all)`` (errors
+    compound, so alone they add up to less than ``N(0)``). Each measure refits the line: until
+    a count passes, through ``(0, N(0))`` and the largest failing count (at least doubling
+    after two failures in a row); then between the largest failing and the smallest passing
+    count, by the Illinois variant of regula falsi (when the same end moves twice in a row,
+    the other end's excess noise is halved, so the bracket closes from both sides). The search
+    ends when the bracket is within ``TOLERANCE`` of the candidates (one op on small models),
+    or every count failed.
+    """
+
+    TOLERANCE = 0.02
+
+    def __init__(self, alone: list[float], measured: float, allowed: float) -> None:
+        self.cumulative = list(itertools.accumulate(alone, initial=0.0))
+        self.start_noise, self.allowed = measured, allowed
+        self.failing, self.failing_excess = 0, measured - allowed
+        self.passing: int | None = None
+        self.passing_excess = 0.0
+        self._last_passed: bool | None = None
+        self._same_side = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.cumulative) - 1
+
+    def next_count(self) -> int | None:
+        """The next count to measure, or None once the search is over."""
+        if self.passing is None:
+            if self.failing == self.total:
+                return None
+            guess = self._extrapolated()
+            if self._same_side >= 2:
+                guess = max(guess, 2 * self.failing)
+            return min(max(guess, self.failing + 1), self.total)
+        if self.passing - self.failing <= max(1, math.ceil(self.TOLERANCE * self.total)):
+            return None
+        return min(max(self._interpolated(), self.failing + 1), self.passing - 1)
+
+    def record(self, count: int, noise: float) -> None:
+        passed = noise <= self.allowed
+        self._same_side = self._same_side + 1 if passed == self._last_passed else 1
+        self._last_passed = passed
+        if passed:
+            self.passing, self.passing_excess = count, noise - self.allowed
+            if self._same_side >= 2:
+                self.failing_excess /= 2
+        else:
+            self.failing, self.failing_excess = count, noise - self.allowed
+            if self._same_side >= 2:
+                self.passing_excess /= 2
+
+    def _extrapolated(self) -> int:
+        """The count at which the line through ``(0, N(0))`` and the largest failing count
+        (the first guess's slope before any) reaches the allowed noise."""
+        needed = self.start_noise - self.allowed
+        removed = needed - self.failing_excess if self.failing else self.start_noise
+        alone = self.cumulative[self.failing] if self.failing else self.cumulative[-1]
+        if alone <= 0 or removed <= 0:
+            return 2 * self.failing
+        return self._count_reaching(needed * alone / removed)
+
+    def _interpolated(self) -> int:
+        """The count at which the line through the bracket's two ends reaches the allowed
+        noise."""
+        low, high = self.cumulative[self.failing], self.cumulative[self.passing]
+        fall = self.failing_excess - self.passing_excess
+        share = self.failing_excess / fall if fall > 0 else 0.5
+        return self._count_reaching(low + share * (high - low))
+
+    def _count_reaching(self, alone: float) -> int:
+        """The smallest count whose summed alone errors reach ``alone``."""
+        return bisect.bisect_left(self.cumulative, alone)
 
 
 def _report(
@@ -206,11 +286,11 @@ def _report(
     measured: float,
     final: float,
     kept: tuple[OpCost, ...],
-    gains: dict[str, float],
+    speeds: list[OpCost],
     rounds: int,
     start: float,
 ) -> PlanReport:
-    faster = sum(g for g in gains.values() if g > 0) or 1.0
+    faster = sum(op.gain_seconds for op in speeds if op.gain_seconds > 0) or 1.0
     lost = sum(op.gain_seconds for op in kept if op.gain_seconds > 0)
     seconds = time.perf_counter() - start
     return PlanReport(budget_db, measured, final, kept, 1 - lost / faster, rounds, seconds)
@@ -228,23 +308,17 @@ def _unreachable(budget_db: float, float_db: float) -> BudgetError:
     )
 
 
-def _next_count(failing: int, passing: int | None, total: int) -> int:
-    """The next number of ops to keep in float: double the failing count until one passes,
-    then bisect between the largest failing and the smallest passing count."""
-    if passing is None:
-        return min(total, max(2 * failing, failing + 1))
-    return (failing + passing) // 2
-
-
-def _reasons(ops: tuple[OpCost, ...] | list[OpCost], budget_db: float) -> dict[str, str]:
+def kept_reasons(ops: tuple[OpCost, ...] | list[OpCost], budget_db: float) -> dict[str, str]:
     return {op.node: _reason(op, budget_db) for op in ops}
 
 
 def _reason(op: OpCost, budget_db: float) -> str:
     if op.gain_seconds <= 0:
+        how = "ran" if op.measured else "would run"
+        source = "measured" if op.measured else "estimated"
         return (
-            "kept in float by the accuracy plan: in 8 bits it ran slower here "
-            f"({-op.gain_seconds * 1e3:.3f} ms more, measured)"
+            f"kept in float by the accuracy plan: in 8 bits it {how} slower here "
+            f"({-op.gain_seconds * 1e3:.3f} ms more, {source})"
         )
     return (
         f"kept in float by the accuracy plan: alone in 8 bits it takes the outputs to "
@@ -261,20 +335,6 @@ def _error_per_gain(op: OpCost) -> float:
     return _noise(op.alone_sqnr_db) / op.gain_seconds
 
 
-def _ops_covering(order: list[OpCost], total: float, needed: float) -> int:
-    """How many ops of ``order``, kept in float, remove ``needed`` of the ``total`` noise (per
-    unit signal). The ops' errors alone are scaled to add up to the measured total: errors
-    compound along the network, so alone they add up to less than all together."""
-    alone = sum(_noise(op.alone_sqnr_db) for op in order)
-    scale = total / alone if alone > 0 else 1.0
-    removed = 0.0
-    for count, op in enumerate(order, start=1):
-        removed += scale * _noise(op.alone_sqnr_db)
-        if removed >= needed:
-            return count
-    return len(order)
-
-
 def _impacts(float_model: ir.Model, candidate: ir.Model, batches: list[Feeds]) -> dict[str, float]:
     """Node name -> the output SQNR with only that op quantized, on the impact sample."""
     sample = [{name: array[:IMPACT_ROWS] for name, array in batches[0].items()}]
@@ -288,18 +348,20 @@ def _alone(op: OpError) -> float:
     return op.output_sqnr_db if op.output_sqnr_db is not None else op.local_sqnr_db
 
 
-def _gains(candidate: ir.Model, feeds: Feeds, target: TargetSpec) -> dict[str, float]:
-    """Node name -> seconds int8 saves on ``feeds``, measured (``qgraph.timing``), for each
-    quantized op of ``candidate`` (``is_qdq_group``: the plan's candidates, not the float
-    ops reading a dequantized value)."""
+def speed_gains(
+    candidate: ir.Model, feeds: Feeds, target: TargetSpec, timer: Timer | None = None
+) -> list[OpCost]:
+    """What 8 bits save on each quantized op of ``candidate`` (``is_qdq_group``: the plan's
+    candidates, not the float ops reading a dequantized value) on ``feeds``: ``timer``'s
+    seconds at the op's shapes, measured on this host by default (``qgraph.timing``)."""
+    timer = timer or default_cache()
     ops = [node for node in candidate.graph if is_qdq_group(node) and node.op_type in TIMED_OPS]
     probe = ir.from_proto(ir.to_proto(candidate))  # its float values have the float shapes
     sources = {v.name: _float_source(v).name for n in ops for v in n.inputs[:2] if v is not None}
     expose_values(probe, set(sources.values()))
     shapes = {name: np.shape(array) for name, array in feeds.items()}
     shapes |= {name: np.shape(a) for name, a in run(probe, feeds, optimize=True).items()}
-    cache = default_cache()
-    gains = {}
+    speeds = []
     for node in ops:
         if sources[node.inputs[0].name] not in shapes:
             continue
@@ -308,9 +370,10 @@ def _gains(candidate: ir.Model, feeds: Feeds, target: TargetSpec) -> dict[str, f
             for v in node.inputs[:2]
             if v is not None and sources[v.name] in shapes
         }
-        float_seconds, int8_seconds = cache.seconds(op_shape(node, read, target), target)
-        gains[node.name] = float_seconds - int8_seconds
-    return gains
+        float_seconds, int8_seconds = timer.seconds(op_shape(node, read, target), target)
+        gain = float_seconds - int8_seconds
+        speeds.append(OpCost(node.name, node.op_type, math.inf, gain, timer.measured))
+    return speeds
 
 
 def _float_source(value: ir.Value) -> ir.Value:

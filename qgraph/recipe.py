@@ -116,6 +116,9 @@ class QuantOptions:
             runs faster in 8 bits is quantized, then the plan (``qgraph.planning``) keeps in
             float the ops costing the most accuracy per unit of work until the budget holds.
             None: no plan.
+        measure: The plan times each candidate op in float and in 8 bits on this host
+            (``qgraph.timing``, cached); False: it estimates both from the op's work and the
+            target's ``nominal_int8_speedup`` instead (``timing.CostModel``).
         keep_float: Node name -> reason, for ops the plan keeps in float.
         smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
             strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none. Left
@@ -139,6 +142,7 @@ class QuantOptions:
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     budget: float | None = DEFAULT_BUDGET_DB
+    measure: bool = True
     keep_float: tuple[tuple[str, str], ...] = ()
     smoothquant: float | str | None = PLANNED_SMOOTHING
     rotate: bool = False
@@ -146,12 +150,19 @@ class QuantOptions:
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
 
+    @property
+    def planned(self) -> bool:
+        """The accuracy plan decides what stays float: static mode, a budget, real data."""
+        return self.mode is Mode.STATIC and self.budget is not None and self.calib is not None
+
     def __post_init__(self) -> None:
         if self.smoothquant == PLANNED_SMOOTHING:
-            planned = (
-                self.mode is Mode.STATIC and self.budget is not None and self.calib is not None
+            object.__setattr__(self, "smoothquant", AUTO_ALPHA if self.planned else None)
+        if not self.measure and not self.planned:
+            raise RecipeError(
+                "measure = false (--no-measure) changes how the accuracy plan weighs speed, "
+                "and no plan runs here: it needs static mode, a budget and --calib data"
             )
-            object.__setattr__(self, "smoothquant", AUTO_ALPHA if planned else None)
         if self.smoothquant is not None and self.mode is Mode.WEIGHT_ONLY:
             raise RecipeError(
                 "smoothquant moves quantization difficulty from activations to weights; "
@@ -362,6 +373,7 @@ _FIELDS = {
     "tensor": _tensor_overrides,
     "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
     "budget": _budget,
+    "measure": _flag("measure"),
     "smoothquant": _smoothquant,
     "rotate": _flag("rotate"),
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),

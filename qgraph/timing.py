@@ -11,6 +11,16 @@ requantize and layout work outweighs the product).
 Timings are cached in ``<QGRAPH_CACHE>/timings.json`` by the op's shapes and attributes, the
 types, the onnxruntime version and the CPU's flags; an entry that does not parse as two
 positive numbers is measured again.
+
+Without measuring (``--no-measure``), ``CostModel`` estimates the two times from the op's
+``macs`` and the elements it quantizes, in fp32 multiply-accumulates (seconds at
+``NOMINAL_FP32_MACS_PER_SECOND``):
+
+    t_float = macs,    t_int8 = macs / r + Q (quantized inputs + quantized outputs)
+
+with ``r`` the target's ``nominal_int8_speedup`` and ``Q = QUANTIZE_COST_MACS``. int8 then
+pays where ``macs (1 - 1/r) > Q elements``: for a MatMul ``[M, K] x [K, N]`` whose input
+alone is quantized, where ``N (1 - 1/r) > Q``.
 """
 
 from __future__ import annotations
@@ -19,9 +29,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -36,7 +48,16 @@ logger = logging.getLogger(__name__)
 
 RUNS = 15
 TIMED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
-_ATTRIBUTES = ("strides", "pads", "dilations", "group", "kernel_shape", "auto_pad", "transB")
+_ATTRIBUTES = (
+    "strides",
+    "pads",
+    "dilations",
+    "group",
+    "kernel_shape",
+    "auto_pad",
+    "transA",
+    "transB",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +118,86 @@ def _weight_shape(node: ir.Node) -> tuple[int, ...] | None:
     return shape[::-1] if transposes % 2 else shape
 
 
+class Timer(Protocol):
+    """Gives (float, int8) seconds of one op: measured (``TimingCache``) or estimated."""
+
+    measured: bool
+
+    def seconds(self, shape: OpShape, target: TargetSpec) -> tuple[float, float]: ...
+
+
+NOMINAL_FP32_MACS_PER_SECOND = 16e9
+"""One thread of a Zen 1 EPYC (an fp32 MatMul of 2048 x 384 x 384 in 18 ms): only the unit
+of the estimates, which the plan compares with each other."""
+QUANTIZE_COST_MACS = 16.0
+"""What quantizing one activation element costs, in fp32 multiply-accumulates of the same
+thread: a QuantizeLinear + DequantizeLinear pair ran at 1.6 ns per element, an fp32 MatMul
+at 0.06 ns per multiply-accumulate (Zen 1 EPYC, one thread, 2026-12-06)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """``--no-measure``: times estimated from multiply-accumulates (module docstring)."""
+
+    measured = False
+
+    def seconds(self, shape: OpShape, target: TargetSpec) -> tuple[float, float]:
+        work = float(macs(shape))
+        quantized = sum(math.prod(dims) for dims in shape.inputs)
+        if shape.quantized_output:
+            quantized += work / _reduction(shape)
+        int8 = work / target.nominal_int8_speedup + QUANTIZE_COST_MACS * quantized
+        return work / NOMINAL_FP32_MACS_PER_SECOND, int8 / NOMINAL_FP32_MACS_PER_SECOND
+
+
+def macs(shape: OpShape) -> int:
+    """Multiply-accumulates of one run of the op: output elements x the reduction length."""
+    return _output_elements(shape) * _reduction(shape)
+
+
+def _reduction(shape: OpShape) -> int:
+    """How many products each output element sums."""
+    if shape.op_type == "Conv":
+        return math.prod((shape.weight or (1, 1))[1:])
+    first = shape.inputs[0]
+    return first[0] if _attributes(shape).get("transA") else first[-1]
+
+
+def _attributes(shape: OpShape) -> dict[str, object]:
+    return {name: _attribute(text) for name, text in shape.attributes}
+
+
+def _output_elements(shape: OpShape) -> int:
+    first = shape.inputs[0]
+    attributes = _attributes(shape)
+    if shape.op_type == "Conv":
+        channels = (shape.weight or (1,))[0]
+        return first[0] * channels * math.prod(_conv_sizes(first[2:], shape.weight, attributes))
+    second = shape.weight or shape.inputs[1]
+    columns = second[-2] if attributes.get("transB") else second[-1]
+    rows = first[1] if attributes.get("transA") else math.prod(first[:-1])
+    return rows * columns
+
+
+def _conv_sizes(sizes, weight, attributes) -> list[int]:
+    """Each spatial output size: ``(in + pads - dilation (kernel - 1) - 1) // stride + 1``."""
+    kernel = attributes.get("kernel_shape") or list((weight or ())[2:]) or [1] * len(sizes)
+    count = len(sizes)
+    strides = attributes.get("strides") or [1] * count
+    if attributes.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+        return [-(-size // stride) for size, stride in zip(sizes, strides, strict=True)]
+    pads = attributes.get("pads") or [0] * 2 * count
+    dilations = attributes.get("dilations") or [1] * count
+    return [
+        (size + pads[i] + pads[i + count] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        for i, size in enumerate(sizes)
+    ]
+
+
 class TimingCache:
     """Measured (float, int8) seconds per op shape, kept in a JSON file."""
+
+    measured = True
 
     def __init__(self, path: Path) -> None:
         self.path = path

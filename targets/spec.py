@@ -94,6 +94,10 @@ class TargetSpec:
         dynamic_format: The format of dynamic-mode output, where it differs from ``format``:
             onnxruntime's CPU provider fuses no ``DynamicQuantizeLinear -> DQ`` group into an
             integer kernel, but runs the lowered ``MatMulIntegerToFloat`` and ``QGemm``.
+        nominal_int8_speedup: How much faster the runtime's int8 matrix products run than
+            fp32 ones on this kind of target, assumed by the cost model that stands in for
+            timing with ``--no-measure`` (``qgraph.timing.CostModel``); measured timings
+            replace it by default.
         runtime_checked: After compiling, qgraph asks the runtime which quantized ops it runs
             as integer kernels (``qgraph.kernels``), on a host of the target's ``arch``.
     """
@@ -128,6 +132,7 @@ class TargetSpec:
     output_quantized_ops: frozenset[str]
     dynamic_quantizable_ops: frozenset[str]
     dynamic_format: QuantFormat
+    nominal_int8_speedup: float
     runtime_checked: bool
 
     def check(self, model: ir.Model) -> list[Violation]:
@@ -164,6 +169,7 @@ class TargetSpec:
             "output_quantized_ops": sorted(self.output_quantized_ops),
             "dynamic_quantizable_ops": sorted(self.dynamic_quantizable_ops),
             "dynamic_format": self.dynamic_format.value,
+            "nominal_int8_speedup": self.nominal_int8_speedup,
             "runtime_checked": self.runtime_checked,
         }
 

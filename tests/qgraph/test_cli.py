@@ -227,9 +227,15 @@ def test_quantizing_the_bundled_cnn_as_the_readme_does(tmp_path, monkeypatch):
     result = invoke("compile", "cnn.onnx", "--calib", "cnn.calibration", "-o", "q.onnx", "-v")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "calibrated on 8 batches" in text
     kept = re.search(r"(\d+) of \1 quantized ops run as integer kernels", text)
-    assert kept and int(kept.group(1)) > 0, "some ops in 8 bits, all of them integer kernels"
+    assert kept, "every quantized op an integer kernel"
+    if int(kept.group(1)) == 0:
+        # A CPU whose int8 convolutions are slower (a Zen 1 EPYC: 0.77-0.96x at these widths)
+        # keeps all seven in float, says why, and adds nothing: SmoothQuant's Muls included.
+        assert "in 8 bits it ran slower here" in text
+        assert "Mul" not in qgraph.summarize(qgraph.load(tmp_path / "q.onnx")).op_histogram
+    else:
+        assert "calibrated on 8 batches" in text
     evaluation = invoke("eval", "cnn.onnx", "q.onnx", "--data", "cnn.evaluation", "--json")
     figures = json.loads(evaluation.stdout)["figures"]
     assert figures["top1_agreement"] >= 0.99

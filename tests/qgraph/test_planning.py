@@ -3,17 +3,19 @@ unit of work, that the output-SQNR budget needs; each claim measured in onnxrunt
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
-from qgraph import planning
+from qgraph import compiler, planning, timing
 from qgraph.options import CompileOptions
 from qgraph.recipe import RecipeError, quant_options
 
-K = 256  # large enough that int8 is faster here than float (measured by the plan)
+K = 256  # int8 pays at this width by the cost model (``measure=False``: the same on any host)
 ROWS = 128
 RNG = np.random.default_rng(0)
 W_QUIET = (RNG.standard_normal((K, K)) / np.sqrt(K)).astype(np.float32)
@@ -55,8 +57,10 @@ def batches(count: int = 3, seed: int = 1) -> list[dict[str, np.ndarray]]:
     ]
 
 
-def compiled(budget) -> qgraph.CompileResult:
+def compiled(budget, measure: bool = False) -> qgraph.CompileResult:
     flags = {"calib": batches(), "budget": budget, "smoothquant": "none"}
+    if budget != "none":
+        flags["measure"] = measure
     options = CompileOptions(quantization=quant_options(**flags))
     return qgraph.compile_model(two_branches(), "x86-vnni", options=options)
 
@@ -101,23 +105,48 @@ def test_an_unreachable_budget_keeps_every_candidate_float():
     assert result.plan.final_db == float("inf")
 
 
-def cost(name: str, sqnr_db: float, macs: int) -> planning.OpCost:
-    return planning.OpCost(name, "MatMul", sqnr_db, macs)
+def searched(alone: list[float], noise, allowed: float) -> tuple[int | None, list[int]]:
+    """Run ``CountSearch`` against the noise curve ``noise(count)``: (answer, counts tried)."""
+    search = planning.CountSearch(alone, noise(0), allowed)
+    tried = []
+    while (count := search.next_count()) is not None:
+        assert count not in tried, "a count measured twice"
+        tried.append(count)
+        search.record(count, noise(count))
+    return search.passing, tried
 
 
-def test_the_shortest_prefix_removing_the_needed_noise_counts_scaled_errors():
-    # alone: 0.01 + 0.001 + 0.0001 = 0.0111 of noise, measured all together: 0.0222 (x2)
-    order = [cost("a", 20, 1), cost("b", 30, 1), cost("c", 40, 1)]
-    assert planning._ops_covering(order, total=0.0222, needed=0.015) == 1
-    assert planning._ops_covering(order, total=0.0222, needed=0.021) == 2
-    assert planning._ops_covering(order, total=0.0222, needed=1.0) == 3
+def test_the_first_guess_scales_the_alone_errors_to_the_measured_noise():
+    # alone: 0.01 + 0.001 + 0.0001 = 0.0111, measured all together: 0.0222 (x2)
+    search = planning.CountSearch([0.01, 0.001, 0.0001], measured=0.0222, allowed=0.0072)
+    assert search.next_count() == 1  # removes 2 x 0.01 = 0.02 >= 0.015 needed
+    search = planning.CountSearch([0.01, 0.001, 0.0001], measured=0.0222, allowed=0.0012)
+    assert search.next_count() == 2
 
 
-def test_rounds_double_until_one_passes_then_bisect():
-    assert planning._next_count(failing=3, passing=None, total=100) == 6
-    assert planning._next_count(failing=0, passing=None, total=100) == 1
-    assert planning._next_count(failing=60, passing=None, total=100) == 100
-    assert planning._next_count(failing=3, passing=6, total=100) == 4
+def test_the_search_finds_the_smallest_passing_count_in_few_rounds():
+    """A convex curve (the first ops kept in float remove more than their alone share): the
+    answer passes, is within the tolerance of the smallest passing count, and takes at most
+    the plan's rounds. (Here it takes 3 to 5; the doubling and bisection it replaces took 5,
+    and 8, the most the plan allowed, for the three tighter budgets.)"""
+    rng = np.random.default_rng(3)
+    alone = sorted(rng.exponential(1e-3, 200), reverse=True)
+    cumulative = np.concatenate([[0.0], np.cumsum(alone)])
+
+    def noise(count: int) -> float:
+        share = cumulative[count] / cumulative[-1]
+        return 0.05 * (1 - share) ** 1.5
+
+    for allowed in (0.04, 0.01, 0.002, 2e-4):
+        answer, tried = searched(alone, noise, allowed)
+        smallest = next(c for c in range(201) if noise(c) <= allowed)
+        assert smallest <= answer <= smallest + 200 * planning.CountSearch.TOLERANCE
+        assert len(tried) <= planning.MAX_ROUNDS - 1, (allowed, tried)
+
+
+def test_the_search_stops_when_even_every_op_in_float_fails():
+    answer, tried = searched([1e-3] * 10, lambda count: 1.0 - count * 1e-3, allowed=0.5)
+    assert answer is None and tried[-1] == 10
 
 
 def test_budgets_read_from_flags_and_recipes():
@@ -150,7 +179,11 @@ def test_a_budget_not_met_with_every_candidate_float_is_an_error():
 
 
 def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
-    monkeypatch.setattr(planning, "_gains", lambda *args: {"quiet": -1e-4, "loud": 2e-3})
+    speeds = [
+        planning.OpCost("quiet", "MatMul", np.inf, -1e-4),
+        planning.OpCost("loud", "MatMul", np.inf, 2e-3),
+    ]
+    monkeypatch.setattr(compiler, "speed_gains", lambda *args: speeds)
     result = compiled(0)
     assert [op.node for op in result.plan.kept_float] == ["quiet"]
     annotate = next(r.details for r in result.records if r.name == "annotate")
@@ -158,3 +191,22 @@ def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
         "in 8 bits it ran slower here (0.100 ms more, measured)"
         in annotate.float_reasons["quiet"][1]
     )
+
+
+def test_without_measuring_the_plan_estimates_and_says_so(monkeypatch):
+    monkeypatch.setattr(timing, "measure", None)  # a timing would fail
+    result = compiled(0, measure=False)
+    assert result.plan.kept_float == ()
+    narrow = dataclasses.replace(qgraph.get_target("x86-vnni"), nominal_int8_speedup=1.0)
+    options = CompileOptions(
+        quantization=quant_options(calib=batches(), budget=0, smoothquant="none", measure=False)
+    )
+    result = qgraph.compile_model(two_branches(), narrow, options=options)
+    reasons = result.plan.kept_reasons()
+    assert sorted(reasons) == ["loud", "quiet"]
+    assert all("would run slower here" in r and "estimated" in r for r in reasons.values())
+
+
+def test_no_measure_without_a_plan_is_an_error():
+    with pytest.raises(RecipeError, match="no plan runs here"):
+        quant_options(calib=batches(), budget="none", measure=False)

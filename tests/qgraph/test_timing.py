@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import qgraph
@@ -46,3 +47,35 @@ def test_both_twins_run_and_time():
         True,
     )
     assert all(seconds > 0 for seconds in timing.measure(conv, TARGET))
+
+
+def test_the_cost_model_counts_each_ops_multiply_accumulates():
+    conv = timing.OpShape(
+        "Conv",
+        ((2, 8, 12, 12),),
+        (16, 4, 3, 3),  # group 2: each output sums 4 channels x 3 x 3
+        (("group", "2"), ("pads", "[0, 0, 0, 0]"), ("strides", "[2, 2]")),
+        True,
+    )
+    assert timing.macs(conv) == 2 * 16 * 5 * 5 * (4 * 3 * 3)  # (12 - 3) // 2 + 1 = 5
+    gemm = timing.OpShape("Gemm", ((6, 32),), (10, 32), (("transB", "1"),), False)
+    assert timing.macs(gemm) == 6 * 32 * 10
+    scores = timing.OpShape("MatMul", ((2, 4, 16, 8), (2, 4, 8, 16)), None, (), False)
+    assert timing.macs(scores) == 2 * 4 * 16 * 16 * 8
+
+
+def test_the_cost_model_pays_for_what_it_quantizes():
+    """t_int8 = macs / r + Q (quantized elements): int8 pays for a MatMul when its output
+    width N gives N (1 - 1/r) > Q, never where r = 1."""
+    model = timing.CostModel()
+    wide = timing.OpShape("MatMul", ((128, 384),), (384, 384), (), False)
+    narrow = timing.OpShape("MatMul", ((128, 384),), (384, 16), (), False)
+    vnni, avx2 = qgraph.get_target("x86-vnni"), qgraph.get_target("x86-avx2")
+    float_seconds, int8_seconds = model.seconds(wide, vnni)
+    work = 128 * 384 * 384
+    assert float_seconds * timing.NOMINAL_FP32_MACS_PER_SECOND == work
+    expected = work / vnni.nominal_int8_speedup + timing.QUANTIZE_COST_MACS * 128 * 384
+    assert int8_seconds * timing.NOMINAL_FP32_MACS_PER_SECOND == expected
+    assert model.seconds(narrow, vnni)[1] > model.seconds(narrow, vnni)[0]
+    slowest = dataclasses.replace(avx2, nominal_int8_speedup=1.0)
+    assert model.seconds(wide, slowest)[1] > model.seconds(wide, slowest)[0]
