@@ -175,6 +175,25 @@ def plan(
         if op.gain_seconds > 0 and op.node in impacts
     ]
     order = sorted(costs, key=_error_per_gain, reverse=True)
+
+    def measure(count: int) -> tuple[ir.Model, float]:
+        model = compile_with(kept_reasons(slow + order[:count], budget_db))
+        return model, output_sqnr_db(expected, model, batches)
+
+    count, candidate, final, rounds = _search(order, measured, budget_db, measure, progress)
+    kept = tuple(slow + order[:count])
+    return candidate, _report(budget_db, measured, final, kept, speeds, rounds, start)
+
+
+def _search(
+    order: list[OpCost],
+    measured: float,
+    budget_db: float,
+    measure: Callable[[int], tuple[ir.Model, float]],
+    progress: Callable[[str], None],
+) -> tuple[int, ir.Model, float, int]:
+    """(count of ``order`` kept in float, its model, its SQNR, compiles in all, the first
+    included): ``CountSearch``'s rounds, then every op in float if none passed."""
     search = CountSearch(
         [_noise(op.alone_sqnr_db) for op in order], _noise(measured), _noise(budget_db)
     )
@@ -182,23 +201,20 @@ def plan(
     rounds, final = 1, measured
     while rounds < MAX_ROUNDS and (count := search.next_count()) is not None:
         rounds += 1
-        progress(f"plan: round {rounds}, {len(slow) + count} ops kept in float")
-        candidate = compile_with(kept_reasons(slow + order[:count], budget_db))
-        final = output_sqnr_db(expected, candidate, batches)
-        logger.info("plan round %d: %d ops float, %.2f dB", rounds, len(slow) + count, final)
+        progress(f"plan: round {rounds}, {count} more ops kept in float")
+        candidate, final = measure(count)
+        logger.info("plan round %d: %d ops float, %.2f dB", rounds, count, final)
         search.record(count, _noise(final))
         if final >= budget_db and (passing is None or count < passing[0]):
             passing = (count, candidate, final)
-    if passing is None:
-        if search.failing < len(order):  # the rounds ran out before all were tried
-            candidate = compile_with(kept_reasons(slow + order, budget_db))
-            final = output_sqnr_db(expected, candidate, batches)
-        if final < budget_db:
-            raise _unreachable(budget_db, final)
-        passing = (len(order), candidate, final)
-    count, candidate, final = passing
-    kept = tuple(slow + order[:count])
-    return candidate, _report(budget_db, measured, final, kept, speeds, rounds, start)
+    if passing is not None:
+        return (*passing, rounds)
+    if search.failing < len(order):  # the rounds ran out before every op was tried in float
+        candidate, final = measure(len(order))
+        rounds += 1
+    if final < budget_db:
+        raise _unreachable(budget_db, final)
+    return len(order), candidate, final, rounds
 
 
 class CountSearch:

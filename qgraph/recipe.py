@@ -13,6 +13,7 @@ become underscores); flags given on the command line override it, and list flags
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
     budget = 26                     # output SQNR (dB) the plan keeps; "none": no plan
+    measure = true                  # false: the plan estimates int8 gains (timing.CostModel)
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
     smoothquant = 0.5               # SmoothQuant's alpha, "auto", or "none" [static: auto]
     rotate = true                   # Hadamard rotations (QuaRot-style) before quantizing
