@@ -592,9 +592,10 @@ def _names(names: Mapping[str, object]) -> str:
 def random_batches(model: ir.Model, count: int, *, seed: int = 0) -> Iterator[Feeds]:
     """``count`` batches of random feeds for the graph's inputs (those without a default).
 
-    Symbolic dimensions are 1; floats are standard normal, integers uniform in
-    ``[0, RANDOM_INTEGER_LIMIT)``, booleans fair coins. Only for trying the pipeline: ranges
-    from random data say nothing about real inputs.
+    A dynamic dimension takes the size its reader's weight asks for where the input feeds a
+    weighted op directly (``_required_sizes``), else 1; floats are standard normal, integers
+    uniform in ``[0, RANDOM_INTEGER_LIMIT)``, booleans fair coins. Only for trying the
+    pipeline: ranges from random data say nothing about real inputs.
     """
     rng = np.random.default_rng(seed)
     inputs = [value for value in model.graph.inputs if value.const_value is None]
@@ -602,11 +603,35 @@ def random_batches(model: ir.Model, count: int, *, seed: int = 0) -> Iterator[Fe
         yield {value.name: _random_array(value, rng) for value in inputs}
 
 
+def _required_sizes(value: ir.Value) -> dict[int, int]:
+    """Axis -> the size a weighted reader of ``value`` needs there: a MatMul's or Gemm's
+    reduction length, a Conv's input channels."""
+    sizes: dict[int, int] = {}
+    rank = len(value.shape or ())
+    for node, index in value.uses():
+        weight = node.inputs[1].const_value if index == 0 and len(node.inputs) > 1 else None
+        if weight is None:
+            continue
+        dims = weight.shape
+        if node.op_type == "MatMul" and len(dims) >= 2:
+            sizes[rank - 1] = dims[-2]
+        elif node.op_type == "Gemm" and len(dims) == 2:
+            trans_b = node.attributes.get_int("transB", 0)
+            sizes[0 if node.attributes.get_int("transA", 0) else 1] = dims[1 if trans_b else 0]
+        elif node.op_type == "Conv" and len(dims) >= 2:
+            sizes[1] = dims[1] * node.attributes.get_int("group", 1)
+    return sizes
+
+
 def _random_array(value: ir.Value, rng: np.random.Generator) -> np.ndarray:
     dtype = value.dtype
     if dtype is None or value.shape is None:
         raise CalibrationError(f"input '{value.name}' has no known type and shape")
-    shape = tuple(dim if isinstance(dim, int) else 1 for dim in value.shape)
+    required = _required_sizes(value)
+    shape = tuple(
+        dim if isinstance(dim, int) else required.get(axis, 1)
+        for axis, dim in enumerate(value.shape)
+    )
     if dtype.is_floating_point():
         array = rng.standard_normal(shape)
     elif dtype.is_integer():

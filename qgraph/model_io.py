@@ -2,7 +2,11 @@
 
 - ``load`` takes a path, bytes, an ``onnx.ModelProto`` or an ``ir.Model`` and returns an
   ``ir.Model``. External data stays memory-mapped, and is checked first: a location that
-  escapes the model's folder is refused, never read.
+  escapes the model's folder is refused, never read. Three exporter quirks are mended on
+  the way in, each said in a warning: sparse initializers become dense ones (onnx_ir drops
+  them), a graph input that shadows an initializer (older exporters list every weight as an
+  input) becomes a plain constant, and a declared dimension of ``-1`` or ``0`` (Paddle's,
+  older TF converters') becomes an unnamed dynamic one, as onnxruntime reads it.
 - ``save`` writes into a temporary folder beside the destination and renames into place, so a
   failure never leaves a half-written model. It refuses to write over the model it was loaded
   from (or over any external data file the model still maps), switches to external data when
@@ -13,19 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from qgraph.errors import ModelLoadError, ModelSaveError
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 from qgraph.traversal import all_nodes
+
+logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
@@ -100,13 +109,79 @@ def _deserialize(
     proto: onnx.ModelProto, label: str, base_dir: str | os.PathLike | None
 ) -> ir.Model:
     try:
-        model = ir.serde.deserialize_model(proto)
+        model = ir.serde.deserialize_model(_densified(proto, label))
+    except ModelLoadError:
+        raise
     except Exception as error:  # onnx_ir raises many kinds on malformed protos
         raise ModelLoadError(f"{label}: malformed ONNX model ({error})") from error
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, label, None if base_dir is None else Path(base_dir))
+    _constant_weight_inputs(model, label)
+    _dynamic_dims(model, label)
     return model
+
+
+def _densified(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """``proto`` with its sparse initializers as dense ones (a copy: the caller's is kept)."""
+    sparse = proto.graph.sparse_initializer
+    if not sparse:
+        return proto
+    names = ", ".join(f"'{tensor.values.name}'" for tensor in sparse)
+    logger.warning("%s: sparse initializers %s stored dense", label, names)
+    dense = onnx.ModelProto()
+    dense.CopyFrom(proto)
+    dense.graph.initializer.extend(_dense(tensor, label) for tensor in sparse)
+    del dense.graph.sparse_initializer[:]
+    return dense
+
+
+def _dense(sparse: onnx.SparseTensorProto, label: str) -> onnx.TensorProto:
+    """``values`` placed at ``indices``: linear indices ``[NNZ]`` or coordinates
+    ``[NNZ, rank]`` (the two forms ONNX allows)."""
+    name = sparse.values.name
+    try:
+        values = numpy_helper.to_array(sparse.values)
+        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        dense = np.zeros(tuple(sparse.dims), values.dtype)
+        if indices.ndim == 1:
+            dense.reshape(-1)[indices] = values.reshape(-1)
+        else:
+            dense[tuple(indices.T)] = values.reshape(-1)
+    except (ValueError, IndexError, TypeError) as error:
+        raise ModelLoadError(
+            f"{label}: sparse initializer '{name}' is malformed ({error})"
+        ) from error
+    return numpy_helper.from_array(dense, name)
+
+
+def _constant_weight_inputs(model: ir.Model, label: str) -> None:
+    """Graph inputs that are initializers too become constants: qgraph quantizes weights, and
+    a caller's feed of one would reach nothing in the compiled model."""
+    shadowing = [value for value in model.graph.inputs if value.const_value is not None]
+    if not shadowing:
+        return
+    for value in shadowing:
+        model.graph.inputs.remove(value)
+    names = ", ".join(f"'{value.name}'" for value in shadowing[:5])
+    more = f" and {len(shadowing) - 5} more" if len(shadowing) > 5 else ""
+    logger.warning(
+        "%s: inputs %s%s are initializers too; compiled as constant weights, no longer inputs",
+        label,
+        names,
+        more,
+    )
+
+
+def _dynamic_dims(model: ir.Model, label: str) -> None:
+    """Declared sizes of ``-1`` or ``0`` on graph inputs and outputs mean "any size" to their
+    exporters and to onnxruntime: make them unnamed dynamic dimensions."""
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        shape = value.shape
+        if shape is None or all(not isinstance(d, int) or d > 0 for d in shape):
+            continue
+        value.shape = ir.Shape([d if not isinstance(d, int) or d > 0 else None for d in shape])
+        logger.info("%s: '%s' has dimensions of -1 or 0, read as dynamic", label, value.name)
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:

@@ -179,7 +179,9 @@ def _output_elements(shape: OpShape) -> int:
     return rows * columns
 
 
-def _conv_sizes(sizes, weight, attributes) -> list[int]:
+def _conv_sizes(
+    sizes: tuple[int, ...], weight: tuple[int, ...] | None, attributes: dict[str, object]
+) -> list[int]:
     """Each spatial output size: ``(in + pads - dilation (kernel - 1) - 1) // stride + 1``."""
     kernel = attributes.get("kernel_shape") or list((weight or ())[2:]) or [1] * len(sizes)
     count = len(sizes)

@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+import qgraph
+from qgraph import verify
 from qgraph.calibration import (
     HISTOGRAM_BINS,
     KL_EPSILON,
@@ -388,3 +390,18 @@ def test_channel_statistics_take_batches_that_give_the_fitted_range_no_unit():
     np.testing.assert_array_equal(stats.fitted_maximum, [1.0, -2.0])
     np.testing.assert_array_equal(stats.maximum, [5.0, 7.0])
     np.testing.assert_array_equal(stats.sample, [[5.0, 7.0]])
+
+
+def test_random_batches_give_dynamic_dims_the_size_the_weight_needs():
+    """x [N, K] with K dynamic feeds x W, W [64, 8]: K must be 64, N can be 1."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "K"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((64, 8), np.float32), "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    batch = next(random_batches(qgraph.load(proto), 1))
+    assert batch["x"].shape == (1, 64)
+    verify.run(qgraph.load(proto), batch)

@@ -240,3 +240,58 @@ def test_saving_an_external_model_without_external_data_inlines_the_weights(make
     qgraph.save(qgraph.load(source / "m.onnx"), tmp_path / "inline.onnx", external_data=False)
     written = onnx.load(tmp_path / "inline.onnx")
     np.testing.assert_array_equal(numpy_helper.to_array(written.graph.initializer[0]), np.arange(4))
+
+
+def exporter_quirks(sparse_indices: np.ndarray) -> onnx.ModelProto:
+    """y = x W V: W a sparse initializer (two non-zeros), V an initializer that older
+    exporters also list as an input, x and y declared [-1, ...] as Paddle's exporter does."""
+    values = numpy_helper.from_array(np.array([5.0, -2.0], np.float32), "W")
+    indices = numpy_helper.from_array(sparse_indices.astype(np.int64), "W_indices")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("MatMul", ["h", "V"], ["y"]),
+        ],
+        "quirks",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4]),
+            helper.make_tensor_value_info("V", TensorProto.FLOAT, [3, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 2])],
+        [numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(3, 2), "V")],
+        sparse_initializer=[helper.make_sparse_tensor(values, indices, [4, 3])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("indices", [np.array([5, 9]), np.array([[1, 2], [3, 0]])])
+def test_exporter_quirks_are_mended_on_load_and_said(indices, caplog):
+    proto = exporter_quirks(indices)
+    model = qgraph.load(proto)
+    expected = np.zeros((4, 3), np.float32)
+    expected[1, 2], expected[3, 0] = 5.0, -2.0
+    np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), expected)
+    assert [value.name for value in model.graph.inputs] == ["x"]
+    assert not isinstance(model.graph.inputs[0].shape[0], int)
+    assert not isinstance(model.graph.outputs[0].shape[0], int)
+    assert "sparse initializers 'W' stored dense" in caplog.text
+    assert "inputs 'V' are initializers too" in caplog.text
+    assert len(proto.graph.sparse_initializer) == 1 and len(proto.graph.input) == 2, "input kept"
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    y = verify.run(model, {"x": x})["y"]
+    np.testing.assert_allclose(y, x @ expected @ np.arange(6.0).reshape(3, 2), rtol=1e-5)
+
+
+def test_a_malformed_sparse_initializer_is_refused_by_name():
+    with pytest.raises(ModelLoadError, match="sparse initializer 'W' is malformed"):
+        qgraph.load(exporter_quirks(np.array([5, 99])))
+
+
+def test_a_model_declared_with_minus_one_dims_calibrates_on_any_batch_size():
+    rng = np.random.default_rng(1)
+    calibration = [{"x": rng.standard_normal((n, 4)).astype(np.float32)} for n in (1, 7)]
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(calib=calibration, budget="none")
+    )
+    result = qgraph.compile_model(exporter_quirks(np.array([5, 9])), "x86-vnni", options=options)
+    assert "QuantizeLinear" in qgraph.summarize(result.model).op_histogram
