@@ -18,6 +18,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import RewriteRule
 
 from qgraph.targets import TargetSpec
+from qgraph.traversal import carry_metadata
 
 MAX_ROUNDS = 8
 Variants = list[tuple[frozenset[str], RewriteRule]]
@@ -109,6 +110,7 @@ def _apply(variants: Variants, model: ir.Model, graph: ir.Graph) -> int:
                 continue
             for initializer in delta.new_initializers:
                 graph.register_initializer(initializer)
+            carry_metadata(list(delta.match.nodes), node, list(delta.new_nodes))
             ir.convenience.replace_nodes_and_values(
                 graph,
                 node,

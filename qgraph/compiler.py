@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -22,6 +23,7 @@ from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target
 from qgraph.timing import CostModel
+from qgraph.traversal import all_nodes, source_names
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ def compile_model(
         result, plan_report = _planned_run(model, spec, options, on_pass, tell)
     else:
         result = pipeline.run(model, listener=on_pass)
+    _warn_unmatched_exclusions(result.model, options)
     result.model.metadata_props[TARGET_METADATA_KEY] = spec.name
     result.model.metadata_props[VERSION_METADATA_KEY] = version("qgraph")
     saved = None
@@ -103,6 +106,19 @@ def compile_model(
         saved=saved,
         plan=plan_report,
     )
+
+
+def _warn_unmatched_exclusions(model: ir.Model, options: CompileOptions) -> None:
+    """An ``exclude_node`` pattern that matches no node of the compiled model, by its name or
+    by the input model's names it stands for (``traversal.source_names``), excluded nothing:
+    say so rather than ignore it."""
+    patterns = options.quantization.exclude_node if options.quantization else ()
+    if not patterns:
+        return
+    names = {name for node in all_nodes(model.graph) for name in (node.name, *source_names(node))}
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, name or "") for name in names):
+            logger.warning("--exclude-node '%s' matches no node: it excludes nothing", pattern)
 
 
 def _planned(options: CompileOptions, custom_pipeline: bool) -> bool:

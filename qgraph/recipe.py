@@ -38,6 +38,7 @@ import onnx_ir as ir
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
 from qgraph.quant_spec import DTYPE_NAMES
+from qgraph.traversal import source_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,8 +178,9 @@ class QuantOptions:
                 return reason
         if node.op_type in self.exclude_op:
             return f"op type {node.op_type} excluded by the user"
+        names = (node.name or "", *source_names(node))
         for pattern in self.exclude_node:
-            if re.fullmatch(pattern, node.name or ""):
+            if any(re.fullmatch(pattern, name) for name in names):
                 return f"excluded by the user (pattern '{pattern}')"
         return None
 

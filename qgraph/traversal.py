@@ -1,5 +1,6 @@
-"""Walking graphs: every node of a graph, subgraphs included, quickly; and from an activation
-back to the weighted op that produced it.
+"""Walking graphs: every node of a graph, subgraphs included, quickly; from an activation
+back to the weighted op that produced it; and from a rewritten node back to the input
+model's nodes it stands for.
 
 ``onnx_ir.traversal.RecursiveGraphIterator`` costs ~2 us a node; passes over 40k-node graphs
 walk the graph many times, so qgraph uses this plain generator (same order: a node, then the
@@ -8,6 +9,7 @@ nodes of its subgraphs).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import onnx_ir as ir
@@ -58,3 +60,28 @@ def _is_bias_add(node: ir.Node | None) -> bool:
 
 def _is_constant(value: ir.Value | None) -> bool:
     return value is not None and ir.convenience.get_const_tensor(value) is not None
+
+
+SOURCE_NODES_KEY = "qgraph.source_nodes"
+"""Node metadata key: the JSON list of the input model's node names a rewritten node
+replaces (a fusion's matched nodes), so exclusions by input name still find it."""
+
+
+def source_names(node: ir.Node) -> tuple[str, ...]:
+    """The input model's names ``node`` stands for: its recorded sources, else its name."""
+    recorded = node.metadata_props.get(SOURCE_NODES_KEY)
+    if recorded:
+        return tuple(json.loads(recorded))
+    return (node.name,) if node.name else ()
+
+
+def carry_metadata(replaced: list[ir.Node], root: ir.Node, new_nodes: list[ir.Node]) -> None:
+    """Give each of a rewrite's ``new_nodes`` the names of all the ``replaced`` nodes'
+    sources, and the ``root``'s metadata it lacks (an exporter's scopes, as torch's
+    ``pkg.torch.onnx.name_scopes``)."""
+    sources = list(dict.fromkeys(name for node in replaced for name in source_names(node)))
+    for new in new_nodes:
+        for key, value in root.metadata_props.items():
+            new.metadata_props.setdefault(key, value)
+        if sources:
+            new.metadata_props[SOURCE_NODES_KEY] = json.dumps(sources)
