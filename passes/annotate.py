@@ -9,8 +9,9 @@ the runtime fuses an op into an integer kernel only behind a ``QuantizeLinear``,
 the target runs in float are left exact.
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
-kW]`` on axis 0, ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with
-``transB=1`` and axis 1 without. Per-block weight specs (4-bit, in any mode) split the
+kW]`` on axis 0, ``ConvTranspose`` weights ``[C, M, kH, kW]`` on axis 1 (ungrouped only),
+``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with ``transB=1`` and axis
+1 without. Per-block weight specs (4-bit, in any mode) split the
 reduction axis ``K`` into blocks, each with its own scale per output channel. Biases become
 int32 only where the target says so (``int32_bias``).
 
@@ -58,6 +59,14 @@ class WeightedOp:
     """The axis of the weight's output channels."""
     reduction_axis: Callable[[ir.Node], int | None]
     """The axis of the weight's reduction (K), or None where blocks do not apply."""
+    unsupported: Callable[[ir.Node], str | None] = lambda node: None
+    """Why this node of the op type cannot be quantized, if it cannot."""
+
+
+def _grouped(node: ir.Node) -> str | None:
+    if node.attributes.get_int("group", 1) == 1:
+        return None
+    return "a grouped ConvTranspose's weight [C, M/group, ...] has no axis of all its outputs"
 
 
 def _gemm_transposed(node: ir.Node) -> bool:
@@ -67,6 +76,7 @@ def _gemm_transposed(node: ir.Node) -> bool:
 
 WEIGHTED_OPS = {
     "Conv": WeightedOp(0, 1, 2, None, lambda node: 0, lambda node: None),
+    "ConvTranspose": WeightedOp(0, 1, 2, None, lambda node: 1, lambda node: None, _grouped),
     "MatMul": WeightedOp(0, 1, None, 2, lambda node: 1, lambda node: 0),
     "Gemm": WeightedOp(
         0,
@@ -206,7 +216,11 @@ class AnnotatePass(ir.passes.InPlacePass):
         layout = WEIGHTED_OPS.get(node.op_type)
         if layout is None:
             return f"qgraph has no quantization rule for {node.op_type}"
-        reason = node.metadata_props.get(KEEP_FLOAT_KEY) or self.options.excluded(node)
+        reason = (
+            node.metadata_props.get(KEEP_FLOAT_KEY)
+            or self.options.excluded(node)
+            or layout.unsupported(node)
+        )
         if reason:
             return reason
         activation = _input(node, layout.activation)

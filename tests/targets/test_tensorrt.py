@@ -311,3 +311,35 @@ def test_residual_rule_needs_an_int8_op_and_a_skip_input():
     assert violations(float_conv) == []
     two_branches = conv_block(skip="conv_out")  # Add(conv, conv): no skip input to quantize
     assert violations(two_branches) == []
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_conv_transpose_is_quantized_along_its_output_channels(group):
+    """ConvTranspose's weight is [C, M/group, kH, kW]: per channel on axis 1, ungrouped only.
+    The compiled model passes TensorRT's rules and stays within a few quantization steps of
+    the float model (8-bit input and weights: a few percent of the output's scale)."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((8, 16 // group, 3, 3)) * 0.2).astype(np.float32)
+    node = helper.make_node(
+        "ConvTranspose", ["x", "W"], ["y"], name="up", group=group, strides=[2, 2]
+    )
+    proto = model([node], {"x": [1, 8, 6, 6]}, {"y": [1, 16, 13, 13]}, {"W": w})
+    data = [{"x": rng.standard_normal((1, 8, 6, 6)).astype(np.float32)} for _ in range(4)]
+    options = qgraph.CompileOptions(quantization=qgraph.quant_options(calib=data, budget="none"))
+    result = qgraph.compile_model(proto, "tensorrt", options=options)
+    annotate = next(r.details for r in result.records if r.name == "annotate")
+    if group > 1:
+        assert "grouped ConvTranspose" in annotate.float_reasons["up"][1]
+        return
+    assert annotate.annotated["ConvTranspose"] == 1
+    weight_dq = next(
+        n
+        for n in result.model.graph
+        if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+    )
+    assert weight_dq.attributes.get_int("axis") == 1
+    assert weight_dq.inputs[1].const_value.shape == (16,)
+    assert not TENSORRT.check(result.model)
+    expected = verify.run(qgraph.load(proto), data[0])["y"]
+    actual = verify.run(result.model, data[0])["y"]
+    assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
