@@ -18,8 +18,9 @@ from onnx import TensorProto, helper
 CPU_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 """Operator domains onnxruntime's CPU execution provider runs."""
 
-CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization"})
-"""Ops onnxruntime registers in the default ONNX domain itself (RMSNorm before opset 23)."""
+CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization"})
+"""Ops onnxruntime registers in the default ONNX domain itself: RMSNorm before opset 23, and
+LayerNorm before opset 17 (onnxruntime 1.32 ran it at opsets 11-16, exact to float rounding)."""
 
 CPU_QUANTIZABLE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 """Ops with integer CPU kernels that beat fp32; quantizing more mostly costs accuracy."""

@@ -4,7 +4,8 @@ LayerNorm over the last axis, as exporters write it out::
 
     mean = ReduceMean(x); d = x - mean; var = ReduceMean(d^2)      (d^2 as Pow(d, 2) or d * d)
     y = d / Sqrt(var + eps) * gamma  [+ beta]        (or d * Reciprocal(Sqrt(..)), d * (1 / Sqrt))
-      -> LayerNormalization(x, gamma[, beta], axis=-1, epsilon=eps)          (opset >= 17)
+      -> LayerNormalization(x, gamma[, beta], axis=-1, epsilon=eps)          (opset >= 17,
+                                               or earlier where the target's runtime adds it)
 
 RMSNorm (Llama) over the last axis::
 
@@ -36,6 +37,7 @@ from qgraph.passes.fusion.rules import (
     scalar,
 )
 
+LAYER_NORM = "LayerNormalization"
 LAYER_NORM_OPSET = 17
 RMS_NORM_OPSET = 23
 RUNTIME_RMS_NORM = "SimplifiedLayerNormalization"
@@ -126,8 +128,14 @@ class LayerNormFusion(TargetRule):
         return op.Mul(normalized, gamma)
 
     def check(self, context, x, mean, variance, eps, gamma, two=None, one=None, **_) -> MatchResult:
-        if model_opset(context) < LAYER_NORM_OPSET:
-            return fail(f"opset {model_opset(context)} has no LayerNormalization (from 17)", x)
+        opset = model_opset(context)
+        added = LAYER_NORM in self.target.default_domain_extensions
+        if opset < LAYER_NORM_OPSET and not added:
+            return fail(
+                f"opset {opset} has no LayerNormalization (from 17) and target "
+                f"{self.target.name} does not add it",
+                x,
+            )
         problem = _normalization_problem(x, (mean, variance), eps, two, gamma, one)
         return MatchResult() if problem is None else fail(problem, x)
 
