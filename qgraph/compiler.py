@@ -21,7 +21,7 @@ from qgraph.options import CompileOptions
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
 from qgraph.registry import build_pipeline
-from qgraph.targets import QuantFormat, TargetSpec, get_target
+from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel
 from qgraph.traversal import all_nodes, source_names
 
@@ -139,7 +139,8 @@ def _planned_run(
 
     1. The float compile (the plan's reference: the same canonicalization and fusion, so the
        same value names) and a probe, every candidate in 8 bits without SmoothQuant, whose
-       quantized ops are timed in float and in 8 bits (``planning.speed_gains``).
+       quantized ops are timed in float and in 8 bits (``planning.speed_gains``) where this
+       host is the target's CPU, else estimated (``timing.CostModel``).
     2. The float rewrites, once, in place: SmoothQuant leaves alone the activations whose
        readers 8 bits make slower (they stay float, and its ``X / s`` would only cost time).
     3. The plan's rounds, each a Q/DQ compile from a copy of the rewritten model; the chosen
@@ -152,7 +153,9 @@ def _planned_run(
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
     probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
-    timer = None if quantization.measure else CostModel()
+    timer = None if quantization.measure and is_host_target(spec) else CostModel()
+    if quantization.measure and timer is not None:
+        logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)
     speeds = speed_gains(probe.run(_copy(model)).model, batches[0], spec, timer)
     slow = [op for op in speeds if op.gain_seconds <= 0]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())

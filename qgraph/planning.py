@@ -91,6 +91,8 @@ class PlanReport:
     """The share of the measured int8 gain of all faster candidates that the model keeps."""
     rounds: int
     seconds: float
+    gains_measured: bool = True
+    """The int8 gains were timed on this host, not estimated by ``timing.CostModel``."""
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
@@ -100,6 +102,8 @@ class PlanReport:
         slow = [op for op in self.kept_float if op.gain_seconds <= 0]
         kept = len(self.kept_float) - len(slow)
         slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
+        if not self.gains_measured:
+            slower += " (int8 gains estimated, not timed: see --measure)"
         if not kept:
             every = "every op faster in 8 bits" if slow else "every candidate"
             return (
@@ -309,7 +313,10 @@ def _report(
     faster = sum(op.gain_seconds for op in speeds if op.gain_seconds > 0) or 1.0
     lost = sum(op.gain_seconds for op in kept if op.gain_seconds > 0)
     seconds = time.perf_counter() - start
-    return PlanReport(budget_db, measured, final, kept, 1 - lost / faster, rounds, seconds)
+    timed = all(op.measured for op in speeds)
+    return PlanReport(
+        budget_db, measured, final, kept, 1 - lost / faster, rounds, seconds, gains_measured=timed
+    )
 
 
 class BudgetError(QGraphError):

@@ -46,6 +46,17 @@ def detect_host_target(
     )
 
 
+def is_host_target(spec: TargetSpec) -> bool:
+    """This host's CPU is the one ``spec`` describes, so timings taken here hold for it: an
+    onnxruntime CPU target that ``--target auto`` would pick here (x86-vnni compiled on an
+    AVX2-only host is not: its u8 x s8 kernels run another way there)."""
+    try:
+        host = detect_host_target()
+    except UnknownTargetError:
+        return False
+    return spec.runtime_checked and host.name == spec.name
+
+
 def same_arch(arch: str | None, machine: str) -> bool:
     """``arch`` (a target's, ``platform.machine()`` spelling) names ``machine``'s kind."""
     kinds = (ARM_MACHINES, X86_MACHINES)
@@ -90,5 +101,6 @@ __all__ = [
     "host_cpu_flags",
     "host_cpu_name",
     "host_description",
+    "is_host_target",
     "same_arch",
 ]

@@ -210,3 +210,12 @@ def test_without_measuring_the_plan_estimates_and_says_so(monkeypatch):
 def test_no_measure_without_a_plan_is_an_error():
     with pytest.raises(RecipeError, match="no plan runs here"):
         quant_options(calib=batches(), budget="none", measure=False)
+
+
+def test_a_target_that_is_not_this_hosts_cpu_is_estimated_not_timed(monkeypatch):
+    """Timings taken here say nothing of TensorRT's kernels."""
+    monkeypatch.setattr(timing, "measure", None)  # a timing would fail
+    flags = {"calib": batches(), "budget": 0, "smoothquant": "none"}
+    options = CompileOptions(quantization=quant_options(**flags))
+    report = qgraph.compile_model(two_branches(), "tensorrt", options=options).plan
+    assert not report.gains_measured and "estimated, not timed" in report.summary()
