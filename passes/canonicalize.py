@@ -2,6 +2,9 @@
 
 Run in order:
 
+- ``inline-functions`` (when quantizing): each call of a model-local function becomes the
+  function's body, ``f(x) -> body(x)`` (onnx_ir's inliner), so the ops inside are quantized,
+  and listed where they stay float, like any other.
 - ``upgrade-opset`` (when quantizing): raise the default-domain opset to what the Q/DQ specs
   need (13 for per-channel ``axis``, 21 for 4-bit, blocked and 16-bit types) with onnx's
   version converter; exports at opset < 13 could not carry per-channel scales otherwise.
@@ -17,7 +20,7 @@ Run in order:
   and input values compute the same outputs; the second's uses move to the first.
 - ``dead-code-elimination``: nodes and initializers nothing reaches from the outputs go.
 
-Lifting, CSE and dead-code removal are onnx_ir's passes, constant folding is onnxscript's.
+Inlining, lifting, CSE and dead-code removal are onnx_ir's passes, constant folding is onnxscript's.
 Shape inference and identity elimination are qgraph's own: onnx_ir's versions (1.1) turn
 sequence and optional values into tensors when merging inferred types, and rename a value
 that is already a graph output (breaking ``Scan`` bodies that emit a state twice).
@@ -295,6 +298,13 @@ def _folding_blocker(model: ir.Model) -> str | None:
 
 
 PASSES = (
+    PassInfo(
+        "inline-functions",
+        Phase.CANONICALIZE,
+        "model-local functions inlined where they are called, so their ops are quantized and "
+        "listed like the rest, when quantizing",
+        lambda ctx: None if ctx.options.quantization is None else common.InlinePass(),
+    ),
     PassInfo(
         "upgrade-opset",
         Phase.CANONICALIZE,

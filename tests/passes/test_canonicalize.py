@@ -382,3 +382,38 @@ def test_opset_upgrade_converts_old_exports_and_leaves_new_ones():
     assert canonicalize.OpsetUpgradePass(13)(model).modified
     assert model.opset_imports[""] == 13 and [n.op_type for n in model.graph] == ["Relu"]
     assert not canonicalize.OpsetUpgradePass(13)(model).modified
+
+
+def test_a_matmul_inside_a_local_function_is_inlined_and_quantized():
+    """y = f(x), f a model-local function holding x W: quantizing, the call becomes its body
+    and the MatMul is quantized like any other (before, it was neither quantized nor listed)."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((16, 16)).astype(np.float32)
+    function = onnx.helper.make_function(
+        "local",
+        "f",
+        ["a", "w"],
+        ["b"],
+        [onnx.helper.make_node("MatMul", ["a", "w"], ["b"])],
+        [onnx.helper.make_opsetid("", 17)],
+    )
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("f", ["x", "W"], ["y"], domain="local", name="call")],
+        "calls",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 16])],
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
+    proto = onnx.helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)],
+        ir_version=8,
+    )
+    data = [{"x": rng.standard_normal((4, 16)).astype(np.float32)}]
+    options = qgraph.CompileOptions(quantization=qgraph.quant_options(calib=data, budget="none"))
+    result = qgraph.compile_model(proto, "x86-vnni", options=options)
+    annotate = next(r.details for r in result.records if r.name == "annotate")
+    assert annotate.annotated["MatMul"] == 1
+    assert not any(node.domain == "local" for node in result.model.graph)
+    assert not result.model.functions

@@ -137,7 +137,7 @@ def test_inspect_table_shows_interface_shapes(model_file):
 def test_passes_and_targets_listings():
     passes = json.loads(invoke("passes", "--json").stdout)
     names = [p["name"] for p in passes]
-    assert names[:3] == ["upgrade-opset", "lift-constants", "shape-inference"]
+    assert names[:4] == ["inline-functions", "upgrade-opset", "lift-constants", "shape-inference"]
     assert names.index("fusion") < names.index("annotate") < names.index("insert-qdq")
     targets = json.loads(invoke("targets", "--json").stdout)
     assert [t["name"] for t in targets] == list(TARGETS)
