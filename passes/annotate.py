@@ -35,7 +35,7 @@ from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
-from qgraph.traversal import weighted_producer
+from qgraph.traversal import all_nodes, weighted_producer
 
 ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
@@ -162,7 +162,20 @@ class AnnotatePass(ir.passes.InPlacePass):
                 report.annotated[node.op_type] += 1
         if self.target.quantize_residual_inputs and self.options.mode is Mode.STATIC:
             report.residual_inputs = self._annotate_residuals(model)
+        self._list_subgraph_ops(model, report)
         return ReportingPassResult(model, modified=False, details=report)
+
+    def _list_subgraph_ops(self, model: ir.Model, report: AnnotationReport) -> None:
+        """Ops the target could quantize inside If / Loop / Scan bodies stay float, listed:
+        calibration sees only the main graph's values."""
+        for owner in model.graph:
+            for body in _subgraphs(owner):
+                for node in all_nodes(body):
+                    if node.op_type not in self._quantizable_ops or node.domain != "":
+                        continue
+                    where = f"{owner.op_type} '{owner.name}'"
+                    reason = f"inside a subgraph of {where}: qgraph calibrates the main graph"
+                    report.float_reasons[node.name or "?"] = (node.op_type, reason)
 
     def _annotate_embedding(self, node: ir.Node, report: AnnotationReport) -> bool:
         """Mark a ``Gather`` from an embedding table the target stores in integers; whether
@@ -356,6 +369,16 @@ def _is_row(shape: ir.Shape) -> bool:
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attribute.as_graphs())
+    return graphs
 
 
 def _residual_skip(node: ir.Node) -> int | None:
