@@ -16,6 +16,7 @@ from qgraph.inspection import diff_models
 from qgraph.kernels import runtime_kernels
 from qgraph.model_io import load
 from qgraph.models import minilm
+from qgraph.targets import get_target
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -173,3 +174,13 @@ def test_a_diff_of_the_compile_states_the_counts_a_person_checks(zoo: models.Zoo
     assert diff.created_by_pass["fusion"] == {"com.microsoft::Gelu": 6}
     assert diff.size_ratio < 0.6, "the word embedding table is stored in 8 bits"
     assert runtime_kernels(compiled).complete, "every quantized MatMul an integer kernel"
+
+
+def test_every_candidate_in_8_bits_for_tensorrt_passes_its_own_rules(zoo: models.ZooModel):
+    """The residual Adds of a post-norm encoder: the placement puts a Q/DQ on each skip input
+    the rules ask for (a compile failed on its own ``residual_inputs_quantized`` before)."""
+    options = CompileOptions(quantization=quant_options(calib=str(zoo.calibration), budget="none"))
+    compiled = compile_model(load(zoo.model), "tensorrt", options=options).model
+    annotate_counts = diff_models(load(zoo.model), compiled).after.quantized_ops
+    assert annotate_counts["MatMul"] > 0
+    assert not get_target("tensorrt").check(compiled)
