@@ -11,9 +11,9 @@ the target runs in float are left exact.
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
 kW]`` on axis 0, ``ConvTranspose`` weights ``[C, M, kH, kW]`` on axis 1 (ungrouped only),
 ``MatMul`` weights ``[K, N]`` on axis 1, ``Gemm`` weights on axis 0 with ``transB=1`` and axis
-1 without. Per-block weight specs (4-bit, in any mode) split the
-reduction axis ``K`` into blocks, each with its own scale per output channel. Biases become
-int32 only where the target says so (``int32_bias``).
+1 without. Per-block weight specs (4-bit, in any mode) split the reduction axis ``K`` into
+blocks, each with its own scale per output channel. Biases become int32 only where the target
+says so (``int32_bias``).
 
 Where the target fuses a weighted op with the ``Add`` of a skip connection
 (``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
