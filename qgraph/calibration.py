@@ -565,6 +565,11 @@ def _shape_problem(value: ir.Value, array: np.ndarray) -> str | None:
     return None if fits else f"shape {list(array.shape)}, expected {shape}"
 
 
+def _emptiness_problem(value: ir.Value, array: np.ndarray) -> str | None:
+    """A batch of zero samples would calibrate nothing, and leave default scales behind."""
+    return f"holds no values (shape {list(array.shape)})" if array.size == 0 else None
+
+
 def _finiteness_problem(value: ir.Value, array: np.ndarray) -> str | None:
     if value.dtype is None or not value.dtype.is_floating_point():
         return None
@@ -578,6 +583,7 @@ def _finiteness_problem(value: ir.Value, array: np.ndarray) -> str | None:
 _ARRAY_CHECKS: tuple[Callable[[ir.Value, np.ndarray], str | None], ...] = (
     _dtype_problem,
     _shape_problem,
+    _emptiness_problem,
     _finiteness_problem,
 )
 

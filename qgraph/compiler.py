@@ -110,15 +110,18 @@ def compile_model(
 
 def _warn_unmatched_exclusions(model: ir.Model, options: CompileOptions) -> None:
     """An ``exclude_node`` pattern that matches no node of the compiled model, by its name or
-    by the input model's names it stands for (``traversal.source_names``), excluded nothing:
-    say so rather than ignore it."""
-    patterns = options.quantization.exclude_node if options.quantization else ()
-    if not patterns:
+    by the input model's names it stands for (``traversal.source_names``), or an
+    ``exclude_op`` the model has none of, excluded nothing: say so rather than ignore it."""
+    quantization = options.quantization
+    if quantization is None:
         return
-    names = {name for node in all_nodes(model.graph) for name in (node.name, *source_names(node))}
-    for pattern in patterns:
+    nodes = list(all_nodes(model.graph))
+    names = {name for node in nodes for name in (node.name, *source_names(node))}
+    for pattern in quantization.exclude_node:
         if not any(re.fullmatch(pattern, name or "") for name in names):
             logger.warning("--exclude-node '%s' matches no node: it excludes nothing", pattern)
+    for op_type in sorted(quantization.exclude_op - {node.op_type for node in nodes}):
+        logger.warning("--exclude-op '%s': the model has no such op; it excludes nothing", op_type)
 
 
 def _planned(options: CompileOptions, custom_pipeline: bool) -> bool:

@@ -30,7 +30,7 @@ import dataclasses
 import enum
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import onnx_ir as ir
@@ -243,7 +243,33 @@ def _build(table: Mapping[str, object]) -> QuantOptions:
         raise RecipeError(
             f"unknown recipe key(s) {', '.join(sorted(unknown))}; known: {', '.join(_FIELDS)}"
         )
-    return QuantOptions(**{key: _FIELDS[key](table[key]) for key in table})
+    options = QuantOptions(**{key: _FIELDS[key](table[key]) for key in table})
+    for keys, applies, complaint in _CONFLICTS:
+        if all(key in table for key in keys) and not applies(options):
+            raise RecipeError(complaint)
+    return options
+
+
+_CONFLICTS: tuple[tuple[tuple[str, ...], Callable[[QuantOptions], bool], str], ...] = (
+    (
+        ("calib", "calib_random"),
+        lambda options: False,
+        "calib and calib_random both given: calibrate on the data or on random batches",
+    ),
+    (
+        ("calib_method",),
+        lambda options: options.mode is Mode.STATIC,
+        "calib_method applies to static mode only: dynamic and weight-only modes calibrate "
+        "no activation ranges",
+    ),
+    (
+        ("percentile",),
+        lambda options: options.calib_method == "percentile",
+        "percentile applies only with calib_method = percentile",
+    ),
+)
+"""Keys given together that the options would silently ignore: (keys, whether they apply,
+the complaint)."""
 
 
 def _mode(value: object) -> Mode:
@@ -267,6 +293,8 @@ def _number(key: str, kind: type, low: float, high: float):
             raise RecipeError(f"{key} = {value!r}: expected a number")
         if not low <= value <= high:
             raise RecipeError(f"{key} = {value!r}: expected a value in [{low}, {high}]")
+        if kind is int and value != int(value):
+            raise RecipeError(f"{key} = {value!r}: expected a whole number")
         return kind(value)
 
     return convert

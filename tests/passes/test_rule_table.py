@@ -62,8 +62,9 @@ def test_excluding_a_node_by_its_input_name_keeps_the_fused_op_float():
     )
 
 
-def test_a_pattern_that_matches_no_node_is_a_warning(caplog):
+def test_a_pattern_or_op_that_matches_no_node_is_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
-        compiled(exclude_node=("mm1", "nothing.*"))
+        compiled(exclude_node=("mm1", "nothing.*"), exclude_op=("Gemm", "NotAnOp"))
     assert "--exclude-node 'nothing.*' matches no node" in caplog.text
-    assert "'mm1'" not in caplog.text
+    assert "--exclude-op 'NotAnOp': the model has no such op" in caplog.text
+    assert "'mm1'" not in caplog.text and "'Gemm'" not in caplog.text

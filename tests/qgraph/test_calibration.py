@@ -295,6 +295,10 @@ def test_a_non_finite_intermediate_is_flagged_not_fatal():
             {"x": np.zeros((1, 4), np.float32)},
             r"^calibration batch 1, input 'x': shape \[1, 4\], expected \[N,3\]$",
         ),
+        (
+            {"x": np.zeros((0, 3), np.float32)},
+            r"^calibration batch 1, input 'x': holds no values \(shape \[0, 3\]\)$",
+        ),
     ],
 )
 def test_bad_batches_are_named(feeds, message):

@@ -9,7 +9,6 @@ from qgraph.recipe import Mode, QuantOptions, RecipeError, load_recipe, quant_op
 
 RECIPE = """
 mode = "weight-only"
-calib_method = "entropy"
 weight_dtype = "int4"
 block_size = 64
 exclude_node = ["/lm_head/.*"]
@@ -31,7 +30,6 @@ def test_a_recipe_says_what_the_flags_say(tmp_path):
     from_recipe = quant_options(load_recipe(path))
     from_flags = quant_options(
         mode="weight-only",
-        calib_method="entropy",
         weight_dtype="int4",
         block_size=64,
         exclude_node=["/lm_head/.*"],
@@ -102,3 +100,18 @@ def test_bad_recipes_name_the_file_and_the_problem(tmp_path, text, message):
 def test_a_missing_recipe_is_named(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "none.toml")
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        ({"calib": "data/", "calib_random": 4}, "calib and calib_random both given"),
+        ({"mode": "dynamic", "calib_method": "entropy"}, "calib_method applies to static"),
+        ({"percentile": 99.9}, "percentile applies only with calib_method = percentile"),
+        ({"block_size": 16.7}, "block_size = 16.7: expected a whole number"),
+    ],
+)
+def test_an_option_that_would_be_ignored_is_an_error(flags, complaint):
+    with pytest.raises(RecipeError, match=complaint):
+        quant_options(**flags)
+    assert quant_options(calib_method="percentile", percentile=99.9).percentile == 99.9
