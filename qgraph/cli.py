@@ -51,6 +51,7 @@ from qgraph.report import (
     diff_report,
     evaluation_report,
     passes_report,
+    printable,
     summary_report,
     targets_report,
 )
@@ -86,6 +87,13 @@ def _finite(value: object) -> object:
     return value
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with their control characters written out (names come from models)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 class QGraphGroup(click.Group):
     """Turns qgraph's errors into one line and a non-zero exit, unless ``--debug``."""
 
@@ -95,15 +103,17 @@ class QGraphGroup(click.Group):
         except QGraphError as error:
             if ctx.params.get("debug"):
                 raise
-            raise click.ClickException(str(error)) from error
+            raise click.ClickException(printable(str(error))) from error
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
             if ctx.params.get("debug"):
                 raise
             raise click.ClickException(
-                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the "
-                "traceback, and please report it)"
+                printable(
+                    f"internal error: {type(error).__name__}: {error} (rerun with --debug for "
+                    "the traceback, and please report it)"
+                )
             ) from error
 
 
@@ -119,10 +129,9 @@ def cli(debug: bool) -> None:
       qgraph check model.q.onnx --target tensorrt
       qgraph inspect model.q.onnx
     """
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     if not debug:
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -38,9 +38,29 @@ def format_count(count: int) -> str:
     return str(count)
 
 
+_UNPRINTABLE = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
+"""C0 and C1 control characters (escape sequences, newlines) and bidirectional overrides."""
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters written out (``\\x1b``): a name read from a
+    model can then neither drive the terminal nor forge a line of qgraph's output."""
+    return text.translate(_UNPRINTABLE)
+
+
+class _PrintableTable(Table):
+    """A table whose text cells are ``printable``: they hold names read from models."""
+
+    def add_row(self, *cells, **options) -> None:
+        super().add_row(*(printable(c) if isinstance(c, str) else c for c in cells), **options)
+
+
 def _table(*columns: str, title: str | None = None) -> Table:
     """A borderless table; all-blank column names mean a key/value table without header."""
-    table = Table(
+    table = _PrintableTable(
         title=title,
         title_justify="left",
         title_style="bold",
@@ -347,7 +367,9 @@ def check_report(
 ) -> RenderableType:
     """What ``qgraph check`` prints: the verdict, and a row per violation."""
     if not violations:
-        return Text(f"{source} conforms to target {target.name} ({len(rules)} rules checked)")
+        return Text(
+            f"{printable(source)} conforms to target {target.name} ({len(rules)} rules checked)"
+        )
     title = f"{source} breaks target {target.name}: {len(violations)} violation(s)"
     table = _table("rule", "node", "what is wrong", title=title)
     for column in table.columns:

@@ -420,3 +420,28 @@ def test_check_reports_the_onnx_checker_as_a_rule(model_file):
 def test_check_errors_are_one_line(tmp_path, model_file):
     assert_one_line_error(invoke("check", tmp_path / "absent.onnx"), "absent.onnx", "no such file")
     assert_one_line_error(invoke("check", model_file, "-t", "gpu"), "unknown target 'gpu'")
+
+
+HOSTILE = "\x1b]0;TITLE\x07\x1b[2J\nError: everything is fine"
+
+
+def test_names_from_a_model_cannot_drive_the_terminal(small_model, tmp_path):
+    """A node named with escape sequences and a newline prints written out, on one line."""
+    small_model.graph.node[0].name = HOSTILE
+    path = tmp_path / "hostile.onnx"
+    onnx.save(small_model, path)
+    flags = (
+        "--calib-random",
+        "2",
+        "--budget",
+        "none",
+        "--exclude-node",
+        ".*",
+        "--skip-pass",
+        "fusion",
+    )
+    result = invoke("compile", path, *flags, "-o", tmp_path / "out.onnx", "--explain")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b]0;TITLE\\x07" in result.output, "the name, written out"
+    assert "Error: everything is fine" not in result.output.splitlines()
