@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qgraph.atomic import replaced_folder
-from qgraph.errors import QGraphError
+from qgraph.errors import QGraphError, not_a_regular_file
 
 INFO_FILE = "dataset.json"
 
@@ -45,6 +45,8 @@ class DatasetInfo:
 def batch_files(source: str | os.PathLike) -> list[Path]:
     """The ``.npz`` files of a dataset folder (sorted by name), or ``[source]`` for one file."""
     path = Path(source)
+    if problem := not_a_regular_file(path):
+        raise DatasetError(problem)
     if path.is_file():
         if path.suffix != ".npz":
             raise DatasetError(f"{path}: a dataset is a .npz file or a folder of them")
@@ -52,6 +54,9 @@ def batch_files(source: str | os.PathLike) -> list[Path]:
     if not path.is_dir():
         raise DatasetError(f"{path}: no such dataset (a .npz file or a folder of them)")
     files = sorted(path.glob("*.npz"))
+    for file in files:
+        if problem := not_a_regular_file(file):
+            raise DatasetError(problem)
     if not files:
         raise DatasetError(f"{path}: the folder holds no .npz files")
     return files

@@ -7,6 +7,8 @@ prints that line and exits non-zero; anything else escaping is a bug in qgraph.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class QGraphError(Exception):
     """Base class of the errors qgraph reports to users."""
@@ -30,3 +32,11 @@ class PipelineError(QGraphError):
 
 class ConformanceError(QGraphError):
     """The compiled model breaks a rule of its target."""
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why qgraph will not read ``path`` (a FIFO, device or socket would block or never end),
+    or None for a regular file, a folder or a missing path."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return f"{path}: not a regular file (a FIFO, device or socket); qgraph reads only files"
+    return None

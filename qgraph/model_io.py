@@ -30,7 +30,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from qgraph.errors import ModelLoadError, ModelSaveError
+from qgraph.errors import ModelLoadError, ModelSaveError, not_a_regular_file
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 from qgraph.traversal import all_nodes
 
@@ -73,6 +73,8 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
+    if problem := not_a_regular_file(path):
+        raise ModelLoadError(problem)
     try:
         data = path.read_bytes()
     except OSError as error:

@@ -36,7 +36,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qgraph.data import DataSource
-from qgraph.errors import QGraphError
+from qgraph.errors import QGraphError, not_a_regular_file
 from qgraph.quant_spec import DTYPE_NAMES
 from qgraph.traversal import source_names
 
@@ -222,6 +222,8 @@ def quant_options(recipe: Mapping[str, object] | None = None, **flags: object) -
 def load_recipe(path: str | Path) -> dict[str, object]:
     """The table in TOML file ``path``, checked against the keys ``quant_options`` takes."""
     path = Path(path)
+    if problem := not_a_regular_file(path):
+        raise RecipeError(problem)
     try:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -445,3 +446,16 @@ def test_names_from_a_model_cannot_drive_the_terminal(small_model, tmp_path):
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "\\x1b]0;TITLE\\x07" in result.output, "the name, written out"
     assert "Error: everything is fine" not in result.output.splitlines()
+
+
+def test_a_fifo_is_refused_by_name_not_read(tmp_path, model_file):
+    """Reading a FIFO blocks until a writer comes: every command refuses it at once."""
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    assert_one_line_error(invoke("compile", fifo), "not a regular file")
+    assert_one_line_error(invoke("compile", model_file, "--recipe", fifo), "not a regular file")
+    assert_one_line_error(invoke("compile", model_file, "--calib", fifo), "not a regular file")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    os.mkfifo(folder / "batch.npz")
+    assert_one_line_error(invoke("compile", model_file, "--calib", folder), "not a regular file")
