@@ -317,6 +317,11 @@ def _check_destination(model: ir.Model, path: Path) -> None:
                 f"{path}: would overwrite '{in_use.name}', which holds the input's weights "
                 f"(tensor '{tensor.name}'); choose another output path"
             )
+    if path.is_symlink() or not_a_regular_file(path):
+        raise ModelSaveError(
+            f"{path}: is a symlink, FIFO, device or socket; qgraph writes only regular files "
+            "(replacing it would not write where it points)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

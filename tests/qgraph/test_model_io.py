@@ -295,3 +295,15 @@ def test_a_model_declared_with_minus_one_dims_calibrates_on_any_batch_size():
     )
     result = qgraph.compile_model(exporter_quirks(np.array([5, 9])), "x86-vnni", options=options)
     assert "QuantizeLinear" in qgraph.summarize(result.model).op_histogram
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused(small_model, tmp_path):
+    """-o onto a FIFO, a device or a symlink once replaced it with a regular file."""
+    fifo, link = tmp_path / "pipe", tmp_path / "link.onnx"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "elsewhere.onnx")
+    model = qgraph.load(small_model)
+    for path in (fifo, link, Path("/dev/null")):
+        with pytest.raises(ModelSaveError, match="writes only regular files"):
+            qgraph.save(model, path)
+    assert fifo.exists() and not fifo.is_file() and link.is_symlink()
