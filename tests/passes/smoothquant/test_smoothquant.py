@@ -283,11 +283,13 @@ def test_one_row_in_all_is_too_few_to_search_alpha_on(make_model):
 
 
 @pytest.mark.parametrize("alpha", [0.5, "auto"])
-def test_a_tensor_no_batch_holds_values_of_is_left_with_the_reason(make_model, alpha):
+def test_batches_of_no_rows_are_refused_before_smoothing(make_model, alpha):
+    """They once left the tensor unsmoothed with a reason; now calibration refuses them by
+    name, since they would calibrate nothing (default scales of 1.0) elsewhere too."""
     model = float_compiled(layer_norm_block(make_model, rows=0))
     batches = [{"x": np.zeros((0, K), np.float32)}] * 2
-    _, report = smooth(model, batches, smoothquant=alpha)
-    assert report.skipped == {"n": "the calibration data holds none of its values"}
+    with pytest.raises(CalibrationError, match=r"input 'x': holds no values \(shape \[0, 16\]\)"):
+        smooth(model, batches, smoothquant=alpha)
 
 
 def test_errors_name_the_problem(make_model):
