@@ -35,7 +35,7 @@ from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
-from qgraph.traversal import all_nodes, weighted_producer
+from qgraph.traversal import all_nodes, subgraphs, weighted_producer
 
 ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
@@ -169,7 +169,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         """Ops the target could quantize inside If / Loop / Scan bodies stay float, listed:
         calibration sees only the main graph's values."""
         for owner in model.graph:
-            for body in _subgraphs(owner):
+            for body in subgraphs(owner):
                 for node in all_nodes(body):
                     if node.op_type not in self._quantizable_ops or node.domain != "":
                         continue
@@ -369,16 +369,6 @@ def _is_row(shape: ir.Shape) -> bool:
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
-
-
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            graphs.append(attribute.as_graph())
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attribute.as_graphs())
-    return graphs
 
 
 def _residual_skip(node: ir.Node) -> int | None:

@@ -27,12 +27,17 @@ def all_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
     for node in graph:
         yield node
         if node.attributes:
-            for attr in node.attributes.values():
-                if attr.type is _GRAPH:
-                    yield from all_nodes(attr.value)
-                elif attr.type is _GRAPHS:
-                    for subgraph in attr.value:
-                        yield from all_nodes(subgraph)
+            for subgraph in subgraphs(node):
+                yield from all_nodes(subgraph)
+
+
+def subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The graphs ``node`` holds in its attributes (an If's branches, a Loop's body)."""
+    for attr in node.attributes.values():
+        if attr.type is _GRAPH:
+            yield attr.value
+        elif attr.type is _GRAPHS:
+            yield from attr.value
 
 
 def weighted_producer(value: ir.Value) -> ir.Node | None:
