@@ -316,8 +316,8 @@ def test_residual_rule_needs_an_int8_op_and_a_skip_input():
 @pytest.mark.parametrize("group", [1, 2])
 def test_conv_transpose_is_quantized_along_its_output_channels(group):
     """ConvTranspose's weight is [C, M/group, kH, kW]: per channel on axis 1, ungrouped only.
-    The compiled model passes TensorRT's rules and stays within a few quantization steps of
-    the float model (8-bit input and weights: a few percent of the output's scale)."""
+    The compiled model passes TensorRT's rules and computes exactly the float ConvTranspose
+    of its fake-quantized input and weight (symmetric int8, zero point 0), to float rounding."""
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((8, 16 // group, 3, 3)) * 0.2).astype(np.float32)
     node = helper.make_node(
@@ -340,6 +340,14 @@ def test_conv_transpose_is_quantized_along_its_output_channels(group):
     assert weight_dq.attributes.get_int("axis") == 1
     assert weight_dq.inputs[1].const_value.shape == (16,)
     assert not TENSORRT.check(result.model)
-    expected = verify.run(qgraph.load(proto), data[0])["y"]
+    w_q, w_scale = (weight_dq.inputs[i].const_value.numpy() for i in (0, 1))
+    x_q = next(n for n in result.model.graph if n.op_type == "QuantizeLinear")
+    x_scale = float(x_q.inputs[1].const_value.numpy())
+    x = data[0]["x"]
+    x_fake = (np.clip(np.rint(x / x_scale), -128, 127) * x_scale).astype(np.float32)
+    w_fake = (w_q.astype(np.float32) * w_scale[None, :, None, None]).astype(np.float32)
+    reference = model([node], {"x": [1, 8, 6, 6]}, {"y": [1, 16, 13, 13]}, {"W": w_fake})
+    expected = verify.run(qgraph.load(reference), {"x": x_fake})["y"]
     actual = verify.run(result.model, data[0])["y"]
-    assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert np.abs(actual - verify.run(qgraph.load(proto), data[0])["y"]).max() > 0, "quantized"
