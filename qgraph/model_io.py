@@ -183,7 +183,7 @@ def _dynamic_dims(model: ir.Model, label: str) -> None:
         if shape is None or all(not isinstance(d, int) or d > 0 for d in shape):
             continue
         value.shape = ir.Shape([d if not isinstance(d, int) or d > 0 else None for d in shape])
-        logger.info("%s: '%s' has dimensions of -1 or 0, read as dynamic", label, value.name)
+        logger.warning("%s: '%s' has dimensions of -1 or 0, read as dynamic", label, value.name)
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:

@@ -276,6 +276,7 @@ def test_exporter_quirks_are_mended_on_load_and_said(indices, caplog):
     assert not isinstance(model.graph.outputs[0].shape[0], int)
     assert "sparse initializers 'W' stored dense" in caplog.text
     assert "inputs 'V' are initializers too" in caplog.text
+    assert "'x' has dimensions of -1 or 0, read as dynamic" in caplog.text
     assert len(proto.graph.sparse_initializer) == 1 and len(proto.graph.input) == 2, "input kept"
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
     y = verify.run(model, {"x": x})["y"]
