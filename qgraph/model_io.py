@@ -157,14 +157,21 @@ def _dense(sparse: onnx.SparseTensorProto, label: str) -> onnx.TensorProto:
     return numpy_helper.from_array(dense, name)
 
 
+FIRST_IR_VERSION_WITHOUT_INITIALIZER_INPUTS = 4
+"""Before IR version 4 every initializer had to be a graph input too (onnx's IR.md)."""
+
+
 def _constant_weight_inputs(model: ir.Model, label: str) -> None:
     """Graph inputs that are initializers too become constants: qgraph quantizes weights, and
-    a caller's feed of one would reach nothing in the compiled model."""
+    a caller's feed of one would reach nothing in the compiled model. A model older than IR
+    version 4 (where that was the rule) is raised to 4, or the ONNX tools would read its
+    initializers as undefined."""
     shadowing = [value for value in model.graph.inputs if value.const_value is not None]
     if not shadowing:
         return
     for value in shadowing:
         model.graph.inputs.remove(value)
+    model.ir_version = max(model.ir_version, FIRST_IR_VERSION_WITHOUT_INITIALIZER_INPUTS)
     names = ", ".join(f"'{value.name}'" for value in shadowing[:5])
     more = f" and {len(shadowing) - 5} more" if len(shadowing) > 5 else ""
     logger.warning(

@@ -283,6 +283,32 @@ def test_exporter_quirks_are_mended_on_load_and_said(indices, caplog):
     np.testing.assert_allclose(y, x @ expected @ np.arange(6.0).reshape(3, 2), rtol=1e-5)
 
 
+def test_an_ir3_model_listing_its_weights_as_inputs_converts_and_quantizes():
+    """IR 3 (onnx's "light" zoo models, opset 9): initializers are inputs too; dropping those
+    inputs must raise the IR version, or the opset converter calls the weights undefined."""
+    weight = np.arange(12, dtype=np.float32).reshape(4, 3) / 12
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "ir3",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    rng = np.random.default_rng(2)
+    calibration = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(2)]
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(calib=calibration, budget="none")
+    )
+    result = qgraph.compile_model(proto, "x86-vnni", options=options)
+    assert result.model.ir_version >= 4
+    assert "QuantizeLinear" in qgraph.summarize(result.model).op_histogram
+    assert [value.name for value in result.model.graph.inputs] == ["x"]
+
+
 def test_a_malformed_sparse_initializer_is_refused_by_name():
     with pytest.raises(ModelLoadError, match="sparse initializer 'W' is malformed"):
         qgraph.load(exporter_quirks(np.array([5, 99])))
