@@ -67,19 +67,42 @@ INFERENCE_INLINE_BYTES = 1024
 FOLD_INPUT_LIMIT = 8192
 """Largest constant input (elements) a folded node may read. Folding bigger ones copies
 weights: ``Transpose`` or ``Cast`` of a shared embedding would untie it. onnxscript still folds
-a ``Transpose`` of any size when it is the weight's only consumer."""
+a ``Transpose`` of any size when it is the weight's only consumer, and qgraph any re-layout
+(``LAYOUT_OPS``) that is."""
+
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+"""Ops that re-lay a tensor out without computing: folding one copies nothing it replaces."""
 
 FOLD_OUTPUT_LIMIT = 512 * 512
 """Largest folded result (elements) kept; bigger ones would bloat the model."""
 
 
 def fold_tensors_but_not_qdq(node: ir.Node) -> bool | None:
-    """onnxscript's ``should_fold`` hook: never Q/DQ or non-tensor ops, defaults otherwise."""
+    """onnxscript's ``should_fold`` hook: never Q/DQ or non-tensor ops; always a re-layout
+    that is the only reader of its tensor (``relays_out_its_own_constant``); defaults
+    otherwise."""
     if node.op_type in NEVER_FOLD_OPS or node.op_type in NON_TENSOR_OPS:
         return False
     if any(isinstance(v.type, (ir.SequenceType, ir.OptionalType)) for v in node.outputs):
         return False
+    if relays_out_its_own_constant(node):
+        return True
     return None
+
+
+def relays_out_its_own_constant(node: ir.Node) -> bool:
+    """Whether ``node`` only re-lays out a constant that nothing else reads (a ``Reshape`` of
+    a classifier's weight, old exporters' habit): its result replaces the tensor, whatever
+    the size, and the op it feeds reads a constant weight it can quantize."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in LAYOUT_OPS:
+        return False
+    data = node.inputs[0] if node.inputs else None
+    return (
+        data is not None
+        and data.const_value is not None
+        and len(data.uses()) == 1
+        and not data.is_graph_output()
+    )
 
 
 class ShapeInferencePass(ir.passes.InPlacePass):

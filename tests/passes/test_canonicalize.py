@@ -73,6 +73,34 @@ def test_constant_subgraph_is_folded(make_model):
     assert ops(model) == ["MatMul"]
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_large_weight_reshaped_for_its_matmul_is_folded_unless_shared(make_model, shared):
+    """Old exporters reshape a classifier's weight at run time; above the input limit it is
+    folded only where the Reshape is its sole reader, so nothing is copied."""
+    rng = np.random.default_rng(3)
+    k, n = 96, canonicalize.FOLD_INPUT_LIMIT // 96 + 1
+    nodes = [
+        helper.make_node("Reshape", ["Wflat", "shape"], ["W"]),
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+    ]
+    outputs = {"y": [2, n]}
+    if shared:
+        nodes.append(helper.make_node("ReduceSum", ["Wflat"], ["total"], keepdims=0))
+        outputs["total"] = []
+    proto = make_model(
+        nodes,
+        {"x": [2, k]},
+        outputs,
+        {
+            "Wflat": rng.normal(size=(k * n,)).astype(np.float32),
+            "shape": np.array([k, n], np.int64),
+        },
+    )
+    feeds = {"x": rng.normal(size=(2, k)).astype(np.float32)}
+    model = rewrite_and_check(proto, feeds, canonicalize.ConstantFoldingPass())
+    assert ("Reshape" in ops(model)) == shared
+
+
 def test_quantize_and_dequantize_are_never_folded(make_model):
     proto = make_model(
         [
