@@ -59,11 +59,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
+from qgraph.model_io import save
 from qgraph.models import cache_dir
+from qgraph.verify import Batches, Runner
 
 QEMU = "qemu-aarch64-static"
 QEMU_PACKAGE = "qemu-user-static"
@@ -289,6 +292,18 @@ def run(
             kernel_instructions=kernel_instructions(log) if trace else collections.Counter(),
             seconds=seconds,
         )
+
+
+def runner(sysroot: Sysroot | None = None, cpu: str = DOTPROD_CPU) -> Runner:
+    """A ``qgraph.verify.Runner`` that runs models in aarch64 onnxruntime under QEMU."""
+
+    def run_emulated(model: ir.Model, batches: Batches) -> list[dict[str, np.ndarray]]:
+        with tempfile.TemporaryDirectory(prefix="qgraph-arm64-model-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            save(model, path)
+            return run(path, batches, cpu=cpu, sysroot=sysroot).outputs
+
+    return run_emulated
 
 
 def features(hwcap: int, hwcap2: int) -> frozenset[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable, Sequence
 
 from rich.console import Group, RenderableType
@@ -171,22 +172,46 @@ def compile_report(
 MAX_EXAMPLES = 3
 
 
-def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
-    """Ops quantized by type, and the weighted ops left in float grouped by reason."""
+@dataclasses.dataclass(frozen=True)
+class QuantizationCounts:
+    """What a quantizing compile did with its candidate ops, after the runtime check."""
+
+    quantized: collections.Counter[str]
+    """Quantized ops by op type."""
+    left_in_float: dict[str, tuple[str, str]]
+    """Node name -> (op type, reason) for each candidate left in float."""
+
+    @property
+    def candidates(self) -> int:
+        return self.quantized.total() + len(self.left_in_float)
+
+
+def quantization_counts(records: Iterable[PassRecord]) -> QuantizationCounts | None:
+    """The counts of a compile's pass records, or None when nothing was quantized."""
     by_name = {record.name: record.details for record in records}
     inserted = by_name.get("insert-qdq")
     annotated = by_name.get("annotate")
     if inserted is None or annotated is None:
         return None
-    table = _table("op", "quantized", "left in float", title="quantization")
+    reverted = runtime_reasons(by_name.get("runtime-check"))
+    reasons = {**annotated.float_reasons, **inserted.float_reasons, **reverted}
+    quantized = inserted.quantized - collections.Counter(op for op, _ in reverted.values())
+    return QuantizationCounts(quantized, reasons)
+
+
+def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
+    """Ops quantized by type, and the weighted ops left in float grouped by reason."""
+    records = list(records)
+    counts = quantization_counts(records)
+    if counts is None:
+        return None
+    by_name = {record.name: record.details for record in records}
+    inserted = by_name["insert-qdq"]
     checked = by_name.get("runtime-check")
-    reasons = {**annotated.float_reasons, **inserted.float_reasons, **runtime_reasons(checked)}
-    left = collections.Counter(op for op, _ in reasons.values())
-    quantized = inserted.quantized - collections.Counter(
-        op for op, _ in runtime_reasons(checked).values()
-    )
-    for op in sorted(set(quantized) | set(left)):
-        table.add_row(op, str(quantized.get(op, 0)), str(left.get(op, 0)))
+    table = _table("op", "quantized", "left in float", title="quantization")
+    left = collections.Counter(op for op, _ in counts.left_in_float.values())
+    for op in sorted(set(counts.quantized) | set(left)):
+        table.add_row(op, str(counts.quantized.get(op, 0)), str(left.get(op, 0)))
     parts: list[RenderableType] = [table]
     notes = (
         f"{inserted.weights} weights and {inserted.biases} biases quantized, "
@@ -213,8 +238,8 @@ def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
     smoothing = by_name.get("smoothquant")
     if smoothing is not None:
         parts.append(smoothquant_summary(smoothing))
-    if reasons:
-        parts.append(_float_reasons_table(reasons))
+    if counts.left_in_float:
+        parts.append(_float_reasons_table(counts.left_in_float))
     return _spaced(parts)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -247,3 +247,32 @@ class QuantizedReference:
         expected = {name: reference[name] for name in self.outputs}
         actual = {name: run_outputs[name] for name in self.outputs}
         return problems + [str(m) for m in compare(expected, actual)]
+
+
+Batches = Sequence[Mapping[str, np.ndarray]]
+Runner = Callable[[ir.Model, Batches], list[dict[str, np.ndarray]]]
+"""Runs a model on each batch where the target would (here, or under emulation)."""
+
+
+def run_optimized_here(model: ir.Model, batches: Batches) -> list[dict[str, np.ndarray]]:
+    """``model`` on each batch in this host's onnxruntime, every optimization on."""
+    optimized = session(model, optimize=True)
+    return [run(optimized, feeds) for feeds in batches]
+
+
+def one_step_problems(
+    compiled: ir.Model, batches: Batches, runner: Runner = run_optimized_here
+) -> list[str]:
+    """Where ``compiled``, run by ``runner`` with the runtime's integer kernels, strays from
+    its Q/DQ reference on ``batches`` (``QuantizedReference.one_step_mismatches``, each
+    quantized activation judged from the run's own upstream integers); empty when it matches.
+    ``compiled`` is left unchanged."""
+    reference = QuantizedReference.of(compiled)
+    exposed = ir.from_proto(ir.to_proto(compiled))
+    expose_values(exposed, reference.recomputed)
+    outputs = runner(exposed, batches)
+    return [
+        problem
+        for feeds, run_outputs in zip(batches, outputs, strict=True)
+        for problem in reference.one_step_mismatches(feeds, run_outputs)
+    ]

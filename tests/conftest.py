@@ -1,7 +1,8 @@
-"""Shared fixtures: small hand-built ONNX models and a runner for their outputs."""
+"""Shared fixtures: small hand-built ONNX models, a runner for their outputs, the arm64 sysroot."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -9,6 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from qgraph import emulation
 
 ort.set_default_logger_severity(4)
 
@@ -102,3 +105,15 @@ def output_sqnr(tmp_path) -> Callable[..., float]:
         return evaluation.figures["output.sqnr_db"]
 
     return sqnr
+
+
+@pytest.fixture(scope="session")
+def sysroot() -> emulation.Sysroot:
+    """The arm64 sysroot (``python -m qgraph.emulation setup``); a skip saying why where there
+    is none, a failure where ``QGRAPH_ARM64_REQUIRED`` is set (CI)."""
+    try:
+        return emulation.find()
+    except emulation.EmulationUnavailable as why:
+        if os.environ.get("QGRAPH_ARM64_REQUIRED"):
+            pytest.fail(f"QGRAPH_ARM64_REQUIRED is set, but {why}")
+        pytest.skip(str(why))

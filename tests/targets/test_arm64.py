@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -74,16 +73,6 @@ CPUS = {
     emulation.I8MM_CPU: ("i8mm", {"smmla"}),
     emulation.SVE_I8MM_CPU: ("svei8mm", {"sve smmla"}),
 }
-
-
-@pytest.fixture(scope="module")
-def sysroot() -> emulation.Sysroot:
-    try:
-        return emulation.find()
-    except emulation.EmulationUnavailable as why:
-        if os.environ.get("QGRAPH_ARM64_REQUIRED"):
-            pytest.fail(f"QGRAPH_ARM64_REQUIRED is set, but {why}")
-        pytest.skip(str(why))
 
 
 @dataclasses.dataclass(frozen=True)
