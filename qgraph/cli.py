@@ -219,7 +219,8 @@ def cli(debug: bool) -> None:
     "--exclude-node",
     multiple=True,
     metavar="REGEX",
-    help="Keep nodes whose whole name matches in float (repeatable).",
+    help="Keep nodes whose whole name matches in float (repeatable). Patterns are RE2 "
+    "regular expressions: linear time on any name, no backreferences or lookaround.",
 )
 @click.option(
     "--exclude-op", multiple=True, metavar="OP", help="Keep this op type in float (repeatable)."

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -18,6 +17,7 @@ from qgraph.errors import ModelLoadError
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
 from qgraph.options import CompileOptions
+from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
 from qgraph.registry import build_pipeline
@@ -118,7 +118,7 @@ def _warn_unmatched_exclusions(model: ir.Model, options: CompileOptions) -> None
     nodes = list(all_nodes(model.graph))
     names = {name for node in nodes for name in (node.name, *source_names(node))}
     for pattern in quantization.exclude_node:
-        if not any(re.fullmatch(pattern, name or "") for name in names):
+        if not any(full_match(pattern, name or "") for name in names):
             logger.warning("--exclude-node '%s' matches no node: it excludes nothing", pattern)
     for op_type in sorted(quantization.exclude_op - {node.op_type for node in nodes}):
         logger.warning("--exclude-op '%s': the model has no such op; it excludes nothing", op_type)

@@ -9,7 +9,7 @@ become underscores); flags given on the command line override it, and list flags
     weight_dtype = "int4"           # int8 (weight-only) | int4 | uint4 (per block, any mode)
     block_size = 32
     weight_rounding = "gptq"        # nearest | gptq (error-compensating, needs calibration)
-    exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
+    exclude_node = ["/lm_head/.*"]  # regular expressions (RE2), matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them
     budget = 26                     # output SQNR (dB) the plan keeps; "none": no plan
@@ -22,13 +22,17 @@ become underscores); flags given on the command line override it, and list flags
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
     method = "entropy"
+
+Patterns (``exclude_node``, the ``tensor`` keys) are RE2 regular expressions
+(``qgraph.patterns``): names come from the model, and RE2 matches in time linear in a name's
+length, where a backtracking engine can take exponential time; RE2 has no backreferences or
+lookaround.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -37,6 +41,7 @@ import onnx_ir as ir
 
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError, not_a_regular_file
+from qgraph.patterns import PatternError, compiled, full_match
 from qgraph.quant_spec import DTYPE_NAMES
 from qgraph.traversal import source_names
 
@@ -180,7 +185,7 @@ class QuantOptions:
             return f"op type {node.op_type} excluded by the user"
         names = (node.name or "", *source_names(node))
         for pattern in self.exclude_node:
-            if any(re.fullmatch(pattern, name) for name in names):
+            if any(full_match(pattern, name) for name in names):
                 return f"excluded by the user (pattern '{pattern}')"
         return None
 
@@ -188,7 +193,7 @@ class QuantOptions:
         """The user's override for the value called ``value_name`` (the last match wins)."""
         found = TensorOverride()
         for pattern, override in self.tensor:
-            if re.fullmatch(pattern, value_name):
+            if full_match(pattern, value_name):
                 found = override
         return found
 
@@ -362,9 +367,9 @@ def _regex(key: str, pattern: object) -> str:
     if not isinstance(pattern, str):
         raise RecipeError(f"{key}: expected a string, got {pattern!r}")
     try:
-        re.compile(pattern)
-    except re.error as error:
-        raise RecipeError(f"{key}: '{pattern}' is not a regular expression ({error})") from None
+        compiled(pattern)
+    except PatternError as error:
+        raise RecipeError(f"{key}: {error}") from None
     return pattern
 
 
