@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qgraph.errors import ModelLoadError
+from qgraph.errors import ModelLoadError, one_line
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
 from qgraph.options import CompileOptions
@@ -240,8 +240,7 @@ def _check_input(source: ModelSource, model: ir.Model) -> None:
             onnx.checker.check_model(os.fspath(source))
     except onnx.checker.ValidationError as error:
         label = model.meta.get(SOURCE_PATH_KEY, "the input model")
-        first_line = str(error).strip().splitlines()[0]
         raise ModelLoadError(
-            f"{label}: fails the ONNX checker ({first_line}); "
+            f"{label}: fails the ONNX checker ({one_line(str(error))}); "
             f"to compile it anyway, skip the '{CHECKER_PASS}' pass"
         ) from error

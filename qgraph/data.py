@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qgraph.atomic import replaced_folder
-from qgraph.errors import QGraphError, not_a_regular_file
+from qgraph.errors import QGraphError, link_problem, not_a_regular_file
 
 INFO_FILE = "dataset.json"
 
@@ -52,7 +52,8 @@ def batch_files(source: str | os.PathLike) -> list[Path]:
             raise DatasetError(f"{path}: a dataset is a .npz file or a folder of them")
         return [path]
     if not path.is_dir():
-        raise DatasetError(f"{path}: no such dataset (a .npz file or a folder of them)")
+        missing = link_problem(path) or "no such dataset (a .npz file or a folder of them)"
+        raise DatasetError(f"{path}: {missing}")
     files = sorted(path.glob("*.npz"))
     for file in files:
         if problem := not_a_regular_file(file):
