@@ -53,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.data import DataSource, Feeds, batch_files, read_batches
+from qgraph.data import DataSource, Feeds, batch_files, input_specs, read_batches
 from qgraph.errors import QGraphError
 from qgraph.verify import session
 
@@ -443,7 +443,7 @@ def collect(
     files = batch_files(data) if isinstance(data, (str, os.PathLike)) else None
     total = None if files is None else len(files)
     done = 0
-    for done, feeds in enumerate(read_batches(data), start=1):
+    for done, feeds in enumerate(read_batches(data, input_specs(graph)), start=1):
         _check_feeds(graph, feeds, _batch_label(done, files))
         _update(accumulators, _run(sess, names, feeds), values, feeds)
         if progress is not None:

@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
@@ -152,7 +153,7 @@ def _planned_run(
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
-    batches = plan_batches(quantization.calib)
+    batches = plan_batches(quantization.calib, input_specs(model.graph))
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
     probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import onnx
@@ -514,3 +515,14 @@ def test_ctrl_c_while_qgraph_loads_prints_one_line_and_exits_130(model_file):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert (proc.returncode, stderr.strip()) == (130, "interrupted")
+
+
+def test_calibration_data_declaring_a_huge_array_is_one_line(model_file, tmp_path):
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+        np.lib.format.write_array_header_1_0(member, header)
+    out = tmp_path / "out.onnx"
+    result = invoke("compile", model_file, "--calib", path, "-o", out)
+    assert_one_line_error(result, "huge.npz", "array 'x'", "input 'x'", "[1000000000000]")
+    assert not out.exists()
