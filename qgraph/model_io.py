@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
 from qgraph.errors import (
@@ -144,6 +144,9 @@ def _root_cause(error: BaseException) -> str:
 def _check_proto(proto: onnx.ModelProto, label: str) -> None:
     """Refuse, by name, what onnx_ir would reject with an opaque message: a value written twice
     in one graph, and external data at a negative offset or length."""
+    where = _undecodable_text(proto, "model")
+    if where is not None:
+        raise ModelLoadError(f"{label}: text field {where} is not valid UTF-8")
     for graph in proto_graphs(proto):
         _check_single_assignment(graph, label)
     for tensor in proto_tensors(proto):
@@ -155,6 +158,31 @@ def _check_proto(proto: onnx.ModelProto, label: str) -> None:
                     f"{label}: tensor '{tensor.name}' has external-data {entry.key} "
                     f"'{entry.value}'; it must be a whole number >= 0"
                 )
+
+
+def _undecodable_text(message: Message, where: str) -> str | None:
+    """The path of the first string field of ``message`` that is not UTF-8 (protobuf hands such
+    proto2 strings over as bytes, which onnx_ir then fails to write), or None. A tensor's data
+    is not walked, only its name."""
+    if isinstance(message, onnx.TensorProto):
+        return f"{where}.name" if isinstance(message.name, bytes) else None
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        single = isinstance(value, (str, bytes, Message))
+        items = (
+            {f"{where}.{field.name}": value}
+            if single
+            else {f"{where}.{field.name}[{index}]": item for index, item in enumerate(value)}
+        )
+        for path, item in items.items():
+            if field.type == field.TYPE_STRING and isinstance(item, bytes):
+                return path
+            if field.type == field.TYPE_MESSAGE:
+                found = _undecodable_text(item, path)
+                if found is not None:
+                    return found
+    return None
 
 
 def _check_single_assignment(graph: onnx.GraphProto, label: str) -> None:

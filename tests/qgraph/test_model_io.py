@@ -449,3 +449,12 @@ def test_a_symlink_loop_is_called_one(tmp_path):
     (tmp_path / "dangling.onnx").symlink_to(tmp_path / "gone.onnx")
     with pytest.raises(ModelLoadError, match="broken symlink"):
         qgraph.load(tmp_path / "dangling.onnx")
+
+
+def test_a_name_that_is_not_utf8_is_named(small_model):
+    """Found by tests/qgraph/test_fuzz.py: protobuf hands over such a proto2 string as bytes,
+    and writing the model back failed as an internal error."""
+    data = small_model.SerializeToString().replace(b"\x06MatMul", b"\x06\x80atMul")
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(data)
+    assert "text field model.graph.node[0].op_type is not valid UTF-8" in _one_line(error)
