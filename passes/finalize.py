@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qgraph.errors import ConformanceError
+from qgraph.errors import ConformanceError, one_line
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec, Violation
@@ -50,12 +50,12 @@ class OnnxCheckerPass(ir.passes.InPlacePass):
 
 
 def onnx_checker_failure(model: ir.Model, extensions: frozenset[str] = frozenset()) -> str | None:
-    """The first line of the ONNX checker's complaint about ``model``, or None if it passes."""
+    """The ONNX checker's complaint about ``model`` as one line, or None if it passes."""
     try:
         with _extensions_hidden(model, extensions):
             common.CheckerPass()(model)
     except onnx.checker.ValidationError as error:
-        return str(error).strip().splitlines()[0]
+        return one_line(str(error))
     return None
 
 

@@ -21,6 +21,16 @@ histogram) is under ``min_sqnr_db``, it goes to 16 bits on a target with 16-bit 
 (``int16_kernels``), and its readers stay in float on any other. The skip input of an
 annotated residual ``Add`` is quantized the same way (static mode), sharing the pair of an op
 that reads it too.
+
+Degenerate calibration never yields a silent zero model. Scales have a floor
+(``quant_spec.SCALE_FLOOR``, so ``s_x * s_w`` is a normal float32), and a range under it is a
+warning. An op whose int32 bias would saturate, ``max |b| / (s_x * s_w) > 2^31 - 1``, stays in
+float with a warning naming it: clipping the bias would move the op's output by up to ``|b|``,
+and raising ``s_x`` to fit it would coarsen every other value of the input. An activation whose
+range a few values dominate (``calibration.dominated``: ``max|x|`` over 1000 times the edge of
+the bulk of its nonzero values, and a scale that puts most of them at 0, e.g. one 1e30 among
+normal batches, with any method) keeps its readers in float, with a warning naming the tensor
+and the batch that held the peak.
 """
 
 from __future__ import annotations
@@ -28,21 +38,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.calibration import (
-    METHODS,
+    DOMINANCE_RATIO,
     Accumulators,
     TensorStatistics,
     collect,
+    dominated,
     estimated_sqnr_db,
     random_batches,
     tensor_range,
 )
-from qgraph.data import DataSource
+from qgraph.data import DataSource, batch_files
 from qgraph.errors import QGraphError
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
@@ -58,8 +70,12 @@ from qgraph.passes.annotate import (
 from qgraph.passes.gptq import InputGram, gptq_quantize
 from qgraph.pipeline import Phase, ReportingPassResult
 from qgraph.quant_spec import (
+    INT32_LIMIT,
+    SCALE_FLOOR,
     QuantizedTensor,
     QuantSpec,
+    bias_levels,
+    natural_scale,
     quantize_bias,
     quantize_weight,
     scale_and_zero_point,
@@ -192,6 +208,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             found = ranges[node.inputs[index].name]
             if isinstance(found, str):
                 return found
+            if annotation.bias is not None and not annotation.computed_weight:
+                saturated = self._bias_saturates(node, annotation, found, builder)
+                if saturated is not None:
+                    return saturated
             builder.static_activation(node, index, found)
         elif index is not None:
             builder.dynamic_activation(node, index)
@@ -226,12 +246,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         static = self.options.mode is Mode.STATIC
         if not rounded_by_gptq and not (static and specs):
             return {}, {}
-        promote = self.options.min_sqnr_db
         wanted = specs if static else {}
-        statistics = {
-            name: TensorStatistics(histogram=promote > 0 or METHODS[spec.method].needs_histogram)
-            for name, spec in wanted.items()
-        }
+        statistics = {name: TensorStatistics(histogram=True) for name in wanted}  # see dominated
         grams = {name: InputGram() for name in rounded_by_gptq.values()}
         accumulators = {
             name: Accumulators(
@@ -271,6 +287,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 ranges[name] = f"the range of '{name}' is not finite"
                 continue
             lo, hi = tensor_range(stats, spec.method, percentile=self.options.percentile)
+            if dominated(stats, float(natural_scale(lo, hi, spec))):
+                ranges[name] = self._dominated(name, stats)
+                continue
+            if 0 < natural_scale(lo, hi, spec) < SCALE_FLOOR:
+                logger.warning(
+                    "'%s' spans only [%.3g, %.3g] in calibration: its scale is raised to the "
+                    "floor %.3g, and values this small quantize to 0",
+                    name,
+                    lo,
+                    hi,
+                    SCALE_FLOOR,
+                )
             scale, zero_point = scale_and_zero_point(lo, hi, spec)
             if self._user_dtype(name) is None and promote > 0:
                 sqnr = estimated_sqnr_db(stats, lo, hi, float(scale))
@@ -287,6 +315,42 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     report.promoted[name] = sqnr
             ranges[name] = ActivationQuantization(spec, scale, zero_point)
         return ranges
+
+    def _dominated(self, name: str, stats: TensorStatistics) -> str:
+        """Warn that a few values dominate ``name``'s range; the reason its readers stay float."""
+        batch = f"batch {stats.peak_batch}"
+        calib = self.options.calib
+        if isinstance(calib, (str, os.PathLike)):
+            batch += f" ({batch_files(calib)[stats.peak_batch - 1].name})"
+        reason = (
+            f"the calibration range of '{name}' is dominated by a few values (max |x| "
+            f"{stats.absmax:.3g} in {batch}, over {DOMINANCE_RATIO:g}x the bulk of its values)"
+        )
+        logger.warning("%s; its readers stay in float (check that batch)", reason)
+        return reason
+
+    def _bias_saturates(
+        self,
+        node: ir.Node,
+        annotation: NodeAnnotation,
+        found: ActivationQuantization,
+        builder: _QDQBuilder,
+    ) -> str | None:
+        """The reason ``node`` stays float if its int32 bias would saturate, else None."""
+        weight = node.inputs[annotation.weight]
+        if transposed_table(weight) is not None:
+            return None
+        quantized = builder.quantized_weight(node, weight, annotation.weight_spec)
+        bias = node.inputs[annotation.bias].const_value.numpy().reshape(-1)
+        levels = bias_levels(bias, float(found.scale), quantized.scale)
+        if levels <= INT32_LIMIT:
+            return None
+        reason = (
+            f"its int32 bias would saturate (|b| / (s_x s_w) reaches {levels:.3g}, "
+            f"int32 holds {INT32_LIMIT})"
+        )
+        logger.warning("'%s' (%s): %s; left in float", node.name, node.op_type, reason)
+        return reason
 
     def _user_dtype(self, name: str) -> ir.DataType | None:
         return self.options.override(name).dtype
@@ -406,6 +470,7 @@ class _QDQBuilder:
         self.activations: dict[str, ir.Value] = {}
         self.tables: dict[str, tuple[ir.Value, QuantizedTensor]] = {}
         self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
+        self.quantized: dict[tuple[str, QuantSpec], QuantizedTensor] = {}
         self.activation_pairs = 0
         self.biases = 0
 
@@ -489,7 +554,7 @@ class _QDQBuilder:
             return self._tied_weight(node, index, table, spec)
         key = (value.name, spec)
         if key not in self.weights:
-            quantized = self._quantized_weight(node, value, spec)
+            quantized = self.quantized_weight(node, value, spec)
             name = self._unused(value.name, "_quantized")
             output = self._dequantized_constant(name, quantized, spec, node)
             output.producer().meta[FLOAT_SOURCE_KEY] = value
@@ -571,6 +636,14 @@ class _QDQBuilder:
         scaled.outputs[0].name = name
         self.graph.remove(node, safe=True)
         return None
+
+    def quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
+        """The weight ``value`` of ``node`` quantized to ``spec``, computed once (the graph is
+        not touched: a bias check reads its scale before deciding)."""
+        key = (value.name, spec)
+        if key not in self.quantized:
+            self.quantized[key] = self._quantized_weight(node, value, spec)
+        return self.quantized[key]
 
     def _quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
         """GPTQ where its ``X^T X`` was collected, else round to nearest."""

@@ -1,5 +1,5 @@
 """``python -m qgraph`` runs the command line."""
 
-from qgraph.cli import main
+from qgraph.entry import main
 
 main()

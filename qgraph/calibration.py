@@ -38,6 +38,17 @@ The histogram methods find a threshold ``T`` on ``|x|`` and give
 
 Elements that are NaN or infinite are left out of every statistic and clear
 ``TensorStatistics.finite``; the Q/DQ pass keeps such tensors in float.
+
+A range is dominated by a few values (``dominated``) when both hold: ``max|x|`` is more than
+``DOMINANCE_RATIO`` times ``P``, the upper edge of the bin where the nonzero elements' count
+reaches ``DOMINANCE_PERCENTILE`` % (the exact zeros, counted apart in ``zeros``, are taken out
+of bin 0 first, so a ReLU output of mostly zeros is not dominated); and the chosen scale ``s``
+puts over ``ZEROED_SHARE`` of the nonzero elements at 0 (those in bins whose upper edge is at
+most ``s / 2``). One 1e30 among normal batches puts every normal value in bin 0
+(``w = R / 2048``), so ``P <= w``, and every method's scale zeroes them all; the Q/DQ pass then
+keeps the tensor's readers in float, naming the batch that held ``max|x|`` (``peak_batch``).
+A heavy tail alone (attention probabilities) or a scale that still resolves the bulk is not
+dominated.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.data import DataSource, Feeds, batch_files, read_batches
+from qgraph.data import DataSource, Feeds, batch_files, input_specs, read_batches
 from qgraph.errors import QGraphError
 from qgraph.verify import session
 
@@ -63,6 +74,12 @@ KL_EPSILON = 1e-10
 KL_TIE_TOLERANCE = 1e-9
 """KL divergences (nats) closer than this count as tied: rounding must not pick among them."""
 RANDOM_INTEGER_LIMIT = 100
+DOMINANCE_PERCENTILE = 90.0
+"""The share (%) of a tensor's nonzero elements that make its bulk."""
+DOMINANCE_RATIO = 1000.0
+"""``max|x|`` over the bulk's edge beyond which a few values dominate the range."""
+ZEROED_SHARE = 0.5
+"""The share of nonzero elements a dominated range's scale quantizes to 0."""
 CALIBRATION_THREADS = 0
 """onnxruntime's intra-op threads while calibrating: 0 is one per physical core."""
 """Random integer inputs are drawn from ``[0, RANDOM_INTEGER_LIMIT)``."""
@@ -76,14 +93,18 @@ class TensorStatistics:
     """Streaming statistics of one tensor's finite elements; memory independent of batches.
 
     ``minimum`` and ``maximum`` are ``+inf`` and ``-inf`` until a finite element is seen;
-    ``count`` counts the finite elements; ``histogram`` (counts of ``|x|``, see the module
-    doc) is None unless asked for.
+    ``count`` counts the finite elements, ``zeros`` those exactly 0; ``peak_batch`` is the
+    batch (from 1) that held the largest ``|x|``; ``histogram`` (counts of ``|x|``, see the
+    module doc) is None unless asked for.
     """
 
     def __init__(self, histogram: bool = False) -> None:
         self.minimum = float("inf")
         self.maximum = float("-inf")
         self.count = 0
+        self.zeros = 0
+        self.batches = 0
+        self.peak_batch = 0
         self.finite = True
         self.histogram: np.ndarray | None = (
             np.zeros(HISTOGRAM_BINS, dtype=np.int64) if histogram else None
@@ -94,16 +115,25 @@ class TensorStatistics:
     def bin_width(self) -> float:
         return self.histogram_range / HISTOGRAM_BINS
 
+    @property
+    def absmax(self) -> float:
+        """``max|x|`` so far (0 before any finite element)."""
+        return max(-self.minimum, self.maximum, 0.0)
+
     def update(self, x: np.ndarray) -> None:
         """Add the elements of ``x`` (any shape and numeric dtype)."""
         values = np.asarray(x, dtype=np.float64).ravel()
         finite = np.isfinite(values)
+        self.batches += 1
         if not finite.all():
             self.finite = False
             values = values[finite]
         if values.size == 0:
             return
+        if max(-float(values.min()), float(values.max())) > self.absmax:
+            self.peak_batch = self.batches
         self.count += values.size
+        self.zeros += values.size - int(np.count_nonzero(values))
         self.minimum = min(self.minimum, float(values.min()))
         self.maximum = max(self.maximum, float(values.max()))
         if self.histogram is not None:
@@ -369,6 +399,21 @@ def tensor_range(
     return float(lo), float(hi)
 
 
+def dominated(stats: TensorStatistics, scale: float) -> bool:
+    """Whether a few values dominate the range that gave ``scale`` (see the module doc)."""
+    nonzero = stats.count - stats.zeros
+    if nonzero == 0:
+        return False
+    histogram = _histogram(stats).astype(np.float64)
+    histogram[0] -= stats.zeros
+    counts = np.cumsum(histogram)
+    bulk = int(np.searchsorted(counts, DOMINANCE_PERCENTILE * nonzero / 100.0)) + 1
+    zeroed_bins = min(int(scale / 2 / stats.bin_width), HISTOGRAM_BINS)
+    zeroed = counts[zeroed_bins - 1] if zeroed_bins > 0 else 0.0
+    far = stats.absmax > DOMINANCE_RATIO * bulk * stats.bin_width
+    return far and zeroed > ZEROED_SHARE * nonzero
+
+
 def estimated_sqnr_db(stats: TensorStatistics, lo: float, hi: float, scale: float) -> float:
     """Expected signal-to-quantization-noise ratio (dB) of quantizing the tensor with step
     ``scale`` over ``[lo, hi]``, from its ``|x|`` histogram (elements at their bin centers ``c``):
@@ -443,7 +488,7 @@ def collect(
     files = batch_files(data) if isinstance(data, (str, os.PathLike)) else None
     total = None if files is None else len(files)
     done = 0
-    for done, feeds in enumerate(read_batches(data), start=1):
+    for done, feeds in enumerate(read_batches(data, input_specs(graph)), start=1):
         _check_feeds(graph, feeds, _batch_label(done, files))
         _update(accumulators, _run(sess, names, feeds), values, feeds)
         if progress is not None:

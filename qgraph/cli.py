@@ -1,7 +1,7 @@
 """The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, models.
 
-Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and exit 1;
-``--debug`` shows the traceback of any error instead.
+Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and exit 1; Ctrl-C
+prints "interrupted" and exits 130; ``--debug`` shows the traceback of any error instead.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from qgraph.data import batch_files
 from qgraph.debugging import IMPACT_BATCHES, debug_accuracy, write_exclusions
 from qgraph.drawing import COLLAPSE_ABOVE
 from qgraph.drawing import draw as draw_graph
+from qgraph.entry import interrupted
+from qgraph.entry import main as entry_main
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import diff_models, summarize
@@ -95,7 +97,8 @@ class _PrintableFormatter(logging.Formatter):
 
 
 class QGraphGroup(click.Group):
-    """Turns qgraph's errors into one line and a non-zero exit, unless ``--debug``."""
+    """Turns qgraph's errors into one line and a non-zero exit, and Ctrl-C into "interrupted"
+    and exit 130 (``qgraph.entry``), unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -106,6 +109,10 @@ class QGraphGroup(click.Group):
             raise click.ClickException(printable(str(error))) from error
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            interrupted()
         except Exception as error:
             if ctx.params.get("debug"):
                 raise
@@ -219,7 +226,8 @@ def cli(debug: bool) -> None:
     "--exclude-node",
     multiple=True,
     metavar="REGEX",
-    help="Keep nodes whose whole name matches in float (repeatable).",
+    help="Keep nodes whose whole name matches in float (repeatable). Patterns are RE2 "
+    "regular expressions: linear time on any name, no backreferences or lookaround.",
 )
 @click.option(
     "--exclude-op", multiple=True, metavar="OP", help="Keep this op type in float (repeatable)."
@@ -724,5 +732,5 @@ def _copy_zoo_model(paths: dict[str, Path], output: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    """Entry point of the ``qgraph`` command."""
-    cli(prog_name="qgraph")
+    """Entry point of the ``qgraph`` command (``qgraph.entry.main`` catches Ctrl-C sooner)."""
+    entry_main()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -14,10 +13,12 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qgraph.errors import ModelLoadError
+from qgraph.data import input_specs
+from qgraph.errors import ModelLoadError, one_line
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
 from qgraph.options import CompileOptions
+from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
 from qgraph.registry import build_pipeline
@@ -118,7 +119,7 @@ def _warn_unmatched_exclusions(model: ir.Model, options: CompileOptions) -> None
     nodes = list(all_nodes(model.graph))
     names = {name for node in nodes for name in (node.name, *source_names(node))}
     for pattern in quantization.exclude_node:
-        if not any(re.fullmatch(pattern, name or "") for name in names):
+        if not any(full_match(pattern, name or "") for name in names):
             logger.warning("--exclude-node '%s' matches no node: it excludes nothing", pattern)
     for op_type in sorted(quantization.exclude_op - {node.op_type for node in nodes}):
         logger.warning("--exclude-op '%s': the model has no such op; it excludes nothing", op_type)
@@ -152,7 +153,7 @@ def _planned_run(
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
-    batches = plan_batches(quantization.calib)
+    batches = plan_batches(quantization.calib, input_specs(model.graph))
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
     probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
@@ -240,8 +241,7 @@ def _check_input(source: ModelSource, model: ir.Model) -> None:
             onnx.checker.check_model(os.fspath(source))
     except onnx.checker.ValidationError as error:
         label = model.meta.get(SOURCE_PATH_KEY, "the input model")
-        first_line = str(error).strip().splitlines()[0]
         raise ModelLoadError(
-            f"{label}: fails the ONNX checker ({first_line}); "
+            f"{label}: fails the ONNX checker ({one_line(str(error))}); "
             f"to compile it anyway, skip the '{CHECKER_PASS}' pass"
         ) from error

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -40,9 +39,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.atomic import replaced_file
-from qgraph.data import DataSource, read_batches
+from qgraph.data import DataSource, input_specs, read_batches
 from qgraph.errors import QGraphError
 from qgraph.inspection import QDQ_OPS, reads_dequantized, torch_name_scopes
+from qgraph.patterns import escape
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session
 
@@ -139,7 +139,7 @@ def debug_accuracy(
     runs = _Sessions.of(float_model, quantized, watched, cut, impact=impact_batches > 0)
     energy = {name: _Energy() for name in [*watched, *outputs]}
     count, output_signal = 0, 0.0
-    for feeds in read_batches(data):
+    for feeds in read_batches(data, input_specs(float_model.graph)):
         impact = count < impact_batches
         what = f"impact of each op, batch {count + 1}"
         tell = functools.partial(progress, what) if progress is not None and impact else None
@@ -365,7 +365,7 @@ def write_exclusions(report: DebugReport, count: int, path: Path, note: str) -> 
     lines.append("exclude_node = [")
     for op in chosen:
         where = f", {op.module}" if op.module else ""
-        pattern = json.dumps(re.escape(op.node))
+        pattern = json.dumps(escape(op.node))
         lines.append(f"    {pattern},  # {op.op_type}{where}: {op.rank_key:.1f} dB")
     lines.append("]")
     with replaced_file(path) as staging:

@@ -27,12 +27,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
-from qgraph.errors import ModelLoadError, ModelSaveError, not_a_regular_file
+from qgraph.errors import (
+    ModelLoadError,
+    ModelSaveError,
+    link_problem,
+    not_a_regular_file,
+    one_line,
+)
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
-from qgraph.traversal import all_nodes
+from qgraph.traversal import all_graphs, proto_graphs, proto_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +76,7 @@ def load(source: ModelSource, *, base_dir: str | os.PathLike | None = None) -> i
 
 def _load_path(path: Path) -> ir.Model:
     if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
+        raise ModelLoadError(f"{path}: {link_problem(path) or 'no such file'}")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a folder, not an ONNX file")
     if problem := not_a_regular_file(path):
@@ -110,18 +116,94 @@ def _unparseable_reason(data: bytes) -> str:
 def _deserialize(
     proto: onnx.ModelProto, label: str, base_dir: str | os.PathLike | None
 ) -> ir.Model:
+    _check_proto(proto, label)
     try:
         model = ir.serde.deserialize_model(_densified(proto, label))
     except ModelLoadError:
         raise
     except Exception as error:  # onnx_ir raises many kinds on malformed protos
-        raise ModelLoadError(f"{label}: malformed ONNX model ({error})") from error
+        raise ModelLoadError(f"{label}: malformed ONNX model ({_root_cause(error)})") from error
     if base_dir is not None:
+        for function in model.functions.values():
+            ir.external_data.set_base_dir(function.graph, base_dir)
         ir.external_data.set_base_dir(model.graph, base_dir)
     _check_external_data(model, label, None if base_dir is None else Path(base_dir))
     _constant_weight_inputs(model, label)
     _dynamic_dims(model, label)
     return model
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost cause of ``error``, as one line (onnx_ir wraps the reason in
+    "Error calling _deserialize_graph with: g")."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return one_line(f"{type(error).__name__}: {error}")
+
+
+def _check_proto(proto: onnx.ModelProto, label: str) -> None:
+    """Refuse, by name, what onnx_ir would reject with an opaque message: a value written twice
+    in one graph, and external data at a negative offset or length."""
+    where = _undecodable_text(proto, "model")
+    if where is not None:
+        raise ModelLoadError(f"{label}: text field {where} is not valid UTF-8")
+    for graph in proto_graphs(proto):
+        _check_single_assignment(graph, label)
+    for tensor in proto_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        for entry in tensor.external_data:
+            if entry.key in ("offset", "length") and not _whole_number(entry.value):
+                raise ModelLoadError(
+                    f"{label}: tensor '{tensor.name}' has external-data {entry.key} "
+                    f"'{entry.value}'; it must be a whole number >= 0"
+                )
+
+
+def _undecodable_text(message: Message, where: str) -> str | None:
+    """The path of the first string field of ``message`` that is not UTF-8 (protobuf hands such
+    proto2 strings over as bytes, which onnx_ir then fails to write), or None. A tensor's data
+    is not walked, only its name."""
+    if isinstance(message, onnx.TensorProto):
+        return f"{where}.name" if isinstance(message.name, bytes) else None
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        single = isinstance(value, (str, bytes, Message))
+        items = (
+            {f"{where}.{field.name}": value}
+            if single
+            else {f"{where}.{field.name}[{index}]": item for index, item in enumerate(value)}
+        )
+        for path, item in items.items():
+            if field.type == field.TYPE_STRING and isinstance(item, bytes):
+                return path
+            if field.type == field.TYPE_MESSAGE:
+                found = _undecodable_text(item, path)
+                if found is not None:
+                    return found
+    return None
+
+
+def _check_single_assignment(graph: onnx.GraphProto, label: str) -> None:
+    """Each value name is declared once in a graph: as an input, an initializer (which may
+    give an input its default) or one node output."""
+    writers = dict.fromkeys((value.name for value in graph.input), "a graph input")
+    writers.update(dict.fromkeys((tensor.name for tensor in graph.initializer), "an initializer"))
+    for node in graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            if name in writers:
+                raise ModelLoadError(
+                    f"{label}: output '{name}' of node '{node.name}' ({node.op_type}) is "
+                    f"declared twice in graph '{graph.name}': it is also {writers[name]}"
+                )
+            writers[name] = f"the output of node '{node.name}' ({node.op_type})"
+
+
+def _whole_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _densified(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
@@ -194,53 +276,90 @@ def _dynamic_dims(model: ir.Model, label: str) -> None:
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    """Every tensor of ``model`` (initializers and attributes, subgraphs included) on disk."""
-    for graph in model.graphs():
+    """Every tensor of ``model`` on disk: initializers and tensor attributes of the main graph,
+    of model-local functions, and of every graph nested in either (``traversal.all_graphs``)."""
+    for _, tensor in _tensor_slots(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            yield tensor
+
+
+TensorOwner = tuple[ir.Value] | tuple[ir.Node, str] | tuple[ir.Node, str, int]
+"""Where a tensor sits: an initializer's value, a node's TENSOR attribute (by key), or one
+entry of a node's TENSORS attribute (by key and index)."""
+
+
+def _tensor_slots(model: ir.Model) -> Iterator[tuple[TensorOwner, ir.TensorProtocol]]:
+    for graph in all_graphs(model):
         for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                yield value.const_value
-    for node in all_nodes(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                yield attr.value
+            if value.const_value is not None:
+                yield (value,), value.const_value
+        for node in graph:
+            for key, attr in node.attributes.items():
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield (node, key), attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for index, tensor in enumerate(attr.value):
+                        yield (node, key, index), tensor
+
+
+def _put_tensor(owner: TensorOwner, tensor: ir.TensorProtocol) -> None:
+    """Put ``tensor`` where ``owner`` says (see ``TensorOwner``)."""
+    if len(owner) == 1:
+        owner[0].const_value = tensor
+        return
+    node, key = owner[0], owner[1]
+    if len(owner) == 2:
+        node.attributes[key] = ir.AttrTensor(key, tensor)
+        return
+    tensors = list(node.attributes[key].value)
+    tensors[owner[2]] = tensor
+    node.attributes[key] = ir.AttrTensors(key, tensors)
 
 
 def _check_external_data(model: ir.Model, label: str, base_dir: Path | None) -> None:
+    """Refuse a tensor anywhere in ``model`` whose external data is not a regular file inside
+    ``base_dir`` (the model's folder) long enough for it."""
     for tensor in external_tensors(model):
-        location = tensor.location
         if base_dir is None:
             raise ModelLoadError(
                 f"{label}: tensor '{tensor.name}' keeps its data in external file "
-                f"'{location}'; load the model from its path (or pass base_dir)"
+                f"'{tensor.location}'; load the model from its path (or pass base_dir)"
             )
-        if os.path.isabs(location):
-            raise ModelLoadError(
-                f"{label}: tensor '{tensor.name}' has external data at absolute location "
-                f"'{location}'; ONNX requires a path relative to the model's folder"
-            )
-        folder = base_dir.resolve()
-        data_path = (folder / location).resolve()
-        if not data_path.is_relative_to(folder):
-            raise ModelLoadError(
-                f"{label}: tensor '{tensor.name}' points its external data outside the "
-                f"model's folder ('{location}'); refusing to read it"
-            )
-        if not data_path.is_file():
-            raise ModelLoadError(
-                f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing"
-            )
-        if data_path.stat().st_nlink > 1:
-            raise ModelLoadError(
-                f"{label}: external data file '{location}' has several hard links, so it may "
-                "alias a file outside the model's folder; onnx_ir refuses to map it (copy it)"
-            )
-        end = (tensor.offset or 0) + tensor.nbytes
-        size = data_path.stat().st_size
-        if end > size:
-            raise ModelLoadError(
-                f"{label}: external data file '{location}' is too short for tensor "
-                f"'{tensor.name}' (needs {end} bytes, has {size})"
-            )
+        problem = _location_problem(tensor, base_dir)
+        if problem is not None:
+            raise ModelLoadError(f"{label}: {problem}")
+
+
+def _location_problem(tensor: ir.ExternalTensor, base_dir: Path) -> str | None:
+    """Why qgraph will not read ``tensor``'s external data relative to ``base_dir``, or None."""
+    location = tensor.location
+    if os.path.isabs(location):
+        return (
+            f"tensor '{tensor.name}' has external data at absolute location '{location}'; "
+            "ONNX requires a path relative to the model's folder"
+        )
+    folder = base_dir.resolve()
+    data_path = (folder / location).resolve()
+    if not data_path.is_relative_to(folder):
+        return (
+            f"tensor '{tensor.name}' points its external data outside the model's folder "
+            f"('{location}'); refusing to read it"
+        )
+    if not data_path.is_file():
+        return f"external data file '{location}' of tensor '{tensor.name}' is missing"
+    if data_path.stat().st_nlink > 1:
+        return (
+            f"external data file '{location}' has several hard links, so it may alias a file "
+            "outside the model's folder; onnx_ir refuses to map it (copy it)"
+        )
+    end = (tensor.offset or 0) + tensor.nbytes
+    size = data_path.stat().st_size
+    if end > size:
+        return (
+            f"external data file '{location}' is too short for tensor '{tensor.name}' "
+            f"(needs {end} bytes, has {size})"
+        )
+    return None
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -281,6 +400,7 @@ def save(
     """
     path = Path(path)
     _check_destination(model, path)
+    _check_external_sources(model, path)
     use_external = needs_external_data(model) if external_data is None else external_data
     data_name = f"{path.name}.data"
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -331,6 +451,16 @@ def _check_destination(model: ir.Model, path: Path) -> None:
         )
 
 
+def _check_external_sources(model: ir.Model, path: Path) -> None:
+    """Every tensor still on disk, functions and subgraphs included, passes the load check
+    from its own folder: an absolute or escaping location is never read into, nor kept in,
+    an output (the ONNX checker, which would also catch it, can be skipped)."""
+    for tensor in external_tensors(model):
+        problem = _location_problem(tensor, Path(tensor.base_dir or "."))
+        if problem is not None:
+            raise ModelSaveError(f"{path}: {problem}")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a == b:
         return True
@@ -352,26 +482,20 @@ def _ort_ir_version(model: ir.Model) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _external_tensors_inlined(model: ir.Model) -> Iterator[None]:
-    """Temporarily hold external tensors in memory so they serialize into the file."""
-    restore: list[tuple[ir.Value | ir.Node, str, ir.ExternalTensor]] = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                restore.append((value, "", value.const_value))
-                value.const_value = _in_memory(value.const_value)
-    for node in all_nodes(model.graph):
-        for key, attr in list(node.attributes.items()):
-            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
-                restore.append((node, key, attr.value))
-                node.attributes[key] = ir.AttrTensor(key, _in_memory(attr.value))
+    """Temporarily hold external tensors (functions and subgraphs included) in memory, so they
+    serialize into the file."""
+    restore = [
+        (owner, tensor)
+        for owner, tensor in _tensor_slots(model)
+        if isinstance(tensor, ir.ExternalTensor)
+    ]
+    for owner, tensor in restore:
+        _put_tensor(owner, _in_memory(tensor))
     try:
         yield
     finally:
-        for owner, key, tensor in restore:
-            if isinstance(owner, ir.Node):
-                owner.attributes[key] = ir.AttrTensor(key, tensor)
-            else:
-                owner.const_value = tensor
+        for owner, tensor in restore:
+            _put_tensor(owner, tensor)
 
 
 def _in_memory(tensor: ir.ExternalTensor) -> ir.Tensor:

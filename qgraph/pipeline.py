@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 
 import onnx_ir as ir
 
-from qgraph.errors import PipelineError, QGraphError
+from qgraph.errors import PipelineError, QGraphError, one_line
 from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,8 @@ def _run_one(entry: _Entry, model: ir.Model) -> ir.passes.PassResult:
     except Exception as error:
         cause = error.__cause__ if isinstance(error, ir.passes.InvariantError) else error
         raise PipelineError(
-            f"pass '{entry.name}' ({entry.phase.value}) failed: {type(cause).__name__}: {cause}"
+            f"pass '{entry.name}' ({entry.phase.value}) failed: "
+            + one_line(f"{type(cause).__name__}: {cause}")
         ) from error
 
 

@@ -35,12 +35,12 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.data import DataSource, Feeds, read_batches
+from qgraph.data import ArraySpec, DataSource, Feeds, read_batches
 from qgraph.debugging import OpError, debug_accuracy, energy_of
 from qgraph.errors import QGraphError
 from qgraph.kernels import is_qdq_group
@@ -118,9 +118,10 @@ class PlanReport:
         )
 
 
-def plan_batches(data: DataSource) -> list[Feeds]:
-    """The plan's sample: the first ``PLAN_BATCHES`` batches of ``data``."""
-    return list(itertools.islice(read_batches(data), PLAN_BATCHES))
+def plan_batches(data: DataSource, inputs: Mapping[str, ArraySpec] | None = None) -> list[Feeds]:
+    """The plan's sample: the first ``PLAN_BATCHES`` batches of ``data``, checked against the
+    model's ``inputs`` (``data.read_batches``)."""
+    return list(itertools.islice(read_batches(data, inputs), PLAN_BATCHES))
 
 
 def _dynamic_batch(value: ir.Value) -> bool:

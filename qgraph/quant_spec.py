@@ -16,6 +16,15 @@ The rounding error of an in-range value is at most ``s / 2``. Per-channel specs 
 along ``axis`` its own range; per-block specs give every ``block_size`` run along ``axis`` its own.
 A bias is stored as int32 with scale ``s_x * s_w`` (per output channel) and zero point 0, so the
 integer accumulator of a quantized Conv or Gemm adds it directly.
+
+Degenerate ranges. Every scale is at least ``SCALE_FLOOR = 2^-63``: then the product of any two
+scales, the bias scale ``s_x * s_w``, is at least ``2^-126``, float32's smallest normal number,
+so no scale and no bias scale is a denormal (a range of denormals, ``|x| ~ 1e-40``, gave
+``s = 7.96e-43`` and a model whose every input saturated). Values under ``s / 2`` quantize to 0,
+as such tiny values do in any 8-bit format. A bias saturates int32 where
+``|b| / (s_x * s_w) > 2^31 - 1`` (``bias_levels``): clipping it would change the op's output by
+up to ``|b|``, so the Q/DQ pass keeps such an op in float rather than raise ``s_x`` (a coarser
+input step would cost every other value of the tensor accuracy).
 """
 
 from __future__ import annotations
@@ -38,6 +47,12 @@ INTEGER_DTYPES = {
 
 DTYPE_NAMES = {dtype.name.lower(): dtype for dtype in INTEGER_DTYPES}
 """``"int8"`` -> ``ir.DataType.INT8``, for flags and recipe files."""
+
+SCALE_FLOOR = 2.0**-63
+"""The smallest scale: any product of two scales is then a normal float32 (>= 2^-126)."""
+
+INT32_LIMIT = 2**31 - 1
+"""The largest magnitude an int32 bias holds."""
 
 OPSET_21_DTYPES = frozenset(
     {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT16, ir.DataType.UINT16}
@@ -102,19 +117,28 @@ class QuantSpec:
 def scale_and_zero_point(
     lo: np.ndarray | float, hi: np.ndarray | float, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (the spec's dtype) for ranges ``[lo, hi]`` (broadcast)."""
+    """Scale (float32, at least ``SCALE_FLOOR``; 1 for an all-zero range) and zero point (the
+    spec's dtype) for ranges ``[lo, hi]`` (broadcast)."""
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    natural = natural_scale(lo, hi, spec)
+    scale = np.where(natural > 0, np.maximum(natural, SCALE_FLOOR), 1.0)
+    qmin, qmax = spec.integer_range()
+    if spec.symmetric:
+        zero_point = np.full(scale.shape, (qmin + qmax + 1) // 2 if not spec.signed else 0)
+    else:
+        zero_point = np.clip(np.rint(qmin - lo / scale), qmin, qmax)
+    return scale.astype(np.float32), zero_point.astype(INTEGER_DTYPES[spec.dtype])
+
+
+def natural_scale(lo: np.ndarray | float, hi: np.ndarray | float, spec: QuantSpec) -> np.ndarray:
+    """The scale that maps ``[lo, hi]`` (widened to hold 0) onto the spec's integers, before
+    the floor: below ``SCALE_FLOOR`` it says the range is degenerate."""
     lo = np.minimum(np.asarray(lo, np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, np.float64), 0.0)
     qmin, qmax = spec.integer_range()
     if spec.symmetric:
-        scale = np.maximum(-lo, hi) / ((qmax - qmin) // 2)
-        zero_point = np.full(scale.shape, (qmin + qmax + 1) // 2 if not spec.signed else 0)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-        safe = np.where(scale > 0, scale, 1.0)
-        zero_point = np.clip(np.rint(qmin - lo / safe), qmin, qmax)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return scale, zero_point.astype(INTEGER_DTYPES[spec.dtype])
+        return np.maximum(-lo, hi) / ((qmax - qmin) // 2)
+    return (hi - lo) / (qmax - qmin)
 
 
 def quantize(
@@ -204,9 +228,21 @@ def _join_blocks(blocks: np.ndarray, axis: int, length: int) -> np.ndarray:
 def quantize_bias(
     bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
 ) -> QuantizedTensor:
-    """``bias`` as int32 with scale ``s_x * s_w`` and zero point 0."""
-    scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
-    scale = np.broadcast_to(scale, bias.shape).copy()
+    """``bias`` as int32 with scale ``s_x * s_w`` and zero point 0 (clipped where it saturates:
+    check ``bias_levels`` first)."""
+    scale = _bias_scale(bias, input_scale, weight_scale)
     limit = np.iinfo(np.int32)
     values = np.clip(np.rint(bias.astype(np.float64) / scale), limit.min, limit.max)
     return QuantizedTensor(values.astype(np.int32), scale, np.zeros(bias.shape, np.int32))
+
+
+def bias_levels(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> float:
+    """``max |b| / (s_x * s_w)``: the largest int32 the bias needs; over ``INT32_LIMIT`` it
+    saturates."""
+    scale = _bias_scale(bias, input_scale, weight_scale).astype(np.float64)
+    return float(np.max(np.abs(bias.astype(np.float64)) / scale, initial=0.0))
+
+
+def _bias_scale(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> np.ndarray:
+    scale = (np.float32(input_scale) * weight_scale.astype(np.float32)).astype(np.float32)
+    return np.broadcast_to(scale, bias.shape).copy()

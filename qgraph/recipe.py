@@ -9,9 +9,9 @@ become underscores); flags given on the command line override it, and list flags
     weight_dtype = "int4"           # int8 (weight-only) | int4 | uint4 (per block, any mode)
     block_size = 32
     weight_rounding = "gptq"        # nearest | gptq (error-compensating, needs calibration)
-    exclude_node = ["/lm_head/.*"]  # regular expressions, matched against the whole node name
+    exclude_node = ["/lm_head/.*"]  # regular expressions (RE2), matched against the whole node name
     exclude_op = ["Gemm"]
-    calib = "calibration-data/"     # a .npz file or a folder of them
+    calib = "calibration-data/"     # a .npz file or a folder of them, relative to the recipe
     budget = 26                     # output SQNR (dB) the plan keeps; "none": no plan
     measure = true                  # false: the plan estimates int8 gains (timing.CostModel)
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
@@ -22,13 +22,18 @@ become underscores); flags given on the command line override it, and list flags
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
     method = "entropy"
+
+Patterns (``exclude_node``, the ``tensor`` keys) are RE2 regular expressions
+(``qgraph.patterns``): names come from the model, and RE2 matches in time linear in a name's
+length, where a backtracking engine can take exponential time; RE2 has no backreferences or
+lookaround.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import re
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -36,7 +41,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qgraph.data import DataSource
-from qgraph.errors import QGraphError, not_a_regular_file
+from qgraph.errors import QGraphError, link_problem, not_a_regular_file
+from qgraph.patterns import PatternError, compiled, full_match
 from qgraph.quant_spec import DTYPE_NAMES
 from qgraph.traversal import source_names
 
@@ -180,7 +186,7 @@ class QuantOptions:
             return f"op type {node.op_type} excluded by the user"
         names = (node.name or "", *source_names(node))
         for pattern in self.exclude_node:
-            if any(re.fullmatch(pattern, name) for name in names):
+            if any(full_match(pattern, name) for name in names):
                 return f"excluded by the user (pattern '{pattern}')"
         return None
 
@@ -188,7 +194,7 @@ class QuantOptions:
         """The user's override for the value called ``value_name`` (the last match wins)."""
         found = TensorOverride()
         for pattern, override in self.tensor:
-            if re.fullmatch(pattern, value_name):
+            if full_match(pattern, value_name):
                 found = override
         return found
 
@@ -224,19 +230,45 @@ def load_recipe(path: str | Path) -> dict[str, object]:
     path = Path(path)
     if problem := not_a_regular_file(path):
         raise RecipeError(problem)
+    if not path.exists():
+        raise RecipeError(f"{path}: {link_problem(path) or 'no such recipe file'}")
     try:
         table = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"{path}: cannot read the recipe ({error})") from error
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{path}: not valid TOML ({error})") from error
     try:
+        _resolve_calib(table, path.parent)
         _build(table)
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
     return table
+
+
+def _resolve_calib(table: dict[str, object], folder: Path) -> None:
+    """A recipe's ``calib`` is a path; a relative one is read from the recipe's ``folder``,
+    so that a recipe and its data move together."""
+    if "calib" not in table:
+        return
+    calib = table["calib"]
+    if not isinstance(calib, str):
+        raise RecipeError(
+            f"calib = {calib!r}: expected a path (a string) to a .npz file or a folder of them"
+        )
+    table["calib"] = str(folder / Path(calib).expanduser())
+
+
+def _calib(value: object) -> DataSource:
+    """A dataset path, or (from Python) an iterable of feed dicts."""
+    if isinstance(value, (str, os.PathLike)):
+        return value
+    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+        raise RecipeError(
+            f"calib = {value!r}: expected a path to a .npz file or a folder of them, or an "
+            "iterable of feed dicts"
+        )
+    return value
 
 
 def _build(table: Mapping[str, object]) -> QuantOptions:
@@ -362,9 +394,9 @@ def _regex(key: str, pattern: object) -> str:
     if not isinstance(pattern, str):
         raise RecipeError(f"{key}: expected a string, got {pattern!r}")
     try:
-        re.compile(pattern)
-    except re.error as error:
-        raise RecipeError(f"{key}: '{pattern}' is not a regular expression ({error})") from None
+        compiled(pattern)
+    except PatternError as error:
+        raise RecipeError(f"{key}: {error}") from None
     return pattern
 
 
@@ -410,7 +442,7 @@ _FIELDS = {
     "smoothquant": _smoothquant,
     "rotate": _flag("rotate"),
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),
-    "calib": lambda value: value,
+    "calib": _calib,
     "calib_random": _number("calib_random", int, 1, 1_000_000),
 }
 """Recipe key -> its check and conversion."""

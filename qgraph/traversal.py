@@ -10,8 +10,9 @@ nodes of its subgraphs).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
+import onnx
 import onnx_ir as ir
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -29,6 +30,63 @@ def all_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
         if node.attributes:
             for subgraph in subgraphs(node):
                 yield from all_nodes(subgraph)
+
+
+def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph, each model-local function's body, and every graph nested in a node of
+    either (If/Loop/Scan bodies, any GRAPH or GRAPHS attribute), at any depth."""
+    for top in (model.graph, *(function.graph for function in model.functions.values())):
+        yield from _nested_graphs(top)
+
+
+def _nested_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    yield graph
+    for node in graph:
+        if node.attributes:
+            for subgraph in subgraphs(node):
+                yield from _nested_graphs(subgraph)
+
+
+def proto_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The serialized counterpart of ``all_graphs``: the main graph and every graph nested in
+    a node of it or of a model-local function, before onnx_ir reads them."""
+    yield from _nested_proto_graphs(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for graph in _proto_subgraphs(node):
+                yield from _nested_proto_graphs(graph)
+
+
+def proto_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a serialized model: initializers and tensor attributes of the main
+    graph, of model-local functions and of every nested graph."""
+    for graph in proto_graphs(model):
+        yield from graph.initializer
+        yield from _attribute_tensors(graph.node)
+    for function in model.functions:
+        yield from _attribute_tensors(function.node)
+
+
+def _nested_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for subgraph in _proto_subgraphs(node):
+            yield from _nested_proto_graphs(subgraph)
+
+
+def _proto_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            yield attr.g
+        yield from attr.graphs
+
+
+def _attribute_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
 
 
 def subgraphs(node: ir.Node) -> Iterator[ir.Graph]:

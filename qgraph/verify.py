@@ -21,10 +21,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.model_io import serialize
+from qgraph.errors import QGraphError
+from qgraph.model_io import SOURCE_PATH_KEY, serialize
+from qgraph.targets.runtime import ORT_LIMITS
 
 FLOAT32_RTOL = 1e-5
 INTRA_OP_THREADS = 1
+
+
+class RuntimeLimitError(QGraphError):
+    """The model needs more than the installed onnxruntime runs."""
 
 
 def session(
@@ -42,10 +48,25 @@ def session(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, ir.Model):
+        _check_opset(model)
         model = serialize(model)
     elif not isinstance(model, bytes):
         model = os.fspath(model)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _check_opset(model: ir.Model) -> None:
+    """One line naming the opset, where onnxruntime would refuse it in ~720 characters of C++
+    source locations."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None or opset <= ORT_LIMITS.max_opset:
+        return
+    label = model.meta.get(SOURCE_PATH_KEY, "the model")
+    raise RuntimeLimitError(
+        f"{label}: ai.onnx opset {opset} is above {ORT_LIMITS.max_opset}, the highest "
+        f"onnxruntime {ORT_LIMITS.version} runs; qgraph runs the model there to calibrate and "
+        "verify it"
+    )
 
 
 def run(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 
 import numpy as np
 import onnx
@@ -459,3 +462,67 @@ def test_a_fifo_is_refused_by_name_not_read(tmp_path, model_file):
     folder.mkdir()
     os.mkfifo(folder / "batch.npz")
     assert_one_line_error(invoke("compile", model_file, "--calib", folder), "not a regular file")
+
+
+def test_a_cycle_names_the_node(model_file, tmp_path):
+    model = onnx.load(model_file)
+    model.graph.node[0].input[0] = "z"  # matmul reads add's output, which reads matmul's
+    onnx.save(model, model_file)
+    result = invoke("compile", model_file, "-o", tmp_path / "out.onnx")
+    assert_one_line_error(result, "topologically sorted", "name: matmul OpType: MatMul")
+
+
+def test_an_opset_onnxruntime_lacks_is_one_short_line(small_model, calibration, tmp_path):
+    small_model.opset_import[0].version = 30
+    path = tmp_path / "op30.onnx"
+    onnx.save(small_model, path)
+    args = ("compile", path, "--calib", calibration, "--budget", "none", "-o", tmp_path / "o.onnx")
+    result = invoke(*args)
+    limit = qgraph.targets.runtime.ORT_LIMITS.max_opset
+    assert_one_line_error(result, "op30.onnx", "opset 30", f"above {limit}, the highest")
+    assert len(result.stderr) < 250 and "onnxruntime_src" not in result.stderr
+
+
+def test_a_relative_calib_in_a_recipe_is_read_from_the_recipe_folder(model_file, tmp_path):
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    np.savez(folder / "calib.npz", x=np.ones((2, 4), np.float32))
+    (folder / "r.toml").write_text('calib = "calib.npz"\nbudget = "none"\n')
+    result = invoke("compile", model_file, "--recipe", folder / "r.toml", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.output
+
+
+def test_ctrl_c_in_a_command_prints_one_line_and_exits_130(model_file, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qgraph.cli.summarize", interrupt)
+    result = invoke("inspect", model_file)
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted" and "Traceback" not in result.output
+
+
+def test_ctrl_c_while_qgraph_loads_prints_one_line_and_exits_130(model_file):
+    """onnxruntime, onnx and numpy take seconds to import: Ctrl-C then is caught too."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qgraph", "inspect", str(model_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stderr.strip()) == (130, "interrupted")
+
+
+def test_calibration_data_declaring_a_huge_array_is_one_line(model_file, tmp_path):
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+        np.lib.format.write_array_header_1_0(member, header)
+    out = tmp_path / "out.onnx"
+    result = invoke("compile", model_file, "--calib", path, "-o", out)
+    assert_one_line_error(result, "huge.npz", "array 'x'", "input 'x'", "[1000000000000]")
+    assert not out.exists()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
+import zipfile
+
 import numpy as np
 import pytest
 
 from qgraph.data import (
+    MAX_BATCH_ELEMENTS,
+    ArraySpec,
     DatasetError,
     DatasetInfo,
     batch_files,
@@ -64,3 +69,49 @@ def test_bad_datasets_are_named(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match=r"broken\.npz: not a readable \.npz"):
         list(read_batches(tmp_path / "broken.npz"))
+
+
+def _lying_npz(path, shape: tuple[int, ...], payload: bytes = b"\0" * 64) -> None:
+    """An .npz whose array 'x' declares ``shape`` in its header but holds ``payload``."""
+    with zipfile.ZipFile(path, "w") as archive, archive.open("x.npy", "w") as member:
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(payload)
+
+
+def test_a_header_declaring_a_trillion_floats_is_refused_before_reading(tmp_path):
+    path = tmp_path / "huge.npz"
+    _lying_npz(path, (10**12,))
+    with pytest.raises(DatasetError) as error:
+        next(read_batches(path))
+    message = str(error.value)
+    assert "huge.npz" in message and "array 'x'" in message and str(MAX_BATCH_ELEMENTS) in message
+
+
+def test_arrays_are_checked_against_the_model_inputs_from_their_headers(tmp_path):
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, x=np.zeros(4_000_000, np.float32))  # 16 MB from a 16 KB file
+    assert path.stat().st_size < 100_000
+    inputs = {"x": ArraySpec(np.dtype(np.float32), (None, 4))}
+    tracemalloc.start()
+    with pytest.raises(DatasetError) as error:
+        next(read_batches(path, inputs))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1_000_000, "nothing was decompressed"
+    assert "bomb.npz: array 'x' for input 'x' has shape [4000000], expected ['?', 4]" in str(
+        error.value
+    )
+    np.savez(path, x=np.zeros((3, 4)))
+    with pytest.raises(DatasetError, match="has dtype float64, expected float32"):
+        next(read_batches(path, inputs))
+    np.savez(path, x=np.zeros((3, 4), np.float32))
+    assert next(read_batches(path, inputs))["x"].shape == (3, 4), "a dynamic dim takes any size"
+
+
+def test_a_member_that_is_not_an_array_is_named(tmp_path):
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", b"not an array")
+    with pytest.raises(DatasetError, match=r"odd\.npz: not a readable \.npz file"):
+        next(read_batches(path))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx_ir as ir
 import pytest
 
@@ -115,3 +117,28 @@ def test_an_option_that_would_be_ignored_is_an_error(flags, complaint):
     with pytest.raises(RecipeError, match=complaint):
         quant_options(**flags)
     assert quant_options(calib_method="percentile", percentile=99.9).percentile == 99.9
+
+
+@pytest.mark.parametrize("value", ["5", "[1, 2]", "true"])
+def test_a_calib_that_is_not_a_path_is_a_recipe_error(tmp_path, value):
+    path = tmp_path / "r.toml"
+    path.write_text(f"calib = {value}\n")
+    with pytest.raises(RecipeError, match=r"r.toml: calib = .*: expected a path \(a string\)"):
+        load_recipe(path)
+
+
+def test_a_relative_calib_is_read_from_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "r.toml").write_text('calib = "data/calib.npz"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("recipes/r.toml")["calib"] == str(Path("recipes/data/calib.npz"))
+    (folder / "abs.toml").write_text(f'calib = "{tmp_path / "x.npz"}"\n')
+    assert load_recipe(folder / "abs.toml")["calib"] == str(tmp_path / "x.npz")
+
+
+def test_a_symlink_loop_recipe_is_called_one(tmp_path):
+    (tmp_path / "a.toml").symlink_to(tmp_path / "b.toml")
+    (tmp_path / "b.toml").symlink_to(tmp_path / "a.toml")
+    with pytest.raises(RecipeError, match=r"a\.toml: symlink loop"):
+        load_recipe(tmp_path / "a.toml")
