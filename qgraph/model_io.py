@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from qgraph.atomic import staging_prefix
 from qgraph.errors import ModelLoadError, ModelSaveError, not_a_regular_file
-from qgraph.outputs import Inputs, check_output, same_file
+from qgraph.outputs import Inputs, check_output, same_file, shown
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 from qgraph.traversal import all_nodes
 
@@ -227,13 +227,21 @@ def _check_external_data(model: ir.Model, label: str, base_dir: Path | None) -> 
                 f"'{location}'; ONNX requires a path relative to the model's folder"
             )
         folder = base_dir.resolve()
-        data_path = (folder / location).resolve()
+        try:
+            data_path = (folder / location).resolve()
+            present = data_path.is_file()
+        except (OSError, ValueError) as error:  # a NUL byte, a name too long
+            reason = error.strerror if isinstance(error, OSError) else error
+            raise ModelLoadError(
+                f"{label}: tensor '{tensor.name}' has an external data location no file "
+                f"system takes ('{shown(location)}': {reason})"
+            ) from error
         if not data_path.is_relative_to(folder):
             raise ModelLoadError(
                 f"{label}: tensor '{tensor.name}' points its external data outside the "
                 f"model's folder ('{location}'); refusing to read it"
             )
-        if not data_path.is_file():
+        if not present:
             raise ModelLoadError(
                 f"{label}: external data file '{location}' of tensor '{tensor.name}' is missing"
             )

@@ -109,6 +109,9 @@ def _model_with_external_weight(make_model, location: str) -> onnx.ModelProto:
         ("/etc/passwd", "absolute location"),
         ("absent.bin", "is missing"),
         ("short.bin", "too short"),
+        ("w\0.bin", "no file system takes ('w\x00.bin': embedded null byte)"),
+        ("a" * 5000, "(5000 characters)': File name too long"),
+        ("/".join(["ab"] * 2500), "(7499 characters)': File name too long"),
     ],
 )
 def test_unsafe_or_broken_external_data_is_refused(make_model, tmp_path, location, expected):
