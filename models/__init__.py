@@ -2,7 +2,7 @@
 
 A built zoo model is a folder::
 
-    <cache>/<name>/model.onnx     the FP32 model (with model.onnx.data for large weights)
+    <cache>/<name>/model.onnx     the FP32 model (with model.onnx.<hex>.data for large weights)
     <cache>/<name>/calibration/   a dataset (see ``qgraph.data``) for calibration
     <cache>/<name>/evaluation/    a held-out dataset, with the metric in dataset.json
     <cache>/<name>/recipe.json    which recipe version built it

@@ -565,9 +565,21 @@ def _input_array(value: ir.Value, feeds: Feeds) -> np.ndarray:
     return value.const_value.numpy()
 
 
-def _batch_label(number: int, files: Sequence[Path] | None) -> str:
-    label = f"calibration batch {number}"
+def _batch_label(number: int, files: Sequence[Path] | None, kind: str = "calibration batch") -> str:
+    label = f"{kind} {number}"
     return label if files is None else f"{label} ({files[number - 1].name})"
+
+
+def checked_batches(graphs: Sequence[ir.Graph], data: DataSource, kind: str) -> Iterator[Feeds]:
+    """The batches of ``data``, each checked as calibration checks its own against the inputs
+    of every graph (names, dtype, shape, no empty or non-finite array): a misfit is one line
+    naming the batch (``kind`` and number, and file) and the input. For ``eval`` and
+    ``debug``, whose data feeds two models."""
+    files = batch_files(data) if isinstance(data, (str, os.PathLike)) else None
+    for number, feeds in enumerate(read_batches(data, input_specs(graphs[0])), start=1):
+        for graph in graphs:
+            _check_feeds(graph, feeds, _batch_label(number, files, kind))
+        yield feeds
 
 
 def _check_feeds(graph: ir.Graph, feeds: Feeds, label: str) -> None:

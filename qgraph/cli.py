@@ -29,8 +29,9 @@ from qgraph.entry import main as entry_main
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
 from qgraph.inspection import diff_models, summarize
-from qgraph.model_io import load
+from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
+from qgraph.outputs import Inputs, check_output, check_output_folder, dataset_inputs
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import Phase
 from qgraph.recipe import (
@@ -64,6 +65,13 @@ QUIET_LIBRARIES = ("onnxscript", "onnx_ir")
 """Libraries whose warnings are about their own internals, shown only with --debug."""
 FLOAT_MODE = "float"
 TARGET_HELP = f"One of {', '.join(TARGETS)}, or {AUTO} (this host's CPU)."
+OUTPUT_POLICY = (
+    "An existing file there is replaced (with a note); an input of the command, a folder, a "
+    "symlink or a device is refused."
+)
+OUTPUT = click.STRING
+"""Output paths stay strings until ``check_output``: a trailing separator (``-o newdir/``)
+counts, and a name no file system takes is refused in qgraph's words, not click's."""
 
 PIPED_WIDTH = 120
 """Report width when stdout is not a terminal (rich would assume 80 and wrap tables)."""
@@ -149,8 +157,10 @@ def cli(debug: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="Where to write the compiled model [default: MODEL.<target>.onnx beside MODEL].",
+    type=OUTPUT,
+    metavar="PATH",
+    help="Where to write the compiled model [default: MODEL.<target>.onnx beside MODEL]. "
+    + OUTPUT_POLICY,
 )
 @click.option("-t", "--target", default=AUTO, show_default=True, help=TARGET_HELP)
 @click.option(
@@ -165,7 +175,8 @@ def cli(debug: bool) -> None:
     type=click.Choice(list(EXTERNAL_DATA_CHOICES)),
     default="auto",
     show_default=True,
-    help="Write weights to MODEL.data: auto does so when they exceed protobuf's 2 GB.",
+    help="Write weights to OUTPUT.<8 hex digits>.data, a new name each time (the data file "
+    "the replaced output read goes): auto does so when they exceed protobuf's 2 GB.",
 )
 @click.option(
     "--format",
@@ -302,7 +313,7 @@ def cli(debug: bool) -> None:
 )
 def compile_command(
     model: Path,
-    output: Path | None,
+    output: str | None,
     target: str,
     skip_passes: tuple[str, ...],
     external_data: str,
@@ -320,8 +331,8 @@ def compile_command(
     rotations and with --smoothquant the outlier migration, annotate and insert Q/DQ
     (weights per channel, activations calibrated per tensor, biases int32), lower (with
     --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
-    topological order, names, ONNX checker, target conformance). The input file is never
-    modified.
+    topological order, names, ONNX checker, target conformance). No file the compile reads
+    (the model, its external data, the calibration data, the recipe) is ever written.
 
     \b
     Examples:
@@ -333,7 +344,7 @@ def compile_command(
       qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
     """
     spec = get_target(target)
-    output = output or model.with_name(f"{model.stem}.{spec.name}.onnx")
+    output = output or str(model.with_name(f"{model.stem}.{spec.name}.onnx"))
     quant = _quant_options(recipe, quantization)
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("compiling", total=None)
@@ -355,8 +366,10 @@ def compile_command(
             options=options,
             external_data=EXTERNAL_DATA_CHOICES[external_data],
             progress=lambda step: bar.update(task, description=step, total=None),
+            inputs={recipe: "the recipe"} if recipe is not None else None,
         )
     out.print(compile_report(result, verbose=verbose, explain=explain))
+    _note_replaced(output, result.saved.replaced)
     if quant is None:
         err.print(
             "note: no calibration data, so the model was compiled in float (fusion only); "
@@ -364,6 +377,11 @@ def compile_command(
         )
     elif quant.calib_random is not None and quant.calib is None and quant.mode is Mode.STATIC:
         err.print("warning: calibrated on random data; the output's accuracy means nothing")
+
+
+def _note_replaced(path: str | Path, replaced: bool) -> None:
+    if replaced:
+        err.print(printable(f"note: replaced the existing {path}"), soft_wrap=True)
 
 
 def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOptions | None:
@@ -451,11 +469,12 @@ def check_command(model: Path, target: str, as_json: bool) -> None:
 )
 @click.option(
     "--draw",
-    type=click.Path(path_type=Path),
+    type=OUTPUT,
+    metavar="PATH",
     help="Also draw the graph to this file: .html (self-contained page: hover for scales and "
     "zero points, search by name), .svg or .dot. Quantized ops, Q/DQ and float ops are "
     f"colored apart; above {COLLAPSE_ABOVE} ops, repeated blocks (layers.N) are collapsed "
-    "after the first.",
+    "after the first. " + OUTPUT_POLICY,
 )
 @click.option(
     "--around",
@@ -475,7 +494,7 @@ def inspect_command(
     as_json: bool,
     top: int | None,
     other: Path | None,
-    draw: Path | None,
+    draw: str | None,
     around: tuple[str, ...],
     radius: int,
 ) -> None:
@@ -494,8 +513,14 @@ def inspect_command(
     if around and draw is None:
         raise click.UsageError("--around selects what --draw draws; give --draw too")
     if draw is not None:
-        drawing = draw_graph(load(model), draw, around=around, radius=radius, title=model.name)
-        err.print(f"drew {len(drawing.boxes)} boxes to {draw}")
+        loaded = load(model)
+        read = model_inputs(loaded) | (
+            model_inputs(load(other), "the other model") if other else {}
+        )
+        replaced = check_output(draw, read)
+        drawing = draw_graph(loaded, Path(draw), around=around, radius=radius, title=model.name)
+        err.print(printable(f"drew {len(drawing.boxes)} boxes to {draw}"))
+        _note_replaced(draw, replaced)
     if other is not None:
         diff = diff_models(load(model), load(other))
         if as_json:
@@ -538,8 +563,10 @@ def inspect_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="Where --suggest-exclusions writes its recipe [default: QUANT's name + .exclude.toml].",
+    type=OUTPUT,
+    metavar="PATH",
+    help="Where --suggest-exclusions writes its recipe [default: QUANT's name + .exclude.toml]. "
+    + OUTPUT_POLICY,
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def debug_command(
@@ -549,7 +576,7 @@ def debug_command(
     top: int,
     impact_batches: int,
     exclusions: int | None,
-    output: Path | None,
+    output: str | None,
     as_json: bool,
 ) -> None:
     """Find the quantized ops of QUANT (a Q/DQ model compiled from FLOAT) that cost accuracy.
@@ -568,6 +595,14 @@ def debug_command(
       qgraph debug model.onnx model.q.onnx --data calib/ --suggest-exclusions 5 -o keep.toml
       qgraph compile model.onnx --calib calib/ --recipe keep.toml -o model.q2.onnx
     """
+    reference, compiled = load(float_model), load(quantized)
+    path = output or str(quantized.with_name(f"{quantized.stem}.exclude.toml"))
+    read = {
+        **model_inputs(reference, "the float model"),
+        **model_inputs(compiled, "the quantized model"),
+        **dataset_inputs(data, "the data"),
+    }
+    replaced = check_output(path, read) if exclusions is not None else False
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
@@ -575,21 +610,21 @@ def debug_command(
             bar.update(task, description=what, completed=done, total=total)
 
         report = debug_accuracy(
-            load(float_model),
-            load(quantized),
-            data,
-            impact_batches=impact_batches,
-            progress=tell,
+            reference, compiled, data, impact_batches=impact_batches, progress=tell
         )
     if as_json:
         echo_json(report.to_json())
     else:
         out.print(debug_report(report, top=top or None))
     if exclusions is not None:
-        path = output or quantized.with_name(f"{quantized.stem}.exclude.toml")
         note = f"qgraph debug {float_model} {quantized} --data {data}"
-        chosen = write_exclusions(report, exclusions, path, note)
-        err.print(f"wrote {path}: {len(chosen)} ops kept in float; recompile with --recipe {path}")
+        chosen = write_exclusions(report, exclusions, Path(path), note)
+        err.print(
+            printable(
+                f"wrote {path}: {len(chosen)} ops kept in float; recompile with --recipe {path}"
+            )
+        )
+        _note_replaced(path, replaced)
 
 
 @cli.command(name="passes")
@@ -696,12 +731,15 @@ def models_list() -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
-    help="Also copy the model here, and its data beside it (OUT.calibration/, OUT.evaluation/).",
+    type=OUTPUT,
+    metavar="PATH",
+    help="Also copy the model here, and its data beside it (OUT.calibration/, OUT.evaluation/). "
+    "Existing copies are replaced (with a note); a folder there that is not a dataset, the "
+    "cache's own files, a symlink or a device is refused.",
 )
 @click.option("--rebuild", is_flag=True, help="Build again even if it is in the cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths as JSON.")
-def models_fetch(name: str, output: Path | None, rebuild: bool, as_json: bool) -> None:
+def models_fetch(name: str, output: str | None, rebuild: bool, as_json: bool) -> None:
     """Build zoo model NAME into the cache (once) and print where its parts are."""
     with err.status(f"building {name}"):
         zoo_model = models.fetch(name, rebuild=rebuild)
@@ -711,7 +749,10 @@ def models_fetch(name: str, output: Path | None, rebuild: bool, as_json: bool) -
         "evaluation": zoo_model.evaluation,
     }
     if output is not None:
-        paths = _copy_zoo_model(paths, output)
+        cached = {
+            file: f"the cached {name}" for file in [zoo_model.folder, *zoo_model.folder.rglob("*")]
+        }
+        paths = _copy_zoo_model(paths, output, cached)
     if as_json:
         echo_json({k: str(v) for k, v in paths.items()} | {"metric": zoo_model.metric})
     else:
@@ -719,15 +760,21 @@ def models_fetch(name: str, output: Path | None, rebuild: bool, as_json: bool) -
             click.echo(f"{key:12} {path}")
 
 
-def _copy_zoo_model(paths: dict[str, Path], output: Path) -> dict[str, Path]:
-    """The model copied to ``output``, its datasets to ``output`` with their key as suffix."""
-    copies = {"model": output}
+def _copy_zoo_model(paths: dict[str, Path], output: str, cached: Inputs) -> dict[str, Path]:
+    """The model copied to ``output``, its datasets to ``output`` with their key as suffix
+    (every destination checked before anything is written)."""
+    replaced = {output: check_output(output, cached)}
+    copies = {"model": Path(output)}
     for key in ("calibration", "evaluation"):
-        copies[key] = output.with_suffix(f".{key}")
+        copies[key] = copies["model"].with_suffix(f".{key}")
+        replaced[str(copies[key])] = check_output_folder(copies[key], cached)
+    for key in ("calibration", "evaluation"):
         with replaced_folder(copies[key]) as staging:
             shutil.copytree(paths[key], staging, dirs_exist_ok=True)
-    with replaced_file(output) as staging:
+    with replaced_file(copies["model"]) as staging:
         shutil.copyfile(paths["model"], staging)
+    for path, was_there in replaced.items():
+        _note_replaced(path, was_there)
     return copies
 
 

@@ -16,8 +16,17 @@ import onnx_ir.passes.common as common
 from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
 from qgraph.inspection import ModelSummary, summarize
-from qgraph.model_io import SOURCE_PATH_KEY, ModelSource, SavedModel, load, save
+from qgraph.model_io import (
+    SOURCE_PATH_KEY,
+    VERSION_METADATA_KEY,
+    ModelSource,
+    SavedModel,
+    load,
+    model_inputs,
+    save,
+)
 from qgraph.options import CompileOptions
+from qgraph.outputs import Inputs, check_output, dataset_inputs
 from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
@@ -30,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 CHECKER_PASS = "onnx-checker"
 TARGET_METADATA_KEY = "qgraph.target"
-VERSION_METADATA_KEY = "qgraph.version"
 
 Progress = Callable[[str], None]
 """Told, in words, what the compile is doing now: loading, each pass, saving."""
@@ -60,12 +68,15 @@ def compile_model(
     pipeline: Pipeline | None = None,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    inputs: Inputs | None = None,
 ) -> CompileResult:
     """Compile ``source`` for ``target``; write it to ``output`` when given.
 
     An ``ir.Model`` source is rewritten in place. ``pipeline`` replaces the target's default
     one (build it with ``build_pipeline`` and add your passes). ``external_data`` as in
-    ``qgraph.save``.
+    ``qgraph.save``. ``output`` is checked before any pass runs: it may be none of the files
+    the compile reads (the model, its external data, the calibration data, and ``inputs``,
+    such as a recipe: see ``qgraph.outputs``).
     """
     start = time.perf_counter()
     tell = progress or (lambda step: None)
@@ -75,6 +86,9 @@ def compile_model(
     pipeline = pipeline or build_pipeline(spec, options)
     tell("loading the model")
     model = load(source)
+    protected = _read_files(model, options, inputs)
+    if output is not None:
+        check_output(output, protected)
     if CHECKER_PASS in pipeline.names():
         tell("checking the input")
         _check_input(source, model)
@@ -96,7 +110,7 @@ def compile_model(
     saved = None
     if output is not None:
         tell(f"writing {output}")
-        saved = save(result.model, output, external_data=external_data)
+        saved = save(result.model, output, external_data=external_data, inputs=protected)
     return CompileResult(
         model=result.model,
         target=spec,
@@ -107,6 +121,16 @@ def compile_model(
         saved=saved,
         plan=plan_report,
     )
+
+
+def _read_files(model: ir.Model, options: CompileOptions, inputs: Inputs | None) -> Inputs:
+    """The files a compile reads (the output must be none of them), each with what it is."""
+    calib = options.quantization.calib if options.quantization is not None else None
+    return {
+        **model_inputs(model),
+        **dataset_inputs(calib, "the calibration data"),
+        **(inputs or {}),
+    }
 
 
 def _warn_unmatched_exclusions(model: ir.Model, options: CompileOptions) -> None:

@@ -39,7 +39,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.atomic import replaced_file
-from qgraph.data import DataSource, input_specs, read_batches
+from qgraph.calibration import checked_batches
+from qgraph.data import DataSource
 from qgraph.errors import QGraphError
 from qgraph.inspection import QDQ_OPS, reads_dequantized, torch_name_scopes
 from qgraph.patterns import escape
@@ -139,7 +140,7 @@ def debug_accuracy(
     runs = _Sessions.of(float_model, quantized, watched, cut, impact=impact_batches > 0)
     energy = {name: _Energy() for name in [*watched, *outputs]}
     count, output_signal = 0, 0.0
-    for feeds in read_batches(data, input_specs(float_model.graph)):
+    for feeds in checked_batches([float_model.graph, quantized.graph], data, "batch"):
         impact = count < impact_batches
         what = f"impact of each op, batch {count + 1}"
         tell = functools.partial(progress, what) if progress is not None and impact else None

@@ -23,7 +23,12 @@ class ModelLoadError(QGraphError):
     """The model cannot be read: missing, not ONNX, corrupt, or unsafe external data."""
 
 
-class ModelSaveError(QGraphError):
+class OutputError(QGraphError):
+    """An output (a model, a drawing, a recipe, a dataset) cannot be written where it was
+    asked to go: the path is an input, a folder, not a regular file, or not writable."""
+
+
+class ModelSaveError(OutputError):
     """The model cannot be written where it was asked to go."""
 
 

@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.data import DataSource, Feeds, read_batches, read_info
+from qgraph.calibration import checked_batches
+from qgraph.data import DataSource, Feeds, read_info
 from qgraph.errors import QGraphError
 from qgraph.model_io import external_tensors, load
 from qgraph.verify import session
@@ -245,10 +247,11 @@ def evaluate(
     if name not in METRICS:
         raise EvaluationError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
     accumulator = METRICS[name]()
+    interfaces = [_interface(reference), _interface(candidate)]
     sessions = (evaluation_session(reference), evaluation_session(candidate))
     first: Feeds | None = None
     count = 0
-    for count, feeds in enumerate(read_batches(data), start=1):
+    for count, feeds in enumerate(checked_batches(interfaces, data, "batch"), start=1):
         first = first if first is not None else feeds
         outputs = [_run(s, feeds) for s in sessions]
         accumulator.update(feeds, *outputs)
@@ -260,6 +263,13 @@ def evaluate(
     return Evaluation(
         name, accumulator.result(), count, latency, model_bytes(reference), model_bytes(candidate)
     )
+
+
+def _interface(path: str | os.PathLike) -> ir.Graph:
+    """The graph inputs of the model at ``path``, alone: what its data is checked against,
+    without keeping its weights in memory."""
+    inputs = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in load(path).graph.inputs]
+    return ir.Graph(inputs, [], nodes=[])
 
 
 def _run(sess: ort.InferenceSession, feeds: Feeds) -> Outputs:

@@ -8,9 +8,11 @@
   input) becomes a plain constant, and a declared dimension of ``-1`` or ``0`` (Paddle's,
   older TF converters') becomes an unnamed dynamic one, as onnxruntime reads it.
 - ``save`` writes into a temporary folder beside the destination and renames into place, so a
-  failure never leaves a half-written model. It refuses to write over the model it was loaded
-  from (or over any external data file the model still maps), switches to external data when
-  the tensors would not fit a 2 GiB protobuf, and stamps an IR version onnxruntime accepts.
+  failure never leaves a half-written model. It follows qgraph's output policy
+  (``qgraph.outputs``): never over the model it was loaded from or any of its external-data
+  files, never over a folder, symlink or device. It switches to external data when the
+  tensors would not fit a 2 GiB protobuf, in a data file named afresh for each write, and
+  stamps an IR version onnxruntime accepts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +34,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError, Message
 from onnx import numpy_helper
 
+from qgraph.atomic import staging_prefix
 from qgraph.errors import (
     ModelLoadError,
     ModelSaveError,
@@ -37,6 +42,7 @@ from qgraph.errors import (
     not_a_regular_file,
     one_line,
 )
+from qgraph.outputs import Inputs, check_output, same_file, shown
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 from qgraph.traversal import all_graphs, proto_graphs, proto_tensors
 
@@ -53,6 +59,12 @@ EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 SOURCE_PATH_KEY = "qgraph.source_path"
 """Key in ``ir.Model.meta`` (in memory only) holding the file a model was loaded from."""
+SOURCE_DATA_KEY = "qgraph.source_data"
+"""Key in ``ir.Model.meta`` (in memory only): the external-data files it was loaded with."""
+VERSION_METADATA_KEY = "qgraph.version"
+"""Key in a written model's ``metadata_props``: the qgraph version that compiled it."""
+DATA_NAME_HEX_BYTES = 4
+"""Random bytes in a data file's name (``<name>.<8 hex digits>.data``)."""
 
 _ONNX_FIRST_BYTE = 0x08
 """A serialized ModelProto starts with field 1 (ir_version, varint): tag byte 0x08."""
@@ -89,6 +101,9 @@ def _load_path(path: Path) -> ir.Model:
     del data  # the proto holds the weights now; do not keep a second copy while deserializing
     model = _deserialize(proto, str(path), path.parent)
     model.meta[SOURCE_PATH_KEY] = str(path.resolve())
+    model.meta[SOURCE_DATA_KEY] = tuple(
+        str(Path(t.path).resolve()) for t in external_tensors(model)
+    )
     return model
 
 
@@ -339,13 +354,21 @@ def _location_problem(tensor: ir.ExternalTensor, base_dir: Path) -> str | None:
             "ONNX requires a path relative to the model's folder"
         )
     folder = base_dir.resolve()
-    data_path = (folder / location).resolve()
+    try:
+        data_path = (folder / location).resolve()
+        present = data_path.is_file()
+    except (OSError, ValueError) as error:  # a NUL byte, a name too long
+        reason = error.strerror if isinstance(error, OSError) else error
+        return (
+            f"tensor '{tensor.name}' has an external data location no file system takes "
+            f"('{shown(location)}': {reason})"
+        )
     if not data_path.is_relative_to(folder):
         return (
             f"tensor '{tensor.name}' points its external data outside the model's folder "
             f"('{location}'); refusing to read it"
         )
-    if not data_path.is_file():
+    if not present:
         return f"external data file '{location}' of tensor '{tensor.name}' is missing"
     if data_path.stat().st_nlink > 1:
         return (
@@ -379,10 +402,11 @@ def needs_external_data(model: ir.Model) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SavedModel:
-    """The files ``save`` wrote."""
+    """The files ``save`` wrote, and whether a file was there before."""
 
     path: Path
     data_path: Path | None
+    replaced: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -390,65 +414,81 @@ class SavedModel:
         return self.path.stat().st_size + data
 
 
+def model_inputs(model: ir.Model, what: str = "the input model") -> dict[Path, str]:
+    """The files ``model`` was loaded from or reads, each with what it is (``what`` names the
+    model): its file and every external-data file, also those whose weights have been
+    rewritten in memory since. Writing over any of them would destroy the input."""
+    data = f"an external-data file of {what}"
+    files = {Path(name): data for name in model.meta.get(SOURCE_DATA_KEY, ())}
+    for tensor in external_tensors(model):
+        files.setdefault(Path(tensor.path), data)
+    source = model.meta.get(SOURCE_PATH_KEY)
+    if source is not None:
+        files[Path(source)] = what
+    return files
+
+
 def save(
-    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    inputs: Inputs | None = None,
 ) -> SavedModel:
     """Write ``model`` to ``path`` atomically; ``external_data=None`` decides by size.
 
-    With external data, tensors of at least ``EXTERNAL_TENSOR_MIN_BYTES`` go to
-    ``<name>.data`` beside the model.
+    ``path`` must pass ``outputs.check_output`` against the files ``model`` came from
+    (``model_inputs``) and ``inputs``. With external data, tensors of at least
+    ``EXTERNAL_TENSOR_MIN_BYTES`` go to a data file beside the model, ``<name>.<8 hex
+    digits>.data``, named afresh for each write: it is in place before the new model that
+    reads it replaces the old one, so the pair on disk is consistent at every moment, and no
+    existing file is written over. The data file the replaced model read, when qgraph wrote
+    both, is removed afterwards.
     """
+    protected = {**model_inputs(model), **(inputs or {})}
+    replaced = check_output(path, protected, error=ModelSaveError)
     path = Path(path)
-    _check_destination(model, path)
     _check_external_sources(model, path)
     use_external = needs_external_data(model) if external_data is None else external_data
-    data_name = f"{path.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    stale = _data_files_written_for(path)
+    data_name = _fresh_data_name(path) if use_external else None
     try:
-        with _ort_ir_version(model):
-            if use_external:
-                ir.save(
-                    model,
-                    staging / path.name,
-                    external_data=data_name,
-                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
-                )
-                os.replace(staging / data_name, path.parent / data_name)
-            else:
-                with _external_tensors_inlined(model):
-                    ir.save(model, staging / path.name)
-        os.replace(staging / path.name, path)
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(path), dir=path.parent))
+        try:
+            data_name = _write(model, staging, path, data_name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:
         raise ModelSaveError(f"{path}: cannot be written ({error.strerror or error})") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return SavedModel(path, path.parent / data_name if use_external else None)
+    _remove_stale(stale - {data_name}, path.parent, protected)
+    return SavedModel(path, path.parent / data_name if data_name else None, replaced)
 
 
-def _check_destination(model: ir.Model, path: Path) -> None:
-    if path.is_dir():
-        raise ModelSaveError(f"{path}: is a folder; give a file name for the output model")
-    if not path.parent.is_dir():
-        raise ModelSaveError(f"{path}: output folder '{path.parent}' does not exist")
-    target = path.resolve()
-    source = model.meta.get(SOURCE_PATH_KEY)
-    if source is not None and _same_file(target, Path(source)):
-        raise ModelSaveError(
-            f"{path}: is the input model; qgraph never overwrites its input, choose another path"
-        )
-    data_target = target.parent / f"{path.name}.data"
-    for tensor in external_tensors(model):
-        in_use = Path(tensor.path).resolve()
-        if _same_file(target, in_use) or _same_file(data_target, in_use):
-            raise ModelSaveError(
-                f"{path}: would overwrite '{in_use.name}', which holds the input's weights "
-                f"(tensor '{tensor.name}'); choose another output path"
+def _write(model: ir.Model, staging: Path, path: Path, data_name: str | None) -> str | None:
+    """Write ``model`` into ``staging``, then move its data file (first) and itself in place;
+    the data file's name, None when no tensor was large enough to go there."""
+    with _ort_ir_version(model):
+        if data_name is None:
+            with _external_tensors_inlined(model):
+                ir.save(model, staging / path.name)
+        else:
+            ir.save(
+                model,
+                staging / path.name,
+                external_data=data_name,
+                size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES,
             )
-    if path.is_symlink() or not_a_regular_file(path):
-        raise ModelSaveError(
-            f"{path}: is a symlink, FIFO, device or socket; qgraph writes only regular files "
-            "(replacing it would not write where it points)"
-        )
+    data_file = staging / data_name if data_name else None
+    if data_file is None or not data_file.is_file() or data_file.stat().st_size == 0:
+        os.replace(staging / path.name, path)
+        return None
+    os.replace(data_file, path.parent / data_name)
+    try:
+        os.replace(staging / path.name, path)
+    except BaseException:
+        (path.parent / data_name).unlink(missing_ok=True)
+        raise
+    return data_name
 
 
 def _check_external_sources(model: ir.Model, path: Path) -> None:
@@ -461,10 +501,45 @@ def _check_external_sources(model: ir.Model, path: Path) -> None:
             raise ModelSaveError(f"{path}: {problem}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a == b:
-        return True
-    return a.exists() and b.exists() and os.path.samefile(a, b)
+def _fresh_data_name(path: Path) -> str:
+    """A data-file name for ``path`` that no file beside it has."""
+    while True:
+        name = f"{path.name}.{secrets.token_hex(DATA_NAME_HEX_BYTES)}.data"
+        if not (path.parent / name).exists():
+            return name
+
+
+def _data_files_written_for(path: Path) -> set[str]:
+    """The data files the model now at ``path`` reads that qgraph wrote for it: what a new
+    write there leaves stale. Whatever that model says, only qgraph's names count: a per-write
+    ``<name>.<8 hex digits>.data``, or ``<name>.data`` (its name before those) when the model
+    carries qgraph's version stamp. No other file is ever taken for one."""
+    fresh = re.compile(re.escape(path.name) + rf"\.[0-9a-f]{{{2 * DATA_NAME_HEX_BYTES}}}\.data")
+    plain = f"{path.name}.data"
+    names = {f.name for f in path.parent.iterdir()} if path.is_file() else set()
+    if not any(fresh.fullmatch(name) or name == plain for name in names):
+        return set()
+    try:
+        previous = ir.serde.deserialize_model(onnx.load_model(path, load_external_data=False))
+    except Exception:  # not a model onnx_ir reads, so not one that reads a data file
+        return set()
+    stamped = VERSION_METADATA_KEY in previous.metadata_props
+    return {
+        tensor.location
+        for tensor in external_tensors(previous)
+        if fresh.fullmatch(tensor.location) or (stamped and tensor.location == plain)
+    }
+
+
+def _remove_stale(names: set[str], folder: Path, protected: Inputs) -> None:
+    for name in sorted(names):
+        stale = folder / name
+        if any(same_file(stale, file) for file in protected):
+            continue
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("%s: stale data file not removed (%s)", stale, error.strerror)
 
 
 @contextlib.contextmanager

@@ -13,12 +13,13 @@ import zipfile
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto
 
 import qgraph
-from qgraph import models, verify
+from qgraph import model_io, models, verify
 from qgraph.cli import cli
 from qgraph.targets import TARGETS, detect_host_target
 
@@ -119,10 +120,12 @@ def test_compile_writes_a_model_onnxruntime_runs_with_the_same_outputs(
     assert {p.key: p.value for p in written.metadata_props}["qgraph.target"] == "x86-avx2"
 
 
-def test_compile_external_data_always(model_file, tmp_path):
+def test_compile_external_data_always(model_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 64)  # W (96 bytes) goes out
     out = tmp_path / "ext.onnx"
     assert invoke("compile", model_file, "-o", out, "--external-data", "always").exit_code == 0
-    assert (tmp_path / "ext.onnx.data").exists()
+    assert len(list(tmp_path.glob("ext.onnx.*.data"))) == 1
+    assert isinstance(qgraph.load(out).graph.initializers["W"].const_value, ir.ExternalTensor)
 
 
 def test_inspect_json(model_file):

@@ -4,6 +4,7 @@ and save is atomic, refuses to clobber its input, and writes what onnxruntime re
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,9 @@ def _model_with_external_weight(make_model, location: str) -> onnx.ModelProto:
         ("/etc/passwd", "absolute location"),
         ("absent.bin", "is missing"),
         ("short.bin", "too short"),
+        ("w\0.bin", "no file system takes ('w\x00.bin': embedded null byte)"),
+        ("a" * 5000, "(5000 characters)': File name too long"),
+        ("/".join(["ab"] * 2500), "(7499 characters)': File name too long"),
     ],
 )
 def test_unsafe_or_broken_external_data_is_refused(make_model, tmp_path, location, expected):
@@ -180,12 +184,84 @@ def test_save_refuses_to_overwrite_its_input(small_model, tmp_path):
     assert path.read_bytes() == before
 
 
-def test_save_refuses_to_overwrite_the_weights_it_maps(make_model, tmp_path):
+def test_save_never_writes_over_the_weights_it_maps(make_model, tmp_path, monkeypatch):
+    """The data file is named afresh for each write: the input's ``out.onnx.data`` stays."""
+    monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 8)
     onnx.save(_model_with_external_weight(make_model, "out.onnx.data"), tmp_path / "m.onnx")
-    (tmp_path / "out.onnx.data").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    weights = tmp_path / "out.onnx.data"
+    weights.write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    saved = qgraph.save(qgraph.load(tmp_path / "m.onnx"), tmp_path / "out.onnx", external_data=True)
+    assert saved.data_path != weights
+    assert weights.read_bytes() == np.arange(4, dtype=np.float32).tobytes()
+
+
+def test_save_refuses_the_inputs_data_file_once_its_weights_are_rewritten(make_model, tmp_path):
+    """``compile model.onnx -o w.bin`` overwrote the input's own data file once its weight was
+    quantized: the check looked only at the tensors still external in the output."""
+    onnx.save(_model_with_external_weight(make_model, "w.bin"), tmp_path / "m.onnx")
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(np.arange(4, dtype=np.float32).tobytes())
     model = qgraph.load(tmp_path / "m.onnx")
-    with pytest.raises(ModelSaveError, match="holds the input's weights"):
-        qgraph.save(model, tmp_path / "out.onnx", external_data=True)
+    model.graph.initializers["w"].const_value = ir.tensor(np.zeros(4, np.float32), name="w")
+    with pytest.raises(ModelSaveError, match="is an external-data file of the input model"):
+        qgraph.save(model, weights)
+    assert weights.read_bytes() == np.arange(4, dtype=np.float32).tobytes()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_each_write_gets_a_fresh_data_file_and_the_stale_one_goes(
+    small_model, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 64)
+    model, out = qgraph.load(small_model), tmp_path / "out.onnx"
+    first = qgraph.save(model, out, external_data=True)
+    second = qgraph.save(model, out, external_data=True)
+    assert first.data_path != second.data_path and second.replaced and not first.replaced
+    assert list(_files(tmp_path)) == ["out.onnx", second.data_path.name]
+    assert qgraph.save(model, out, external_data=False).data_path is None
+    assert list(_files(tmp_path)) == ["out.onnx"]
+
+
+def test_the_data_file_of_an_earlier_compile_goes_but_no_other(small_model, tmp_path):
+    """``out.onnx.data``, as compiles once named it, goes when the model that read it carries
+    qgraph's stamp; an unrelated ``.data`` file, or one a model not from qgraph reads, stays."""
+    out = tmp_path / "out.onnx"
+    for stamp, stays in (({}, True), ({model_io.VERSION_METADATA_KEY: "0.1.0"}, False)):
+        earlier = onnx.ModelProto()
+        earlier.CopyFrom(small_model)
+        onnx.helper.set_model_props(earlier, stamp)
+        onnx.save(
+            earlier, out, save_as_external_data=True, location="out.onnx.data", size_threshold=0
+        )
+        (tmp_path / "mine.onnx.data").write_bytes(b"unrelated")
+        qgraph.save(qgraph.load(small_model), out, external_data=False)
+        assert (tmp_path / "out.onnx.data").exists() is stays
+        assert (tmp_path / "mine.onnx.data").read_bytes() == b"unrelated"
+
+
+def test_an_interrupted_write_leaves_the_old_pair_whole(small_model, tmp_path, monkeypatch):
+    """The new data file once replaced the old one before the model did: interrupted between
+    the two renames, the old model read the new weights without a word."""
+    monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 64)
+    out = tmp_path / "out.onnx"
+    qgraph.save(qgraph.load(small_model), out, external_data=True)
+    before = _files(tmp_path)
+    changed = qgraph.load(small_model)
+    changed.graph.initializers["W"].const_value = ir.tensor(np.zeros((4, 6), np.float32), name="W")
+    rename = os.replace
+
+    def interrupted(source, destination):
+        if Path(destination) == out:
+            raise KeyboardInterrupt
+        rename(source, destination)
+
+    monkeypatch.setattr(model_io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qgraph.save(changed, out, external_data=True)
+    assert _files(tmp_path) == before
 
 
 def test_failed_save_leaves_no_partial_file_and_no_staging_folder(
@@ -220,13 +296,14 @@ def test_external_data_on_request_and_automatically_above_the_limit(
     expected = verify.run(qgraph.load(small_model), feeds)
     model = qgraph.load(small_model)
     saved = qgraph.save(model, tmp_path / "explicit.onnx", external_data=True)
-    assert saved.data_path == tmp_path / "explicit.onnx.data"
+    assert saved.data_path is None, "W (96 bytes) stays inline: no empty data file is left"
     # W (96 bytes) stays inline below EXTERNAL_TENSOR_MIN_BYTES; make the threshold bite.
     monkeypatch.setattr(model_io, "EXTERNAL_TENSOR_MIN_BYTES", 64)
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT_BYTES", 100)
     monkeypatch.setattr(model_io, "GRAPH_HEADROOM_BYTES", 0)
     saved = qgraph.save(model, tmp_path / "auto.onnx")
     assert saved.data_path is not None and saved.data_path.stat().st_size == 96
+    assert re.fullmatch(r"auto\.onnx\.[0-9a-f]{8}\.data", saved.data_path.name)
     reloaded = qgraph.load(tmp_path / "auto.onnx")
     assert isinstance(reloaded.graph.initializers["W"].const_value, ir.ExternalTensor)
     assert not verify.compare(expected, verify.run(reloaded, feeds), rtol=0.0)
