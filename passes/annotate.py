@@ -35,16 +35,13 @@ from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
-from qgraph.traversal import all_nodes, subgraphs, weighted_producer
+from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 
 ANNOTATION_KEY = "qgraph.quantize"
 RESIDUAL_KEY = "qgraph.quantize_residual"
 EMBEDDING_KEY = "qgraph.quantize_embedding"
 FLOAT_REASON_KEY = "qgraph.float_reason"
 COMPUTED_WEIGHT = "its weight is not a constant (both inputs are computed at run time)"
-KEEP_FLOAT_KEY = "qgraph.keep_float"
-"""Node metadata a float rewrite sets on nodes it adds that must stay in float (an online
-rotation): the value is the reason given."""
 
 
 @dataclasses.dataclass(frozen=True)

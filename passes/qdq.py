@@ -83,6 +83,7 @@ from qgraph.quant_spec import (
 from qgraph.recipe import Mode, QuantOptions
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
+from qgraph.traversal import KEEP_FLOAT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if isinstance(found, ActivationQuantization):
                 builder.static_activation(node, skip, found)
                 report.residual_inputs += 1
+            elif found is not None:
+                node.metadata_props[KEEP_FLOAT_KEY] = f"its skip input stays float: {found}"
         report.biases = builder.biases
         report.activation_pairs = builder.activation_pairs
         report.weights = len(builder.weights)

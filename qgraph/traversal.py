@@ -125,6 +125,11 @@ def _is_constant(value: ir.Value | None) -> bool:
     return value is not None and ir.convenience.get_const_tensor(value) is not None
 
 
+KEEP_FLOAT_KEY = "qgraph.keep_float"
+"""Node metadata (saved with the model): this node stays in float, and the value says why. A
+float rewrite sets it on nodes it adds (an online rotation); insert-qdq on a residual ``Add``
+whose skip input calibration keeps float, which the TensorRT rules then accept."""
+
 SOURCE_NODES_KEY = "qgraph.source_nodes"
 """Node metadata key: the JSON list of the input model's node names a rewritten node
 replaces (a fusion's matched nodes), so exclusions by input name still find it."""

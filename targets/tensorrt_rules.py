@@ -31,7 +31,9 @@ per-channel weights; "Q/DQ layer-placement recommendations"):
   input of an Add after an int8 weighted op comes through Q/DQ, so TensorRT fuses op and Add
   into one kernel with an int8 output. Only that input: the op's own output stays float
   (NVIDIA's TensorFlow quantization toolkit, ``ResNetV1QDQCase``: "add Q/DQ nodes in the
-  residual connection only (not between Add and Conv)").
+  residual connection only (not between Add and Conv)"). An Add marked ``KEEP_FLOAT_KEY``
+  is exempt: its skip input's calibration range cannot be held in 8 bits (an LLM's residual
+  stream with massive activations), so TensorRT runs the op in int8 and the Add apart.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import onnx_ir as ir
 
 from qgraph.targets.conformance import ONNX_DOMAINS
 from qgraph.targets.spec import TargetSpec, Violation
-from qgraph.traversal import WEIGHTED_OPS, all_nodes, weighted_producer
+from qgraph.traversal import KEEP_FLOAT_KEY, WEIGHTED_OPS, all_nodes, weighted_producer
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 QOPERATOR_PREFIX = "QLinear"
@@ -62,8 +64,12 @@ QOPERATOR_OPS = frozenset(
 )
 """Integer ops besides the ``QLinear*`` family (ONNX's and onnxruntime's contrib ones)."""
 
-PASS_THROUGH_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Identity", "Cast"})
-"""Ops through which a constant stays a constant, for telling weights from activations."""
+PASS_THROUGH_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "Identity", "Cast", "Transpose"}
+)
+"""Ops through which a constant stays a constant, for telling weights from activations. A
+``Transpose`` of a constant is what a tied ``lm_head`` reads (the embedding table, shared);
+TensorRT folds it into the constant (its ``ConstShuffleFusion``)."""
 
 MAX_VALUES_SHOWN = 3
 
@@ -154,7 +160,7 @@ def per_channel_weight_axes(model: ir.Model, target: TargetSpec) -> Iterator[Vio
             continue
         if _quantized_dtype(node) != ir.DataType.INT8 or "block_size" in node.attributes:
             continue  # an int32 bias or 4-bit blocks: qdq_types_int8 reports them
-        yield from _per_channel_uses(node, weight.shape, count, target)
+        yield from _per_channel_uses(node, _constant_shape(_input(node, 0)), count, target)
 
 
 def weighted_op_outputs_unquantized(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
@@ -183,6 +189,8 @@ def residual_inputs_quantized(model: ir.Model, target: TargetSpec) -> Iterator[V
     for node in all_nodes(model.graph):
         skip, source = _residual_inputs(node)
         if skip is None or not _runs_int8(source) or _dequantized(skip):
+            continue
+        if KEEP_FLOAT_KEY in node.metadata_props:  # calibration could not quantize the skip
             continue
         yield Violation(
             "residual_inputs_quantized",
@@ -235,6 +243,21 @@ def _constant_source(value: ir.Value | None) -> ir.TensorProtocol | None:
             return None
         value = _input(producer, 0)
     return None
+
+
+def _constant_shape(value: ir.Value) -> list[int]:
+    """The shape of the constant ``value`` is (``_constant_source``'s), permuted by each
+    ``Transpose`` on the way to it."""
+    perms = []
+    while (tensor := ir.convenience.get_const_tensor(value)) is None:
+        producer = value.producer()
+        if producer.op_type == "Transpose":
+            perms.append(producer.attributes.get_ints("perm", None))
+        value = _input(producer, 0)
+    shape = list(tensor.shape)
+    for perm in reversed(perms):
+        shape = [shape[axis] for axis in (perm or reversed(range(len(shape))))]
+    return shape
 
 
 def _dtype(value: ir.Value) -> ir.DataType | None:
@@ -291,7 +314,7 @@ def _output_channel_axis(reader: ir.Node, index: int, rank: int) -> int | None:
 
 
 def _per_channel_uses(
-    node: ir.Node, shape: ir.Shape, count: int, target: TargetSpec
+    node: ir.Node, shape: list[int], count: int, target: TargetSpec
 ) -> Iterator[Violation]:
     weight = _data_name(node)
     axis = node.attributes.get_int("axis", 1) % len(shape)

@@ -99,3 +99,12 @@ def test_a_table_also_read_in_float_keeps_its_gather_float():
     inserted = next(r.details for r in result.records if r.name == "insert-qdq")
     op, reason = inserted.float_reasons["embed"]
     assert op == "Gather" and "also read in float by" in reason and "'spy'" in reason
+
+
+def test_a_tied_lm_head_conforms_to_tensorrt():
+    """TensorRT's tied ``lm_head`` reads ``DQ(Transpose(E_q))``: a weight per output channel
+    (TensorRT folds the Transpose into the constant), not a per-channel activation."""
+    result = compiled(tied_lm(), "tensorrt")
+    assert result.target.check(result.model) == []
+    lm_head = next(node for node in result.model.graph if node.name == "lm_head")
+    assert lm_head.inputs[1].producer().op_type == "DequantizeLinear"

@@ -13,6 +13,7 @@ from qgraph import verify
 from qgraph.targets import get_target
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.tensorrt_rules import TENSORRT_RULES
+from qgraph.traversal import KEEP_FLOAT_KEY
 
 TENSORRT = get_target("tensorrt")
 C, HW, K, N = 4, 6, 8, 5
@@ -311,6 +312,39 @@ def test_residual_rule_needs_an_int8_op_and_a_skip_input():
     assert violations(float_conv) == []
     two_branches = conv_block(skip="conv_out")  # Add(conv, conv): no skip input to quantize
     assert violations(two_branches) == []
+
+
+def test_an_add_whose_skip_input_calibration_keeps_float_is_exempt():
+    proto = conv_block(skip="x")
+    residual = next(n for n in proto.graph.node if n.name == "residual")
+    residual.metadata_props.add(key=KEEP_FLOAT_KEY, value="its skip input stays float: ...")
+    assert violations(proto) == []
+
+
+def test_a_residual_stream_too_wide_for_8_bits_compiles_with_its_matmul_in_int8():
+    """An LLM's residual stream carries a few massive activations: calibration keeps the skip
+    input float, so TensorRT runs the MatMul in int8 and the Add apart; the compile conforms
+    instead of failing on its own residual rule."""
+    rng = np.random.default_rng(4)
+    proto = model(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+            helper.make_node("Add", ["h", "stream"], ["y"], name="residual"),
+        ],
+        {"x": [16, K], "stream": [16, N]},
+        {"y": [16, N]},
+        {"W": rng.standard_normal((K, N)).astype(np.float32)},
+    )
+    batches = []
+    for _ in range(4):
+        stream = rng.standard_normal((16, N)).astype(np.float32)
+        stream[0, 0] = 3e4  # one massive activation per batch, as in SmolLM2's stream
+        batches.append({"x": rng.standard_normal((16, K)).astype(np.float32), "stream": stream})
+    options = qgraph.CompileOptions(quantization=qgraph.quant_options(calib=batches, budget="none"))
+    result = qgraph.compile_model(proto, "tensorrt", options=options)
+    nodes = {node.name: node for node in result.model.graph}
+    assert "dominated by a few values" in nodes["residual"].metadata_props[KEEP_FLOAT_KEY]
+    assert {i.producer().op_type for i in nodes["proj"].inputs} == {"DequantizeLinear"}
 
 
 @pytest.mark.parametrize("group", [1, 2])
