@@ -192,7 +192,7 @@ def _planned_run(
         model, spec, dataclasses.replace(options, quantization=informed), on_pass
     )
     options = _without_float_rewrites(options, spec)
-    original = ir.to_proto(model)
+    original = ir.to_proto(prepared.model)
     quantization = options.quantization
     rounds: dict[frozenset[str], PipelineResult] = {}
 
@@ -214,7 +214,7 @@ def _planned_run(
     chosen = rounds[frozenset(kept)]
     if (options.format or spec.format) is not QuantFormat.QDQ:
         chosen = compile_with(kept, options.format)
-    return PipelineResult(chosen.model, prepared + chosen.records), report
+    return PipelineResult(chosen.model, prepared.records + chosen.records), report
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -226,14 +226,15 @@ PREPARED_PHASES = frozenset({Phase.CANONICALIZE, Phase.FLOAT_REWRITES})
 
 def _float_rewrites(
     model: ir.Model, spec: TargetSpec, options: CompileOptions, on_pass: Callable
-) -> list[PassRecord]:
-    """Run the float-equivalent phases once, in place (SmoothQuant's search and the
-    rotations need not run again in each round of the plan); their records."""
+) -> PipelineResult:
+    """Run the float-equivalent phases once (SmoothQuant's search and the rotations need not
+    run again in each round of the plan): the rewritten model (not always ``model`` itself:
+    a pass may return a new one) and their records."""
     pipeline = build_pipeline(spec, options)
     for phase, name, _ in list(pipeline.passes()):
         if phase not in PREPARED_PHASES:
             pipeline.remove(name)
-    return pipeline.run(model, listener=on_pass).records
+    return pipeline.run(model, listener=on_pass)
 
 
 def _without_float_rewrites(options: CompileOptions, spec: TargetSpec) -> CompileOptions:

@@ -323,6 +323,33 @@ def test_a_recipe_key_and_flag_reach_the_pipeline(make_model, tmp_path):
     assert qgraph.quant_options(calib=outlier_batches(), budget="none").smoothquant is None
 
 
+def test_the_planned_compile_keeps_the_smoothing(make_model):
+    """Under the accuracy plan SmoothQuant runs once, before the plan's rounds, which must
+    start from its output: the norm has taken the division. The MatMul is wide enough (N = 64) for the cost model to
+    find it faster in 8 bits on x86-vnni, so its input is smoothed."""
+    wide = 64
+    gamma = np.linspace(0.5, 2.0, K, dtype=np.float32)
+    proto = make_model(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln"),
+            helper.make_node("MatMul", ["n", "W"], ["y"], name="proj"),
+        ],
+        {"x": [ROWS, K]},
+        {"y": [ROWS, wide]},
+        {"gamma": gamma, "beta": np.zeros(K, np.float32), "W": weight(K, wide)},
+    )
+    options = qgraph.quant_options(
+        calib=outlier_batches(), smoothquant=0.5, budget=10.0, measure=False
+    )
+    result = qgraph.compile_model(
+        proto, "x86-vnni", options=qgraph.CompileOptions(quantization=options)
+    )
+    assert result.plan is not None
+    assert {r.name: r.details for r in result.records}["smoothquant"].smoothed
+    norm = next(n for n in result.model.graph if n.op_type == "LayerNormalization")
+    assert not np.allclose(norm.inputs[1].const_value.numpy(), gamma), "no division taken"
+
+
 @pytest.fixture(scope="module")
 def decoder() -> models.ZooModel:
     return models.fetch("reference-decoder")
