@@ -248,32 +248,18 @@ EVAL = [
 ]  # fmt: skip
 
 
-def _ids(table: list[Case]) -> list[str]:
-    return [c.name for c in table]
+TABLES = {"compile": COMPILE, "inspect": INSPECT, "check": CHECK, "debug": DEBUG, "eval": EVAL}
 
 
-@pytest.mark.parametrize("bad", COMPILE, ids=_ids(COMPILE))
-def test_compile_refuses(folder, bad):
-    run_table(folder, bad)
-
-
-@pytest.mark.parametrize("bad", INSPECT, ids=_ids(INSPECT))
-def test_inspect_refuses(folder, bad):
-    run_table(folder, bad)
-
-
-@pytest.mark.parametrize("bad", CHECK, ids=_ids(CHECK))
-def test_check_refuses(folder, bad):
-    run_table(folder, bad)
-
-
-@pytest.mark.parametrize("bad", DEBUG, ids=_ids(DEBUG))
-def test_debug_refuses(folder, bad):
-    run_table(folder, bad)
-
-
-@pytest.mark.parametrize("bad", EVAL, ids=_ids(EVAL))
-def test_eval_refuses(folder, bad):
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(case, id=f"{command}: {case.name}")
+        for command, table in TABLES.items()
+        for case in table
+    ],
+)
+def test_each_command_refuses(folder, bad):
     run_table(folder, bad)
 
 
@@ -317,7 +303,7 @@ FETCH = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("bad", FETCH, ids=_ids(FETCH))
+@pytest.mark.parametrize("bad", FETCH, ids=[case.name for case in FETCH])
 def test_models_fetch_refuses(zoo, bad, monkeypatch):
     monkeypatch.setenv("QGRAPH_CACHE", str(zoo / "cache"))
     run_table(zoo, bad)

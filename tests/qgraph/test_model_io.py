@@ -92,12 +92,7 @@ def _model_with_external_weight(make_model, location: str) -> onnx.ModelProto:
         {"y": [4]},
         {"w": np.arange(4, dtype=np.float32)},
     )
-    tensor = model.graph.initializer[0]
-    tensor.ClearField("raw_data")
-    tensor.ClearField("float_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
-        tensor.external_data.add(key=key, value=value)
+    _external(model.graph.initializer[0], location)
     return model
 
 
