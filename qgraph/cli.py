@@ -595,6 +595,8 @@ def debug_command(
       qgraph debug model.onnx model.q.onnx --data calib/ --suggest-exclusions 5 -o keep.toml
       qgraph compile model.onnx --calib calib/ --recipe keep.toml -o model.q2.onnx
     """
+    if output is not None and exclusions is None:
+        raise click.UsageError("-o is where --suggest-exclusions writes; give it too")
     reference, compiled = load(float_model), load(quantized)
     path = output or str(quantized.with_name(f"{quantized.stem}.exclude.toml"))
     read = {

@@ -318,6 +318,9 @@ def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
     assert_one_line_error(
         invoke("debug", decoder.model, quantized, "--data", tmp_path / "none"), "no such dataset"
     )
+    ignored = invoke(*args, "-o", tmp_path / "never.toml")
+    assert ignored.exit_code == 2 and "give it too" in ignored.output
+    assert not (tmp_path / "never.toml").exists()
 
 
 def test_inspect_diff_states_the_counts_to_check(tmp_path):
