@@ -56,6 +56,7 @@ from qgraph.calibration import (
 )
 from qgraph.data import DataSource, batch_files
 from qgraph.errors import QGraphError
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
     ANNOTATION_KEY,
@@ -88,7 +89,6 @@ from qgraph.traversal import KEEP_FLOAT_KEY
 logger = logging.getLogger(__name__)
 
 
-MICROSOFT_DOMAIN = "com.microsoft"
 FLOAT_SOURCE_KEY = "qgraph.float_source"
 """In-memory ``node.meta`` of a constant's DequantizeLinear: the float initializer it replaced,
 so a later pass can put it back (``passes/runtime_check.py``)."""

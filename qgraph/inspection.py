@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from qgraph.model_io import SOURCE_PATH_KEY
+from qgraph.ops import ONNX_DOMAINS, qualified_op
 from qgraph.pipeline import PROVENANCE_KEY
 from qgraph.traversal import all_nodes
 
@@ -34,7 +35,6 @@ QOPERATOR_OPS = frozenset(
 )
 """Integer operators besides the ``QLinear*`` family."""
 
-ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 TORCH_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 """Node metadata of torch's dynamo exporter: the module path a node came from."""
 
@@ -115,7 +115,7 @@ def summarize(model: ir.Model) -> ModelSummary:
 
 def op_key(node: ir.Node) -> str:
     """``Conv`` for ONNX ops, ``com.microsoft::QGemm`` for others."""
-    return node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+    return qualified_op(node.domain, node.op_type)
 
 
 def is_quantized_op(node: ir.Node) -> bool:

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from qgraph.inspection import QDQ_OPS, QOPERATOR_OPS
 from qgraph.model_io import serialize
+from qgraph.ops import qualified_op
 from qgraph.traversal import WEIGHTED_OPS
 
 DUPLICATE_MARK = "/duplicated"
@@ -175,7 +176,7 @@ def _compute_readers(
 
 
 def _onnx_op_key(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    return qualified_op(node.domain, node.op_type)
 
 
 __all__ = ["FloatOp", "KernelReport", "optimized_graph", "runtime_kernels"]

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.targets.conformance import ONNX_DOMAINS
+from qgraph.ops import ONNX_DOMAINS
 from qgraph.targets.spec import TargetSpec, Violation
 from qgraph.traversal import KEEP_FLOAT_KEY, WEIGHTED_OPS, all_nodes, weighted_producer
 
