@@ -63,7 +63,7 @@ from qgraph.passes.annotate import (
     EMBEDDING_KEY,
     FLOAT_REASON_KEY,
     RESIDUAL_KEY,
-    WEIGHTED_OPS,
+    WEIGHT_LAYOUTS,
     NodeAnnotation,
     ResidualAnnotation,
     transposed_table,
@@ -434,7 +434,7 @@ def _gptq_input(node: ir.Node) -> str | None:
     transposed = node.attributes.get("transA")
     if node.op_type not in ("MatMul", "Gemm") or (transposed and transposed.as_int()):
         return None
-    return node.inputs[WEIGHTED_OPS[node.op_type].activation].name
+    return node.inputs[WEIGHT_LAYOUTS[node.op_type].activation].name
 
 
 def _weight_grams(
@@ -655,7 +655,7 @@ class _QDQBuilder:
         if gram is None:
             return quantize_weight(array, spec)
         self.gptq_weights += 1
-        return gptq_quantize(array, gram, spec, WEIGHTED_OPS[node.op_type].reduction_axis(node))
+        return gptq_quantize(array, gram, spec, WEIGHT_LAYOUTS[node.op_type].reduction_axis(node))
 
     def bias(
         self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray

@@ -42,7 +42,8 @@ from qgraph.atomic import replaced_file
 from qgraph.calibration import checked_batches
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
-from qgraph.inspection import QDQ_OPS, reads_dequantized, torch_name_scopes
+from qgraph.inspection import reads_dequantized, torch_name_scopes
+from qgraph.ops import QDQ_OPS
 from qgraph.patterns import escape
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session

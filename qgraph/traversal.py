@@ -15,10 +15,7 @@ from collections.abc import Iterable, Iterator
 import onnx
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS
-
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-"""Ops with a weight operand, which runtimes fuse with a following bias, activation or Add."""
+from qgraph.ops import ONNX_DOMAINS, WEIGHTED_OPS
 
 _GRAPH = ir.AttributeType.GRAPH
 _GRAPHS = ir.AttributeType.GRAPHS
