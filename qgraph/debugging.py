@@ -39,7 +39,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.atomic import replaced_file
-from qgraph.calibration import checked_batches
+from qgraph.calibration import checked_batches, sqnr_db
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
 from qgraph.inspection import reads_dequantized, torch_name_scopes
@@ -106,13 +106,6 @@ class DebugReport:
             "unmatched": self.unmatched,
             "batches": self.batches,
         }
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)``: inf for no noise."""
-    if noise == 0.0:
-        return float("inf")
-    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
 
 
 def debug_accuracy(
