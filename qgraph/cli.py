@@ -557,7 +557,8 @@ def inspect_command(
     "exclusions",
     type=click.IntRange(min=1),
     metavar="K",
-    help="Write a recipe keeping the K ops of lowest local SQNR in float (see -o).",
+    help="Write a recipe keeping in float the K ops that cost the outputs most, the first K "
+    "of the ranking (by local SQNR with --impact-batches 0) (see -o).",
 )
 @click.option(
     "-o",
