@@ -71,7 +71,7 @@ def _gemm_transposed(node: ir.Node) -> bool:
     return bool(attribute.as_int()) if attribute is not None else False
 
 
-WEIGHTED_OPS = {
+WEIGHT_LAYOUTS = {
     "Conv": WeightedOp(0, 1, 2, None, lambda node: 0, lambda node: None),
     "ConvTranspose": WeightedOp(0, 1, 2, None, lambda node: 1, lambda node: None, _grouped),
     "MatMul": WeightedOp(0, 1, None, 2, lambda node: 1, lambda node: 0),
@@ -84,7 +84,7 @@ WEIGHTED_OPS = {
         lambda node: 1 if _gemm_transposed(node) else 0,
     ),
 }
-"""The op types qgraph knows how to quantize, by op type."""
+"""The layout of each op type qgraph knows how to quantize: one per ``qgraph.ops.WEIGHTED_OPS``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         target never quantizes. Reads the graph only (SmoothQuant asks before annotating)."""
         if node.op_type not in self._quantizable_ops or node.domain != "":
             return None
-        layout = WEIGHTED_OPS.get(node.op_type)
+        layout = WEIGHT_LAYOUTS.get(node.op_type)
         if layout is None:
             return f"qgraph has no quantization rule for {node.op_type}"
         reason = (

@@ -39,6 +39,7 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
 
 from qgraph.errors import PipelineError
+from qgraph.ops import ONNX_DOMAINS, onnx_opset
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
 from qgraph.traversal import all_nodes
@@ -94,7 +95,7 @@ def relays_out_its_own_constant(node: ir.Node) -> bool:
     """Whether ``node`` only re-lays out a constant that nothing else reads (a ``Reshape`` of
     a classifier's weight, old exporters' habit): its result replaces the tensor, whatever
     the size, and the op it feeds reads a constant weight it can quantize."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in LAYOUT_OPS:
+    if node.domain not in ONNX_DOMAINS or node.op_type not in LAYOUT_OPS:
         return False
     data = node.inputs[0] if node.inputs else None
     return (
@@ -232,7 +233,7 @@ class IdentityEliminationPass(ir.passes.InPlacePass):
 def _is_identity(node: ir.Node) -> bool:
     return (
         node.op_type == "Identity"
-        and node.domain in ("", "ai.onnx")
+        and node.domain in ONNX_DOMAINS
         and len(node.inputs) == 1
         and len(node.outputs) == 1
         and node.inputs[0] is not None
@@ -294,7 +295,7 @@ class OpsetUpgradePass(ir.passes.InPlacePass):
         self.opset = opset
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", self.opset))
+        current = onnx_opset(model.opset_imports, self.opset)
         if current >= self.opset:
             return ir.passes.PassResult(model, modified=False)
         try:

@@ -23,6 +23,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.errors import ConformanceError, one_line
+from qgraph.ops import ONNX_DOMAINS
 from qgraph.pipeline import Phase
 from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec, Violation
@@ -71,7 +72,7 @@ def conformance_violations(model: ir.Model, target: TargetSpec) -> list[Violatio
 def _extensions_hidden(model: ir.Model, extensions: frozenset[str]) -> Iterator[None]:
     """Move default-domain ``extensions`` to a private domain the checker skips, then back."""
     moved = [
-        n for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx") and n.op_type in extensions
+        n for n in all_nodes(model.graph) if n.domain in ONNX_DOMAINS and n.op_type in extensions
     ]
     original = [node.domain for node in moved]
     if moved:

@@ -56,13 +56,14 @@ from qgraph.calibration import (
 )
 from qgraph.data import DataSource, batch_files
 from qgraph.errors import QGraphError
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
     ANNOTATION_KEY,
     EMBEDDING_KEY,
     FLOAT_REASON_KEY,
     RESIDUAL_KEY,
-    WEIGHTED_OPS,
+    WEIGHT_LAYOUTS,
     NodeAnnotation,
     ResidualAnnotation,
     transposed_table,
@@ -88,7 +89,6 @@ from qgraph.traversal import KEEP_FLOAT_KEY
 logger = logging.getLogger(__name__)
 
 
-MICROSOFT_DOMAIN = "com.microsoft"
 FLOAT_SOURCE_KEY = "qgraph.float_source"
 """In-memory ``node.meta`` of a constant's DequantizeLinear: the float initializer it replaced,
 so a later pass can put it back (``passes/runtime_check.py``)."""
@@ -434,7 +434,7 @@ def _gptq_input(node: ir.Node) -> str | None:
     transposed = node.attributes.get("transA")
     if node.op_type not in ("MatMul", "Gemm") or (transposed and transposed.as_int()):
         return None
-    return node.inputs[WEIGHTED_OPS[node.op_type].activation].name
+    return node.inputs[WEIGHT_LAYOUTS[node.op_type].activation].name
 
 
 def _weight_grams(
@@ -655,7 +655,7 @@ class _QDQBuilder:
         if gram is None:
             return quantize_weight(array, spec)
         self.gptq_weights += 1
-        return gptq_quantize(array, gram, spec, WEIGHTED_OPS[node.op_type].reduction_axis(node))
+        return gptq_quantize(array, gram, spec, WEIGHT_LAYOUTS[node.op_type].reduction_axis(node))
 
     def bias(
         self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray

@@ -426,6 +426,12 @@ def estimated_sqnr_db(stats: TensorStatistics, lo: float, hi: float, scale: floa
     noise = histogram[~clipped].sum() * scale**2 / 12
     noise += (histogram[clipped] * (centers[clipped] - threshold) ** 2).sum()
     signal = (histogram * centers**2).sum()
+    return sqnr_db(signal, noise)
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``, the energies' ratio in decibels: inf for no noise, -inf
+    for no signal."""
     if noise == 0.0:
         return float("inf")
     return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")

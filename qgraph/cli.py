@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
-from qgraph import models
+from qgraph import calibration, models
 from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
@@ -35,7 +35,6 @@ from qgraph.outputs import Inputs, check_output, check_output_folder, dataset_in
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import Phase
 from qgraph.recipe import (
-    CALIBRATION_METHODS,
     DEFAULT_ALPHA,
     DEFAULT_BUDGET_DB,
     WEIGHT_ONLY_DTYPES,
@@ -212,7 +211,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--calib-method",
-    type=click.Choice(CALIBRATION_METHODS),
+    type=click.Choice(list(calibration.METHODS)),
     help="How activation ranges are chosen from calibration data [default: minmax].",
 )
 @click.option(
@@ -558,7 +557,8 @@ def inspect_command(
     "exclusions",
     type=click.IntRange(min=1),
     metavar="K",
-    help="Write a recipe keeping the K ops of lowest local SQNR in float (see -o).",
+    help="Write a recipe keeping in float the K ops that cost the outputs most, the first K "
+    "of the ranking (by local SQNR with --impact-batches 0) (see -o).",
 )
 @click.option(
     "-o",

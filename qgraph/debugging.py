@@ -6,7 +6,7 @@ value and node names through its rewrites) and judged, over every batch of the d
 
     SQNR = 10 log10( sum y^2 / sum (y - y')^2 )   (dB; higher is closer)
 
-in two ways:
+in three ways:
 
 - **local**: the op in the compiled model, fed the float model's own values at every
   quantization point (the inputs of activation ``QuantizeLinear`` nodes and the float inputs
@@ -14,14 +14,16 @@ in two ways:
   upstream error excluded.
 - **cumulative**: the compiled model as it runs, every upstream error included; it usually
   falls along the network, so it says where accuracy is lost, not which op loses it.
-
 - **alone at the output**: the float model with only this op's local error added to its
   output (``y + (y'_local - y)``), judged at the model's outputs (all of them together). This
   is what the op's quantization costs the model, through everything downstream: an op with a
   poor local SQNR whose error later layers damp matters less than a fair one whose error they
   amplify (a transformer's massive activations). It costs one float run per op and batch, so
-  it uses the first ``impact_batches`` batches; when measured, it is the ranking, worst first,
-  and what ``write_exclusions`` keeps in float, else the local SQNR is.
+  it uses the first ``impact_batches`` batches.
+
+Ops are ranked, worst first, by their SQNR alone at the output, or by their local SQNR where
+that was not measured (``impact_batches=0``); ``write_exclusions`` keeps the first of the
+ranking in float.
 
 The float model's outputs are compared with the quantized model's the same way (cumulative).
 """
@@ -39,10 +41,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.atomic import replaced_file
-from qgraph.calibration import checked_batches
+from qgraph.calibration import checked_batches, sqnr_db
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
-from qgraph.inspection import QDQ_OPS, reads_dequantized, torch_name_scopes
+from qgraph.inspection import reads_dequantized, torch_name_scopes
+from qgraph.ops import QDQ_OPS
 from qgraph.patterns import escape
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session
@@ -85,12 +88,14 @@ class OpError:
 
     @property
     def rank_key(self) -> float:
+        """What the ranking sorts by, lowest (worst) first: the model outputs' SQNR with only
+        this op's error where measured, else the op's local SQNR."""
         return self.local_sqnr_db if self.output_sqnr_db is None else self.output_sqnr_db
 
 
 @dataclasses.dataclass(frozen=True)
 class DebugReport:
-    """Quantized ops, worst local SQNR first, and the SQNR of each model output."""
+    """Quantized ops, worst first by ``OpError.rank_key``, and the SQNR of each model output."""
 
     ops: list[OpError]
     outputs: dict[str, float]
@@ -105,13 +110,6 @@ class DebugReport:
             "unmatched": self.unmatched,
             "batches": self.batches,
         }
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """``10 log10(signal / noise)``: inf for no noise."""
-    if noise == 0.0:
-        return float("inf")
-    return float(10 * np.log10(signal / noise)) if signal > 0 else float("-inf")
 
 
 def debug_accuracy(

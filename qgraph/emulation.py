@@ -66,6 +66,7 @@ from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
 from qgraph.model_io import save
 from qgraph.models import cache_dir
+from qgraph.ops import qualified_op
 from qgraph.verify import Batches, Runner
 
 QEMU = "qemu-aarch64-static"
@@ -347,10 +348,7 @@ def kernel_instructions(log: Path) -> collections.Counter[str]:
 def op_histogram(path: Path) -> collections.Counter[str]:
     """Op types in the ONNX file ``path``, ``domain::Op`` outside the default domain."""
     graph = onnx.load(path, load_external_data=False).graph
-    return collections.Counter(
-        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-        for n in graph.node
-    )
+    return collections.Counter(qualified_op(n.domain, n.op_type) for n in graph.node)
 
 
 def _feature_names(hwcap: int, hwcap2: int) -> list[str]:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.calibration import checked_batches
+from qgraph.calibration import checked_batches, sqnr_db
 from qgraph.data import DataSource, Feeds, read_info
 from qgraph.errors import QGraphError
 from qgraph.model_io import external_tensors, load
@@ -172,7 +172,7 @@ class OutputFidelity:
         figures = {}
         for name, signal in self.signal.items():
             noise = self.noise[name]
-            figures[f"{name}.sqnr_db"] = 10 * np.log10(signal / noise) if noise else float("inf")
+            figures[f"{name}.sqnr_db"] = sqnr_db(signal, noise)
             norms = np.sqrt(signal * self.cand_energy[name])
             figures[f"{name}.cosine"] = self.dot[name] / norms if norms else 1.0
         return figures

@@ -14,27 +14,10 @@ from collections.abc import Iterator
 import onnx_ir as ir
 
 from qgraph.model_io import SOURCE_PATH_KEY
+from qgraph.ops import ONNX_DOMAINS, QDQ_OPS, is_qoperator, qualified_op
 from qgraph.pipeline import PROVENANCE_KEY
 from qgraph.traversal import all_nodes
 
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-QOPERATOR_OPS = frozenset(
-    {
-        "ConvInteger",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeLinear",
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLSTM",
-        "MatMulNBits",
-        "QGemm",
-        "QAttention",
-        "QOrderedMatMul",
-    }
-)
-"""Integer operators besides the ``QLinear*`` family."""
-
-ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 TORCH_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 """Node metadata of torch's dynamo exporter: the module path a node came from."""
 
@@ -115,14 +98,14 @@ def summarize(model: ir.Model) -> ModelSummary:
 
 def op_key(node: ir.Node) -> str:
     """``Conv`` for ONNX ops, ``com.microsoft::QGemm`` for others."""
-    return node.op_type if node.domain in ONNX_DOMAINS else f"{node.domain}::{node.op_type}"
+    return qualified_op(node.domain, node.op_type)
 
 
 def is_quantized_op(node: ir.Node) -> bool:
     """An integer operator, or a float op reading a dequantized tensor (a Q/DQ group)."""
     if node.op_type in QDQ_OPS:
         return False
-    if node.op_type.startswith("QLinear") or node.op_type in QOPERATOR_OPS:
+    if is_qoperator(node.op_type):
         return True
     return reads_dequantized(node)
 

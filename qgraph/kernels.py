@@ -26,9 +26,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.inspection import QDQ_OPS, QOPERATOR_OPS
 from qgraph.model_io import serialize
-from qgraph.traversal import WEIGHTED_OPS
+from qgraph.ops import QDQ_OPS, WEIGHTED_OPS, is_qoperator, qualified_op
 
 DUPLICATE_MARK = "/duplicated"
 DATA_MOVEMENT_OPS = frozenset(
@@ -124,7 +123,7 @@ def is_qdq_group(node: ir.Node) -> bool:
     reading dequantized tensors only."""
     if node.op_type in QDQ_OPS:
         return False
-    if node.op_type.startswith("QLinear") or node.op_type in QOPERATOR_OPS:
+    if is_qoperator(node.op_type):
         return node.op_type != "DynamicQuantizeLinear"
     producers = [v.producer() if v is not None else None for v in node.inputs]
     dequantized = [p is not None and p.op_type == "DequantizeLinear" for p in producers]
@@ -175,7 +174,7 @@ def _compute_readers(
 
 
 def _onnx_op_key(node: onnx.NodeProto) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    return qualified_op(node.domain, node.op_type)
 
 
 __all__ = ["FloatOp", "KernelReport", "optimized_graph", "runtime_kernels"]

@@ -26,6 +26,7 @@ from onnx.backend.test.case.test_case import TestCase
 
 from qgraph.errors import QGraphError
 from qgraph.model_io import load
+from qgraph.ops import ONNX_DOMAINS
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET
 from qgraph.verify import compare, run
 
@@ -104,11 +105,11 @@ def check_case(case: TestCase, rewrite: Rewrite) -> CaseOutcome:
 
 def _restamp_opset(proto: onnx.ModelProto, limit: int) -> str | None:
     """Lower an ai.onnx opset above ``limit`` to it if no op changed in between; else why not."""
-    stamp = next((o for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    stamp = next((o for o in proto.opset_import if o.domain in ONNX_DOMAINS), None)
     if stamp is None or stamp.version <= limit:
         return None
     for node in _all_nodes(proto.graph):
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain not in ONNX_DOMAINS:
             continue
         try:
             newest = onnx.defs.get_schema(node.op_type, stamp.version).since_version

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from qgraph.calibration import METHODS
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError, link_problem, not_a_regular_file
 from qgraph.patterns import PatternError, compiled, full_match
@@ -51,7 +52,6 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
 ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
@@ -419,7 +419,7 @@ def _tensor_overrides(value: object) -> tuple[tuple[str, TensorOverride], ...]:
                     else _dtype(f"tensor '{pattern}' dtype", ACTIVATION_OVERRIDE_DTYPES)(dtype),
                     method=None
                     if method is None
-                    else _choice(f"tensor '{pattern}' method", method, CALIBRATION_METHODS),
+                    else _choice(f"tensor '{pattern}' method", method, METHODS),
                 ),
             )
         )
@@ -428,7 +428,7 @@ def _tensor_overrides(value: object) -> tuple[tuple[str, TensorOverride], ...]:
 
 _FIELDS = {
     "mode": _mode,
-    "calib_method": lambda value: _choice("calib_method", value, CALIBRATION_METHODS),
+    "calib_method": lambda value: _choice("calib_method", value, METHODS),
     "percentile": _number("percentile", float, 50.0, 100.0),
     "weight_dtype": _dtype("weight_dtype", WEIGHT_ONLY_DTYPES),
     "block_size": _number("block_size", int, 16, 4096),

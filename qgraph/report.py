@@ -454,7 +454,7 @@ def evaluation_report(evaluation: Evaluation, reference: str, candidate: str) ->
 
 
 def debug_report(report: DebugReport, *, top: int | None) -> RenderableType:
-    """What ``qgraph debug`` prints: the quantized ops, worst local SQNR first."""
+    """What ``qgraph debug`` prints: the quantized ops, worst first (``OpError.rank_key``)."""
     shown = report.ops if top is None else report.ops[:top]
     heading = f"{len(report.ops)} quantized ops over {report.batches} batches, worst first" + (
         f" (the {len(shown)} worst shown)" if len(shown) < len(report.ops) else ""

@@ -15,10 +15,8 @@ from collections.abc import Iterable, Iterator
 import onnx
 import onnx_ir as ir
 
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-"""Ops with a weight operand, which runtimes fuse with a following bias, activation or Add."""
+from qgraph.ops import ONNX_DOMAINS, WEIGHTED_OPS
 
-_ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 _GRAPH = ir.AttributeType.GRAPH
 _GRAPHS = ir.AttributeType.GRAPHS
 
@@ -106,7 +104,7 @@ def weighted_producer(value: ir.Value) -> ir.Node | None:
         first, second = node.inputs
         source = second if _is_constant(first) else first
         node = source.producer()
-    if node is None or node.domain not in _ONNX_DOMAINS or node.op_type not in WEIGHTED_OPS:
+    if node is None or node.domain not in ONNX_DOMAINS or node.op_type not in WEIGHTED_OPS:
         return None
     return node
 
@@ -115,7 +113,7 @@ def _is_bias_add(node: ir.Node | None) -> bool:
     return (
         node is not None
         and node.op_type == "Add"
-        and node.domain in _ONNX_DOMAINS
+        and node.domain in ONNX_DOMAINS
         and len(node.inputs) == 2
         and sum(_is_constant(v) for v in node.inputs) == 1
     )

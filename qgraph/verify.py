@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from qgraph.errors import QGraphError
 from qgraph.model_io import SOURCE_PATH_KEY, serialize
+from qgraph.ops import onnx_opset
 from qgraph.targets.runtime import ORT_LIMITS
 
 FLOAT32_RTOL = 1e-5
@@ -58,7 +59,7 @@ def session(
 def _check_opset(model: ir.Model) -> None:
     """One line naming the opset, where onnxruntime would refuse it in ~720 characters of C++
     source locations."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    opset = onnx_opset(model.opset_imports)
     if opset is None or opset <= ORT_LIMITS.max_opset:
         return
     label = model.meta.get(SOURCE_PATH_KEY, "the model")

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
+from qgraph.ops import ONNX_DOMAINS, onnx_opset
 from qgraph.targets.spec import TargetSpec, Violation
 from qgraph.traversal import all_nodes
-
-ONNX_DOMAINS = frozenset({"", "ai.onnx"})
 
 
 def ir_version_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
@@ -30,7 +29,7 @@ def ir_version_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violati
 
 def opset_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:
     """The ai.onnx opset must be one the runtime officially runs."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    opset = onnx_opset(model.opset_imports)
     if opset is not None and opset > target.max_opset:
         yield Violation(
             "opset_loadable",

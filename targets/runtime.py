@@ -15,7 +15,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-CPU_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
+
+CPU_DOMAINS = ONNX_DOMAINS | {ONNX_ML_DOMAIN, MICROSOFT_DOMAIN}
 """Operator domains onnxruntime's CPU execution provider runs."""
 
 CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization"})

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qgraph.targets.conformance import LOADABLE_RULES, ONNX_DOMAINS
+from qgraph.ops import ONNX_DOMAINS
+from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNEL_MIN_OPSET
 from qgraph.targets.spec import QuantFormat, TargetSpec
 from qgraph.targets.tensorrt_rules import TENSORRT_RULES

@@ -43,26 +43,9 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.targets.conformance import ONNX_DOMAINS
+from qgraph.ops import ONNX_DOMAINS, QDQ_OPS, WEIGHTED_OPS, is_qoperator
 from qgraph.targets.spec import TargetSpec, Violation
-from qgraph.traversal import KEEP_FLOAT_KEY, WEIGHTED_OPS, all_nodes, weighted_producer
-
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-QOPERATOR_PREFIX = "QLinear"
-QOPERATOR_OPS = frozenset(
-    {
-        "ConvInteger",
-        "MatMulInteger",
-        "DynamicQuantizeLinear",
-        "MatMulIntegerToFloat",
-        "DynamicQuantizeMatMul",
-        "QGemm",
-        "QAttention",
-        "MatMulNBits",
-        "GatherBlockQuantized",
-    }
-)
-"""Integer ops besides the ``QLinear*`` family (ONNX's and onnxruntime's contrib ones)."""
+from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, weighted_producer
 
 PASS_THROUGH_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "Identity", "Cast", "Transpose"}
@@ -78,7 +61,7 @@ def no_qoperator_ops(model: ir.Model, target: TargetSpec) -> Iterator[Violation]
     """No QOperator (integer) ops: TensorRT's parser has no QLinear*, ConvInteger,
     MatMulInteger or DynamicQuantizeLinear importer; it reads quantization as Q/DQ only."""
     for node in all_nodes(model.graph):
-        if node.op_type.startswith(QOPERATOR_PREFIX) or node.op_type in QOPERATOR_OPS:
+        if is_qoperator(node.op_type):
             yield Violation(
                 "no_qoperator_ops",
                 f"{node.op_type} is an integer (QOperator) op; {target.name} takes quantized "

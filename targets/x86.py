@@ -1,6 +1,7 @@
 """x86-64 CPU targets run by onnxruntime's CPU execution provider.
 
-Facts measured on this kind of machine (see ARCHITECTURE.md):
+Facts measured on this kind of machine (AMD EPYC hosts, with and without VNNI; the kernel
+figures are in ``benchmarks/integer_kernels.md``):
 - u8 activations x s8 weights is the fast integer path (``vpmaddubsw`` on AVX2, ``vpdpbusd``
   with VNNI); s8 x s8 ``MatMulInteger`` ran about 3x slower than fp32 on AVX2.
 - Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates

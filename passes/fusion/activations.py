@@ -18,8 +18,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from qgraph.ops import ONNX_DOMAINS
 from qgraph.passes.fusion.rules import (
-    ONNX_DOMAINS,
     MatchResult,
     TargetRule,
     close_to,

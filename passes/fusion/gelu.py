@@ -15,6 +15,7 @@ import math
 
 from onnxscript.rewriter import pattern
 
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,
@@ -26,7 +27,6 @@ from qgraph.passes.fusion.rules import (
 )
 
 GELU_OPSET = 20
-CONTRIB = "com.microsoft"
 SQRT2 = math.sqrt(2.0)
 TANH_SCALE = math.sqrt(2.0 / math.pi)
 CUBIC = 0.044715
@@ -50,10 +50,13 @@ class _GeluFusion(TargetRule):
             return f"{x.dtype} is not a float type"
         if not (close_to(scalar(half), 0.5) and close_to(scalar(one), 1.0)):
             return "the constants are not 0.5 and 1"
-        if model_opset(context) < GELU_OPSET and CONTRIB not in self.target.allowed_domains:
+        if (
+            model_opset(context) < GELU_OPSET
+            and MICROSOFT_DOMAIN not in self.target.allowed_domains
+        ):
             return (
                 f"opset {model_opset(context)} has no Gelu (from 20) and target "
-                f"{self.target.name} does not run {CONTRIB}"
+                f"{self.target.name} does not run {MICROSOFT_DOMAIN}"
             )
         self._standard = model_opset(context) >= GELU_OPSET
         return None
@@ -61,7 +64,7 @@ class _GeluFusion(TargetRule):
     def rewrite(self, op, x, **_):
         if self._standard:
             return op.Gelu(x, approximate=self.approximate)
-        return getattr(op, self.contrib_op)(x, _domain=CONTRIB)
+        return getattr(op, self.contrib_op)(x, _domain=MICROSOFT_DOMAIN)
 
 
 class GeluErfFusion(_GeluFusion):

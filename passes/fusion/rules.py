@@ -11,13 +11,13 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from qgraph.ops import onnx_opset
 from qgraph.targets import TargetSpec
 
 MatchResult = pattern.MatchResult
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
-ONNX_DOMAINS = ("", "ai.onnx")
 
 
 class TargetRule(pattern.RewriteRuleClassBase):
@@ -78,8 +78,7 @@ def fresh_weight(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value
 
 def model_opset(context) -> int:
     """The ai.onnx opset of the model being rewritten."""
-    imports = context.model.opset_imports
-    return imports.get("", imports.get("ai.onnx", 1))
+    return onnx_opset(context.model.opset_imports, 1)
 
 
 def fail(reason: str, *sources: ir.Node | ir.Value) -> MatchResult:

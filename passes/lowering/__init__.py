@@ -21,8 +21,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.errors import QGraphError
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.lowering import elementwise, nbits, weighted
-from qgraph.passes.lowering.groups import MICROSOFT_DOMAIN
 from qgraph.passes.rule_table import (
     CompiledTable,
     NearMiss,

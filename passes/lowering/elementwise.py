@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     MatchResult,
     TargetRule,
@@ -41,7 +42,6 @@ from qgraph.passes.fusion.rules import (
     not_a_candidate,
 )
 from qgraph.passes.lowering.groups import (
-    MICROSOFT_DOMAIN,
     QuantizedOperand,
     dequantized,
     eight_bit_problem,

@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.passes.fusion.rules import ONNX_DOMAINS, constant
+from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS
+from qgraph.passes.fusion.rules import constant
 
-MICROSOFT_DOMAIN = "com.microsoft"
 EIGHT_BIT = frozenset({ir.DataType.UINT8, ir.DataType.INT8})
 FOUR_BIT = frozenset({ir.DataType.UINT4, ir.DataType.INT4})
 INT32 = ir.DataType.INT32

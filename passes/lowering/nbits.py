@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,
@@ -26,7 +27,6 @@ from qgraph.passes.fusion.rules import (
 )
 from qgraph.passes.lowering.groups import (
     FOUR_BIT,
-    MICROSOFT_DOMAIN,
     dequantized,
     new_initializer,
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     MatchResult,
     TargetRule,
@@ -33,7 +34,6 @@ from qgraph.passes.fusion.rules import (
 )
 from qgraph.passes.lowering.groups import (
     EIGHT_BIT,
-    MICROSOFT_DOMAIN,
     QuantizedOperand,
     bias_problem,
     dequantized,

@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from qgraph.calibration import ChannelStatistics
+from qgraph.calibration import ChannelStatistics, sqnr_db
 from qgraph.passes.smoothquant.readers import ReaderProduct
 from qgraph.quant_spec import (
     QuantSpec,
@@ -105,16 +105,10 @@ class AlphaSearch:
             noise += float(
                 np.square(rows @ product.to_matrix(weight) - reference, dtype=np.float64).sum()
             )
-        return _decibels(self.signal, noise)
+        return sqnr_db(self.signal, noise)
 
 
 def _scaled(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     shape = [1] * weight.ndim
     shape[axis] = -1
     return (weight * scale.reshape(shape)).astype(np.float32)
-
-
-def _decibels(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")

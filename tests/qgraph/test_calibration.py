@@ -24,6 +24,7 @@ from qgraph.calibration import (
     kl_divergences,
     quantization_errors,
     random_batches,
+    sqnr_db,
     tensor_range,
 )
 from qgraph.data import DatasetInfo, write_dataset
@@ -409,3 +410,9 @@ def test_random_batches_give_dynamic_dims_the_size_the_weight_needs():
     batch = next(random_batches(qgraph.load(proto), 1))
     assert batch["x"].shape == (1, 64)
     verify.run(qgraph.load(proto), batch)
+
+
+def test_sqnr_db_is_the_energy_ratio_in_decibels():
+    assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
+    assert sqnr_db(1.0, 0.0) == float("inf")
+    assert sqnr_db(0.0, 1.0) == float("-inf")

@@ -77,6 +77,25 @@ def test_contrib_ops_are_keyed_by_domain(make_model):
     assert qgraph.summarize(qgraph.load(proto)).op_histogram == {"com.microsoft::Gelu": 1}
 
 
+def test_onnxruntimes_block_quantized_gather_counts_as_a_quantized_op(make_model):
+    proto = make_model(
+        [
+            helper.make_node(
+                "GatherBlockQuantized", ["table", "ids", "scales"], ["y"], domain="com.microsoft"
+            )
+        ],
+        {"ids": [2]},
+        {"y": [2, 32]},
+        {
+            "table": np.zeros((8, 32), np.uint8),
+            "scales": np.ones((8, 1), np.float32),
+        },
+        extra_opsets={"com.microsoft": 1},
+    )
+    summary = qgraph.summarize(qgraph.load(proto))
+    assert summary.quantized_ops == {"com.microsoft::GatherBlockQuantized": 1}
+
+
 def _gelu_mlp(make_model):
     """x [4, 8] -> MatMul(W [8, 8]) -> erf GELU -> MatMul(V [8, 8]) -> y."""
     rng = np.random.default_rng(0)

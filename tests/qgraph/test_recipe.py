@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnx_ir as ir
 import pytest
 
+from qgraph import calibration
 from qgraph.recipe import Mode, QuantOptions, RecipeError, load_recipe, quant_options
 
 RECIPE = """
@@ -142,3 +144,11 @@ def test_a_symlink_loop_recipe_is_called_one(tmp_path):
     (tmp_path / "b.toml").symlink_to(tmp_path / "a.toml")
     with pytest.raises(RecipeError, match=r"a\.toml: symlink loop"):
         load_recipe(tmp_path / "a.toml")
+
+
+def test_the_recipe_takes_every_calibration_method_the_calibration_module_has(monkeypatch):
+    added = dataclasses.replace(calibration.METHODS["mse"], name="mse2")
+    monkeypatch.setitem(calibration.METHODS, "mse2", added)
+    assert quant_options(calib_method="mse2").calib_method == "mse2"
+    with pytest.raises(RecipeError, match="minmax, percentile, entropy, mse, mse2"):
+        quant_options(calib_method="kl")

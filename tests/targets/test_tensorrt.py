@@ -192,6 +192,20 @@ def test_rule_no_qoperator_ops(op, inputs, outputs):
     assert op in violation.message
 
 
+@pytest.mark.parametrize("op", ["DynamicQuantizeLSTM", "QOrderedMatMul", "GatherBlockQuantized"])
+def test_rule_no_qoperator_ops_refuses_onnxruntimes_integer_contrib_ops(op):
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a"], ["y"], name="integer_op", domain="com.microsoft")],
+        "contrib",
+        [helper.make_tensor_value_info("a", TensorProto.INT8, None)],
+        [helper.make_tensor_value_info("y", TensorProto.UNDEFINED, None)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=9)
+    refused = [v for v in violations(proto) if v.rule == "no_qoperator_ops"]
+    assert [v.node for v in refused] == ["integer_op"]
+
+
 def test_rule_qdq_types_int8_refuses_uint8_activations():
     proto = conv_block(x_zero_point=np.uint8(0))
     assert_breaks_only(proto, "qdq_types_int8", "x_Q", "x")

@@ -11,6 +11,7 @@ import pytest
 
 import qgraph
 from qgraph import verify
+from qgraph.ops import qualified_op
 from qgraph.passes.canonicalize import ShapeInferencePass
 from qgraph.passes.fusion import FusionPass, FusionReport
 
@@ -49,10 +50,7 @@ def fuse() -> Callable[..., Fused]:
 
 
 def _ops(model: ir.Model) -> list[str]:
-    return [
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-        for n in model.graph
-    ]
+    return [qualified_op(n.domain, n.op_type) for n in model.graph]
 
 
 @pytest.fixture
