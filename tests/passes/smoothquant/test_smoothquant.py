@@ -325,8 +325,9 @@ def test_a_recipe_key_and_flag_reach_the_pipeline(make_model, tmp_path):
 
 def test_the_planned_compile_keeps_the_smoothing(make_model):
     """Under the accuracy plan SmoothQuant runs once, before the plan's rounds, which must
-    start from its output: the norm has taken the division. The MatMul is wide enough (N = 64) for the cost model to
-    find it faster in 8 bits on x86-vnni, so its input is smoothed."""
+    start from its output: the norm has taken the division. The MatMul is wide enough
+    (N = 64) for the cost model to find it faster in 8 bits on x86-vnni, so its input is
+    smoothed."""
     wide = 64
     gamma = np.linspace(0.5, 2.0, K, dtype=np.float32)
     proto = make_model(
