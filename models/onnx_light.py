@@ -57,7 +57,8 @@ def available() -> bool:
 
 def model(name: str, seed: int = 0) -> onnx.ModelProto:
     """The light model ``name`` with every ``ConstantOfShape`` fill replaced by seeded weights
-    (see the module doc); the result is otherwise the file as shipped."""
+    (see the module doc), listed as graph inputs too as IR version 3 wants; otherwise the
+    file as shipped."""
     proto = onnx.load(folder() / FILES[name])
     rng = np.random.default_rng(seed)
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
@@ -69,11 +70,14 @@ def model(name: str, seed: int = 0) -> onnx.ModelProto:
     ]
     seeded = []
     for node in fills:
-        shape = tuple(int(d) for d in numpy_helper.to_array(initializers.pop(node.input[0])))
+        shape = tuple(int(d) for d in numpy_helper.to_array(initializers[node.input[0]]))
         fill = numpy_helper.to_array(node.attribute[0].t).reshape(())
         array = _seeded(shape, fill, readers.get(node.output[0], []), rng)
         seeded.append(numpy_helper.from_array(array, node.output[0]))
         proto.graph.node.remove(node)
+    for shape_name in {node.input[0] for node in fills}:
+        if all(reader.op_type == "ConstantOfShape" for reader, _ in readers[shape_name]):
+            del initializers[shape_name]
     weights = [*initializers.values(), *seeded]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(weights)
