@@ -125,6 +125,9 @@ def build_pipeline(
             f"cannot skip unknown pass(es): {', '.join(sorted(unknown))} (see `qgraph passes`)"
         )
     context = PassContext(get_target(target), options)
+    problems = target_problems(context.target)
+    if problems:
+        raise PipelineError(f"target '{context.target.name}': {'; '.join(problems)}")
     pipeline = Pipeline()
     for info in available:
         if info.name in options.skip_passes:
@@ -133,3 +136,29 @@ def build_pipeline(
         if pass_ is not None:
             pipeline.add(pass_, info.phase, name=info.name)
     return pipeline
+
+
+TARGET_CAPABILITIES = {
+    "lowering_rules": ("qgraph.passes.lowering", "RULE_NAMES", "lowering rule"),
+    "quantizable_ops": ("qgraph.passes.annotate", "WEIGHT_LAYOUTS", "quantizable op"),
+    "dynamic_quantizable_ops": ("qgraph.passes.annotate", "WEIGHT_LAYOUTS", "quantizable op"),
+}
+"""Target fields naming what a built-in pass does: field -> (module, what it has, what to
+call an entry). A record asking for more than the passes have would be silently ignored."""
+
+
+def target_problems(target: TargetSpec) -> list[str]:
+    """What ``target``'s record asks of qgraph's passes that they cannot do, one line each
+    (the pass modules are read here, as in ``registered_passes``: they import this one)."""
+    problems = []
+    for field, (module, name, entry) in TARGET_CAPABILITIES.items():
+        known = getattr(importlib.import_module(module), name)
+        for value in getattr(target, field):
+            if value not in known:
+                problems.append(
+                    f"{field} names {entry} '{value}', which qgraph has none of "
+                    f"(it has: {', '.join(sorted(known))})"
+                )
+    if target.min_opset > target.max_opset:
+        problems.append(f"min_opset {target.min_opset} is above max_opset {target.max_opset}")
+    return problems

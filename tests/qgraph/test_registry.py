@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import sys
@@ -13,7 +14,8 @@ import qgraph
 from qgraph.errors import PipelineError
 from qgraph.options import CompileOptions
 from qgraph.pipeline import Phase
-from qgraph.registry import ENTRY_POINT_GROUP, registered_passes
+from qgraph.registry import ENTRY_POINT_GROUP, registered_passes, target_problems
+from qgraph.targets import TARGETS
 
 CANONICALIZE = [
     "lift-constants",
@@ -113,3 +115,23 @@ def test_broken_or_clashing_plugins_are_skipped_with_a_warning(plugin, caplog):
     assert "clashes with an existing pass" in messages
     assert "cannot load qgraph pass plugin 'missing'" in messages
     assert "plugin 'wrong'" in messages
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_every_registered_target_asks_only_for_what_the_passes_do(name):
+    assert target_problems(TARGETS[name]) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lowering_rules", ("qlinear-conv", "qlinear-lstm"), "lowering rule 'qlinear-lstm'"),
+        ("quantizable_ops", frozenset({"MatMul", "LSTM"}), "quantizable op 'LSTM'"),
+        ("min_opset", 30, "min_opset 30 is above max_opset"),
+    ],
+)
+def test_a_target_record_asking_for_more_is_refused_by_name(field, value, message):
+    """A record naming a rule or op no pass has would be silently ignored: refused instead."""
+    record = dataclasses.replace(TARGETS["x86-avx2"], name="custom", **{field: value})
+    with pytest.raises(PipelineError, match=f"target 'custom': .*{message}"):
+        qgraph.build_pipeline(record)
