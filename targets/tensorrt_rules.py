@@ -217,30 +217,38 @@ def _constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def _constant_source(value: ir.Value | None) -> ir.TensorProtocol | None:
     """The constant ``value`` is, or quantizes or casts; None when it is computed at run time."""
-    while value is not None:
-        tensor = ir.convenience.get_const_tensor(value)
-        if tensor is not None:
-            return tensor
-        producer = value.producer()
-        if producer is None or producer.op_type not in PASS_THROUGH_OPS:
-            return None
-        value = _input(producer, 0)
-    return None
+    found = _constant_chain(value)
+    return found[0] if found is not None else None
 
 
 def _constant_shape(value: ir.Value) -> list[int]:
     """The shape of the constant ``value`` is (``_constant_source``'s), permuted by each
     ``Transpose`` on the way to it."""
-    perms = []
-    while (tensor := ir.convenience.get_const_tensor(value)) is None:
-        producer = value.producer()
-        if producer.op_type == "Transpose":
-            perms.append(producer.attributes.get_ints("perm", None))
-        value = _input(producer, 0)
+    tensor, producers = _constant_chain(value)
     shape = list(tensor.shape)
-    for perm in reversed(perms):
-        shape = [shape[axis] for axis in (perm or reversed(range(len(shape))))]
+    for node in reversed(producers):
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None) or reversed(range(len(shape)))
+            shape = [shape[axis] for axis in perm]
     return shape
+
+
+def _constant_chain(
+    value: ir.Value | None,
+) -> tuple[ir.TensorProtocol, list[ir.Node]] | None:
+    """The constant ``value`` comes from and the ``PASS_THROUGH_OPS`` on the way, nearest
+    first; None when ``value`` is computed at run time."""
+    producers = []
+    while value is not None:
+        tensor = ir.convenience.get_const_tensor(value)
+        if tensor is not None:
+            return tensor, producers
+        producer = value.producer()
+        if producer is None or producer.op_type not in PASS_THROUGH_OPS:
+            return None
+        producers.append(producer)
+        value = _input(producer, 0)
+    return None
 
 
 def _dtype(value: ir.Value) -> ir.DataType | None:
