@@ -60,6 +60,7 @@ def model(name: str, seed: int = 0) -> onnx.ModelProto:
     (see the module doc), listed as graph inputs too as IR version 3 wants; otherwise the
     file as shipped."""
     proto = onnx.load(folder() / FILES[name])
+    image_name = _image_input(proto)
     rng = np.random.default_rng(seed)
     initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
     readers = _readers(proto.graph)
@@ -81,7 +82,7 @@ def model(name: str, seed: int = 0) -> onnx.ModelProto:
     weights = [*initializers.values(), *seeded]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(weights)
-    image = [value for value in proto.graph.input if value.name == image_input(name)]
+    image = [value for value in proto.graph.input if value.name == image_name]
     del proto.graph.input[:]
     proto.graph.input.extend(image)
     proto.graph.input.extend(
@@ -99,7 +100,10 @@ def feeds(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 def image_input(name: str) -> str:
     """The one graph input of ``name`` that is not also an initializer."""
-    proto = onnx.load(folder() / FILES[name], load_external_data=False)
+    return _image_input(onnx.load(folder() / FILES[name], load_external_data=False))
+
+
+def _image_input(proto: onnx.ModelProto) -> str:
     constants = {tensor.name for tensor in proto.graph.initializer}
     (image,) = [value.name for value in proto.graph.input if value.name not in constants]
     return image
