@@ -19,6 +19,7 @@ from rich.progress import Progress
 
 from qgraph import calibration, models
 from qgraph.atomic import replaced_file, replaced_folder
+from qgraph.budget import DEFAULT_SQNR_DB, defaults_text
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
 from qgraph.debugging import IMPACT_BATCHES, debug_accuracy, write_exclusions
@@ -36,7 +37,6 @@ from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import Phase
 from qgraph.recipe import (
     DEFAULT_ALPHA,
-    DEFAULT_BUDGET_DB,
     WEIGHT_ONLY_DTYPES,
     WEIGHT_ROUNDINGS,
     Mode,
@@ -264,12 +264,24 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--budget",
-    metavar="DB|none",
-    help="The accuracy budget (static mode): the output SQNR, in dB against the float model "
-    "on a sample of the calibration data, that the compiled model keeps. Every op the target "
-    "runs faster in 8 bits is quantized, then the ops that cost the most accuracy per unit of "
-    "work saved stay float until the budget holds (a few compiles and one run per op). "
-    f"'none': quantize them all [default: {DEFAULT_BUDGET_DB:g}].",
+    metavar="BOUND|DB|none",
+    help="The accuracy budget (static mode): what the compiled model keeps of the float "
+    "model's outputs, as top1>=AGREEMENT, cosine>=MEAN, ppl-ratio<=RATIO (quoted in a "
+    "shell: --budget 'cosine>=0.99') or an output SQNR in dB (sqnr>=DB or DB). Every op the "
+    "target runs faster in 8 bits is quantized, then "
+    "the ops that cost the most accuracy per unit of work saved stay float until the budget "
+    "holds (a few compiles and one run per op). 'none': quantize them all [default: by the "
+    f"metric the data's dataset.json names: {defaults_text()}; else {DEFAULT_SQNR_DB:g} "
+    "dB].",
+)
+@click.option(
+    "--eval",
+    "plan_data",
+    type=click.Path(path_type=Path),
+    metavar="DATA",
+    help="Held-out data the budget is measured on, every batch of it (a .npz file or a folder "
+    "of them; its dataset.json metric picks the default budget) [default: the first "
+    "calibration batches].",
 )
 @click.option(
     "--measure/--no-measure",

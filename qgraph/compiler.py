@@ -29,7 +29,7 @@ from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, dataset_inputs
 from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
-from qgraph.planning import PlanReport, kept_reasons, plan, plan_batches, speed_gains
+from qgraph.planning import PlanReport, kept_reasons, plan, plan_sample, speed_gains
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel
@@ -177,14 +177,14 @@ def _planned_run(
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
-    batches = plan_batches(quantization.calib, input_specs(model.graph))
+    sample = plan_sample(quantization.calib, quantization.plan_data, input_specs(model.graph))
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
     probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
     timer = None if quantization.measure and is_host_target(spec) else CostModel()
     if quantization.measure and timer is not None:
         logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)
-    speeds = speed_gains(probe.run(_copy(model)).model, batches[0], spec, timer)
+    speeds = speed_gains(probe.run(_copy(model)).model, sample.batches[0], spec, timer)
     slow = [op for op in speeds if op.gain_seconds <= 0]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
@@ -209,7 +209,7 @@ def _planned_run(
         rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
         return rounds[frozenset(kept)].model
 
-    _, report = plan(reference, qdq_round, batches, quantization.budget, speeds, tell)
+    _, report = plan(reference, qdq_round, sample, quantization.budget, speeds, tell)
     kept = report.kept_reasons()
     chosen = rounds[frozenset(kept)]
     if (options.format or spec.format) is not QuantFormat.QDQ:

@@ -1,8 +1,10 @@
-"""The accuracy budget: quantize all the target runs faster in 8 bits, then keep in float the
+"""The accuracy plan: quantize all the target runs faster in 8 bits, then keep in float the
 fewest ops, by speed lost per accuracy bought, that the budget needs.
 
-Accuracy is the output SQNR of the compiled model against the float model, all outputs
-together, on the plan's batches (the first ``PLAN_BATCHES`` calibration batches):
+Accuracy is the budget's figure (``qgraph.budget``: output SQNR, top-1 agreement, mean cosine
+or perplexity ratio) of the compiled model against the float model on the plan's batches
+(every batch of ``--eval`` data, else the first ``PLAN_BATCHES`` calibration batches). Each
+op's own cost is measured as an output SQNR whatever the budget:
 
     SQNR = 10 log10(S / N),    S = sum y^2,    N = sum (y - y')^2
 
@@ -16,7 +18,8 @@ together, on the plan's batches (the first ``PLAN_BATCHES`` calibration batches)
    ``IMPACT_ROWS`` rows of the first batch): the float model with only that op's
    quantization error added, ``e_i`` its error energy there. Errors of different ops are
    close to uncorrelated, so keeping a set ``F`` in float leaves about ``N - sum_{i in F}
-   e_i``, and the budget asks for ``N_F <= S 10^(-B / 10)``. Keeping in float the ops of
+   e_i``, and an SQNR budget ``B`` asks for ``N_F <= S 10^(-B / 10)`` (every budget's error
+   grows with ``N``: ``qgraph.budget``). Keeping in float the ops of
    largest ``e_i / v_i`` first spends the least speed per unit of error removed (the greedy
    answer to this knapsack).
 4. Errors compound along the network, so alone they add up to less than the measured ``N``,
@@ -40,9 +43,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.budget import SQNR, Budget
 from qgraph.data import ArraySpec, DataSource, Feeds, read_batches
 from qgraph.debugging import OpError, debug_accuracy, energy_of
 from qgraph.errors import QGraphError
+from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group
 from qgraph.targets import TargetSpec
 from qgraph.timing import TIMED_OPS, Timer, default_cache, op_shape
@@ -51,8 +56,8 @@ from qgraph.verify import expose_values, run, session
 logger = logging.getLogger(__name__)
 
 PLAN_BATCHES = 2
-"""The plan measures the output SQNR on the first calibration batches (on MiniLM, 8 rows of
-them measured 19 dB where 64 measured 24, and the held-out set 24)."""
+"""Without ``--eval`` data, the plan measures its budget on the first calibration batches (on
+MiniLM, 8 rows of them measured 19 dB where 64 measured 24, and the held-out set 24)."""
 IMPACT_ROWS = 2
 """Each op's error alone at the outputs, one float run per op, is measured on the first rows
 of the first batch only: on SmolLM2 (271 candidates) 8 rows of 128 tokens took 20 minutes."""
@@ -82,10 +87,12 @@ class OpCost:
 class PlanReport:
     """What the plan measured, what it kept in float, and where it landed."""
 
-    budget_db: float
-    all_quantized_db: float
-    """The output SQNR with every op faster in 8 bits quantized."""
-    final_db: float
+    budget: Budget
+    sample: str
+    """What the budget was measured on, e.g. ``2 calibration batches``."""
+    all_quantized: float
+    """The budget's figure with every op faster in 8 bits quantized."""
+    final: float
     kept_float: tuple[OpCost, ...]
     gain_share: float
     """The share of the measured int8 gain of all faster candidates that the model keeps."""
@@ -96,7 +103,7 @@ class PlanReport:
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
-        return kept_reasons(self.kept_float, self.budget_db)
+        return kept_reasons(self.kept_float, self.budget)
 
     def summary(self) -> str:
         slow = [op for op in self.kept_float if op.gain_seconds <= 0]
@@ -105,23 +112,39 @@ class PlanReport:
         if not self.gains_measured:
             slower += " (int8 gains estimated, not timed: see --measure)"
         if not kept:
-            every = "every op faster in 8 bits" if slow else "every candidate"
+            every = "every op faster in 8 bits" if slow else "every candidate in 8 bits"
             return (
-                f"accuracy budget {self.budget_db:g} dB met with {every} in 8 bits (output "
-                f"SQNR {self.all_quantized_db:.1f} dB on the calibration sample){slower}"
+                f"accuracy budget {self.budget} met with {every} "
+                f"({self.budget.show(self.all_quantized)} on {self.sample}){slower}"
             )
         return (
-            f"accuracy budget {self.budget_db:g} dB: the ops faster in 8 bits gave "
-            f"{self.all_quantized_db:.1f} dB; {kept} of them kept in float "
-            f"({1 - self.gain_share:.0%} of the int8 gain) give {self.final_db:.1f} dB "
-            f"({self.rounds} rounds, {self.seconds:.0f} s){slower}"
+            f"accuracy budget {self.budget}: the ops faster in 8 bits gave "
+            f"{self.budget.show(self.all_quantized)} on {self.sample}; {kept} of them kept in "
+            f"float ({1 - self.gain_share:.0%} of the int8 gain) give "
+            f"{self.budget.show(self.final)} ({self.rounds} rounds, {self.seconds:.0f} s){slower}"
         )
 
 
-def plan_batches(data: DataSource, inputs: Mapping[str, ArraySpec] | None = None) -> list[Feeds]:
-    """The plan's sample: the first ``PLAN_BATCHES`` batches of ``data``, checked against the
-    model's ``inputs`` (``data.read_batches``)."""
-    return list(itertools.islice(read_batches(data, inputs), PLAN_BATCHES))
+@dataclasses.dataclass(frozen=True)
+class PlanSample:
+    """The batches the plan measures its budget on, and what they are."""
+
+    batches: list[Feeds]
+    description: str
+
+
+def plan_sample(
+    calib: DataSource,
+    held_out: DataSource | None = None,
+    inputs: Mapping[str, ArraySpec] | None = None,
+) -> PlanSample:
+    """Every batch of ``held_out`` data, else the first ``PLAN_BATCHES`` of ``calib``, checked
+    against the model's ``inputs`` (``data.read_batches``)."""
+    if held_out is not None:
+        batches = list(read_batches(held_out, inputs))
+        return PlanSample(batches, f"{len(batches)} batches of the --eval data")
+    batches = list(itertools.islice(read_batches(calib, inputs), PLAN_BATCHES))
+    return PlanSample(batches, f"{len(batches)} calibration batches")
 
 
 def _dynamic_batch(value: ir.Value) -> bool:
@@ -151,27 +174,45 @@ def output_sqnr_db(expected: list[dict], candidate: ir.Model, batches: list[Feed
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
+def budget_score(
+    budget: Budget, expected: list[dict], candidate: ir.Model, batches: list[Feeds]
+) -> float:
+    """``budget``'s figure for ``candidate``'s outputs against the ``expected`` ones."""
+    if budget.figure is SQNR:
+        return output_sqnr_db(expected, candidate, batches)
+    metric = METRICS[budget.figure.metric]()
+    compiled = session(candidate, optimize=True, threads=0)
+    for feeds, reference in zip(batches, expected, strict=True):
+        metric.update(feeds, reference, run(compiled, feeds))
+    return metric.result()[budget.figure.key]
+
+
 def plan(
     float_model: ir.Model,
     compile_with: Compile,
-    batches: list[Feeds],
-    budget_db: float,
+    sample: PlanSample,
+    budget: Budget,
     speeds: list[OpCost],
     progress: Callable[[str], None] = lambda step: None,
 ) -> tuple[ir.Model, PlanReport]:
-    """The compiled model meeting ``budget_db`` with the fewest ops kept in float, from each
+    """The compiled model meeting ``budget`` with the fewest ops kept in float, from each
     candidate's measured speed (``speed_gains``); ops that int8 makes slower here are kept in
     float whatever the budget."""
     start = time.perf_counter()
+    batches = sample.batches
     expected = reference_outputs(float_model, batches)
+
+    def report(all_quantized: float, final: float, kept: tuple[OpCost, ...], rounds: int):
+        return _report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
+
     slow = [op for op in speeds if op.gain_seconds <= 0]
     progress("plan: every op faster in 8 bits quantized")
-    candidate = compile_with(kept_reasons(slow, budget_db))
-    measured = output_sqnr_db(expected, candidate, batches)
-    if measured >= budget_db:
-        return candidate, _report(budget_db, measured, measured, tuple(slow), speeds, 1, start)
+    candidate = compile_with(kept_reasons(slow, budget))
+    measured = budget_score(budget, expected, candidate, batches)
+    if budget.met(measured):
+        return candidate, report(measured, measured, tuple(slow), 1)
     if len(slow) == len(speeds):
-        raise _unreachable(budget_db, measured)
+        raise _unreachable(budget, measured)
     progress("plan: measuring each op's error alone at the outputs")
     impacts = _impacts(float_model, candidate, batches)
     costs = [
@@ -182,25 +223,26 @@ def plan(
     order = sorted(costs, key=_error_per_gain, reverse=True)
 
     def measure(count: int) -> tuple[ir.Model, float]:
-        model = compile_with(kept_reasons(slow + order[:count], budget_db))
-        return model, output_sqnr_db(expected, model, batches)
+        model = compile_with(kept_reasons(slow + order[:count], budget))
+        return model, budget_score(budget, expected, model, batches)
 
-    count, candidate, final, rounds = _search(order, measured, budget_db, measure, progress)
-    kept = tuple(slow + order[:count])
-    return candidate, _report(budget_db, measured, final, kept, speeds, rounds, start)
+    count, candidate, final, rounds = _search(order, measured, budget, measure, progress)
+    return candidate, report(measured, final, tuple(slow + order[:count]), rounds)
 
 
 def _search(
     order: list[OpCost],
     measured: float,
-    budget_db: float,
+    budget: Budget,
     measure: Callable[[int], tuple[ir.Model, float]],
     progress: Callable[[str], None],
 ) -> tuple[int, ir.Model, float, int]:
-    """(count of ``order`` kept in float, its model, its SQNR, compiles in all, the first
-    included): ``CountSearch``'s rounds, then every op in float if none passed."""
+    """(count of ``order`` kept in float, its model, its budget figure, compiles in all, the
+    first included): ``CountSearch``'s rounds, then every op in float if none passed."""
     search = CountSearch(
-        [_noise(op.alone_sqnr_db) for op in order], _noise(measured), _noise(budget_db)
+        [_noise(op.alone_sqnr_db) for op in order],
+        budget.error(measured),
+        budget.allowed_error,
     )
     passing: tuple[int, ir.Model, float] | None = None
     rounds, final = 1, measured
@@ -208,17 +250,17 @@ def _search(
         rounds += 1
         progress(f"plan: round {rounds}, {count} more ops kept in float")
         candidate, final = measure(count)
-        logger.info("plan round %d: %d ops float, %.2f dB", rounds, count, final)
-        search.record(count, _noise(final))
-        if final >= budget_db and (passing is None or count < passing[0]):
+        logger.info("plan round %d: %d ops float, %s", rounds, count, budget.show(final))
+        search.record(count, budget.error(final))
+        if budget.met(final) and (passing is None or count < passing[0]):
             passing = (count, candidate, final)
     if passing is not None:
         return (*passing, rounds)
     if search.failing < len(order):  # the rounds ran out before every op was tried in float
         candidate, final = measure(len(order))
         rounds += 1
-    if final < budget_db:
-        raise _unreachable(budget_db, final)
+    if not budget.met(final):
+        raise _unreachable(budget, final)
     return len(order), candidate, final, rounds
 
 
@@ -226,8 +268,9 @@ class CountSearch:
     """How many ops of the plan's order to keep in float: about the smallest count whose output
     noise is within the allowed noise, in few compiles.
 
-    ``N(c)``, the output noise (per unit of signal) with the first ``c`` ops kept in float,
-    falls about in proportion to their errors alone: ``N(c) ~ N(0) - k C(c)``, ``C(c)`` the
+    ``N(c)``, the output noise (per unit of signal, or any error growing with it: the
+    budget's) with the first ``c`` ops kept in float, falls about in proportion to their
+    errors alone (in any unit: only their ratios are read): ``N(c) ~ N(0) - k C(c)``, ``C(c)`` the
     sum of the first ``c`` alone errors. The first guess takes ``k = N(0) / C(all)`` (errors
     compound, so alone they add up to less than ``N(0)``). Each measure refits the line: until
     a count passes, through ``(0, N(0))`` and the largest failing count (at least doubling
@@ -303,20 +346,26 @@ class CountSearch:
 
 
 def _report(
-    budget_db: float,
-    measured: float,
-    final: float,
+    budget: Budget,
+    sample: PlanSample,
+    figures: tuple[float, float],
     kept: tuple[OpCost, ...],
     speeds: list[OpCost],
     rounds: int,
     start: float,
 ) -> PlanReport:
+    """``figures``: the budget's figure with every faster op quantized, and at the end."""
     faster = sum(op.gain_seconds for op in speeds if op.gain_seconds > 0) or 1.0
     lost = sum(op.gain_seconds for op in kept if op.gain_seconds > 0)
-    seconds = time.perf_counter() - start
-    timed = all(op.measured for op in speeds)
     return PlanReport(
-        budget_db, measured, final, kept, 1 - lost / faster, rounds, seconds, gains_measured=timed
+        budget,
+        sample.description,
+        *figures,
+        kept,
+        1 - lost / faster,
+        rounds,
+        time.perf_counter() - start,
+        gains_measured=all(op.measured for op in speeds),
     )
 
 
@@ -324,19 +373,19 @@ class BudgetError(QGraphError):
     """The accuracy budget cannot be met."""
 
 
-def _unreachable(budget_db: float, float_db: float) -> BudgetError:
+def _unreachable(budget: Budget, float_value: float) -> BudgetError:
     return BudgetError(
-        f"the accuracy budget of {budget_db:g} dB cannot be met: with every candidate op in "
-        f"float the outputs are at {float_db:.1f} dB of the float model (what stays quantized, "
-        "embedding tables, sets that); lower --budget, or --budget none"
+        f"the accuracy budget ({budget}) cannot be met: with every candidate op in float the "
+        f"outputs score {budget.show(float_value)} against the float model (what stays "
+        "quantized, embedding tables, sets that); loosen --budget, or --budget none"
     )
 
 
-def kept_reasons(ops: tuple[OpCost, ...] | list[OpCost], budget_db: float) -> dict[str, str]:
-    return {op.node: _reason(op, budget_db) for op in ops}
+def kept_reasons(ops: tuple[OpCost, ...] | list[OpCost], budget: Budget) -> dict[str, str]:
+    return {op.node: _reason(op, budget) for op in ops}
 
 
-def _reason(op: OpCost, budget_db: float) -> str:
+def _reason(op: OpCost, budget: Budget) -> str:
     if op.gain_seconds <= 0:
         how = "ran" if op.measured else "would run"
         source = "measured" if op.measured else "estimated"
@@ -346,7 +395,7 @@ def _reason(op: OpCost, budget_db: float) -> str:
         )
     return (
         f"kept in float by the accuracy plan: alone in 8 bits it takes the outputs to "
-        f"{op.alone_sqnr_db:.1f} dB (budget {budget_db:g} dB)"
+        f"{op.alone_sqnr_db:.1f} dB SQNR (budget: {budget})"
     )
 
 

@@ -12,7 +12,9 @@ become underscores); flags given on the command line override it, and list flags
     exclude_node = ["/lm_head/.*"]  # regular expressions (RE2), matched against the whole node name
     exclude_op = ["Gemm"]
     calib = "calibration-data/"     # a .npz file or a folder of them, relative to the recipe
-    budget = 26                     # output SQNR (dB) the plan keeps; "none": no plan
+    budget = "cosine>=0.995"        # what the plan keeps: a bound (qgraph.budget), an output
+                                    # SQNR in dB, or "none": no plan [the data's metric]
+    plan_data = "held-out/"         # the plan measures its budget here [calibration batches]
     measure = true                  # false: the plan estimates int8 gains (timing.CostModel)
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
     smoothquant = 0.5               # SmoothQuant's alpha, "auto", or "none" [static: auto]
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from qgraph.budget import Budget, BudgetSyntaxError, default_budget, parse_budget
 from qgraph.calibration import METHODS
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError, link_problem, not_a_regular_file
@@ -58,11 +61,10 @@ ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_MIN_SQNR_DB = 0.0
 """No per-activation threshold by default: the accuracy budget decides, at the outputs."""
-DEFAULT_BUDGET_DB = 26.0
-"""The output SQNR the plan keeps by default: output noise under 1/400 of the outputs' power
-(5% RMS). Measured here: SmolLM2's perplexity ratio was 1.032 at 25.1 dB; MiniLM's cosine
-0.998 (mean) and 0.992 (min) at 23.7 dB."""
 NO_BUDGET = "none"
+DATA_BUDGET = "data"
+"""``budget`` left unsaid: the default of the metric the plan's data names in its
+``dataset.json`` (``budget.default_budget``)."""
 OPSET_21 = 21
 AUTO_ALPHA = "auto"
 """``smoothquant = "auto"``: search SmoothQuant's alpha per tensor."""
@@ -119,11 +121,14 @@ class QuantOptions:
             expected SQNR below this (dB, from calibration) gets more precision: 16 bits on
             a target with 16-bit integer kernels, else its readers stay in float; 0 (the
             default) turns this off.
-        budget: Static mode: the output SQNR (dB, all outputs against the float model's on
-            a sample of the calibration data) the compiled model keeps. Every op the target
-            runs faster in 8 bits is quantized, then the plan (``qgraph.planning``) keeps in
-            float the ops costing the most accuracy per unit of work until the budget holds.
-            None: no plan.
+        budget: Static mode: what the compiled model keeps of the float model's outputs on
+            the plan's sample (``qgraph.budget``: output SQNR, top-1 agreement, mean cosine
+            or perplexity ratio). Every op the target runs faster in 8 bits is quantized,
+            then the plan (``qgraph.planning``) keeps in float the ops costing the most
+            accuracy per unit of work until the budget holds. None: no plan. Left unsaid,
+            the default of the metric the plan's data names (``budget.DEFAULT_BUDGETS``).
+        plan_data: Held-out data the plan measures its budget on (every batch); None: the
+            first calibration batches.
         measure: The plan times each candidate op in float and in 8 bits on this host
             (``qgraph.timing``, cached); False: it estimates both from the op's work and the
             target's ``nominal_int8_speedup`` instead (``timing.CostModel``).
@@ -149,7 +154,7 @@ class QuantOptions:
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
-    budget: float | None = DEFAULT_BUDGET_DB
+    budget: Budget | str | None = DATA_BUDGET
     measure: bool = True
     keep_float: tuple[tuple[str, str], ...] = ()
     smoothquant: float | str | None = PLANNED_SMOOTHING
@@ -157,6 +162,7 @@ class QuantOptions:
     rotate_seed: int = 0
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
+    plan_data: DataSource | None = dataclasses.field(default=None, compare=False)
 
     @property
     def planned(self) -> bool:
@@ -164,6 +170,14 @@ class QuantOptions:
         return self.mode is Mode.STATIC and self.budget is not None and self.calib is not None
 
     def __post_init__(self) -> None:
+        if self.budget == DATA_BUDGET:
+            judged_on = self.plan_data if self.plan_data is not None else self.calib
+            object.__setattr__(self, "budget", default_budget(judged_on))
+        if self.plan_data is not None and not self.planned:
+            raise RecipeError(
+                "plan_data (--eval) is where the accuracy plan measures its budget, and no "
+                "plan runs here: it needs static mode, a budget and --calib data"
+            )
         if self.smoothquant == PLANNED_SMOOTHING:
             object.__setattr__(self, "smoothquant", AUTO_ALPHA if self.planned else None)
         if not self.measure and not self.planned:
@@ -239,36 +253,43 @@ def load_recipe(path: str | Path) -> dict[str, object]:
     except tomllib.TOMLDecodeError as error:
         raise RecipeError(f"{path}: not valid TOML ({error})") from error
     try:
-        _resolve_calib(table, path.parent)
+        _resolve_data_paths(table, path.parent)
         _build(table)
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
     return table
 
 
-def _resolve_calib(table: dict[str, object], folder: Path) -> None:
-    """A recipe's ``calib`` is a path; a relative one is read from the recipe's ``folder``,
-    so that a recipe and its data move together."""
-    if "calib" not in table:
-        return
-    calib = table["calib"]
-    if not isinstance(calib, str):
-        raise RecipeError(
-            f"calib = {calib!r}: expected a path (a string) to a .npz file or a folder of them"
-        )
-    table["calib"] = str(folder / Path(calib).expanduser())
+DATA_KEYS = ("calib", "plan_data")
 
 
-def _calib(value: object) -> DataSource:
-    """A dataset path, or (from Python) an iterable of feed dicts."""
-    if isinstance(value, (str, os.PathLike)):
+def _resolve_data_paths(table: dict[str, object], folder: Path) -> None:
+    """A recipe's data (``calib``, ``plan_data``) are paths; a relative one is read from the
+    recipe's ``folder``, so that a recipe and its data move together."""
+    for key in DATA_KEYS:
+        if key not in table:
+            continue
+        path = table[key]
+        if not isinstance(path, str):
+            raise RecipeError(
+                f"{key} = {path!r}: expected a path (a string) to a .npz file or a folder of them"
+            )
+        table[key] = str(folder / Path(path).expanduser())
+
+
+def _data(key: str):
+    def convert(value: object) -> DataSource:
+        """A dataset path, or (from Python) an iterable of feed dicts."""
+        if isinstance(value, (str, os.PathLike)):
+            return value
+        if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
+            raise RecipeError(
+                f"{key} = {value!r}: expected a path to a .npz file or a folder of them, or an "
+                "iterable of feed dicts"
+            )
         return value
-    if isinstance(value, (bytes, Mapping)) or not isinstance(value, Iterable):
-        raise RecipeError(
-            f"calib = {value!r}: expected a path to a .npz file or a folder of them, or an "
-            "iterable of feed dicts"
-        )
-    return value
+
+    return convert
 
 
 def _build(table: Mapping[str, object]) -> QuantOptions:
@@ -355,13 +376,15 @@ def _smoothquant(value: object) -> float | str | None:
     )
 
 
-def _budget(value: object) -> float | None:
-    """An output SQNR in dB (a number, or its text from the command line), or ``"none"``."""
+def _budget(value: object) -> Budget | None:
+    """``qgraph.budget.parse_budget``'s forms (an output SQNR in dB, ``NAME>=BOUND``), or
+    ``"none"``."""
     if value == NO_BUDGET:
         return None
-    return _bounded(
-        value, 0, 100, f"budget = {value!r}: expected an output SQNR in dB (0-100) or 'none'"
-    )
+    try:
+        return parse_budget(value)
+    except BudgetSyntaxError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _bounded(value: object, low: float, high: float, complaint: str) -> float:
@@ -442,7 +465,8 @@ _FIELDS = {
     "smoothquant": _smoothquant,
     "rotate": _flag("rotate"),
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),
-    "calib": _calib,
+    "calib": _data("calib"),
     "calib_random": _number("calib_random", int, 1, 1_000_000),
+    "plan_data": _data("plan_data"),
 }
 """Recipe key -> its check and conversion."""

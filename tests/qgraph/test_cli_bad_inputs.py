@@ -186,6 +186,19 @@ COMPILE = [
          "f64.npz: array 'x' for input 'x' has dtype float64, expected float32"),
     case("calibration shape", "compile {dir}/model.onnx --calib {dir}/shape.npz -o {dir}/out.onnx",
          "shape.npz: array 'x' for input 'x' has shape [3, 4], expected [2, 4]"),
+    case("budget bounded the wrong way",
+         "compile {dir}/model.onnx --calib {dir}/calib.npz --budget cosine<=0.9 -o {dir}/out.onnx",
+         "budget 'cosine<=0.9': cosine is bounded as >= NUMBER"),
+    case("budget of an unknown figure",
+         "compile {dir}/model.onnx --calib {dir}/calib.npz --budget speed>=2 -o {dir}/out.onnx",
+         "budget 'speed>=2'", "one of sqnr, top1, cosine, ppl-ratio"),
+    case("eval data shape",
+         "compile {dir}/model.onnx --calib {dir}/calib.npz --eval {dir}/shape.npz "
+         "-o {dir}/out.onnx",
+         "shape.npz: array 'x' for input 'x' has shape [3, 4], expected [2, 4]"),
+    case("eval data without a plan",
+         "compile {dir}/model.onnx --calib {dir}/calib.npz --eval {dir}/calib.npz --budget none "
+         "-o {dir}/out.onnx", "plan_data (--eval)", "no plan runs here"),
 ]  # fmt: skip
 
 INSPECT = [

@@ -1,5 +1,6 @@
 """The accuracy plan: all candidates in 8 bits, then the fewest kept in float, by error per
-unit of work, that the output-SQNR budget needs; each claim measured in onnxruntime."""
+unit of work, that the budget (output SQNR, or a metric's figure) needs; each claim measured
+in onnxruntime."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
-from qgraph import compiler, planning, timing
+from qgraph import compiler, evaluation, planning, timing
+from qgraph.budget import COSINE, DEFAULT_BUDGETS, DEFAULT_SQNR_DB, SQNR, Budget
 from qgraph.options import CompileOptions
 from qgraph.recipe import RecipeError, quant_options
+from qgraph.verify import run
 
 K = 256  # int8 pays at this width by the cost model (``measure=False``: the same on any host)
 ROWS = 128
@@ -66,7 +69,7 @@ def compiled(budget, measure: bool = False) -> qgraph.CompileResult:
 
 
 def measured_sqnr(model) -> float:
-    sample = planning.plan_batches(batches())
+    sample = planning.plan_sample(batches()).batches
     expected = planning.reference_outputs(qgraph.load(two_branches()), sample)
     return planning.output_sqnr_db(expected, model, sample)
 
@@ -82,10 +85,10 @@ def test_the_plan_keeps_only_the_noisy_op_in_float_and_meets_the_budget():
     everything = measured_sqnr(compiled("none").model)
     result = compiled(everything + 8)
     report = result.plan
-    assert report.all_quantized_db == pytest.approx(everything, abs=0.01)
+    assert report.all_quantized == pytest.approx(everything, abs=0.01)
     assert [op.node for op in report.kept_float] == ["loud"]
-    assert report.final_db >= report.budget_db
-    assert measured_sqnr(result.model) == pytest.approx(report.final_db, abs=0.01)
+    assert report.budget.met(report.final) and report.final >= everything + 8
+    assert measured_sqnr(result.model) == pytest.approx(report.final, abs=0.01)
     annotate = next(r.details for r in result.records if r.name == "annotate")
     op, reason = annotate.float_reasons["loud"]
     assert op == "MatMul" and reason.startswith("kept in float by the accuracy plan")
@@ -102,7 +105,7 @@ def test_a_budget_the_quantized_model_meets_changes_nothing():
 def test_an_unreachable_budget_keeps_every_candidate_float():
     result = compiled(100)
     assert sorted(op.node for op in result.plan.kept_float) == ["loud", "quiet"]
-    assert result.plan.final_db == float("inf")
+    assert result.plan.final == float("inf")
 
 
 def searched(alone: list[float], noise, allowed: float) -> tuple[int | None, list[int]]:
@@ -151,9 +154,9 @@ def test_the_search_stops_when_even_every_op_in_float_fails():
 
 def test_budgets_read_from_flags_and_recipes():
     assert quant_options(budget="none").budget is None
-    assert quant_options(budget="18.5").budget == 18.5
-    assert quant_options({"budget": 30}).budget == 30.0
-    with pytest.raises(RecipeError, match="budget = 'loose'"):
+    assert quant_options(budget="18.5").budget == Budget(SQNR, 18.5)
+    assert quant_options({"budget": 30}).budget == Budget(SQNR, 30.0)
+    with pytest.raises(RecipeError, match="budget 'loose'"):
         quant_options(budget="loose")
 
 
@@ -174,7 +177,7 @@ def test_a_budget_not_met_with_every_candidate_float_is_an_error():
     rng = np.random.default_rng(2)
     data = [{"ids": rng.integers(0, 64, 8).astype(np.int64)} for _ in range(3)]
     options = CompileOptions(quantization=quant_options(calib=data, budget=100))
-    with pytest.raises(planning.BudgetError, match="budget of 100 dB cannot be met"):
+    with pytest.raises(planning.BudgetError, match=r"budget \(output SQNR >= 100.0 dB\) cannot"):
         qgraph.compile_model(proto, "x86-vnni", options=options)
 
 
@@ -219,3 +222,65 @@ def test_a_target_that_is_not_this_hosts_cpu_is_estimated_not_timed(monkeypatch)
     options = CompileOptions(quantization=quant_options(**flags))
     report = qgraph.compile_model(two_branches(), "tensorrt", options=options).plan
     assert not report.gains_measured and "estimated, not timed" in report.summary()
+
+
+def joined() -> onnx.ModelProto:
+    """``two_branches`` with its outputs side by side in one, ``y = [a, b]``: what the
+    embedding metric reads (the first output, row by row)."""
+    model = two_branches()
+    model.graph.node.append(helper.make_node("Concat", ["a", "b"], ["y"], axis=1, name="join"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [ROWS, 2 * K]))
+    return model
+
+
+def joined_result(**flags) -> qgraph.CompileResult:
+    flags = {"calib": batches(), "smoothquant": "none", **flags}
+    if flags.get("budget") != "none":
+        flags["measure"] = False
+    options = CompileOptions(quantization=quant_options(**flags))
+    return qgraph.compile_model(joined(), "x86-vnni", options=options)
+
+
+def mean_cosine(model, data: list[dict[str, np.ndarray]]) -> float:
+    metric = evaluation.EmbeddingSimilarity()
+    reference, candidate = qgraph.load(joined()), qgraph.load(model)
+    for feeds in data:
+        metric.update(feeds, run(reference, feeds), run(candidate, feeds, optimize=True))
+    return metric.result()["mean_cosine"]
+
+
+def test_a_cosine_budget_is_measured_as_the_embedding_metric_measures_it():
+    sample = planning.plan_sample(batches()).batches
+    everything = mean_cosine(joined_result(budget="none").model, sample)
+    loud_float = mean_cosine(joined_result(budget="none", exclude_node=["loud"]).model, sample)
+    assert everything < loud_float < 1
+    bound = round((everything + loud_float) / 2, 6)
+    result = joined_result(budget=f"cosine>={bound}")
+    report = result.plan
+    assert report.budget == Budget(COSINE, bound)
+    assert report.all_quantized == pytest.approx(everything, abs=1e-6)
+    assert [op.node for op in report.kept_float] == ["loud"]
+    assert report.final == pytest.approx(mean_cosine(result.model, sample), abs=1e-6)
+    assert f"accuracy budget mean cosine >= {bound:.4f}" in report.summary()
+    assert "on 2 calibration batches" in report.summary()
+
+
+def test_the_plan_measures_its_budget_on_every_batch_of_the_eval_data():
+    held_out = batches(count=4, seed=7)
+    result = joined_result(budget="cosine>=0.9", plan_data=held_out)
+    assert "on 4 batches of the --eval data" in result.plan.summary()
+    everything = mean_cosine(joined_result(budget="none").model, held_out)
+    assert result.plan.all_quantized == pytest.approx(everything, abs=1e-6)
+
+
+def test_without_a_budget_the_eval_datas_metric_picks_it(tmp_path):
+    (tmp_path / "dataset.json").write_text('{"metric": "embedding"}')
+    options = quant_options(calib=batches(), plan_data=tmp_path)
+    assert options.budget == DEFAULT_BUDGETS["embedding"]
+    assert quant_options(calib=batches()).budget == Budget(SQNR, DEFAULT_SQNR_DB)
+
+
+def test_eval_data_without_a_plan_is_an_error():
+    with pytest.raises(RecipeError, match=r"plan_data \(--eval\) .* no plan runs here"):
+        quant_options(calib=batches(), budget="none", plan_data=batches())
