@@ -22,7 +22,7 @@ proportion; the plan's secant steps bracket it all the same.
 
 Without ``--budget``, the data says how the model is judged: a dataset folder's
 ``dataset.json`` ``metric`` (``top1``, ``embedding``, ``causal-lm``) picks its default budget
-in ``DEFAULT_BUDGETS``, held to the zoo's accuracy goals; data without one gets 26 dB SQNR.
+in ``DEFAULT_BUDGETS``; data without one gets 26 dB SQNR.
 """
 
 from __future__ import annotations
@@ -130,10 +130,16 @@ DEFAULT_SQNR_DB = 26.0
 DEFAULT_BUDGETS = {
     "top1": Budget(TOP1, 0.995),
     "embedding": Budget(COSINE, 0.995),
-    "causal-lm": Budget(PERPLEXITY_RATIO, 1.03),
+    "causal-lm": Budget(PERPLEXITY_RATIO, 1.02),
     "generic": Budget(SQNR, DEFAULT_SQNR_DB),
 }
-"""A dataset's ``metric`` -> the budget a compile on it keeps unless told otherwise."""
+"""A dataset's ``metric`` -> the budget a compile on it keeps unless told otherwise: the zoo's
+accuracy goals (top-1 agreement 99.5%, mean cosine 0.995, perplexity ratio 1.03) as measured
+on the plan's sample. Without ``--eval`` that sample is two calibration batches, which set the
+scales and so flatter the model; the perplexity ratio, a mean over few tokens (about a
+thousand), flatters the most (SmolLM2: 1.026 on the sample, 1.032 on 8128 held-out tokens),
+so its default keeps a margin. (MiniLM's mean cosine: 0.9982 on the sample, 0.9981 held out;
+magika's top-1 agreement on 128 samples allows no flip at all.)"""
 
 _WRITTEN = re.compile(r"\s*([a-z0-9-]+)\s*(>=|<=)\s*([^\s]+)\s*")
 
