@@ -30,10 +30,9 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from qgraph.inspection import op_key
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
-from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 
@@ -382,15 +381,11 @@ def _residual_skip(node: ir.Node) -> int | None:
     return sources.index(None)
 
 
-PASSES = (
-    PassInfo(
-        "annotate",
-        Phase.ANNOTATE,
-        "choose a quantization spec for each weighted op's inputs, or a reason to keep it float",
-        lambda ctx: (
-            None
-            if ctx.options.quantization is None
-            else AnnotatePass(ctx.target, ctx.options.quantization)
-        ),
+BUILDERS: dict[str, PassBuilder] = {
+    "annotate": lambda ctx: (
+        None
+        if ctx.options.quantization is None
+        else AnnotatePass(ctx.target, ctx.options.quantization)
     ),
-)
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

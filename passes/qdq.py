@@ -69,7 +69,7 @@ from qgraph.passes.annotate import (
     transposed_table,
 )
 from qgraph.passes.gptq import InputGram, gptq_quantize
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import (
     INT32_LIMIT,
     SCALE_FLOOR,
@@ -82,7 +82,6 @@ from qgraph.quant_spec import (
     scale_and_zero_point,
 )
 from qgraph.recipe import Mode, QuantOptions
-from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY
 
@@ -727,17 +726,13 @@ class _QDQBuilder:
             self.graph.insert_before(self.graph.node(0), nodes)
 
 
-PASSES = (
-    PassInfo(
-        "insert-qdq",
-        Phase.INSERT_QDQ,
-        "calibrate, then quantize annotated weights, activations and biases with Q/DQ pairs",
-        lambda ctx: (
-            None
-            if ctx.options.quantization is None
-            else InsertQDQPass(
-                ctx.target, ctx.options.quantization, progress=ctx.options.calibration_progress
-            )
-        ),
+BUILDERS: dict[str, PassBuilder] = {
+    "insert-qdq": lambda ctx: (
+        None
+        if ctx.options.quantization is None
+        else InsertQDQPass(
+            ctx.target, ctx.options.quantization, progress=ctx.options.calibration_progress
+        )
     ),
-)
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

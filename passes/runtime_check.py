@@ -24,9 +24,8 @@ import onnx_ir as ir
 
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
 from qgraph.passes.qdq import FLOAT_SOURCE_KEY
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import dequantize
-from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec, same_arch
 
 logger = logging.getLogger(__name__)
@@ -135,11 +134,9 @@ def _dequantized_tensor(node: ir.Node) -> ir.Tensor:
     return ir.Tensor(dequantize(values, scale, zero_point))
 
 
-PASSES = (
-    PassInfo(
-        "runtime-check",
-        Phase.FINALIZE,
-        "ask onnxruntime which quantized ops run as integer kernels; put the others in float",
-        lambda ctx: None if ctx.options.quantization is None else RuntimeCheckPass(ctx.target),
+BUILDERS: dict[str, PassBuilder] = {
+    "runtime-check": lambda ctx: (
+        None if ctx.options.quantization is None else RuntimeCheckPass(ctx.target)
     ),
-)
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

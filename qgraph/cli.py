@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -32,8 +33,9 @@ from qgraph.inspection import diff_models, summarize
 from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, check_output_folder, dataset_inputs
+from qgraph.passes import PIPELINE
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
-from qgraph.pipeline import Phase
+from qgraph.pipeline import PassInfo, Phase, fact_name
 from qgraph.recipe import (
     DEFAULT_ALPHA,
     DEFAULT_BUDGET_DB,
@@ -151,7 +153,32 @@ def cli(debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@cli.command(name="compile")
+def pipeline_text(infos: Iterable[PassInfo]) -> str:
+    """The passes of ``infos`` phase by phase, in run order, as one sentence."""
+    phases: dict[Phase, list[str]] = {}
+    for info in infos:
+        phases.setdefault(info.phase, []).append(info.name)
+    return "; ".join(f"{phase.value}: {', '.join(names)}" for phase, names in phases.items())
+
+
+COMPILE_HELP = f"""Compile MODEL for a target and write the result.
+
+Runs the target's pipeline, phase by phase (passes that do not apply are left out; `qgraph
+passes` says what each does and why): {pipeline_text(PIPELINE)}. No file the compile reads
+(the model, its external data, the calibration data, the recipe) is ever written.
+
+\b
+Examples:
+  qgraph compile model.onnx --calib calib/ -o model.q.onnx       # static W8A8
+  qgraph compile model.onnx --mode dynamic                        # no data needed
+  qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
+  qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
+  qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
+  qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
+"""
+
+
+@cli.command(name="compile", help=COMPILE_HELP)
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option(
     "-o",
@@ -322,26 +349,7 @@ def compile_command(
     recipe: Path | None,
     **quantization: object,
 ) -> None:
-    """Compile MODEL for a target and write the result.
-
-    Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
-    CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
-    LayerNorm / RMSNorm / GELU fused, activations recorded), with --rotate the Hadamard
-    rotations and with --smoothquant the outlier migration, annotate and insert Q/DQ
-    (weights per channel, activations calibrated per tensor, biases int32), lower (with
-    --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
-    topological order, names, ONNX checker, target conformance). No file the compile reads
-    (the model, its external data, the calibration data, the recipe) is ever written.
-
-    \b
-    Examples:
-      qgraph compile model.onnx --calib calib/ -o model.q.onnx       # static W8A8
-      qgraph compile model.onnx --mode dynamic                        # no data needed
-      qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
-      qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
-      qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
-      qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
-    """
+    """Compile MODEL for a target and write the result (help: ``COMPILE_HELP``)."""
     spec = get_target(target)
     output = output or str(model.with_name(f"{model.stem}.{spec.name}.onnx"))
     quant = _quant_options(recipe, quantization)
@@ -637,7 +645,15 @@ def passes_command(as_json: bool) -> None:
     infos = sorted(registered_passes(), key=lambda info: order.index(info.phase))
     if as_json:
         rows = [
-            {"name": i.name, "phase": i.phase.value, "origin": i.origin, "summary": i.summary}
+            {
+                "name": i.name,
+                "phase": i.phase.value,
+                "origin": i.origin,
+                "summary": i.summary,
+                "why": i.why,
+                "requires": sorted(map(fact_name, i.requires)),
+                "ensures": sorted(map(fact_name, i.ensures)),
+            }
             for i in infos
         ]
         echo_json(rows)

@@ -14,8 +14,7 @@ from qgraph.compiler import CompileResult
 from qgraph.debugging import DebugReport
 from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelDiff, ModelSummary, TensorInfo
-from qgraph.pipeline import PassRecord
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassInfo, PassRecord
 from qgraph.targets import TargetSpec, Violation
 
 BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
@@ -537,9 +536,9 @@ def _plain(value: object) -> str:
 
 
 def passes_report(passes: Iterable[PassInfo]) -> Table:
-    table = _table("phase", "pass", "origin", "what it does", title="registered passes")
+    table = _table("phase", "pass", "origin", "what it does", "why", title="registered passes")
     for info in passes:
-        table.add_row(info.phase.value, info.name, info.origin, info.summary)
+        table.add_row(info.phase.value, info.name, info.origin, info.summary, info.why or "-")
     return table
 
 

@@ -36,8 +36,7 @@ from qgraph.passes.rule_table import (
     label,
     near_misses,
 )
-from qgraph.pipeline import Phase, ReportingPassResult
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.targets import TargetSpec
 from qgraph.traversal import all_nodes
 
@@ -166,12 +165,7 @@ def _activation_marks(model: ir.Model) -> dict[ir.Node, str | None]:
     return {n: n.metadata_props.get(key) for n in all_nodes(model.graph) if key in n.metadata_props}
 
 
-PASSES = (
-    PassInfo(
-        "fusion",
-        Phase.FLOAT_REWRITES,
-        "fold BatchNorm and constant scales into weights, fuse LayerNorm/RMSNorm/GELU, "
-        "record activations",
-        lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "fusion": lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

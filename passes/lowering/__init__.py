@@ -31,9 +31,8 @@ from qgraph.passes.rule_table import (
     compile_table,
     near_misses,
 )
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import Mode
-from qgraph.registry import PassInfo
 from qgraph.targets import QuantFormat, TargetSpec
 
 
@@ -129,12 +128,7 @@ def _build(ctx) -> LowerPass | None:
     return LowerPass(ctx.target, explain=ctx.options.explain)
 
 
-PASSES = (
-    PassInfo(
-        "lower",
-        Phase.LOWER,
-        "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "
-        "(QOperator format)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "lower": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -77,8 +77,7 @@ from qgraph.passes.rotation.structure import (
     weight_reader,
 )
 from qgraph.passes.smoothquant.folding import replace_constant
-from qgraph.pipeline import Phase, ReportingPassResult
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.traversal import weighted_producer
 
 logger = logging.getLogger(__name__)
@@ -335,12 +334,7 @@ def _build(ctx) -> RotationPass | None:
     return RotationPass(quantization.rotate_seed)
 
 
-PASSES = (
-    PassInfo(
-        "rotation",
-        Phase.FLOAT_REWRITES,
-        "rotate the residual stream, attention heads and MLP inputs by orthogonal (Hadamard) "
-        "matrices that spread outliers, float function unchanged (--rotate)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "rotation": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -49,9 +49,8 @@ from qgraph.passes.smoothquant.readers import (
     weight_of,
 )
 from qgraph.passes.smoothquant.scales import AlphaSearch, QuantizedReader, smoothing_scale
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import AUTO_ALPHA, Mode, QuantOptions
-from qgraph.registry import PassInfo
 from qgraph.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
@@ -260,12 +259,7 @@ def _build(ctx) -> SmoothQuantPass | None:
     return SmoothQuantPass(ctx.target, quantization, ctx.options.calibration_progress)
 
 
-PASSES = (
-    PassInfo(
-        "smoothquant",
-        Phase.FLOAT_REWRITES,
-        "migrate activation outliers into weights: X W = (X / s)(s W), s from calibration "
-        "(--smoothquant ALPHA|auto)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "smoothquant": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

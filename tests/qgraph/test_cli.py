@@ -20,7 +20,8 @@ from onnx import TensorProto
 
 import qgraph
 from qgraph import model_io, models, verify
-from qgraph.cli import cli
+from qgraph.cli import cli, pipeline_text
+from qgraph.passes import PIPELINE
 from qgraph.targets import TARGETS, detect_host_target
 
 
@@ -146,6 +147,17 @@ def test_passes_and_targets_listings():
     names = [p["name"] for p in passes]
     assert names[:4] == ["inline-functions", "upgrade-opset", "lift-constants", "shape-inference"]
     assert names.index("fusion") < names.index("annotate") < names.index("insert-qdq")
+    annotate = next(p for p in passes if p["name"] == "annotate")
+    assert annotate["why"] and annotate["ensures"] == ["annotated"]
+
+
+def test_compile_help_lists_the_pipeline_table():
+    def squeezed(text: str) -> str:  # click rewraps lines, also at hyphens
+        return "".join(text.split())
+
+    listed = squeezed(invoke("compile", "--help").stdout)
+    assert squeezed(pipeline_text(PIPELINE)) in listed
+    assert all(info.name in listed for info in PIPELINE)
     targets = json.loads(invoke("targets", "--json").stdout)
     assert [t["name"] for t in targets] == list(TARGETS)
     assert sum(t["auto"] for t in targets) == 1
