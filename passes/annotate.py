@@ -33,6 +33,7 @@ from qgraph.inspection import op_key
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
+from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 
@@ -129,6 +130,12 @@ class AnnotationReport:
     unquantized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """(op, reason) -> how many of the other ops stay in float, which the target never
     quantizes."""
+
+    def outcome(self) -> QuantizationOutcome:
+        """The weighted ops kept float, and the others the target never quantizes."""
+        return QuantizationOutcome(
+            left_in_float=dict(self.float_reasons), never_quantized=self.unquantized.copy()
+        )
 
 
 class AnnotatePass(ir.passes.InPlacePass):

@@ -82,6 +82,7 @@ from qgraph.quant_spec import (
     scale_and_zero_point,
 )
 from qgraph.recipe import Mode, QuantOptions
+from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY
 
@@ -117,6 +118,32 @@ class QDQReport:
     """Weights rounded by GPTQ (the others: to nearest)."""
     embeddings: int = 0
     """Gathers reading an integer embedding table."""
+
+    def outcome(self) -> QuantizationOutcome:
+        """The ops quantized, and the annotated ones that stayed in float."""
+        return QuantizationOutcome(
+            quantized=self.quantized.copy(), left_in_float=dict(self.float_reasons)
+        )
+
+    def summary(self) -> str:
+        """What was quantized, how many Q/DQ pairs, on how much calibration data."""
+        line = (
+            f"{self.weights} weights and {self.biases} biases quantized, "
+            f"{self.activation_pairs} activation Q/DQ pairs"
+        )
+        if self.residual_inputs:
+            line += f" ({self.residual_inputs} residual Adds read one on their skip input)"
+        if self.gptq_weights:
+            line += f" ({self.gptq_weights} weights rounded by GPTQ)"
+        if self.calibration_batches:
+            line += f", calibrated on {self.calibration_batches} batches"
+        if self.promoted:
+            worst = min(self.promoted.values())
+            line += (
+                f"; {len(self.promoted)} activations in 16 bits, where 8 would have given an "
+                f"SQNR as low as {worst:.1f} dB"
+            )
+        return line
 
 
 @dataclasses.dataclass(frozen=True)

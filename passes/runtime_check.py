@@ -15,6 +15,7 @@ this host's architecture. Elsewhere its report says why it did not check.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import platform
@@ -26,6 +27,7 @@ from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
 from qgraph.passes.qdq import FLOAT_SOURCE_KEY
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import dequantize
+from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec, same_arch
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,13 @@ class RuntimeCheckReport:
     kernels: KernelReport | None
     reverted: tuple[FloatOp, ...] = ()
     skipped: str | None = None
+
+    def outcome(self) -> QuantizationOutcome:
+        """The ops put back in float, each with why."""
+        return QuantizationOutcome(
+            reverted=collections.Counter(op.op_type for op in self.reverted),
+            left_in_float={op.name: (op.op_type, op.reason) for op in self.reverted},
+        )
 
     def summary(self) -> str:
         if self.kernels is None:

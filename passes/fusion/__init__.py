@@ -24,6 +24,7 @@ import functools
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from rich.console import RenderableType
 
 from qgraph.passes.canonicalize import IdentityEliminationPass
 from qgraph.passes.fusion import activations, batchnorm, gelu, gemm, normalization, onehot, scales
@@ -37,6 +38,7 @@ from qgraph.passes.rule_table import (
     near_misses,
 )
 from qgraph.pipeline import PassBuilder, ReportingPassResult
+from qgraph.sections import rule_tables
 from qgraph.targets import TargetSpec
 from qgraph.traversal import all_nodes
 
@@ -124,6 +126,10 @@ class FusionReport:
     applied: dict[str, int]
     activations: dict[str, int]
     near_misses: tuple[NearMiss, ...]
+
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Rewrites per rule, and the near-misses by reason."""
+        return rule_tables(pass_name, self.applied, self.near_misses, self.activations)
 
 
 @functools.cache

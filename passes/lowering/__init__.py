@@ -19,6 +19,7 @@ import functools
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from rich.console import RenderableType
 
 from qgraph.errors import QGraphError
 from qgraph.ops import MICROSOFT_DOMAIN
@@ -33,6 +34,7 @@ from qgraph.passes.rule_table import (
 )
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import Mode
+from qgraph.sections import rule_tables
 from qgraph.targets import QuantFormat, TargetSpec
 
 
@@ -85,6 +87,10 @@ class LoweringReport:
 
     applied: dict[str, int]
     near_misses: tuple[NearMiss, ...]
+
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Rewrites per rule, and the near-misses by reason."""
+        return rule_tables(pass_name, self.applied, self.near_misses)
 
 
 @functools.cache

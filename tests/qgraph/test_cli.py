@@ -300,7 +300,9 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
     result = invoke(*args, "--rotate-seed", "3", "--explain")
     assert result.exit_code == 0, result.output
     summary = "Rotation (seed 3): R1 x1 (randomized hadamard 1 x 2^8), R2 x1"
-    assert summary in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert summary in text
+    assert ", Ro x1 (" in text.split(summary)[1], "the summary counts the online Ro rotations"
     assert "an online rotation (rotation pass), kept in float" in result.stdout
     assert "R4" in result.stdout and "random orthogonal" in result.stdout
     assert_one_line_error(
