@@ -81,7 +81,7 @@ from qgraph.quant_spec import (
     quantize_weight,
     scale_and_zero_point,
 )
-from qgraph.recipe import Mode, QuantOptions
+from qgraph.recipe import Mode, QuantOptions, WeightRounding
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY
@@ -258,7 +258,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _gptq_inputs(self, annotated: list[ir.Node]) -> dict[str, str]:
         """Node name -> the input whose ``X^T X`` GPTQ reads, for the annotated ops whose
         weights it rounds (none unless asked for)."""
-        if self.options.weight_rounding != "gptq":
+        if self.options.weight_rounding is not WeightRounding.GPTQ:
             return {}
         inputs = {node.name: _gptq_input(node) for node in annotated}
         return {name: source for name, source in inputs.items() if source is not None}

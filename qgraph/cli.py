@@ -40,10 +40,10 @@ from qgraph.recipe import (
     DEFAULT_ALPHA,
     DEFAULT_BUDGET_DB,
     WEIGHT_ONLY_DTYPES,
-    WEIGHT_ROUNDINGS,
     Mode,
     QuantOptions,
     RecipeError,
+    WeightRounding,
     load_recipe,
     quant_options,
 )
@@ -64,7 +64,6 @@ from qgraph.targets import AUTO, TARGETS, QuantFormat, detect_host_target, get_t
 EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
 QUIET_LIBRARIES = ("onnxscript", "onnx_ir")
 """Libraries whose warnings are about their own internals, shown only with --debug."""
-FLOAT_MODE = "float"
 TARGET_HELP = f"One of {', '.join(TARGETS)}, or {AUTO} (this host's CPU)."
 OUTPUT_POLICY = (
     "An existing file there is replaced (with a note); an input of the command, a folder, a "
@@ -231,7 +230,7 @@ Examples:
 )
 @click.option(
     "--mode",
-    type=click.Choice([m.value for m in Mode] + [FLOAT_MODE]),
+    type=click.Choice([m.value for m in Mode]),
     help="static: W8A8 with calibrated activations [default with calibration data]; "
     "dynamic: activations quantized at run time; weight-only; float: fusion only "
     "[default without calibration data].",
@@ -253,7 +252,7 @@ Examples:
 @click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
 @click.option(
     "--weight-rounding",
-    type=click.Choice(WEIGHT_ROUNDINGS),
+    type=click.Choice([w.value for w in WeightRounding]),
     help="nearest: round each weight on its own; gptq: round MatMul and Gemm weights one input "
     "at a time, each rounding error absorbed by the weights not yet rounded, so the layer's "
     "output on the calibration data stays close (GPTQ; best with 4-bit weights; needs "
@@ -398,11 +397,11 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
     flags["tensor"] = _tensor_flags(flags.pop("tensor_dtype"), flags.pop("tensor_method"))
     mode = flags.get("mode") or table.get("mode")
     has_data = any(flags.get(k) or table.get(k) for k in ("calib", "calib_random"))
-    if mode == FLOAT_MODE or (mode is None and not has_data):
+    if mode == Mode.FLOAT or (mode is None and not has_data):
         asked = [
             f"--{key}" for key in ("rotate", "smoothquant") if flags.get(key) or table.get(key)
         ]
-        if "gptq" in (flags.get("weight_rounding"), table.get("weight_rounding")):
+        if WeightRounding.GPTQ in (flags.get("weight_rounding"), table.get("weight_rounding")):
             asked.append("--weight-rounding gptq")
         if asked:
             raise RecipeError(
