@@ -39,6 +39,7 @@ import collections
 import dataclasses
 import logging
 import os
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -59,13 +60,13 @@ from qgraph.errors import QGraphError
 from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
-    ANNOTATION_KEY,
-    EMBEDDING_KEY,
-    FLOAT_REASON_KEY,
-    RESIDUAL_KEY,
     WEIGHT_LAYOUTS,
+    AnnotationKind,
+    EmbeddingAnnotation,
     NodeAnnotation,
     ResidualAnnotation,
+    annotation_problems,
+    take_annotation,
     transposed_table,
 )
 from qgraph.passes.gptq import InputGram, gptq_quantize
@@ -172,9 +173,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ReportingPassResult:
         common.NameFixPass()(model)
         graph = model.graph
-        annotated = [node for node in graph if ANNOTATION_KEY in node.meta]
-        residuals = [node for node in graph if RESIDUAL_KEY in node.meta]
-        embeddings = any(EMBEDDING_KEY in node.meta for node in graph)
+        annotated = _taken(graph, NodeAnnotation)
+        residuals = _taken(graph, ResidualAnnotation)
+        embeddings = _taken(graph, EmbeddingAnnotation)
         report = QDQReport()
         specs = _activation_specs(annotated, residuals)
         rounded_by_gptq = self._gptq_inputs(annotated)
@@ -184,28 +185,23 @@ class InsertQDQPass(ir.passes.InPlacePass):
             model, self.target.qdq_per_consumer, _weight_grams(annotated, rounded_by_gptq, grams)
         )
         static = self.options.mode is Mode.STATIC
-        outputs_to_quantize = [
-            node for node in annotated if static and node.meta[ANNOTATION_KEY].output_spec
-        ]
-        for node in annotated:
-            reason = self._quantize(node, node.meta.pop(ANNOTATION_KEY), ranges, builder)
+        for node, annotation in annotated.items():
+            reason = self._quantize(node, annotation, ranges, builder)
             if reason is None:
                 report.quantized[node.op_type] += 1
             else:
-                node.meta[FLOAT_REASON_KEY] = reason
                 report.float_reasons[node.name] = (node.op_type, reason)
-        for node in outputs_to_quantize:
-            if node.name not in report.float_reasons:
+        for node, annotation in annotated.items():
+            if static and annotation.output_spec and node.name not in report.float_reasons:
                 builder.output_activation(node, ranges[node.outputs[0].name])
-        for node in [n for n in graph if EMBEDDING_KEY in n.meta]:
-            reason = builder.embedding(node, node.meta.pop(EMBEDDING_KEY).spec)
+        for node, embedding in embeddings.items():
+            reason = builder.embedding(node, embedding.spec)
             if reason is None:
                 report.embeddings += 1
             else:
-                node.meta[FLOAT_REASON_KEY] = reason
                 report.float_reasons[node.name] = (node.op_type, reason)
-        for node in residuals:
-            skip = node.meta.pop(RESIDUAL_KEY).skip
+        for node, residual in residuals.items():
+            skip = residual.skip
             found = ranges.get(node.inputs[skip].name)
             if isinstance(found, ActivationQuantization):
                 builder.static_activation(node, skip, found)
@@ -218,6 +214,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
         report.gptq_weights = builder.gptq_weights
         modified = bool(annotated or residuals or embeddings)
         return ReportingPassResult(model, modified=modified, details=report)
+
+    def requires(self, model: ir.Model) -> None:
+        """What the annotate pass handed over is annotations, and nothing else."""
+        problems = annotation_problems(model)
+        if problems:
+            raise ir.passes.PreconditionError("; ".join(problems))
 
     def _quantize(
         self,
@@ -255,7 +257,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             builder.bias(node, annotation.bias, found.scale, weight_scale)
         return None
 
-    def _gptq_inputs(self, annotated: list[ir.Node]) -> dict[str, str]:
+    def _gptq_inputs(self, annotated: Iterable[ir.Node]) -> dict[str, str]:
         """Node name -> the input whose ``X^T X`` GPTQ reads, for the annotated ops whose
         weights it rounds (none unless asked for)."""
         if self.options.weight_rounding is not WeightRounding.GPTQ:
@@ -417,11 +419,18 @@ def counting_batches(report, progress: CalibrationProgress | None) -> Calibratio
     return seen
 
 
-def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dict[str, QuantSpec]:
+def _taken(graph: ir.Graph, kind: type[AnnotationKind]) -> dict[ir.Node, AnnotationKind]:
+    """The ``kind`` annotations of ``graph``'s nodes, in graph order, taken off the nodes."""
+    taken = {node: take_annotation(node, kind) for node in graph}
+    return {node: found for node, found in taken.items() if found is not None}
+
+
+def _activation_specs(
+    annotated: dict[ir.Node, NodeAnnotation], residuals: dict[ir.Node, ResidualAnnotation]
+) -> dict[str, QuantSpec]:
     """The spec of every activation the annotated ops and residual Adds quantize, by name."""
     specs: dict[str, QuantSpec] = {}
-    for node in annotated:
-        annotation: NodeAnnotation = node.meta[ANNOTATION_KEY]
+    for node, annotation in annotated.items():
         if annotation.activation is not None:
             name = node.inputs[annotation.activation].name
             specs[name] = _wider(specs.get(name), annotation.activation_spec)
@@ -431,8 +440,7 @@ def _activation_specs(annotated: list[ir.Node], residuals: list[ir.Node]) -> dic
         if annotation.output_spec is not None:
             name = node.outputs[0].name
             specs[name] = _wider(specs.get(name), annotation.output_spec)
-    for node in residuals:
-        residual: ResidualAnnotation = node.meta[RESIDUAL_KEY]
+    for node, residual in residuals.items():
         name = node.inputs[residual.skip].name
         specs[name] = _wider(specs.get(name), residual.spec)
     return specs
@@ -464,14 +472,16 @@ def _gptq_input(node: ir.Node) -> str | None:
 
 
 def _weight_grams(
-    annotated: list[ir.Node], rounded_by_gptq: dict[str, str], grams: dict[str, InputGram]
+    annotated: dict[ir.Node, NodeAnnotation],
+    rounded_by_gptq: dict[str, str],
+    grams: dict[str, InputGram],
 ) -> dict[str, np.ndarray]:
     """Weight name -> the sum of ``X^T X`` over its readers (the output error of all of them
     is minimized), for weights that every reader lets GPTQ round."""
     found: dict[str, np.ndarray] = {}
     to_nearest = set()
-    for node in annotated:
-        weight = node.inputs[node.meta[ANNOTATION_KEY].weight].name
+    for node, annotation in annotated.items():
+        weight = node.inputs[annotation.weight].name
         if node.name not in rounded_by_gptq:
             to_nearest.add(weight)
             continue

@@ -262,7 +262,8 @@ def _run_one(entry: _Entry, model: ir.Model) -> ir.passes.PassResult:
     except QGraphError:
         raise
     except Exception as error:
-        cause = error.__cause__ if isinstance(error, ir.passes.InvariantError) else error
+        invariant = isinstance(error, ir.passes.InvariantError) and error.__cause__ is not None
+        cause = error.__cause__ if invariant else error
         raise PipelineError(
             f"pass '{entry.name}' ({entry.phase.value}) failed: "
             + one_line(f"{type(cause).__name__}: {cause}")
