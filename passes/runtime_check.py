@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
-from qgraph.passes.qdq import FLOAT_SOURCE_KEY
+from qgraph.passes.qdq.build import FLOAT_SOURCE_KEY
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import dequantize
 from qgraph.sections import QuantizationOutcome

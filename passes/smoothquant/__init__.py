@@ -35,7 +35,7 @@ from qgraph.calibration import CalibrationError, ChannelStatistics, collect
 from qgraph.data import DataSource
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import AnnotatePass, NodeAnnotation
-from qgraph.passes.qdq import calibration_data, counting_batches
+from qgraph.passes.qdq.calibrate import calibration_data, counting_batches
 from qgraph.passes.smoothquant.folding import (
     Channels,
     Rescale,
