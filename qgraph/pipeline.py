@@ -4,8 +4,8 @@ A pass is registered as a ``PassInfo``: its name, its ``Phase``, what it does, w
 pipeline, and the facts about the model it requires and ensures. qgraph's own passes are one
 table, ``qgraph.passes.PIPELINE``, with the ordering constraints between them
 (``qgraph.passes.ORDER``, ``Before`` records). ``Pipeline.add`` refuses a pass placed where it
-would break a constraint or run before a pass that ensures what it requires, so a plugin
-cannot, say, put its pass between what it depends on and what depends on it unnoticed.
+would break a constraint or run before a pass that ensures what it requires: a plugin's pass
+cannot land, unnoticed, before what it depends on.
 
 Every node a pass creates is stamped with the pass's name in its metadata (``qgraph.pass``),
 so inspection and debugging can say which pass made what.
@@ -65,8 +65,9 @@ PassBuilder = Callable[["PassContext"], "ir.passes.PassBase | None"]
 class PassInfo:
     """A registered pass: how to build it, where it runs, and why.
 
-    ``build`` is a ``PassBuilder``, or for qgraph's own passes ``"module:function"`` under
-    ``qgraph.passes``, imported when the registry reads the table. ``requires`` and ``ensures``
+    ``build`` is a ``PassBuilder``, or for qgraph's own passes the name of the module under
+    ``qgraph.passes`` whose ``BUILDERS[name]`` makes it (imported when the registry reads the
+    table). ``requires`` and ``ensures``
     name facts about the model (``qgraph.passes.Fact`` for qgraph's): a pass that requires a
     fact runs after every pass that ensures it.
     """
