@@ -320,7 +320,7 @@ _CONFLICTS: tuple[tuple[tuple[str, ...], Callable[[QuantOptions], bool], str], .
     ),
     (
         ("percentile",),
-        lambda options: options.calib_method == "percentile",
+        lambda options: METHODS[options.calib_method].reads_percentile,
         "percentile applies only with calib_method = percentile",
     ),
 )

@@ -168,3 +168,11 @@ def test_the_recipe_takes_every_calibration_method_the_calibration_module_has(mo
     assert quant_options(calib_method="mse2").calib_method == "mse2"
     with pytest.raises(RecipeError, match="minmax, percentile, entropy, mse, mse2"):
         quant_options(calib_method="kl")
+
+
+def test_percentile_applies_to_any_method_that_reads_it(monkeypatch):
+    added = dataclasses.replace(calibration.METHODS["percentile"], name="clipped")
+    monkeypatch.setitem(calibration.METHODS, "clipped", added)
+    assert quant_options(calib_method="clipped", percentile=99.0).percentile == 99.0
+    with pytest.raises(RecipeError, match="percentile applies only"):
+        quant_options(calib_method="mse", percentile=99.0)
