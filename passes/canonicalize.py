@@ -1,6 +1,6 @@
 """Canonicalization: put any exported graph in one plain shape, without changing its function.
 
-Run in order:
+The passes (they run in the order of ``qgraph.passes.PIPELINE``):
 
 - ``inline-functions`` (when quantizing): each call of a model-local function becomes the
   function's body, ``f(x) -> body(x)`` (onnx_ir's inliner), so the ops inside are quantized,
