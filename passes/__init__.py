@@ -1,13 +1,226 @@
-"""qgraph's passes (installed as ``qgraph.passes``), one module or package per pass family.
+"""qgraph's passes (installed as ``qgraph.passes``), and the pipeline they make: one table.
 
-A pass family is the passes and rewrite rules behind one job of the compile: canonicalize,
-fusion, smoothquant, rotation, annotate, qdq (insert Q/DQ), lowering, runtime_check and
-finalize; gptq and rule_table are helpers the families share. Each family's module exports
-``PASSES``, its ``qgraph.registry.PassInfo`` records: a name, the ``qgraph.pipeline.Phase`` it
-runs in, and a ``build`` function that makes the pass for a target and options.
+``PIPELINE`` is every built-in pass in run order: its phase, name, what it does, why it is in
+the pipeline there, and the facts about the model it requires and ensures (``Fact``). ``ORDER``
+states the ordering constraints that do not follow from those facts. ``qgraph.registry`` reads
+both, ``Pipeline.add`` checks them for every pass added (a plugin's too), and ``qgraph passes``
+and ``qgraph compile --help`` print the table.
 
-The pipeline's order lives outside this package: phases run in the order of ``Phase``, and
-within a phase passes run in the order of ``qgraph.registry.BUILTIN_PASS_MODULES``, then of
-each module's ``PASSES`` (``qgraph passes`` lists the result). docs/architecture.md describes
-each phase.
+Each row's ``build`` names the module (under ``qgraph.passes``) whose ``BUILDERS[name]`` makes
+the pass for a target and options, or returns None where it does not apply; the modules are
+imported only when a pipeline is built. gptq and rule_table are helpers the families share.
+docs/architecture.md describes each phase.
 """
+
+from __future__ import annotations
+
+import enum
+
+from qgraph.pipeline import Before, PassInfo, Phase
+
+
+class Fact(str, enum.Enum):
+    """What a pass may count on about the model, once a pass that ensures it has run."""
+
+    INITIALIZERS = "initializers"
+    """Constant tensors are initializers, not ``Constant`` nodes."""
+    OPSET = "opset"
+    """The default opset has every operator the quantization needs."""
+    NORMS_FUSED = "norms-fused"
+    """LayerNorm, RMSNorm and GELU are single ops."""
+    ACTIVATIONS_RECORDED = "activations-recorded"
+    """Each weighted op's following activation is recorded in its metadata."""
+    ANNOTATED = "annotated"
+    """Each quantizable op carries its quantization spec, or its reason to stay float."""
+    QUANTIZED = "quantized"
+    """Q/DQ pairs are in place; each weight's DequantizeLinear knows its float tensor."""
+    TOPOLOGICAL = "topological"
+    """Nodes are in topological order."""
+    NAMED = "named"
+    """Every node and value has a unique name."""
+
+
+PIPELINE: tuple[PassInfo, ...] = (
+    PassInfo(
+        "inline-functions",
+        Phase.CANONICALIZE,
+        "model-local functions inlined where they are called, so their ops are quantized and "
+        "listed like the rest, when quantizing",
+        "canonicalize",
+        why="every later pass sees one flat graph",
+    ),
+    PassInfo(
+        "upgrade-opset",
+        Phase.CANONICALIZE,
+        "raise the opset to what the quantized ops need (version converter), when quantizing",
+        "canonicalize",
+        why="exports at opset < 13 cannot carry per-channel scales",
+        ensures=frozenset({Fact.OPSET}),
+    ),
+    PassInfo(
+        "lift-constants",
+        Phase.CANONICALIZE,
+        "Constant nodes holding tensors become initializers",
+        "canonicalize",
+        why="weights are then found one way, whatever the exporter did",
+        ensures=frozenset({Fact.INITIALIZERS}),
+    ),
+    PassInfo(
+        "shape-inference",
+        Phase.CANONICALIZE,
+        "ONNX shape and type inference (partial results kept where it fails)",
+        "canonicalize",
+        why="rewrites check shapes where known (nothing may depend on it: it often fails)",
+    ),
+    PassInfo(
+        "constant-folding",
+        Phase.CANONICALIZE,
+        "evaluate nodes whose inputs are all constant (never Q/DQ)",
+        "canonicalize",
+        why="weights computed by the graph become constants the passes can rewrite",
+        requires=frozenset({Fact.INITIALIZERS}),
+    ),
+    PassInfo(
+        "identity-elimination",
+        Phase.CANONICALIZE,
+        "Identity(x) -> x",
+        "canonicalize",
+        why="patterns match across what exporters leave between ops",
+    ),
+    PassInfo(
+        "common-subexpression-elimination",
+        Phase.CANONICALIZE,
+        "merge deterministic nodes with the same op, attributes and inputs",
+        "canonicalize",
+        why="a tensor computed twice would be calibrated and quantized twice",
+    ),
+    PassInfo(
+        "dead-code-elimination",
+        Phase.CANONICALIZE,
+        "remove nodes and initializers that no output depends on",
+        "canonicalize",
+        why="what folding and merging left behind is not quantized",
+    ),
+    PassInfo(
+        "fusion",
+        Phase.FLOAT_REWRITES,
+        "fold BatchNorm and constant scales into weights, fuse LayerNorm/RMSNorm/GELU, "
+        "record activations",
+        "fusion",
+        why="fewer, larger ops quantize as the runtime's fused kernels run them",
+        requires=frozenset({Fact.INITIALIZERS}),
+        ensures=frozenset({Fact.NORMS_FUSED, Fact.ACTIVATIONS_RECORDED}),
+    ),
+    PassInfo(
+        "smoothquant",
+        Phase.FLOAT_REWRITES,
+        "migrate activation outliers into weights: X W = (X / s)(s W), s from calibration "
+        "(--smoothquant ALPHA|auto)",
+        "smoothquant",
+        why="outlier channels would set every activation's scale",
+        requires=frozenset({Fact.NORMS_FUSED, Fact.ACTIVATIONS_RECORDED}),
+    ),
+    PassInfo(
+        "rotation",
+        Phase.FLOAT_REWRITES,
+        "rotate the residual stream, attention heads and MLP inputs by orthogonal (Hadamard) "
+        "matrices that spread outliers, float function unchanged (--rotate)",
+        "rotation",
+        why="what outliers are left spread over all channels",
+        requires=frozenset({Fact.NORMS_FUSED}),
+    ),
+    PassInfo(
+        "annotate",
+        Phase.ANNOTATE,
+        "choose a quantization spec for each weighted op's inputs, or a reason to keep it float",
+        "annotate",
+        why="what to quantize is decided on the final float graph, before any Q/DQ",
+        requires=frozenset({Fact.ACTIVATIONS_RECORDED}),
+        ensures=frozenset({Fact.ANNOTATED}),
+    ),
+    PassInfo(
+        "insert-qdq",
+        Phase.INSERT_QDQ,
+        "calibrate, then quantize annotated weights, activations and biases with Q/DQ pairs",
+        "qdq",
+        why="the annotations become QuantizeLinear/DequantizeLinear pairs",
+        requires=frozenset({Fact.ANNOTATED, Fact.OPSET}),
+        ensures=frozenset({Fact.QUANTIZED}),
+    ),
+    PassInfo(
+        "lower",
+        Phase.LOWER,
+        "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "
+        "(QOperator format)",
+        "lowering",
+        why="runtimes or sessions that do not fuse Q/DQ get the integer kernels written out",
+        requires=frozenset({Fact.QUANTIZED}),
+    ),
+    PassInfo(
+        "runtime-check",
+        Phase.FINALIZE,
+        "ask onnxruntime which quantized ops run as integer kernels; put the others in float",
+        "runtime_check",
+        why="an op the runtime does not fuse runs slower than float",
+        requires=frozenset({Fact.QUANTIZED}),
+    ),
+    PassInfo(
+        "remove-unused",
+        Phase.FINALIZE,
+        "drop unreachable nodes, initializers, functions and opset imports",
+        "finalize",
+        why="the Q/DQ pairs and float tensors no op reads any more go",
+    ),
+    PassInfo(
+        "topological-sort",
+        Phase.FINALIZE,
+        "order nodes so each input is produced before it is read",
+        "finalize",
+        why="rewrites insert nodes anywhere; ONNX requires this order",
+        ensures=frozenset({Fact.TOPOLOGICAL}),
+    ),
+    PassInfo(
+        "name-fix",
+        Phase.FINALIZE,
+        "give every node and value a unique name",
+        "finalize",
+        why="rewrites may leave values unnamed; ONNX requires unique names",
+        ensures=frozenset({Fact.NAMED}),
+    ),
+    PassInfo(
+        "onnx-checker",
+        Phase.FINALIZE,
+        "fail if the ONNX checker rejects the model",
+        "finalize",
+        why="no invalid model is ever written",
+        requires=frozenset({Fact.TOPOLOGICAL, Fact.NAMED}),
+    ),
+    PassInfo(
+        "target-conformance",
+        Phase.FINALIZE,
+        "fail if the model breaks a rule of the target",
+        "finalize",
+        why="no model the target's runtime would refuse is ever written",
+    ),
+)
+"""qgraph's passes in run order (by phase, then in the order here)."""
+
+ORDER: tuple[Before, ...] = (
+    Before(
+        "smoothquant",
+        "rotation",
+        "rotated activations have no channel outliers left for SmoothQuant to move "
+        "(SmolLM2 all 8-bit: perplexity ratio 1.007 in this order, 1.085 in the other)",
+    ),
+    Before(
+        "runtime-check",
+        "remove-unused",
+        "the Q/DQ pairs the runtime check takes out of use are removed there",
+    ),
+    Before(
+        "constant-folding",
+        "dead-code-elimination",
+        "the constants folding replaced are removed there",
+    ),
+)
+"""Ordering constraints between passes that their facts do not imply."""

@@ -2,11 +2,11 @@
 
 The target says which op types it runs faster in integer arithmetic (``quantizable_ops``) and
 in which types; the user's options say the mode and what to keep in float. For each candidate
-op the pass records a ``NodeAnnotation`` in ``node.meta`` (read by the insert-qdq pass), or the
-reason it stays in float. Only the data inputs of weighted ops are ever quantized (and, where
-the runtime fuses an op into an integer kernel only behind a ``QuantizeLinear``, its output:
-``TargetSpec.output_quantized_ops``), so shape and index computations, masks and everything
-the target runs in float are left exact.
+op the pass records a ``NodeAnnotation`` on the node (``set_annotation``; insert-qdq takes it
+with ``take_annotation``), or reports the reason it stays in float. Only the data inputs of
+weighted ops are ever quantized (and, where the runtime fuses an op into an integer kernel
+only behind a ``QuantizeLinear``, its output: ``TargetSpec.output_quantized_ops``), so shape
+and index computations, masks and everything the target runs in float are left exact.
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
 kW]`` on axis 0, ``ConvTranspose`` weights ``[C, M, kH, kW]`` on axis 1 (ungrouped only),
@@ -26,21 +26,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
+from typing import TypeVar
 
 import onnx_ir as ir
 
 from qgraph.inspection import op_key
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
-from qgraph.registry import PassInfo
+from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 
-ANNOTATION_KEY = "qgraph.quantize"
-RESIDUAL_KEY = "qgraph.quantize_residual"
-EMBEDDING_KEY = "qgraph.quantize_embedding"
-FLOAT_REASON_KEY = "qgraph.float_reason"
 COMPUTED_WEIGHT = "its weight is not a constant (both inputs are computed at run time)"
 
 
@@ -118,6 +115,52 @@ class ResidualAnnotation:
     spec: QuantSpec
 
 
+@dataclasses.dataclass(frozen=True)
+class KeepFloat:
+    """An op the target could quantize that stays in float, and why."""
+
+    reason: str
+
+
+Annotation = NodeAnnotation | EmbeddingAnnotation | ResidualAnnotation
+"""What annotate hands insert-qdq on a node: at most one per node (weighted ops, embedding
+Gathers and residual Adds are different nodes)."""
+
+_ANNOTATION_KEY = "qgraph.annotation"
+"""The ``node.meta`` key (in memory, never saved) holding a node's ``Annotation``."""
+
+AnnotationKind = TypeVar("AnnotationKind", NodeAnnotation, EmbeddingAnnotation, ResidualAnnotation)
+
+
+def set_annotation(node: ir.Node, annotation: Annotation) -> None:
+    """Hand ``annotation`` to insert-qdq on ``node``."""
+    node.meta[_ANNOTATION_KEY] = annotation
+
+
+def annotation(node: ir.Node, kind: type[AnnotationKind]) -> AnnotationKind | None:
+    """``node``'s annotation if it is a ``kind``, else None."""
+    found = node.meta.get(_ANNOTATION_KEY)
+    return found if isinstance(found, kind) else None
+
+
+def take_annotation(node: ir.Node, kind: type[AnnotationKind]) -> AnnotationKind | None:
+    """``node``'s annotation if it is a ``kind`` (removed from the node), else None."""
+    found = annotation(node, kind)
+    if found is not None:
+        del node.meta[_ANNOTATION_KEY]
+    return found
+
+
+def annotation_problems(model: ir.Model) -> list[str]:
+    """Nodes of the main graph whose annotation is no ``Annotation``, one line each."""
+    return [
+        f"node '{node.name}' carries {type(found).__name__}, not an annotation"
+        for node in model.graph
+        if (found := node.meta.get(_ANNOTATION_KEY)) is not None
+        and not isinstance(found, Annotation)
+    ]
+
+
 @dataclasses.dataclass
 class AnnotationReport:
     """How many ops of each type were annotated, and why the others stay in float."""
@@ -130,6 +173,12 @@ class AnnotationReport:
     unquantized: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     """(op, reason) -> how many of the other ops stay in float, which the target never
     quantizes."""
+
+    def outcome(self) -> QuantizationOutcome:
+        """The weighted ops kept float, and the others the target never quantizes."""
+        return QuantizationOutcome(
+            left_in_float=dict(self.float_reasons), never_quantized=self.unquantized.copy()
+        )
 
 
 class AnnotatePass(ir.passes.InPlacePass):
@@ -146,16 +195,14 @@ class AnnotatePass(ir.passes.InPlacePass):
             if self._annotate_embedding(node, report):
                 continue
             decision = self.decide(node)
-            if decision == COMPUTED_WEIGHT:
+            if decision == KeepFloat(COMPUTED_WEIGHT):
                 decision = self._activation_product(node) or decision
             if decision is None:
                 report.unquantized[(op_key(node), self._never_quantized)] += 1
-                continue
-            if isinstance(decision, str):
-                node.meta[FLOAT_REASON_KEY] = decision
-                report.float_reasons[node.name or "?"] = (node.op_type, decision)
+            elif isinstance(decision, KeepFloat):
+                report.float_reasons[node.name or "?"] = (node.op_type, decision.reason)
             else:
-                node.meta[ANNOTATION_KEY] = decision
+                set_annotation(node, decision)
                 report.annotated[node.op_type] += 1
         if self.target.quantize_residual_inputs and self.options.mode is Mode.STATIC:
             report.residual_inputs = self._annotate_residuals(model)
@@ -181,7 +228,6 @@ class AnnotatePass(ir.passes.InPlacePass):
             return False
         reason = self.options.excluded(node)
         if reason:
-            node.meta[FLOAT_REASON_KEY] = reason
             report.float_reasons[node.name or "?"] = (node.op_type, reason)
             return True
         spec = QuantSpec(
@@ -190,7 +236,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             bits=self.target.weight_bits,
             axis=0,
         )
-        node.meta[EMBEDDING_KEY] = EmbeddingAnnotation(spec)
+        set_annotation(node, EmbeddingAnnotation(spec))
         report.embeddings += 1
         return True
 
@@ -202,7 +248,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             if skip is None or self.options.excluded(node):
                 continue
             spec = self._activation_spec(node.inputs[skip])
-            node.meta[RESIDUAL_KEY] = ResidualAnnotation(skip, spec)
+            set_annotation(node, ResidualAnnotation(skip, spec))
             count += 1
         return count
 
@@ -218,35 +264,23 @@ class AnnotatePass(ir.passes.InPlacePass):
         dynamic = " in dynamic mode" if self.options.mode is Mode.DYNAMIC else ""
         return f"target {self.target.name} quantizes only {ops}{dynamic}"
 
-    def decide(self, node: ir.Node) -> NodeAnnotation | str | None:
-        """What of ``node`` to quantize, the reason it stays in float, or None for a node the
-        target never quantizes. Reads the graph only (SmoothQuant asks before annotating)."""
+    def decide(self, node: ir.Node) -> NodeAnnotation | KeepFloat | None:
+        """What of ``node`` to quantize, why it stays in float, or None for a node the target
+        never quantizes. Reads the graph only (SmoothQuant asks before annotating)."""
         if node.op_type not in self._quantizable_ops or node.domain != "":
             return None
         layout = WEIGHT_LAYOUTS.get(node.op_type)
         if layout is None:
-            return f"qgraph has no quantization rule for {node.op_type}"
+            return KeepFloat(f"qgraph has no quantization rule for {node.op_type}")
         reason = (
             node.metadata_props.get(KEEP_FLOAT_KEY)
             or self.options.excluded(node)
             or layout.unsupported(node)
+            or _weight_problem(node, layout)
         )
         if reason:
-            return reason
+            return KeepFloat(reason)
         activation = _input(node, layout.activation)
-        weight = _input(node, layout.weight)
-        if activation is None or weight is None:
-            return "an input is missing"
-        table = transposed_table(weight) if node.op_type == "MatMul" else None
-        constant = weight if table is None else table
-        if constant.const_value is None or not constant.is_initializer():
-            return COMPUTED_WEIGHT
-        if constant.const_value.dtype != ir.DataType.FLOAT:
-            return "its weight is not float32"  # the activation has its type (ONNX typing)
-        if layout.weight_rank is not None and len(constant.const_value.shape) != layout.weight_rank:
-            return (
-                f"its weight has rank {len(constant.const_value.shape)}, not {layout.weight_rank}"
-            )
         return NodeAnnotation(
             activation=None if self.options.mode is Mode.WEIGHT_ONLY else layout.activation,
             activation_spec=self._activation_spec(activation),
@@ -334,6 +368,23 @@ class AnnotatePass(ir.passes.InPlacePass):
         return layout.bias if bias.dtype == ir.DataType.FLOAT else None
 
 
+def _weight_problem(node: ir.Node, layout: WeightedOp) -> str | None:
+    """Why ``node``'s inputs cannot be quantized as ``layout`` says, or None where they can."""
+    weight = _input(node, layout.weight)
+    if _input(node, layout.activation) is None or weight is None:
+        return "an input is missing"
+    table = transposed_table(weight) if node.op_type == "MatMul" else None
+    constant = weight if table is None else table
+    if constant.const_value is None or not constant.is_initializer():
+        return COMPUTED_WEIGHT
+    if constant.const_value.dtype != ir.DataType.FLOAT:
+        return "its weight is not float32"  # the activation has its type (ONNX typing)
+    rank = len(constant.const_value.shape)
+    if layout.weight_rank is not None and rank != layout.weight_rank:
+        return f"its weight has rank {rank}, not {layout.weight_rank}"
+    return None
+
+
 def embedding_table(node: ir.Node) -> ir.Value | None:
     """The table of a ``Gather`` of rows from a constant float ``[V, H]`` initializer."""
     if node.op_type != "Gather" or node.domain != "" or node.attributes.get_int("axis", 0):
@@ -376,21 +427,17 @@ def _residual_skip(node: ir.Node) -> int | None:
     if any(v is None or v.const_value is not None for v in node.inputs):
         return None
     sources = [weighted_producer(v) for v in node.inputs]
-    annotated = [s is not None and ANNOTATION_KEY in s.meta for s in sources]
+    annotated = [s is not None and annotation(s, NodeAnnotation) is not None for s in sources]
     if annotated.count(True) != 1 or sources.count(None) != 1:
         return None
     return sources.index(None)
 
 
-PASSES = (
-    PassInfo(
-        "annotate",
-        Phase.ANNOTATE,
-        "choose a quantization spec for each weighted op's inputs, or a reason to keep it float",
-        lambda ctx: (
-            None
-            if ctx.options.quantization is None
-            else AnnotatePass(ctx.target, ctx.options.quantization)
-        ),
+BUILDERS: dict[str, PassBuilder] = {
+    "annotate": lambda ctx: (
+        None
+        if ctx.options.quantization is None
+        else AnnotatePass(ctx.target, ctx.options.quantization)
     ),
-)
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

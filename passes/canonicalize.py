@@ -1,6 +1,6 @@
 """Canonicalization: put any exported graph in one plain shape, without changing its function.
 
-Run in order:
+The passes (they run in the order of ``qgraph.passes.PIPELINE``):
 
 - ``inline-functions`` (when quantizing): each call of a model-local function becomes the
   function's body, ``f(x) -> body(x)`` (onnx_ir's inliner), so the ops inside are quantized,
@@ -40,8 +40,7 @@ from onnxscript.optimizer import fold_constants_ir
 
 from qgraph.errors import PipelineError
 from qgraph.ops import ONNX_DOMAINS, onnx_opset
-from qgraph.pipeline import Phase
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder
 from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
@@ -321,58 +320,20 @@ def _folding_blocker(model: ir.Model) -> str | None:
     return None
 
 
-PASSES = (
-    PassInfo(
-        "inline-functions",
-        Phase.CANONICALIZE,
-        "model-local functions inlined where they are called, so their ops are quantized and "
-        "listed like the rest, when quantizing",
-        lambda ctx: None if ctx.options.quantization is None else common.InlinePass(),
+BUILDERS: dict[str, PassBuilder] = {
+    "inline-functions": lambda ctx: (
+        None if ctx.options.quantization is None else common.InlinePass()
     ),
-    PassInfo(
-        "upgrade-opset",
-        Phase.CANONICALIZE,
-        "raise the opset to what the quantized ops need (version converter), when quantizing",
-        lambda ctx: (
-            None
-            if ctx.options.quantization is None
-            else OpsetUpgradePass(ctx.options.quantization.required_opset(ctx.target.min_opset))
-        ),
+    "upgrade-opset": lambda ctx: (
+        None
+        if ctx.options.quantization is None
+        else OpsetUpgradePass(ctx.options.quantization.required_opset(ctx.target.min_opset))
     ),
-    PassInfo(
-        "lift-constants",
-        Phase.CANONICALIZE,
-        "Constant nodes holding tensors become initializers",
-        lambda ctx: common.LiftConstantsToInitializersPass(lift_all_constants=False),
-    ),
-    PassInfo(
-        "shape-inference",
-        Phase.CANONICALIZE,
-        "ONNX shape and type inference (partial results kept where it fails)",
-        lambda ctx: ShapeInferencePass(),
-    ),
-    PassInfo(
-        "constant-folding",
-        Phase.CANONICALIZE,
-        "evaluate nodes whose inputs are all constant (never Q/DQ)",
-        lambda ctx: ConstantFoldingPass(),
-    ),
-    PassInfo(
-        "identity-elimination",
-        Phase.CANONICALIZE,
-        "Identity(x) -> x",
-        lambda ctx: IdentityEliminationPass(),
-    ),
-    PassInfo(
-        "common-subexpression-elimination",
-        Phase.CANONICALIZE,
-        "merge deterministic nodes with the same op, attributes and inputs",
-        lambda ctx: common.CommonSubexpressionEliminationPass(),
-    ),
-    PassInfo(
-        "dead-code-elimination",
-        Phase.CANONICALIZE,
-        "remove nodes and initializers that no output depends on",
-        lambda ctx: common.RemoveUnusedNodesPass(),
-    ),
-)
+    "lift-constants": lambda ctx: common.LiftConstantsToInitializersPass(lift_all_constants=False),
+    "shape-inference": lambda ctx: ShapeInferencePass(),
+    "constant-folding": lambda ctx: ConstantFoldingPass(),
+    "identity-elimination": lambda ctx: IdentityEliminationPass(),
+    "common-subexpression-elimination": lambda ctx: common.CommonSubexpressionEliminationPass(),
+    "dead-code-elimination": lambda ctx: common.RemoveUnusedNodesPass(),
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

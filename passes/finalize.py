@@ -24,8 +24,7 @@ import onnx_ir.passes.common as common
 
 from qgraph.errors import ConformanceError, one_line
 from qgraph.ops import ONNX_DOMAINS
-from qgraph.pipeline import Phase
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder
 from qgraph.targets import TargetSpec, Violation
 from qgraph.traversal import all_nodes
 
@@ -115,35 +114,11 @@ def remove_unused() -> ir.passes.PassBase:
     )
 
 
-PASSES = (
-    PassInfo(
-        "remove-unused",
-        Phase.FINALIZE,
-        "drop unreachable nodes, initializers, functions and opset imports",
-        lambda ctx: remove_unused(),
-    ),
-    PassInfo(
-        "topological-sort",
-        Phase.FINALIZE,
-        "order nodes so each input is produced before it is read",
-        lambda ctx: common.TopologicalSortPass(),
-    ),
-    PassInfo(
-        "name-fix",
-        Phase.FINALIZE,
-        "give every node and value a unique name",
-        lambda ctx: common.NameFixPass(),
-    ),
-    PassInfo(
-        "onnx-checker",
-        Phase.FINALIZE,
-        "fail if the ONNX checker rejects the model",
-        lambda ctx: OnnxCheckerPass(ctx.target.default_domain_extensions),
-    ),
-    PassInfo(
-        "target-conformance",
-        Phase.FINALIZE,
-        "fail if the model breaks a rule of the target",
-        lambda ctx: TargetConformancePass(ctx.target),
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "remove-unused": lambda ctx: remove_unused(),
+    "topological-sort": lambda ctx: common.TopologicalSortPass(),
+    "name-fix": lambda ctx: common.NameFixPass(),
+    "onnx-checker": lambda ctx: OnnxCheckerPass(ctx.target.default_domain_extensions),
+    "target-conformance": lambda ctx: TargetConformancePass(ctx.target),
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -15,6 +15,7 @@ this host's architecture. Elsewhere its report says why it did not check.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import platform
@@ -23,10 +24,10 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
-from qgraph.passes.qdq import FLOAT_SOURCE_KEY
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.passes.qdq.build import FLOAT_SOURCE_KEY
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant_spec import dequantize
-from qgraph.registry import PassInfo
+from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec, same_arch
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ class RuntimeCheckReport:
     kernels: KernelReport | None
     reverted: tuple[FloatOp, ...] = ()
     skipped: str | None = None
+
+    def outcome(self) -> QuantizationOutcome:
+        """The ops put back in float, each with why."""
+        return QuantizationOutcome(
+            reverted=collections.Counter(op.op_type for op in self.reverted),
+            left_in_float={op.name: (op.op_type, op.reason) for op in self.reverted},
+        )
 
     def summary(self) -> str:
         if self.kernels is None:
@@ -135,11 +143,9 @@ def _dequantized_tensor(node: ir.Node) -> ir.Tensor:
     return ir.Tensor(dequantize(values, scale, zero_point))
 
 
-PASSES = (
-    PassInfo(
-        "runtime-check",
-        Phase.FINALIZE,
-        "ask onnxruntime which quantized ops run as integer kernels; put the others in float",
-        lambda ctx: None if ctx.options.quantization is None else RuntimeCheckPass(ctx.target),
+BUILDERS: dict[str, PassBuilder] = {
+    "runtime-check": lambda ctx: (
+        None if ctx.options.quantization is None else RuntimeCheckPass(ctx.target)
     ),
-)
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -364,6 +364,8 @@ class CalibrationMethod:
     needs_histogram: bool
     summary: str
     range: RangeFunction
+    reads_percentile: bool = False
+    """It reads the ``percentile`` option (which any other method would ignore)."""
 
 
 METHODS: dict[str, CalibrationMethod] = {
@@ -371,7 +373,11 @@ METHODS: dict[str, CalibrationMethod] = {
     for method in (
         CalibrationMethod("minmax", False, "the smallest and largest value seen", minmax_range),
         CalibrationMethod(
-            "percentile", True, "clip |x| at a percentile (default 99.999)", percentile_range
+            "percentile",
+            True,
+            "clip |x| at a percentile (default 99.999)",
+            percentile_range,
+            reads_percentile=True,
         ),
         CalibrationMethod(
             "entropy", True, "clip |x| where KL to the quantized histogram is least", entropy_range

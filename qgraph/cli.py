@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -33,15 +34,16 @@ from qgraph.inspection import diff_models, summarize
 from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, check_output_folder, dataset_inputs
+from qgraph.passes import PIPELINE
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
-from qgraph.pipeline import Phase
+from qgraph.pipeline import PassInfo, Phase, fact_name
 from qgraph.recipe import (
     DEFAULT_ALPHA,
     WEIGHT_ONLY_DTYPES,
-    WEIGHT_ROUNDINGS,
     Mode,
     QuantOptions,
     RecipeError,
+    WeightRounding,
     load_recipe,
     quant_options,
 )
@@ -62,7 +64,6 @@ from qgraph.targets import AUTO, TARGETS, QuantFormat, detect_host_target, get_t
 EXTERNAL_DATA_CHOICES = {"auto": None, "always": True, "never": False}
 QUIET_LIBRARIES = ("onnxscript", "onnx_ir")
 """Libraries whose warnings are about their own internals, shown only with --debug."""
-FLOAT_MODE = "float"
 TARGET_HELP = f"One of {', '.join(TARGETS)}, or {AUTO} (this host's CPU)."
 OUTPUT_POLICY = (
     "An existing file there is replaced (with a note); an input of the command, a folder, a "
@@ -151,7 +152,32 @@ def cli(debug: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@cli.command(name="compile")
+def pipeline_text(infos: Iterable[PassInfo]) -> str:
+    """The passes of ``infos`` phase by phase, in run order, as one sentence."""
+    phases: dict[Phase, list[str]] = {}
+    for info in infos:
+        phases.setdefault(info.phase, []).append(info.name)
+    return "; ".join(f"{phase.value}: {', '.join(names)}" for phase, names in phases.items())
+
+
+COMPILE_HELP = f"""Compile MODEL for a target and write the result.
+
+Runs the target's pipeline, phase by phase (passes that do not apply are left out; `qgraph
+passes` says what each does and why): {pipeline_text(PIPELINE)}. No file the compile reads
+(the model, its external data, the calibration data, the recipe) is ever written.
+
+\b
+Examples:
+  qgraph compile model.onnx --calib calib/ -o model.q.onnx       # static W8A8
+  qgraph compile model.onnx --mode dynamic                        # no data needed
+  qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
+  qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
+  qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
+  qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
+"""
+
+
+@cli.command(name="compile", help=COMPILE_HELP)
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option(
     "-o",
@@ -204,7 +230,7 @@ def cli(debug: bool) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice([m.value for m in Mode] + [FLOAT_MODE]),
+    type=click.Choice([m.value for m in Mode]),
     help="static: W8A8 with calibrated activations [default with calibration data]; "
     "dynamic: activations quantized at run time; weight-only; float: fusion only "
     "[default without calibration data].",
@@ -226,7 +252,7 @@ def cli(debug: bool) -> None:
 @click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
 @click.option(
     "--weight-rounding",
-    type=click.Choice(WEIGHT_ROUNDINGS),
+    type=click.Choice([w.value for w in WeightRounding]),
     help="nearest: round each weight on its own; gptq: round MatMul and Gemm weights one input "
     "at a time, each rounding error absorbed by the weights not yet rounded, so the layer's "
     "output on the calibration data stays close (GPTQ; best with 4-bit weights; needs "
@@ -334,26 +360,7 @@ def compile_command(
     recipe: Path | None,
     **quantization: object,
 ) -> None:
-    """Compile MODEL for a target and write the result.
-
-    Runs the target's pipeline: canonicalize (shape inference, constant folding, identity,
-    CSE and dead-code removal), fusion (BatchNorm and constant scales folded into weights,
-    LayerNorm / RMSNorm / GELU fused, activations recorded), with --rotate the Hadamard
-    rotations and with --smoothquant the outlier migration, annotate and insert Q/DQ
-    (weights per channel, activations calibrated per tensor, biases int32), lower (with
-    --format qoperator: Q/DQ groups to integer operators), then finalize (cleanup,
-    topological order, names, ONNX checker, target conformance). No file the compile reads
-    (the model, its external data, the calibration data, the recipe) is ever written.
-
-    \b
-    Examples:
-      qgraph compile model.onnx --calib calib/ -o model.q.onnx       # static W8A8
-      qgraph compile model.onnx --mode dynamic                        # no data needed
-      qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
-      qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
-      qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
-      qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
-    """
+    """Compile MODEL for a target and write the result (help: ``COMPILE_HELP``)."""
     spec = get_target(target)
     output = output or str(model.with_name(f"{model.stem}.{spec.name}.onnx"))
     quant = _quant_options(recipe, quantization)
@@ -402,11 +409,11 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
     flags["tensor"] = _tensor_flags(flags.pop("tensor_dtype"), flags.pop("tensor_method"))
     mode = flags.get("mode") or table.get("mode")
     has_data = any(flags.get(k) or table.get(k) for k in ("calib", "calib_random"))
-    if mode == FLOAT_MODE or (mode is None and not has_data):
+    if mode == Mode.FLOAT or (mode is None and not has_data):
         asked = [
             f"--{key}" for key in ("rotate", "smoothquant") if flags.get(key) or table.get(key)
         ]
-        if "gptq" in (flags.get("weight_rounding"), table.get("weight_rounding")):
+        if WeightRounding.GPTQ in (flags.get("weight_rounding"), table.get("weight_rounding")):
             asked.append("--weight-rounding gptq")
         if asked:
             raise RecipeError(
@@ -649,7 +656,15 @@ def passes_command(as_json: bool) -> None:
     infos = sorted(registered_passes(), key=lambda info: order.index(info.phase))
     if as_json:
         rows = [
-            {"name": i.name, "phase": i.phase.value, "origin": i.origin, "summary": i.summary}
+            {
+                "name": i.name,
+                "phase": i.phase.value,
+                "origin": i.origin,
+                "summary": i.summary,
+                "why": i.why,
+                "requires": sorted(map(fact_name, i.requires)),
+                "ensures": sorted(map(fact_name, i.ensures)),
+            }
             for i in infos
         ]
         echo_json(rows)

@@ -1,13 +1,11 @@
 """The pass pipeline: onnx_ir passes grouped in named phases, run in order, each one timed.
 
-Phases, in order:
-
-1. ``canonicalize``: shape inference, constant folding, identity and dead-code removal, CSE.
-2. ``float-rewrites``: rewrites that keep the float function (fusion, SmoothQuant, rotation).
-3. ``annotate``: a quantization spec per tensor, from the target and user overrides.
-4. ``insert-qdq``: QuantizeLinear / DequantizeLinear pairs from calibration and specs.
-5. ``lower``: the target's lowering rules (Q/DQ groups to QOperator ops).
-6. ``finalize``: unused removal, topological order, names, ONNX checker, target conformance.
+A pass is registered as a ``PassInfo``: its name, its ``Phase``, what it does, why it is in the
+pipeline, and the facts about the model it requires and ensures. qgraph's own passes are one
+table, ``qgraph.passes.PIPELINE``, with the ordering constraints between them
+(``qgraph.passes.ORDER``, ``Before`` records). ``Pipeline.add`` refuses a pass placed where it
+would break a constraint or run before a pass that ensures what it requires: a plugin's pass
+cannot land, unnoticed, before what it depends on.
 
 Every node a pass creates is stamped with the pass's name in its metadata (``qgraph.pass``),
 so inspection and debugging can say which pass made what.
@@ -19,12 +17,16 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from qgraph.errors import PipelineError, QGraphError, one_line
 from qgraph.traversal import all_nodes
+
+if TYPE_CHECKING:
+    from qgraph.registry import PassContext
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,40 @@ class Phase(str, enum.Enum):
         except ValueError:
             known = ", ".join(p.value for p in cls)
             raise PipelineError(f"unknown phase '{name}'; phases are: {known}") from None
+
+
+PassBuilder = Callable[["PassContext"], "ir.passes.PassBase | None"]
+"""Makes a pass for a target and options, or returns None where the pass does not apply."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInfo:
+    """A registered pass: how to build it, where it runs, and why.
+
+    ``build`` is a ``PassBuilder``, or for qgraph's own passes the name of the module under
+    ``qgraph.passes`` whose ``BUILDERS[name]`` makes it (imported when the registry reads the
+    table). ``requires`` and ``ensures``
+    name facts about the model (``qgraph.passes.Fact`` for qgraph's): a pass that requires a
+    fact runs after every pass that ensures it.
+    """
+
+    name: str
+    phase: Phase
+    summary: str
+    build: PassBuilder | str
+    origin: str = "qgraph"
+    why: str = ""
+    requires: frozenset[str] = frozenset()
+    ensures: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class Before:
+    """An ordering constraint: wherever both are in a pipeline, ``first`` runs before ``then``."""
+
+    first: str
+    then: str
+    why: str
 
 
 @dataclasses.dataclass
@@ -96,13 +132,17 @@ class _Entry:
     phase: Phase
     name: str
     pass_: ir.passes.PassBase
+    requires: frozenset[str] = frozenset()
+    ensures: frozenset[str] = frozenset()
 
 
 class Pipeline:
-    """Passes in named phases. Build one for a target with ``qgraph.build_pipeline``."""
+    """Passes in named phases, kept in an order that breaks none of ``order``'s constraints.
+    Build one for a target with ``qgraph.build_pipeline``."""
 
-    def __init__(self) -> None:
+    def __init__(self, order: Iterable[Before] = ()) -> None:
         self._entries: list[_Entry] = []
+        self._order = tuple(order)
 
     def add(
         self,
@@ -111,25 +151,60 @@ class Pipeline:
         *,
         name: str | None = None,
         first: bool = False,
+        requires: Iterable[str] = (),
+        ensures: Iterable[str] = (),
     ) -> Pipeline:
-        """Add ``pass_`` at the end (or, with ``first``, the start) of ``phase``."""
+        """Add ``pass_`` at the end (or, with ``first``, the start) of ``phase``; a
+        ``PipelineError`` if it would run before a pass it must follow, or after one it must
+        precede (an ordering constraint, or a fact it ``requires`` that the other ``ensures``)."""
         if not isinstance(pass_, ir.passes.PassBase):
             raise PipelineError(
                 f"{pass_!r} is not an onnx_ir pass (subclass ir.passes.InPlacePass "
                 "or FunctionalPass)"
             )
-        entry = _Entry(Phase.parse(phase), name or type(pass_).__name__, pass_)
+        entry = _Entry(
+            Phase.parse(phase),
+            name or type(pass_).__name__,
+            pass_,
+            frozenset(requires),
+            frozenset(ensures),
+        )
         if entry.name in self.names():
             raise PipelineError(f"the pipeline already has a pass named '{entry.name}'")
-        order = list(Phase)
-        position = len(self._entries)
-        for i, existing in enumerate(self._entries):
-            before = order.index(existing.phase) > order.index(entry.phase)
-            if before or (first and existing.phase == entry.phase):
-                position = i
-                break
+        position = self._position(entry.phase, first=first)
+        problem = self._order_problem(entry, position)
+        if problem is not None:
+            raise PipelineError(f"cannot add pass '{entry.name}' to {entry.phase.value}: {problem}")
         self._entries.insert(position, entry)
         return self
+
+    def _position(self, phase: Phase, *, first: bool) -> int:
+        """Where a pass added to ``phase`` goes: after its phase's passes, or with ``first``
+        before them."""
+        order = list(Phase)
+        for i, existing in enumerate(self._entries):
+            later = order.index(existing.phase) > order.index(phase)
+            if later or (first and existing.phase == phase):
+                return i
+        return len(self._entries)
+
+    def _order_problem(self, entry: _Entry, position: int) -> str | None:
+        """Why ``entry`` cannot go at ``position``, or None where it can."""
+        earlier, later = self._entries[:position], self._entries[position:]
+        for rule in self._order:
+            if rule.first == entry.name and any(e.name == rule.then for e in earlier):
+                return f"it must run before '{rule.then}' ({rule.why})"
+            if rule.then == entry.name and any(e.name == rule.first for e in later):
+                return f"it must run after '{rule.first}' ({rule.why})"
+        for fact in sorted(entry.requires):
+            maker = next((e for e in later if fact in e.ensures), None)
+            if maker is not None:
+                return f"it requires '{fact_name(fact)}' and would run before '{maker.name}'"
+        for fact in sorted(entry.ensures):
+            reader = next((e for e in earlier if fact in e.requires), None)
+            if reader is not None:
+                return f"it ensures '{fact_name(fact)}' and would run after '{reader.name}'"
+        return None
 
     def remove(self, name: str) -> Pipeline:
         """Drop the pass called ``name``."""
@@ -177,13 +252,19 @@ class Pipeline:
         return PipelineResult(model, records)
 
 
+def fact_name(fact: str) -> str:
+    """A fact's name: an enum member's value, or the string itself."""
+    return getattr(fact, "value", fact)
+
+
 def _run_one(entry: _Entry, model: ir.Model) -> ir.passes.PassResult:
     try:
         return entry.pass_(model)
     except QGraphError:
         raise
     except Exception as error:
-        cause = error.__cause__ if isinstance(error, ir.passes.InvariantError) else error
+        invariant = isinstance(error, ir.passes.InvariantError) and error.__cause__ is not None
+        cause = error.__cause__ if invariant else error
         raise PipelineError(
             f"pass '{entry.name}' ({entry.phase.value}) failed: "
             + one_line(f"{type(cause).__name__}: {cause}")

@@ -55,7 +55,6 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
 WEIGHT_ONLY_DTYPES = ("int8", "int4", "uint4")
 ACTIVATION_OVERRIDE_DTYPES = ("int8", "uint8", "int16", "uint16")
 DEFAULT_BLOCK_SIZE = 32
@@ -89,6 +88,22 @@ class Mode(str, enum.Enum):
     """Weights offline; activations quantized at run time from their own min/max."""
     WEIGHT_ONLY = "weight-only"
     """Weights only (int8 per-channel, int4/uint4 per-block); activations stay float."""
+    FLOAT = "float"
+    """Nothing quantized (fusion only): a compile in this mode has no ``QuantOptions``."""
+
+
+QUANTIZING_MODES = (Mode.STATIC, Mode.DYNAMIC, Mode.WEIGHT_ONLY)
+"""The modes ``QuantOptions`` and recipes take."""
+
+
+class WeightRounding(str, enum.Enum):
+    """How weights are rounded to their quantized values."""
+
+    NEAREST = "nearest"
+    """Each weight on its own."""
+    GPTQ = "gptq"
+    """MatMul and Gemm weights one input at a time, each rounding error absorbed by the weights
+    not yet rounded (``qgraph.passes.gptq``; needs calibration data)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +164,7 @@ class QuantOptions:
     percentile: float = 99.999
     weight_dtype: ir.DataType = ir.DataType.INT8
     block_size: int = DEFAULT_BLOCK_SIZE
-    weight_rounding: str = "nearest"
+    weight_rounding: WeightRounding = WeightRounding.NEAREST
     exclude_node: tuple[str, ...] = ()
     exclude_op: frozenset[str] = frozenset()
     tensor: tuple[tuple[str, TensorOverride], ...] = ()
@@ -170,6 +185,13 @@ class QuantOptions:
         return self.mode is Mode.STATIC and self.budget is not None and self.calib is not None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "weight_rounding", WeightRounding(self.weight_rounding))
+        if self.mode not in QUANTIZING_MODES:
+            raise RecipeError(
+                f"mode {self.mode.value} quantizes nothing: a float compile has no quantization "
+                "options"
+            )
         if self.budget == DATA_BUDGET:
             judged_on = self.plan_data if self.plan_data is not None else self.calib
             object.__setattr__(self, "budget", default_budget(judged_on))
@@ -319,7 +341,7 @@ _CONFLICTS: tuple[tuple[tuple[str, ...], Callable[[QuantOptions], bool], str], .
     ),
     (
         ("percentile",),
-        lambda options: options.calib_method == "percentile",
+        lambda options: METHODS[options.calib_method].reads_percentile,
         "percentile applies only with calib_method = percentile",
     ),
 )
@@ -328,7 +350,7 @@ the complaint)."""
 
 
 def _mode(value: object) -> Mode:
-    return Mode(_choice("mode", value, [m.value for m in Mode]))
+    return Mode(_choice("mode", value, [m.value for m in QUANTIZING_MODES]))
 
 
 def _choice(key: str, value: object, choices: Iterable[str]) -> str:
@@ -455,7 +477,9 @@ _FIELDS = {
     "percentile": _number("percentile", float, 50.0, 100.0),
     "weight_dtype": _dtype("weight_dtype", WEIGHT_ONLY_DTYPES),
     "block_size": _number("block_size", int, 16, 4096),
-    "weight_rounding": lambda value: _choice("weight_rounding", value, WEIGHT_ROUNDINGS),
+    "weight_rounding": lambda value: WeightRounding(
+        _choice("weight_rounding", value, [w.value for w in WeightRounding])
+    ),
     "exclude_node": _patterns("exclude_node"),
     "exclude_op": lambda value: frozenset(_patterns("exclude_op")(value)),
     "tensor": _tensor_overrides,

@@ -1,16 +1,18 @@
 """Registered passes: qgraph's own, and those third-party packages declare.
 
-A pass is registered as a ``PassInfo``: a name, the phase it runs in, a one-line summary, and a
-``build`` function that makes the pass for a target and options (or returns None where the pass
-does not apply). qgraph's own passes are listed by the modules in ``BUILTIN_PASS_MODULES``;
-another package registers its own through the ``qgraph.passes`` entry-point group, whose entries
-name a ``PassInfo`` or a sequence of them::
+A pass is registered as a ``qgraph.pipeline.PassInfo``: a name, the phase it runs in, a one-line
+summary, a ``build`` function that makes the pass for a target and options (or returns None where
+the pass does not apply), and optionally why it is there and the facts it requires and ensures.
+qgraph's own passes are the table ``qgraph.passes.PIPELINE``; another package registers its own
+through the ``qgraph.passes`` entry-point group, whose entries name a ``PassInfo`` or a sequence
+of them::
 
     [project.entry-points."qgraph.passes"]
     my-fusion = "my_package.qgraph_plugin:MY_FUSION"
 
 Within a phase, passes run in registration order: qgraph's first, then plugins by entry-point
-name.
+name. The pipeline refuses a plugin's pass that would break ``qgraph.passes.ORDER`` or run before
+a pass ensuring a fact it requires.
 """
 
 from __future__ import annotations
@@ -18,31 +20,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 
-import onnx_ir as ir
-
+from qgraph import passes as builtin
 from qgraph.errors import PipelineError
 from qgraph.options import CompileOptions
-from qgraph.pipeline import Phase, Pipeline
+from qgraph.pipeline import PassInfo, Pipeline
 from qgraph.targets import TargetSpec, get_target
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "qgraph.passes"
-BUILTIN_PASS_MODULES = (
-    "qgraph.passes.canonicalize",
-    "qgraph.passes.fusion",
-    "qgraph.passes.smoothquant",
-    "qgraph.passes.rotation",
-    "qgraph.passes.annotate",
-    "qgraph.passes.qdq",
-    "qgraph.passes.lowering",
-    "qgraph.passes.runtime_check",
-    "qgraph.passes.finalize",
-)
-BUILTIN_ORIGIN = "qgraph"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,25 +42,9 @@ class PassContext:
     options: CompileOptions
 
 
-PassBuilder = Callable[[PassContext], "ir.passes.PassBase | None"]
-
-
-@dataclasses.dataclass(frozen=True)
-class PassInfo:
-    """A registered pass: how to build it, and where it runs."""
-
-    name: str
-    phase: Phase
-    summary: str
-    build: PassBuilder
-    origin: str = BUILTIN_ORIGIN
-
-
 def registered_passes() -> list[PassInfo]:
     """qgraph's passes followed by plugins' passes; a broken plugin is skipped with a warning."""
-    passes: list[PassInfo] = []
-    for module in BUILTIN_PASS_MODULES:
-        passes.extend(importlib.import_module(module).PASSES)
+    passes = [_built_in(info) for info in builtin.PIPELINE]
     names = {info.name for info in passes}
     for info in _plugin_passes():
         if info.name in names:
@@ -84,6 +57,15 @@ def registered_passes() -> list[PassInfo]:
         names.add(info.name)
         passes.append(info)
     return passes
+
+
+def _built_in(info: PassInfo) -> PassInfo:
+    """``info`` with its ``build``, a module name under ``qgraph.passes``, replaced by the
+    module's builder for it."""
+    if not isinstance(info.build, str):
+        return info
+    module = importlib.import_module(f"{builtin.__name__}.{info.build}")
+    return dataclasses.replace(info, build=module.BUILDERS[info.name])
 
 
 def _plugin_passes() -> Iterable[PassInfo]:
@@ -128,13 +110,15 @@ def build_pipeline(
     problems = target_problems(context.target)
     if problems:
         raise PipelineError(f"target '{context.target.name}': {'; '.join(problems)}")
-    pipeline = Pipeline()
+    pipeline = Pipeline(builtin.ORDER)
     for info in available:
         if info.name in options.skip_passes:
             continue
         pass_ = info.build(context)
         if pass_ is not None:
-            pipeline.add(pass_, info.phase, name=info.name)
+            pipeline.add(
+                pass_, info.phase, name=info.name, requires=info.requires, ensures=info.ensures
+            )
     return pipeline
 
 

@@ -1,4 +1,8 @@
-"""Human-readable reports: rich tables for summaries, pass records, targets and passes."""
+"""Human-readable reports: rich tables for summaries, pass records, targets and passes.
+
+The compile report prints the sections each pass's result carries (``qgraph.sections``), in
+run order; it never asks which pass made one.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,16 @@ from qgraph.compiler import CompileResult
 from qgraph.debugging import DebugReport
 from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelDiff, ModelSummary, TensorInfo
-from qgraph.pipeline import PassRecord
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassInfo, PassRecord
+from qgraph.sections import (
+    Counted,
+    Explained,
+    QuantizationOutcome,
+    Summarized,
+    float_reasons_table,
+    printable,
+)
+from qgraph.sections import table as _table
 from qgraph.targets import TargetSpec, Violation
 
 BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
@@ -37,56 +49,6 @@ def format_count(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.2f}{suffix}"
     return str(count)
-
-
-_UNPRINTABLE = {
-    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-    for code in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-}
-"""C0 and C1 control characters (escape sequences, newlines) and bidirectional overrides."""
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters written out (``\\x1b``): a name read from a
-    model can then neither drive the terminal nor forge a line of qgraph's output."""
-    return text.translate(_UNPRINTABLE)
-
-
-class _PrintableTable(Table):
-    """A table whose text cells are ``printable``: they hold names read from models."""
-
-    def add_row(self, *cells, **options) -> None:
-        super().add_row(*(printable(c) if isinstance(c, str) else c for c in cells), **options)
-
-
-def _table(*columns: str, title: str | None = None) -> Table:
-    """A borderless table; all-blank column names mean a key/value table without header."""
-    table = _PrintableTable(
-        title=title,
-        title_justify="left",
-        title_style="bold",
-        box=None,
-        pad_edge=False,
-        show_header=any(columns),
-    )
-    for column in columns:
-        table.add_column(column, justify="right" if column in _NUMERIC else "left")
-    return table
-
-
-_NUMERIC = frozenset(
-    {
-        "count",
-        "tensors",
-        "elements",
-        "bytes",
-        "seconds",
-        "before",
-        "after",
-        "quantized",
-        "left in float",
-    }
-)
 
 
 def summary_report(summary: ModelSummary, *, top_ops: int | None = None) -> RenderableType:
@@ -169,9 +131,6 @@ def compile_report(
     return _spaced(parts)
 
 
-MAX_EXAMPLES = 3
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizationCounts:
     """What a quantizing compile did with its candidate ops, after the runtime check."""
@@ -180,6 +139,10 @@ class QuantizationCounts:
     """Quantized ops by op type."""
     left_in_float: dict[str, tuple[str, str]]
     """Node name -> (op type, reason) for each candidate left in float."""
+    never_quantized: collections.Counter[tuple[str, str]] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    """(op type, reason) -> count of the ops the target never quantizes."""
 
     @property
     def candidates(self) -> int:
@@ -187,190 +150,53 @@ class QuantizationCounts:
 
 
 def quantization_counts(records: Iterable[PassRecord]) -> QuantizationCounts | None:
-    """The counts of a compile's pass records, or None when nothing was quantized."""
-    by_name = {record.name: record.details for record in records}
-    inserted = by_name.get("insert-qdq")
-    annotated = by_name.get("annotate")
-    if inserted is None or annotated is None:
+    """The passes' quantization outcomes added up in run order, or None when no pass
+    reported one (a float compile)."""
+    outcomes = [r.details.outcome() for r in records if isinstance(r.details, Counted)]
+    if not outcomes:
         return None
-    reverted = runtime_reasons(by_name.get("runtime-check"))
-    reasons = {**annotated.float_reasons, **inserted.float_reasons, **reverted}
-    quantized = inserted.quantized - collections.Counter(op for op, _ in reverted.values())
-    return QuantizationCounts(quantized, reasons)
+    total = QuantizationOutcome()
+    for outcome in outcomes:
+        total.quantized.update(outcome.quantized)
+        total.quantized.subtract(outcome.reverted)
+        total.left_in_float.update(outcome.left_in_float)
+        total.never_quantized.update(outcome.never_quantized)
+    return QuantizationCounts(+total.quantized, total.left_in_float, total.never_quantized)
 
 
 def quantization_report(records: Iterable[PassRecord]) -> RenderableType | None:
-    """Ops quantized by type, and the weighted ops left in float grouped by reason."""
+    """Ops quantized by type, each pass's summary line, and the weighted ops left in float
+    grouped by reason."""
     records = list(records)
     counts = quantization_counts(records)
     if counts is None:
         return None
-    by_name = {record.name: record.details for record in records}
-    inserted = by_name["insert-qdq"]
-    checked = by_name.get("runtime-check")
-    table = _table("op", "quantized", "left in float", title="quantization")
+    ops = _table("op", "quantized", "left in float", title="quantization")
     left = collections.Counter(op for op, _ in counts.left_in_float.values())
     for op in sorted(set(counts.quantized) | set(left)):
-        table.add_row(op, str(counts.quantized.get(op, 0)), str(left.get(op, 0)))
-    parts: list[RenderableType] = [table]
-    notes = (
-        f"{inserted.weights} weights and {inserted.biases} biases quantized, "
-        f"{inserted.activation_pairs} activation Q/DQ pairs"
-    )
-    if inserted.residual_inputs:
-        notes += f" ({inserted.residual_inputs} residual Adds read one on their skip input)"
-    if inserted.gptq_weights:
-        notes += f" ({inserted.gptq_weights} weights rounded by GPTQ)"
-    if inserted.calibration_batches:
-        notes += f", calibrated on {inserted.calibration_batches} batches"
-    if inserted.promoted:
-        worst = min(inserted.promoted.values())
-        notes += (
-            f"; {len(inserted.promoted)} activations in 16 bits, where 8 would have given an "
-            f"SQNR as low as {worst:.1f} dB"
-        )
-    parts.append(notes)
-    if checked is not None:
-        parts.append(checked.summary())
-    rotation = by_name.get("rotation")
-    if rotation is not None:
-        parts.append(rotation_summary(rotation))
-    smoothing = by_name.get("smoothquant")
-    if smoothing is not None:
-        parts.append(smoothquant_summary(smoothing))
+        ops.add_row(op, str(counts.quantized.get(op, 0)), str(left.get(op, 0)))
+    parts: list[RenderableType] = [ops]
+    parts.extend(r.details.summary() for r in records if isinstance(r.details, Summarized))
     if counts.left_in_float:
-        parts.append(_float_reasons_table(counts.left_in_float))
+        parts.append(float_reasons_table(counts.left_in_float))
     return _spaced(parts)
 
 
-def runtime_reasons(report) -> dict[str, tuple[str, str]]:
-    """Node name -> (op type, reason) for the ops the runtime check put back in float."""
-    if report is None:
-        return {}
-    return {op.name: (op.op_type, op.reason) for op in report.reverted}
-
-
-def smoothquant_summary(report) -> str:
-    """One line: how many activations were smoothed, how, with which alphas."""
-    smoothed = report.smoothed
-    alphas = collections.Counter(tensor.alpha for tensor in smoothed)
-    chosen = ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(alphas.items()))
-    line = (
-        f"SmoothQuant: {len(smoothed)} activations smoothed (alpha {chosen or '-'}), "
-        f"{report.folded} folded into their producers, {len(smoothed) - report.folded} "
-        f"through an inserted Mul; {len(report.skipped)} left as they were"
-    )
-    searched = [tensor.sqnr_db for tensor in smoothed if tensor.sqnr_db is not None]
-    if searched:
-        gain = sum(after - before for before, after in searched) / len(searched)
-        line += f"; the search expects +{gain:.1f} dB output SQNR on average"
-    return line
-
-
-def rotation_summary(report) -> str:
-    """One line: which rotations went where, and which were declined."""
-    kinds = {
-        name: sorted({applied.rotation for applied in report.applied if applied.name == name})
-        for name in ("R1", "R2", "R4")
-    }
-    done = [
-        f"{name} x{report.count(name)} ({', '.join(kinds[name])})"
-        for name in kinds
-        if report.count(name)
-    ]
-    line = f"Rotation (seed {report.seed}): {', '.join(done) or 'none applied'}"
-    online = sum(bool(applied.online) for applied in report.applied)
-    if online:
-        line += f"; {online} with ops added in float"
-    if report.declined:
-        line += "; not applied: " + "; ".join(f"{k}: {v}" for k, v in report.declined.items())
-    return line
-
-
-def rotation_table(report) -> Table:
-    """Every rotation applied: where, which matrix, what it folded into or added."""
-    table = _table("rotation", "where", "matrix", "folded", "added", title="Rotation")
-    for applied in report.applied:
-        table.add_row(
-            applied.name, applied.where, applied.rotation, str(applied.folded), applied.online
-        )
-    for name, reason in report.declined.items():
-        table.add_row(name, "-", "-", "-", f"not applied: {reason}")
-    return table
-
-
-def smoothquant_table(report) -> Table:
-    """Every activation SmoothQuant looked at: alpha and where ``X / s`` went, or why not."""
-    table = _table("activation", "alpha", "where X / s went (or why left)", title="SmoothQuant")
-    for tensor in report.smoothed:
-        table.add_row(tensor.name, f"{tensor.alpha:g}", tensor.placement)
-    for name, reason in report.skipped.items():
-        table.add_row(name, "-", reason)
-    return table
-
-
-def _float_reasons_table(reasons: dict[str, tuple[str, str]], title: str | None = None) -> Table:
-    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for node, (op, reason) in reasons.items():
-        groups[(op, reason)].append(node)
-    table = _table("op", "count", "why left in float", "e.g.", title=title)
-    for (op, reason), nodes in sorted(groups.items(), key=lambda item: -len(item[1])):
-        table.add_row(op, str(len(nodes)), reason, ", ".join(nodes[:MAX_EXAMPLES]))
-    return table
-
-
 def explain_report(records: Iterable[PassRecord]) -> RenderableType:
-    """For each pass that reports rules (fusion, lower): matches per rule, near-misses by
-    reason; for SmoothQuant, every activation it smoothed or left; for rotation, every
-    rotation and where it went."""
-    parts: list[RenderableType] = []
+    """The ops left in float and why, then each pass's explanation in run order (rules
+    applied and near-misses, activations smoothed, rotations placed)."""
     records = list(records)
-    left = _left_in_float_table(records)
-    if left is not None:
+    parts: list[RenderableType] = []
+    counts = quantization_counts(records)
+    if counts is not None:
+        left = float_reasons_table(counts.left_in_float, title="ops left in float")
+        for (op, reason), count in counts.never_quantized.most_common():
+            left.add_row(op, str(count), reason, "")
         parts.append(left)
     for record in records:
-        details = record.details
-        if record.name == "smoothquant" and details is not None:
-            parts.append(smoothquant_table(details))
-        if record.name == "rotation" and details is not None:
-            parts.append(rotation_table(details))
-        if not hasattr(details, "near_misses"):
-            continue
-        rules = _table("rule", "applied", "near-misses", title=f"{record.name}: rules")
-        misses = collections.Counter(m.rule for m in details.near_misses)
-        for name, count in details.applied.items():
-            rules.add_row(name, str(count), str(misses.get(name, 0)))
-        for activation, count in getattr(details, "activations", {}).items():
-            rules.add_row(f"activation {activation}", str(count), "")
-        parts.append(rules)
-        parts.append(_near_miss_table(record.name, details.near_misses))
+        if isinstance(record.details, Explained):
+            parts.extend(record.details.explanation(record.name))
     return _spaced(parts) if parts else Text("no pass reports rules")
-
-
-def _left_in_float_table(records: list[PassRecord]) -> Table | None:
-    """Every op a quantizing compile left in float, grouped by op and reason."""
-    by_name = {record.name: record.details for record in records}
-    annotated, inserted = by_name.get("annotate"), by_name.get("insert-qdq")
-    if annotated is None:
-        return None
-    reasons = {**annotated.float_reasons, **(inserted.float_reasons if inserted else {})}
-    table = _float_reasons_table(reasons, title="ops left in float")
-    for (op, reason), count in annotated.unquantized.most_common():
-        table.add_row(op, str(count), reason, "")
-    return table
-
-
-def _near_miss_table(pass_name: str, near_misses) -> RenderableType:
-    if not near_misses:
-        return Text(f"{pass_name}: no near-misses")
-    groups: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    for miss in near_misses:
-        groups[(miss.rule, miss.reason)].append(miss.node)
-    table = _table("rule", "count", "why not", "where", title=f"{pass_name}: near-misses")
-    for (rule, reason), nodes in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        shown = ", ".join(nodes[:MAX_EXAMPLES]) + (" ..." if len(nodes) > MAX_EXAMPLES else "")
-        table.add_row(rule, str(len(nodes)), reason, shown)
-    return table
 
 
 def records_report(records: Iterable[PassRecord]) -> Table:
@@ -537,9 +363,9 @@ def _plain(value: object) -> str:
 
 
 def passes_report(passes: Iterable[PassInfo]) -> Table:
-    table = _table("phase", "pass", "origin", "what it does", title="registered passes")
+    table = _table("phase", "pass", "origin", "what it does", "why", title="registered passes")
     for info in passes:
-        table.add_row(info.phase.value, info.name, info.origin, info.summary)
+        table.add_row(info.phase.value, info.name, info.origin, info.summary, info.why or "-")
     return table
 
 

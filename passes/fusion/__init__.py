@@ -24,6 +24,7 @@ import functools
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from rich.console import RenderableType
 
 from qgraph.passes.canonicalize import IdentityEliminationPass
 from qgraph.passes.fusion import activations, batchnorm, gelu, gemm, normalization, onehot, scales
@@ -36,8 +37,8 @@ from qgraph.passes.rule_table import (
     label,
     near_misses,
 )
-from qgraph.pipeline import Phase, ReportingPassResult
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder, ReportingPassResult
+from qgraph.sections import rule_tables
 from qgraph.targets import TargetSpec
 from qgraph.traversal import all_nodes
 
@@ -126,6 +127,10 @@ class FusionReport:
     activations: dict[str, int]
     near_misses: tuple[NearMiss, ...]
 
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Rewrites per rule, and the near-misses by reason."""
+        return rule_tables(pass_name, self.applied, self.near_misses, self.activations)
+
 
 @functools.cache
 def compiled_rules(target: TargetSpec) -> CompiledTable:
@@ -166,12 +171,7 @@ def _activation_marks(model: ir.Model) -> dict[ir.Node, str | None]:
     return {n: n.metadata_props.get(key) for n in all_nodes(model.graph) if key in n.metadata_props}
 
 
-PASSES = (
-    PassInfo(
-        "fusion",
-        Phase.FLOAT_REWRITES,
-        "fold BatchNorm and constant scales into weights, fuse LayerNorm/RMSNorm/GELU, "
-        "record activations",
-        lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "fusion": lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

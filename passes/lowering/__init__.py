@@ -19,6 +19,7 @@ import functools
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from rich.console import RenderableType
 
 from qgraph.errors import QGraphError
 from qgraph.ops import MICROSOFT_DOMAIN
@@ -31,9 +32,9 @@ from qgraph.passes.rule_table import (
     compile_table,
     near_misses,
 )
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import Mode
-from qgraph.registry import PassInfo
+from qgraph.sections import rule_tables
 from qgraph.targets import QuantFormat, TargetSpec
 
 
@@ -87,6 +88,10 @@ class LoweringReport:
     applied: dict[str, int]
     near_misses: tuple[NearMiss, ...]
 
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Rewrites per rule, and the near-misses by reason."""
+        return rule_tables(pass_name, self.applied, self.near_misses)
+
 
 @functools.cache
 def compiled_rules(target: TargetSpec) -> CompiledTable:
@@ -129,12 +134,7 @@ def _build(ctx) -> LowerPass | None:
     return LowerPass(ctx.target, explain=ctx.options.explain)
 
 
-PASSES = (
-    PassInfo(
-        "lower",
-        Phase.LOWER,
-        "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "
-        "(QOperator format)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "lower": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -52,11 +52,13 @@ local to one block and apply to them as to any model.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from rich.console import RenderableType
 
 from qgraph.passes.rotation.hadamard import (
     Rotation,
@@ -77,11 +79,28 @@ from qgraph.passes.rotation.structure import (
     weight_reader,
 )
 from qgraph.passes.smoothquant.folding import replace_constant
-from qgraph.pipeline import Phase, ReportingPassResult
-from qgraph.registry import PassInfo
+from qgraph.pipeline import PassBuilder, ReportingPassResult
+from qgraph.sections import table
 from qgraph.traversal import weighted_producer
 
 logger = logging.getLogger(__name__)
+
+
+class RotationName(str, enum.Enum):
+    """The rotations the pass applies, in the order it applies them."""
+
+    R1 = "R1"
+    """The residual stream, folded into the weights that read and write it."""
+    R2 = "R2"
+    """Each attention head's values, folded into the value and output projections."""
+    RO = "Ro"
+    """The attention output projection's input, applied online."""
+    R4 = "R4"
+    """The MLP down projection's input, applied online."""
+
+    def __str__(self) -> str:
+        return self.value
+
 
 SUFFIX = "rotated"
 """Rotated initializers are named ``<original>.rotated``."""
@@ -91,8 +110,8 @@ SUFFIX = "rotated"
 class Applied:
     """One rotation put in place."""
 
-    name: str
-    """``R1``, ``R2`` or ``R4``."""
+    name: RotationName
+    """Which rotation."""
     where: str
     rotation: str
     folded: int
@@ -107,11 +126,35 @@ class RotationReport:
 
     seed: int
     applied: list[Applied] = dataclasses.field(default_factory=list)
-    declined: dict[str, str] = dataclasses.field(default_factory=dict)
+    declined: dict[RotationName, str] = dataclasses.field(default_factory=dict)
     """Rotation -> why it was not applied."""
 
-    def count(self, name: str) -> int:
+    def count(self, name: RotationName) -> int:
         return sum(applied.name == name for applied in self.applied)
+
+    def summary(self) -> str:
+        """Which rotations went where (R1, R2, Ro, R4 in that order), and which were declined."""
+        done = []
+        for name in RotationName:
+            kinds = sorted({a.rotation for a in self.applied if a.name == name})
+            if kinds:
+                done.append(f"{name} x{self.count(name)} ({', '.join(kinds)})")
+        line = f"Rotation (seed {self.seed}): {', '.join(done) or 'none applied'}"
+        online = sum(bool(applied.online) for applied in self.applied)
+        if online:
+            line += f"; {online} with ops added in float"
+        if self.declined:
+            line += "; not applied: " + "; ".join(f"{k}: {v}" for k, v in self.declined.items())
+        return line
+
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Every rotation applied: where, which matrix, what it folded into or added."""
+        made = table("rotation", "where", "matrix", "folded", "added", title="Rotation")
+        for a in self.applied:
+            made.add_row(a.name, a.where, a.rotation, str(a.folded), a.online)
+        for name, reason in self.declined.items():
+            made.add_row(name, "-", "-", "-", f"not applied: {reason}")
+        return [made]
 
 
 class RotationPass(ir.passes.InPlacePass):
@@ -128,21 +171,27 @@ class RotationPass(ir.passes.InPlacePass):
         report = RotationReport(self.seed)
         streams = residual_streams(graph)
         if isinstance(streams, str):
-            report.declined["R1"] = streams
+            report.declined[RotationName.R1] = streams
         else:
             for stream in streams:
                 report.applied.append(_rotate_stream(stream, random_rotation(stream.width, rng)))
         regions = head_regions(graph)
         if not regions:
-            report.declined["R2"] = "no value -> output projection path with a head layout"
+            report.declined[RotationName.R2] = (
+                "no value -> output projection path with a head layout"
+            )
         for region in regions:
             report.applied.append(_rotate_heads(region, random_rotation(region.head_dim, rng)))
-            report.applied.append(_rotate_input_online(region.output_projection, "Ro", rng))
+            report.applied.append(
+                _rotate_input_online(region.output_projection, RotationName.RO, rng)
+            )
         projections = mlp_inputs(graph)
         if not projections:
-            report.declined["R4"] = "no MLP down projection (elementwise input, residual output)"
+            report.declined[RotationName.R4] = (
+                "no MLP down projection (elementwise input, residual output)"
+            )
         for projection in projections:
-            report.applied.append(_rotate_input_online(projection, "R4", rng))
+            report.applied.append(_rotate_input_online(projection, RotationName.R4, rng))
         logger.info("rotation: %d applied, %d declined", len(report.applied), len(report.declined))
         return ReportingPassResult(model, modified=bool(report.applied), details=report)
 
@@ -173,8 +222,10 @@ def _online(value: ir.Value, readers: list[ir.Node], rotation: Rotation, prefix:
     return f"{insert_online(value, readers, rotation, prefix, form)} ops ({form})"
 
 
-def _prefix(node: ir.Node | None, value: ir.Value, rotation: str) -> str:
-    return f"{node.name if node is not None and node.name else value.name}/rotation/{rotation}"
+def _prefix(node: ir.Node | None, value: ir.Value, rotation: RotationName) -> str:
+    return (
+        f"{node.name if node is not None and node.name else value.name}/rotation/{rotation.value}"
+    )
 
 
 # R1: the residual stream.
@@ -187,7 +238,7 @@ def _rotate_stream(stream: ResidualStream, rotation: Rotation) -> Applied:
     tied = _rotate_embedding(stream, r1)
     if tied is None:
         readers = [node for node, _ in root.uses() if node.op_type not in SHAPE_READERS]
-        insert_matmul(root, readers, r1, _prefix(root.producer(), root, "R1"))
+        insert_matmul(root, readers, r1, _prefix(root.producer(), root, RotationName.R1))
         added.append("x R1 at the stream's start")
     folded = int(tied is not None)
     for norm in stream.norms:
@@ -198,7 +249,9 @@ def _rotate_stream(stream: ResidualStream, rotation: Rotation) -> Applied:
         if _fold_writer(add.inputs[branch], add, r1):
             folded += 1
         else:
-            insert_matmul(add.inputs[branch], [add], r1, _prefix(add, add.inputs[branch], "R1"))
+            insert_matmul(
+                add.inputs[branch], [add], r1, _prefix(add, add.inputs[branch], RotationName.R1)
+            )
             added.append(f"x R1 before '{add.name}'")
     if end.is_graph_output():
         added.append(f"x R1^T at output '{end.name}'")
@@ -207,7 +260,7 @@ def _rotate_stream(stream: ResidualStream, rotation: Rotation) -> Applied:
         f"residual stream of width {stream.width}: {len(stream.norms)} norms, "
         f"{len(stream.adds)} residual Adds"
     )
-    return Applied("R1", where, rotation.kind, folded, "; ".join(added))
+    return Applied(RotationName.R1, where, rotation.kind, folded, "; ".join(added))
 
 
 def _rotate_embedding(stream: ResidualStream, r1: np.ndarray) -> set[ir.Value] | None:
@@ -250,12 +303,12 @@ def _fold_norm(norm: ir.Node, r1: np.ndarray, tied: set[ir.Value]) -> tuple[int,
             folds += 1
         elif reader.op_type == "MatMul" and reader.inputs[1] in tied:
             restore = r1.T @ (gamma[:, None] * r1)
-            insert_matmul(normed, [reader], restore, _prefix(reader, normed, "R1"))
+            insert_matmul(normed, [reader], restore, _prefix(reader, normed, RotationName.R1))
             inserted.append(f"R1^T diag(g) R1 before tied '{reader.name}'")
         else:
             others.append(reader)
     if others:
-        insert_matmul(normed, others, r1.T * gamma, _prefix(norm, normed, "R1"))
+        insert_matmul(normed, others, r1.T * gamma, _prefix(norm, normed, RotationName.R1))
         inserted.append(f"R1^T diag(g) after '{norm.name}'")
     replace_constant(norm, 1, np.ones_like(gamma, dtype=np.float32), suffix=SUFFIX)
     return folds, inserted
@@ -280,7 +333,7 @@ def _leave_unrotated(end: ir.Value, r1: np.ndarray) -> None:
     graph = end.producer().graph
     name = end.name
     end.name = f"{name}.{SUFFIX}"
-    result = insert_matmul(end, [], r1.T, _prefix(end.producer(), end, "R1"), graph)
+    result = insert_matmul(end, [], r1.T, _prefix(end.producer(), end, RotationName.R1), graph)
     position = list(graph.outputs).index(end)
     graph.outputs[position] = result
     result.name = name
@@ -309,13 +362,15 @@ def _rotate_heads(region: HeadRegion, rotation: Rotation) -> Applied:
     where = (
         f"'{region.value_projection.name}' -> '{region.output_projection.name}', head_dim {size}"
     )
-    return Applied("R2", where, rotation.kind, folded)
+    return Applied(RotationName.R2, where, rotation.kind, folded)
 
 
 # Online rotations: MLP down-projection inputs (R4), attention output-projection inputs (Ro).
 
 
-def _rotate_input_online(projection: ir.Node, name: str, rng: np.random.Generator) -> Applied:
+def _rotate_input_online(
+    projection: ir.Node, name: RotationName, rng: np.random.Generator
+) -> Applied:
     """``x -> x Q`` online before ``MatMul(x, B)``, ``B <- Q^T B``: ``Q`` a plain Hadamard
     matrix (random orthogonal where none has the width)."""
     value = projection.inputs[0]
@@ -335,12 +390,7 @@ def _build(ctx) -> RotationPass | None:
     return RotationPass(quantization.rotate_seed)
 
 
-PASSES = (
-    PassInfo(
-        "rotation",
-        Phase.FLOAT_REWRITES,
-        "rotate the residual stream, attention heads and MLP inputs by orthogonal (Hadamard) "
-        "matrices that spread outliers, float function unchanged (--rotate)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "rotation": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -22,18 +22,20 @@ are visited in graph order, each scale from the weights as earlier tensors left 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 
 import numpy as np
 import onnx_ir as ir
+from rich.console import RenderableType
 
 from qgraph.calibration import CalibrationError, ChannelStatistics, collect
 from qgraph.data import DataSource
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import AnnotatePass, NodeAnnotation
-from qgraph.passes.qdq import calibration_data, counting_batches
+from qgraph.passes.qdq.calibrate import calibration_data, counting_batches
 from qgraph.passes.smoothquant.folding import (
     Channels,
     Rescale,
@@ -49,9 +51,9 @@ from qgraph.passes.smoothquant.readers import (
     weight_of,
 )
 from qgraph.passes.smoothquant.scales import AlphaSearch, QuantizedReader, smoothing_scale
-from qgraph.pipeline import Phase, ReportingPassResult
+from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import AUTO_ALPHA, Mode, QuantOptions
-from qgraph.registry import PassInfo
+from qgraph.sections import table
 from qgraph.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,30 @@ class SmoothQuantReport:
     @property
     def folded(self) -> int:
         return sum(tensor.folded for tensor in self.smoothed)
+
+    def summary(self) -> str:
+        """How many activations were smoothed, how, with which alphas."""
+        alphas = collections.Counter(tensor.alpha for tensor in self.smoothed)
+        chosen = ", ".join(f"{alpha:g} x{count}" for alpha, count in sorted(alphas.items()))
+        line = (
+            f"SmoothQuant: {len(self.smoothed)} activations smoothed (alpha {chosen or '-'}), "
+            f"{self.folded} folded into their producers, {len(self.smoothed) - self.folded} "
+            f"through an inserted Mul; {len(self.skipped)} left as they were"
+        )
+        searched = [tensor.sqnr_db for tensor in self.smoothed if tensor.sqnr_db is not None]
+        if searched:
+            gain = sum(after - before for before, after in searched) / len(searched)
+            line += f"; the search expects +{gain:.1f} dB output SQNR on average"
+        return line
+
+    def explanation(self, pass_name: str) -> list[RenderableType]:
+        """Every activation looked at: alpha and where ``X / s`` went, or why not."""
+        made = table("activation", "alpha", "where X / s went (or why left)", title="SmoothQuant")
+        for tensor in self.smoothed:
+            made.add_row(tensor.name, f"{tensor.alpha:g}", tensor.placement)
+        for name, reason in self.skipped.items():
+            made.add_row(name, "-", reason)
+        return [made]
 
 
 @dataclasses.dataclass
@@ -260,12 +286,7 @@ def _build(ctx) -> SmoothQuantPass | None:
     return SmoothQuantPass(ctx.target, quantization, ctx.options.calibration_progress)
 
 
-PASSES = (
-    PassInfo(
-        "smoothquant",
-        Phase.FLOAT_REWRITES,
-        "migrate activation outliers into weights: X W = (X / s)(s W), s from calibration "
-        "(--smoothquant ALPHA|auto)",
-        _build,
-    ),
-)
+BUILDERS: dict[str, PassBuilder] = {
+    "smoothquant": _build,
+}
+"""What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

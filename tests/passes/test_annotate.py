@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
 import qgraph
+from qgraph.passes.annotate import (
+    AnnotatePass,
+    KeepFloat,
+    NodeAnnotation,
+    ResidualAnnotation,
+    annotation,
+    take_annotation,
+)
+from qgraph.passes.qdq import InsertQDQPass
 
 
 def test_a_matmul_inside_an_if_body_is_listed_float_with_its_reason():
@@ -45,3 +56,50 @@ def test_a_matmul_inside_an_if_body_is_listed_float_with_its_reason():
     op, reason = annotate.float_reasons["then_op"]
     assert op == "MatMul" and "inside a subgraph of If 'choose'" in reason
     assert "else_op" not in annotate.float_reasons
+
+
+def _matmul(weight: np.ndarray) -> ir.Model:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ir.serde.deserialize_model(proto)
+
+
+def _annotator(**flags) -> AnnotatePass:
+    options = qgraph.quant_options(mode="dynamic", **flags)
+    return AnnotatePass(qgraph.get_target("x86-vnni"), options)
+
+
+def test_decide_gives_an_annotation_or_a_typed_reason_to_keep_float():
+    model = _matmul(np.ones((4, 4), np.float32))
+    (node,) = model.graph
+    decision = _annotator().decide(node)
+    assert isinstance(decision, NodeAnnotation) and decision.weight == 1
+    assert _annotator(exclude_op=("MatMul",)).decide(node) == KeepFloat(
+        "op type MatMul excluded by the user"
+    )
+    assert _annotator().decide(ir.node("Relu", [node.outputs[0]])) is None
+
+
+def test_annotations_are_handed_over_by_kind_and_taken_once():
+    model = _matmul(np.ones((4, 4), np.float32))
+    _annotator()(model)
+    (node,) = model.graph
+    assert annotation(node, ResidualAnnotation) is None
+    taken = take_annotation(node, NodeAnnotation)
+    assert isinstance(taken, NodeAnnotation) and annotation(node, NodeAnnotation) is None
+
+
+def test_insert_qdq_refuses_a_node_handed_something_that_is_no_annotation():
+    model = _matmul(np.ones((4, 4), np.float32))
+    (node,) = model.graph
+    node.meta["qgraph.annotation"] = {"weight": 1}
+    options = qgraph.quant_options(mode="dynamic")
+    insert = InsertQDQPass(qgraph.get_target("x86-vnni"), options)
+    with pytest.raises(ir.passes.PreconditionError, match="node 'mm' carries dict"):
+        insert(model)

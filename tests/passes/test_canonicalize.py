@@ -15,8 +15,8 @@ from onnx import TensorProto, helper
 import qgraph
 from qgraph import verify
 from qgraph.options import CompileOptions
-from qgraph.passes import canonicalize
-from qgraph.pipeline import Pipeline
+from qgraph.passes import PIPELINE, canonicalize
+from qgraph.pipeline import Phase, Pipeline
 from qgraph.registry import PassContext
 from qgraph.targets import get_target
 
@@ -25,14 +25,15 @@ CONTEXT = PassContext(get_target("x86-avx2"), CompileOptions())
 
 def built(name: str) -> ir.passes.PassBase:
     """The registered canonicalize pass called ``name``, as the pipeline builds it."""
-    info = next(info for info in canonicalize.PASSES if info.name == name)
-    return info.build(CONTEXT)
+    return canonicalize.BUILDERS[name](CONTEXT)
 
 
 def canonicalize_pipeline() -> Pipeline:
     pipeline = Pipeline()
-    for info in canonicalize.PASSES:
-        pass_ = info.build(CONTEXT)
+    for info in PIPELINE:
+        if info.phase is not Phase.CANONICALIZE:
+            continue
+        pass_ = canonicalize.BUILDERS[info.name](CONTEXT)
         if pass_ is not None:  # upgrade-opset runs only when quantizing
             pipeline.add(pass_, info.phase, name=info.name)
     return pipeline

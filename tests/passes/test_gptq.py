@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 import qgraph
 from qgraph.options import CompileOptions
 from qgraph.passes.gptq import DAMPING, InputGram, gptq_quantize
-from qgraph.passes.qdq import CalibrationMissingError
+from qgraph.passes.qdq.calibrate import CalibrationMissingError
 from qgraph.quant_spec import QuantSpec, dequantize, quantize, quantize_weight, scale_and_zero_point
 from qgraph.recipe import quant_options
 

@@ -20,7 +20,8 @@ from onnx import TensorProto
 
 import qgraph
 from qgraph import model_io, models, verify
-from qgraph.cli import cli
+from qgraph.cli import cli, pipeline_text
+from qgraph.passes import PIPELINE
 from qgraph.targets import TARGETS, detect_host_target
 
 
@@ -146,6 +147,17 @@ def test_passes_and_targets_listings():
     names = [p["name"] for p in passes]
     assert names[:4] == ["inline-functions", "upgrade-opset", "lift-constants", "shape-inference"]
     assert names.index("fusion") < names.index("annotate") < names.index("insert-qdq")
+    annotate = next(p for p in passes if p["name"] == "annotate")
+    assert annotate["why"] and annotate["ensures"] == ["annotated"]
+
+
+def test_compile_help_lists_the_pipeline_table():
+    def squeezed(text: str) -> str:  # click rewraps lines, also at hyphens
+        return "".join(text.split())
+
+    listed = squeezed(invoke("compile", "--help").stdout)
+    assert squeezed(pipeline_text(PIPELINE)) in listed
+    assert all(info.name in listed for info in PIPELINE)
     targets = json.loads(invoke("targets", "--json").stdout)
     assert [t["name"] for t in targets] == list(TARGETS)
     assert sum(t["auto"] for t in targets) == 1
@@ -288,7 +300,9 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
     result = invoke(*args, "--rotate-seed", "3", "--explain")
     assert result.exit_code == 0, result.output
     summary = "Rotation (seed 3): R1 x1 (randomized hadamard 1 x 2^8), R2 x1"
-    assert summary in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert summary in text
+    assert ", Ro x1 (" in text.split(summary)[1], "the summary counts the online Ro rotations"
     assert "an online rotation (rotation pass), kept in float" in result.stdout
     assert "R4" in result.stdout and "random orthogonal" in result.stdout
     assert_one_line_error(

@@ -11,7 +11,10 @@ from onnx import helper
 
 import qgraph
 from qgraph.errors import PipelineError
-from qgraph.pipeline import PROVENANCE_KEY, Phase, Pipeline
+from qgraph.options import CompileOptions
+from qgraph.passes import ORDER, Fact
+from qgraph.pipeline import PROVENANCE_KEY, Before, Phase, Pipeline
+from qgraph.recipe import quant_options
 
 SLEEP_SECONDS = 0.05
 
@@ -131,3 +134,38 @@ def test_an_unchanged_graph_reports_no_modification(make_model):
     proto = make_model([helper.make_node("Relu", ["x"], ["y"], name="r")], {"x": [3]}, {"y": [3]})
     result = Pipeline().add(Nothing(), "lower", name="n").run(qgraph.load(proto))
     assert not result.modified
+
+
+def test_an_ordering_constraint_refuses_a_pass_added_on_the_wrong_side():
+    rule = Before("a", "b", "a makes what b reads")
+    with pytest.raises(PipelineError, match=r"'a'.*must run before 'b' \(a makes what b reads\)"):
+        Pipeline([rule]).add(Nothing(), "lower", name="b").add(Nothing(), "lower", name="a")
+    with pytest.raises(PipelineError, match=r"'b'.*must run after 'a'"):
+        Pipeline([rule]).add(Nothing(), "lower", name="a").add(
+            Nothing(), "lower", name="b", first=True
+        )
+    pipeline = Pipeline([rule]).add(Nothing(), "lower", name="b")
+    assert pipeline.add(Nothing(), "lower", name="a", first=True).names() == ["a", "b"]
+
+
+def test_a_pass_cannot_run_before_the_pass_ensuring_what_it_requires():
+    made = Pipeline().add(Nothing(), "lower", name="maker", ensures={"fact"})
+    with pytest.raises(PipelineError, match="requires 'fact' and would run before 'maker'"):
+        made.add(Nothing(), "lower", name="reader", requires={"fact"}, first=True)
+    read = Pipeline().add(Nothing(), "lower", name="reader", requires={"fact"})
+    with pytest.raises(PipelineError, match="ensures 'fact' and would run after 'reader'"):
+        read.add(Nothing(), "lower", name="maker", ensures={"fact"})
+
+
+def test_a_plugin_pass_is_checked_against_the_built_in_table():
+    options = CompileOptions(quantization=quant_options(mode="dynamic"))
+    pipeline = qgraph.build_pipeline("x86-avx2", options)
+    with pytest.raises(PipelineError, match="requires 'annotated' and would run before 'annotate'"):
+        pipeline.add(Nothing(), "float-rewrites", name="early", requires={Fact.ANNOTATED})
+    pipeline.add(Nothing(), "lower", name="late", requires={Fact.ANNOTATED})
+
+
+def test_smoothquant_stays_before_rotation():
+    pipeline = Pipeline(ORDER).add(Nothing(), "float-rewrites", name="rotation")
+    with pytest.raises(PipelineError, match="must run before 'rotation'"):
+        pipeline.add(Nothing(), "float-rewrites", name="smoothquant")

@@ -9,7 +9,14 @@ import onnx_ir as ir
 import pytest
 
 from qgraph import calibration
-from qgraph.recipe import Mode, QuantOptions, RecipeError, load_recipe, quant_options
+from qgraph.recipe import (
+    Mode,
+    QuantOptions,
+    RecipeError,
+    WeightRounding,
+    load_recipe,
+    quant_options,
+)
 
 RECIPE = """
 mode = "weight-only"
@@ -68,8 +75,17 @@ def test_opset_21_is_needed_for_4_bit_weights_and_16_bit_activations():
 
 
 def test_weight_rounding_is_nearest_unless_gptq_is_asked_for():
-    assert QuantOptions().weight_rounding == "nearest"
-    assert quant_options({"weight_rounding": "gptq"}).weight_rounding == "gptq"
+    assert QuantOptions().weight_rounding is WeightRounding.NEAREST
+    assert quant_options({"weight_rounding": "gptq"}).weight_rounding is WeightRounding.GPTQ
+    assert QuantOptions(weight_rounding="gptq").weight_rounding is WeightRounding.GPTQ
+
+
+def test_the_recipe_strings_become_enums_and_float_mode_has_no_options():
+    assert quant_options(mode="dynamic").mode is Mode.DYNAMIC
+    with pytest.raises(RecipeError, match="mode float quantizes nothing"):
+        QuantOptions(mode=Mode.FLOAT)
+    with pytest.raises(RecipeError, match="choose one of static, dynamic, weight-only"):
+        quant_options(mode="float")
 
 
 def test_rotation_is_a_flag_with_a_seed():
@@ -152,3 +168,11 @@ def test_the_recipe_takes_every_calibration_method_the_calibration_module_has(mo
     assert quant_options(calib_method="mse2").calib_method == "mse2"
     with pytest.raises(RecipeError, match="minmax, percentile, entropy, mse, mse2"):
         quant_options(calib_method="kl")
+
+
+def test_percentile_applies_to_any_method_that_reads_it(monkeypatch):
+    added = dataclasses.replace(calibration.METHODS["percentile"], name="clipped")
+    monkeypatch.setitem(calibration.METHODS, "clipped", added)
+    assert quant_options(calib_method="clipped", percentile=99.0).percentile == 99.0
+    with pytest.raises(RecipeError, match="percentile applies only"):
+        quant_options(calib_method="mse", percentile=99.0)

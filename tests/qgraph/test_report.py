@@ -3,18 +3,24 @@ table of what a quantizing compile did."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import numpy as np
 import pytest
 from rich.console import Console
 
 import qgraph
+from qgraph.pipeline import PassRecord, Phase
 from qgraph.report import (
+    explain_report,
     format_bytes,
     format_count,
     printable,
     quantization_counts,
     quantization_report,
 )
+from qgraph.sections import QuantizationOutcome
 
 
 def _rendered(renderable) -> str:
@@ -64,3 +70,49 @@ def test_counts_list_quantized_ops_and_each_one_left_in_float_with_its_reason(sm
 def test_the_quantization_table_counts_each_op_type(small_model):
     text = _rendered(quantization_report(_compiled(small_model).records))
     assert "Gemm" in text and "1 weights and 1 biases quantized" in text
+
+
+def test_any_pass_result_with_a_section_is_reported_whatever_its_name():
+    @dataclasses.dataclass
+    class PluginReport:
+        def summary(self) -> str:
+            return "plugin: 2 ops quantized"
+
+        def outcome(self) -> QuantizationOutcome:
+            return QuantizationOutcome(
+                quantized=collections.Counter({"Conv": 2}),
+                left_in_float={"c3": ("Conv", "too small")},
+            )
+
+        def explanation(self, pass_name: str) -> list[str]:
+            return [f"{pass_name}: what it did where"]
+
+    record = PassRecord(Phase.FLOAT_REWRITES, "my-plugin", 0.0, True, 3, 3, PluginReport())
+    counts = quantization_counts([record])
+    assert counts.quantized == {"Conv": 2} and counts.candidates == 3
+    text = _rendered(quantization_report([record]))
+    assert "plugin: 2 ops quantized" in text and "too small" in text
+    assert "my-plugin: what it did where" in _rendered(explain_report([record]))
+
+
+def test_an_op_put_back_in_float_by_a_later_pass_is_counted_once_in_float():
+    quantize = QuantizationOutcome(quantized=collections.Counter({"MatMul": 2}))
+    revert = QuantizationOutcome(
+        reverted=collections.Counter({"MatMul": 1}), left_in_float={"m": ("MatMul", "no kernel")}
+    )
+    records = [
+        PassRecord(Phase.INSERT_QDQ, "a", 0.0, True, 1, 1, _Outcome(quantize)),
+        PassRecord(Phase.FINALIZE, "b", 0.0, True, 1, 1, _Outcome(revert)),
+    ]
+    counts = quantization_counts(records)
+    assert counts.quantized == {"MatMul": 1} and counts.left_in_float == {
+        "m": ("MatMul", "no kernel")
+    }
+
+
+@dataclasses.dataclass
+class _Outcome:
+    fixed: QuantizationOutcome
+
+    def outcome(self) -> QuantizationOutcome:
+        return self.fixed

@@ -21,7 +21,7 @@ import qgraph
 from qgraph import models, verify
 from qgraph.calibration import CalibrationError
 from qgraph.data import read_batches
-from qgraph.passes.qdq import CalibrationMissingError
+from qgraph.passes.qdq.calibrate import CalibrationMissingError
 from qgraph.passes.smoothquant import SmoothQuantPass, SmoothQuantReport
 from qgraph.recipe import RecipeError
 

@@ -15,7 +15,7 @@ import qgraph
 from qgraph import verify
 from qgraph.calibration import TensorStatistics, estimated_sqnr_db
 from qgraph.options import CompileOptions
-from qgraph.passes.qdq import CalibrationMissingError
+from qgraph.passes.qdq.calibrate import CalibrationMissingError
 from qgraph.recipe import RecipeError, quant_options
 
 K, N = 16, 8
