@@ -1,4 +1,4 @@
-"""The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, models.
+"""The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, tune, models.
 
 Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and exit 1; Ctrl-C
 prints "interrupted" and exits 130; ``--debug`` shows the traceback of any error instead.
@@ -17,7 +17,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
-from qgraph import calibration, models
+from qgraph import calibration, models, tuning
 from qgraph.atomic import replaced_file, replaced_folder
 from qgraph.compiler import compile_model
 from qgraph.data import batch_files
@@ -711,6 +711,169 @@ def eval_command(
         echo_json(evaluation.to_json())
     else:
         out.print(evaluation_report(evaluation, str(reference), str(candidate)))
+
+
+@cli.command(name="tune")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--calib",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Calibration data: a .npz file or a folder of them.",
+)
+@click.option(
+    "--eval",
+    "eval_data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Evaluation data each trial is scored on (held out from --calib).",
+)
+@click.option(
+    "--max-drop",
+    metavar="X|X%",
+    help="The most the score may fall below the float model's own: absolute (0.005), or "
+    "relative with a % sign (1%); for a lower-is-better metric (perplexity ratio), a rise.",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    metavar="S",
+    help="Instead of --max-drop: the worst score allowed, at least S (at most S where lower "
+    "is better); the float model must meet it. The generic metric (SQNR, dB) needs this.",
+)
+@click.option(
+    "--metric",
+    metavar="NAME|pkg.module:function",
+    help=f"How a trial's accuracy is scored: a zoo metric ({', '.join(METRICS)}) against the "
+    "float model, or function(model_path, data_path) -> float, higher is better, called on "
+    "each compiled model and on the float model [default: the --eval dataset's own, else "
+    "generic].",
+)
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Trials the study holds when done (a resumed study counts its own).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Trials compiled and scored at once (local processes, or Ray CPUs); "
+    "timings still run one at a time per machine.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="[ADDRESS]",
+    is_flag=False,
+    flag_value=tuning.LOCAL_RAY,
+    help="Run trials as Ray tasks: alone, on a Ray started here with --workers CPUs; with "
+    "ADDRESS (auto, or ray://HOST:10001), on that cluster, whose nodes must see the model "
+    "and data at the same paths (pip install 'qgraph[ray]').",
+)
+@click.option(
+    "--study",
+    "study_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="PATH.db",
+    help="Keep the study in this SQLite file: a rerun resumes it, several tunes may share "
+    "it, optuna-dashboard sqlite:///PATH.db shows it [default: in memory].",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice([s.value for s in tuning.Sampler]),
+    default=tuning.Sampler.TPE.value,
+    show_default=True,
+    help="Optuna's multi-objective sampler.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="The sampler's seed.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed runs per trial (median, interleaved with the float model).",
+)
+@click.option("-t", "--target", default=AUTO, show_default=True, help=TARGET_HELP)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for pareto.md/.json/.png, best.toml and best.onnx [default: MODEL.tune/].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def tune_command(
+    model: Path,
+    calib: Path,
+    eval_data: Path,
+    max_drop: str | None,
+    threshold: float | None,
+    output: Path | None,
+    as_json: bool,
+    sampler: str,
+    **settings: object,
+) -> None:
+    """Search recipes for the fastest compile of MODEL that keeps an accuracy constraint.
+
+    Each trial compiles a recipe (calibration method and percentile, SmoothQuant, rotation,
+    weight dtype and block, weight rounding, the plan's budget, ops kept in float from the
+    sensitivity ranking), scores it on --eval and times it against the float model. Optuna
+    steers the search; the fastest trial meeting the constraint is chosen, its recipe written
+    as best.toml (`qgraph compile MODEL --recipe best.toml` reproduces best.onnx).
+
+    \b
+    Examples:
+      qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 0.005 --trials 40
+      qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 1% --study tune.db
+      qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 0.01 --ray --workers 2
+    """
+    if (max_drop is None) == (threshold is None):
+        raise click.UsageError("give one of --max-drop and --threshold")
+    constraint = (
+        tuning.Constraint.max_drop(max_drop)
+        if max_drop is not None
+        else tuning.Constraint(threshold, tuning.Bound.THRESHOLD)
+    )
+    config = tuning.TuneSettings(
+        model=model,
+        calib=calib,
+        eval_data=eval_data,
+        constraint=constraint,
+        output=output or model.with_name(f"{model.stem}.tune"),
+        sampler=tuning.Sampler(sampler),
+        **settings,
+    )
+    result = tuning.tune(config, progress=_trial_line)
+    written = tuning.write_outputs(result, config)
+    if as_json:
+        echo_json(tuning.result_json(result))
+    else:
+        out.print(tuning.pareto_table(result))
+    if written.recipe is None:
+        err.print("no trial met the constraint: loosen it, or run more trials")
+    else:
+        err.print(printable(f"wrote {written.recipe} and {written.model}"))
+    err.print(printable(f"wrote {written.markdown}, {written.json} and {written.plot}"))
+
+
+def _trial_line(report: tuning.TrialReport) -> None:
+    """One line per finished trial: n of N, what it measured, the best so far, the ETA."""
+    outcome = report.outcome
+    if outcome.error is not None:
+        what = f"failed: {outcome.error}"
+    else:
+        verdict = "meets" if report.feasible else "fails"
+        what = f"{outcome.speedup:.2f}x, score {outcome.score:.6g} ({verdict})"
+    best = report.best
+    best_text = "none yet" if best is None else f"trial {best.number}, {best.speedup:.2f}x"
+    eta = "" if report.eta_seconds is None else f", ETA {report.eta_seconds:.0f} s"
+    err.print(
+        printable(f"trial {report.done}/{report.total}: {what}; best {best_text}{eta}"),
+        soft_wrap=True,
+    )
 
 
 @cli.group(name="models")
