@@ -465,6 +465,21 @@ class RayRunner:
         self.ray.shutdown()
 
 
+RAY_CONNECT_SECONDS = 5.0
+"""How long a cluster's head may take to accept a connection (Ray itself retries for minutes)."""
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) whose head accepts no connection."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == LOCAL_RAY or not host or not port.isdigit():
+        return  # "auto" and the like: Ray finds the cluster, or says it found none
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_SECONDS).close()
+    except OSError as error:
+        raise TuneError(f"--ray {address}: cannot reach a Ray cluster there ({error})") from None
+
+
 def make_runner(workers: int, ray_address: str | None) -> Runner:
     if ray_address is not None:
         return RayRunner(ray_address, workers)
@@ -552,6 +567,9 @@ def tune(settings: TuneSettings, progress: Progress | None = None) -> TuneResult
     optuna = require("optuna", TUNE_EXTRA)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
+    if settings.ray_address is not None:
+        require("ray", RAY_EXTRA)
+        _check_reachable(settings.ray_address)
     metric = Metric.named(settings.metric, settings.eval_data)
     baseline = _baseline(settings, metric)
     worst = settings.constraint.worst(baseline, metric)
@@ -646,8 +664,11 @@ def _alive(pid: int) -> bool:
 
 
 def _finished(optuna: ModuleType, study: Any) -> list[Any]:
+    """The trials that count: complete, or failed with an error (not interrupted ones, which
+    carry none and whose recipes are asked again)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    return study.get_trials(deepcopy=False, states=states)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return [t for t in trials if t.state is states[0] or ERROR_ATTR in t.user_attrs]
 
 
 def _search(
