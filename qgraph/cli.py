@@ -846,7 +846,10 @@ def tune_command(
         sampler=tuning.Sampler(sampler),
         **settings,
     )
-    result = tuning.tune(config, progress=_trial_line)
+    with err.status("starting") as spinner:
+        result = tuning.tune(
+            config, progress=_trial_line, status=lambda step: spinner.update(printable(step))
+        )
     written = tuning.write_outputs(result, config)
     if as_json:
         echo_json(tuning.result_json(result))

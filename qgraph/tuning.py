@@ -189,13 +189,14 @@ class Better(str, enum.Enum):
     LOWER = "lower"
 
 
-ZOO_SCORES: dict[str, tuple[str, Better]] = {
-    "top1": ("top1_agreement", Better.HIGHER),
-    "embedding": ("mean_cosine", Better.HIGHER),
-    "causal-lm": ("perplexity_ratio", Better.LOWER),
-    "generic": ("sqnr_db", Better.HIGHER),
+ZOO_SCORES: dict[str, tuple[str, Better, float]] = {
+    "top1": ("top1_agreement", Better.HIGHER, 1.0),
+    "embedding": ("mean_cosine", Better.HIGHER, 1.0),
+    "causal-lm": ("perplexity_ratio", Better.LOWER, 1.0),
+    "generic": ("sqnr_db", Better.HIGHER, math.inf),
 }
-"""Zoo metric (``evaluation.METRICS``) -> the figure a trial is judged by. ``generic``: the
+"""Zoo metric (``evaluation.METRICS``) -> the figure a trial is judged by, which way it
+improves, and the float model's own (its outputs compared with themselves). ``generic``: the
 lowest SQNR (dB) of the outputs."""
 
 
@@ -214,6 +215,8 @@ class Metric:
     better: Better
     zoo: str | None = None
     callable: str | None = None
+    ideal: float | None = None
+    """A zoo metric's score of the float model, known without running it."""
 
     @classmethod
     def named(cls, metric: str | None, data: Path) -> Metric:
@@ -225,8 +228,8 @@ class Metric:
         if zoo not in ZOO_SCORES:
             choices = ", ".join([*METRICS, "pkg.module:function"])
             raise TuneError(f"unknown metric '{zoo}'; choose one of: {choices}")
-        figure, better = ZOO_SCORES[zoo]
-        return cls(figure, better, zoo=zoo)
+        figure, better, ideal = ZOO_SCORES[zoo]
+        return cls(figure, better, zoo=zoo, ideal=ideal)
 
     def score(self, reference: Path, candidate: Path, data: Path) -> float:
         """``candidate``'s score on ``data``: a number, or a ``TuneError`` naming the metric."""
@@ -561,9 +564,15 @@ class TrialReport:
 Progress = Callable[[TrialReport], None]
 
 
-def tune(settings: TuneSettings, progress: Progress | None = None) -> TuneResult:
+def tune(
+    settings: TuneSettings,
+    progress: Progress | None = None,
+    status: Callable[[str], None] | None = None,
+) -> TuneResult:
     """Run (or resume) the study of ``settings`` until it holds ``settings.trials`` finished
-    trials; the result, whose chosen recipe and model ``write_outputs`` writes."""
+    trials; the result, whose chosen recipe and model ``write_outputs`` writes. ``progress``
+    is told of each trial, ``status`` of the steps before them."""
+    tell = status or (lambda step: None)
     optuna = require("optuna", TUNE_EXTRA)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
@@ -571,6 +580,7 @@ def tune(settings: TuneSettings, progress: Progress | None = None) -> TuneResult
         require("ray", RAY_EXTRA)
         _check_reachable(settings.ray_address)
     metric = Metric.named(settings.metric, settings.eval_data)
+    tell(f"scoring the float model on {settings.eval_data}")
     baseline = _baseline(settings, metric)
     worst = settings.constraint.worst(baseline, metric)
     if violation(baseline, worst, metric) > 0:
@@ -580,7 +590,10 @@ def tune(settings: TuneSettings, progress: Progress | None = None) -> TuneResult
             "no quantized model can be expected to meet it"
         )
     study = _study(optuna, settings, metric)
+    if SENSITIVITY_ATTR not in study.user_attrs:
+        tell("ranking the quantized ops by their error at the outputs (once per study)")
     ranking = _ranking(study, settings)
+    tell(f"trials: {len(_finished(optuna, study))} of {settings.trials} done")
     _retry_abandoned(optuna, study)
     settings.output.mkdir(parents=True, exist_ok=True)
     runner = make_runner(settings.workers, settings.ray_address)
@@ -595,6 +608,8 @@ def _baseline(settings: TuneSettings, metric: Metric) -> float:
     """The float model's own score on the eval data; checks that data fits the model."""
     for _ in checked_batches([load(settings.model).graph], settings.eval_data, "--eval batch"):
         pass
+    if metric.ideal is not None:
+        return metric.ideal
     return metric.score(settings.model, settings.model, settings.eval_data)
 
 

@@ -100,8 +100,8 @@ def settings(zoo: Path, out: Path, **changes: object) -> tuning.TuneSettings:
 
 # The constraint -----------------------------------------------------------------------------
 
-TOP1 = Metric("top1_agreement", Better.HIGHER, zoo="top1")
-PERPLEXITY = Metric("perplexity_ratio", Better.LOWER, zoo="causal-lm")
+TOP1 = Metric("top1_agreement", Better.HIGHER, zoo="top1", ideal=1.0)
+PERPLEXITY = Metric("perplexity_ratio", Better.LOWER, zoo="causal-lm", ideal=1.0)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_a_drop_that_is_not_a_non_negative_number_is_refused(text):
 
 
 def test_a_drop_from_an_infinite_score_asks_for_a_threshold():
-    sqnr = Metric("sqnr_db", Better.HIGHER, zoo="generic")
+    sqnr = Metric.named("generic", Path("no-such-data"))
     with pytest.raises(TuneError, match="give a --threshold"):
         Constraint(1.0, Bound.DROP).worst(float("inf"), sqnr)
     assert Constraint(30.0, Bound.THRESHOLD).worst(float("inf"), sqnr) == 30.0
@@ -327,3 +327,10 @@ def test_a_tune_needs_exactly_one_constraint(zoo):
         result = CliRunner().invoke(cli, base + extra)
         assert result.exit_code == 2
         assert "give one of --max-drop and --threshold" in result.stderr
+
+
+@pytest.mark.parametrize("zoo_metric", ["top1", "generic"])
+def test_a_zoo_metric_knows_the_float_model_score_it_would_measure(zoo, zoo_metric):
+    metric = Metric.named(zoo_metric, zoo / "eval")
+    model = zoo / "model.onnx"
+    assert metric.score(model, model, zoo / "eval") == metric.ideal
