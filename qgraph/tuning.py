@@ -53,14 +53,23 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from qgraph.atomic import replaced_file
 from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
 from qgraph.data import read_info
 from qgraph.debugging import debug_accuracy
 from qgraph.errors import QGraphError, one_line
-from qgraph.evaluation import METRICS, evaluate, evaluation_session, measure_latency, model_bytes
-from qgraph.model_io import load
+from qgraph.evaluation import (
+    METRICS,
+    Latency,
+    evaluate,
+    evaluation_session,
+    measure_latency,
+    model_bytes,
+)
+from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
+from qgraph.outputs import check_output, dataset_inputs
 from qgraph.patterns import escape
 from qgraph.recipe import Mode, load_recipe, quant_options
 from qgraph.targets import QuantFormat, get_target
@@ -78,6 +87,7 @@ SCORE_ATTR = "score"
 LATENCY_ATTR = "latency_s"
 FLOAT_LATENCY_ATTR = "float_latency_s"
 SENSITIVITY_BATCHES = 1
+OUTPUT_FILES = ("pareto.md", "pareto.json", "pareto.png", "best.toml", "best.onnx")
 
 
 class TuneError(QGraphError):
@@ -362,6 +372,7 @@ class TrialOutcome:
 
     @property
     def speedup(self) -> float:
+        """Float latency over the candidate's (a completed trial's)."""
         return self.float_latency / self.latency
 
 
@@ -372,8 +383,7 @@ def run_trial(job: TrialJob) -> TrialOutcome:
         options = CompileOptions(quantization=quant_options(job.recipe))
         compile_model(job.model, job.target, output=candidate, options=options)
         score = job.metric.score(job.model, candidate, job.eval_data)
-        with timing_lock():
-            latency = _latency(job.model, candidate, job.eval_data, job.runs)
+        latency = _latency(job.model, candidate, job.eval_data, job.runs)
         return TrialOutcome(
             job.number, score, latency.candidate, latency.reference, model_bytes(candidate)
         )
@@ -384,11 +394,12 @@ def run_trial(job: TrialJob) -> TrialOutcome:
             path.unlink()
 
 
-def _latency(model: Path, candidate: Path, data: Path, runs: int):
-    interface = [load(model).graph]
-    first = next(checked_batches(interface, data, "batch"))
+def _latency(model: Path, candidate: Path, data: Path, runs: int) -> Latency:
+    """Float and candidate timed on the first batch of ``data``, under the timing lock."""
+    first = next(checked_batches([load(model).graph], data, "batch"))
     sessions = (evaluation_session(model), evaluation_session(candidate))
-    return measure_latency(sessions, first, runs)
+    with timing_lock():
+        return measure_latency(sessions, first, runs)
 
 
 @contextlib.contextmanager
@@ -579,6 +590,7 @@ def tune(
     if settings.ray_address is not None:
         require("ray", RAY_EXTRA)
         _check_reachable(settings.ray_address)
+    check_outputs(settings)
     metric = Metric.named(settings.metric, settings.eval_data)
     tell(f"scoring the float model on {settings.eval_data}")
     baseline = _baseline(settings, metric)
@@ -832,24 +844,49 @@ def write_outputs(result: TuneResult, settings: TuneSettings) -> Written:
     recipe compiled again, as ``qgraph compile MODEL --recipe best.toml`` would)."""
     folder = settings.output
     folder.mkdir(parents=True, exist_ok=True)
-    markdown, data, plot = folder / "pareto.md", folder / "pareto.json", folder / "pareto.png"
-    markdown.write_text(pareto_markdown(result))
-    data.write_text(json.dumps(result_json(result), indent=2) + "\n")
-    draw_plot(result, plot)
+    markdown, data, plot, recipe, model = (folder / name for name in OUTPUT_FILES)
+    _write(markdown, pareto_markdown(result))
+    _write(data, json.dumps(result_json(result), indent=2) + "\n")
+    with replaced_file(plot) as staging:
+        draw_plot(result, staging)
     chosen = result.row(result.chosen)
     if chosen is None:
         return Written(None, None, markdown, data, plot)
-    recipe, model = folder / "best.toml", folder / "best.onnx"
     command = f"qgraph compile {settings.model} --target {settings.target} --recipe {recipe}"
     header = [
         f"qgraph tune: trial {chosen.number}, {_speed(chosen.speedup)} over float, "
         f"{result.metric.name} {chosen.score:.6g} ({result.constraint.describe(result.metric)})",
         f"reproduce: {command}",
     ]
-    recipe.write_text(recipe_toml(chosen.recipe, header))
+    _write(recipe, recipe_toml(chosen.recipe, header))
     options = CompileOptions(quantization=quant_options(load_recipe(recipe)))
     compile_model(settings.model, settings.target, output=model, options=options)
     return Written(recipe, model, markdown, data, plot)
+
+
+def _write(path: Path, text: str) -> None:
+    with replaced_file(path) as staging:
+        staging.write_text(text)
+
+
+def check_outputs(settings: TuneSettings) -> None:
+    """Refuse an output folder whose files would overwrite an input of the tune (the model,
+    its data, the datasets), before any work."""
+    folder = settings.output
+    if folder.exists() and not folder.is_dir():
+        raise TuneError(f"{folder}: is a file; qgraph tune writes a folder there")
+    datasets = {settings.calib.resolve(), settings.eval_data.resolve()}
+    if folder.resolve() in datasets:
+        raise TuneError(f"{folder}: is a dataset of the tune; give another output folder")
+    if not folder.is_dir():
+        return
+    read = {
+        **model_inputs(load(settings.model)),
+        **dataset_inputs(settings.calib, "the calibration data"),
+        **dataset_inputs(settings.eval_data, "the evaluation data"),
+    }
+    for name in OUTPUT_FILES:
+        check_output(folder / name, read)
 
 
 def _speed(value: float | None) -> str:
@@ -980,5 +1017,5 @@ def draw_plot(result: TuneResult, path: Path) -> None:
     axes.set_title(f"qgraph tune: {result.model.name}")
     axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, format="png")
     pyplot.close(figure)

@@ -302,6 +302,8 @@ BAD = [
     ("an unreachable Ray address", "--max-drop 0.01 --ray 127.0.0.1:1",
      "--ray 127.0.0.1:1: cannot reach a Ray cluster there"),
     ("a drop of generic SQNR", "--max-drop 1 --metric generic", "give a --threshold"),
+    ("an output folder that is the calibration data", "--max-drop 0.01 -o {dir}/calib",
+     "calib: is a dataset of the tune"),
 ]  # fmt: skip
 
 
