@@ -717,16 +717,16 @@ def eval_command(
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
     "--calib",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Calibration data: a .npz file or a folder of them.",
+    help="Calibration data: a .npz file or a folder of them [default: NAME.calibration/ "
+    "beside NAME.onnx, as `qgraph models fetch -o` writes it].",
 )
 @click.option(
     "--eval",
     "eval_data",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Evaluation data each trial is scored on (held out from --calib).",
+    help="Evaluation data each trial is scored on, held out from --calib [default: "
+    "NAME.evaluation/ beside NAME.onnx].",
 )
 @click.option(
     "--max-drop",
@@ -802,13 +802,14 @@ def eval_command(
     "-o",
     "--output",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for pareto.md/.json/.png, best.toml and best.onnx [default: MODEL.tune/].",
+    help="Folder for pareto.md/.json/.png, best.toml and best.onnx [default: NAME.tune/ "
+    "beside NAME.onnx; for a folder of models, one subfolder each].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def tune_command(
     model: Path,
-    calib: Path,
-    eval_data: Path,
+    calib: Path | None,
+    eval_data: Path | None,
     max_drop: str | None,
     threshold: float | None,
     output: Path | None,
@@ -816,7 +817,8 @@ def tune_command(
     sampler: str,
     **settings: object,
 ) -> None:
-    """Search recipes for the fastest compile of MODEL that keeps an accuracy constraint.
+    """Search recipes for the fastest compile of MODEL that keeps an accuracy constraint
+    (MODEL a folder: each of its .onnx models, one study each).
 
     Each trial compiles a recipe (calibration method and percentile, SmoothQuant, rotation,
     weight dtype and block, weight rounding, the plan's budget, ops kept in float from the
@@ -829,6 +831,7 @@ def tune_command(
       qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 0.005 --trials 40
       qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 1% --study tune.db
       qgraph tune model.onnx --calib calib/ --eval eval/ --max-drop 0.01 --ray --workers 2
+      qgraph tune models/ --max-drop 0.005 --study tune.db   # NAME.calibration/ etc. beside
     """
     if (max_drop is None) == (threshold is None):
         raise click.UsageError("give one of --max-drop and --threshold")
@@ -837,29 +840,37 @@ def tune_command(
         if max_drop is not None
         else tuning.Constraint(threshold, tuning.Bound.THRESHOLD)
     )
-    config = tuning.TuneSettings(
-        model=model,
-        calib=calib,
-        eval_data=eval_data,
+    configs = tuning.settings_for(
+        model,
+        calib,
+        eval_data,
+        output,
         constraint=constraint,
-        output=output or model.with_name(f"{model.stem}.tune"),
         sampler=tuning.Sampler(sampler),
         **settings,
     )
+    results = [_tune_one(config, as_json, folder=model.is_dir()) for config in configs]
+    if as_json:
+        echo_json(results if model.is_dir() else results[0])
+
+
+def _tune_one(config: tuning.TuneSettings, as_json: bool, folder: bool) -> dict[str, object]:
+    """Run one study, write its outputs, print its table (unless ``as_json``); its JSON."""
+    if folder:
+        err.print(printable(f"tuning {config.model}"))
     with err.status("starting") as spinner:
         result = tuning.tune(
             config, progress=_trial_line, status=lambda step: spinner.update(printable(step))
         )
     written = tuning.write_outputs(result, config)
-    if as_json:
-        echo_json(tuning.result_json(result))
-    else:
+    if not as_json:
         out.print(tuning.pareto_table(result))
     if written.recipe is None:
         err.print("no trial met the constraint: loosen it, or run more trials")
     else:
         err.print(printable(f"wrote {written.recipe} and {written.model}"))
     err.print(printable(f"wrote {written.markdown}, {written.json} and {written.plot}"))
+    return tuning.result_json(result)
 
 
 def _trial_line(report: tuning.TrialReport) -> None:

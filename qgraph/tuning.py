@@ -39,6 +39,7 @@ import dataclasses
 import enum
 import fcntl
 import importlib
+import itertools
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from typing import Any, Protocol
 from qgraph.atomic import replaced_file
 from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
-from qgraph.data import read_info
+from qgraph.data import read_batches, read_info
 from qgraph.debugging import debug_accuracy
 from qgraph.errors import QGraphError, one_line
 from qgraph.evaluation import (
@@ -87,6 +88,7 @@ SCORE_ATTR = "score"
 LATENCY_ATTR = "latency_s"
 FLOAT_LATENCY_ATTR = "float_latency_s"
 SENSITIVITY_BATCHES = 1
+"""Calibration batches the sensitivity ranking runs on (each op's impact: one run a batch)."""
 OUTPUT_FILES = ("pareto.md", "pareto.json", "pareto.png", "best.toml", "best.onnx")
 
 
@@ -528,6 +530,50 @@ class TuneSettings:
     runs: int = 20
 
 
+CALIBRATION_SUFFIX = ".calibration"
+EVALUATION_SUFFIX = ".evaluation"
+"""Beside ``NAME.onnx``, its datasets ``NAME.calibration/`` and ``NAME.evaluation/``: the
+layout ``qgraph models fetch NAME -o NAME.onnx`` writes."""
+
+
+def settings_for(
+    source: Path,
+    calib: Path | None,
+    eval_data: Path | None,
+    output: Path | None,
+    **common: Any,
+) -> list[TuneSettings]:
+    """One study's settings per model: ``source`` itself, or each ``*.onnx`` in the folder
+    ``source``. Data not given is the model's own, beside it (``CALIBRATION_SUFFIX``); the
+    output folder is ``NAME.tune`` beside the model, or ``output/NAME`` for a folder."""
+    models = sorted(source.glob("*.onnx")) if source.is_dir() else [source]
+    if not models:
+        raise TuneError(f"{source}: a folder with no .onnx model in it")
+    configs = []
+    for model in models:
+        if output is None:
+            folder = model.with_name(f"{model.stem}.tune")
+        else:
+            folder = output / model.stem if source.is_dir() else output
+        configs.append(
+            TuneSettings(
+                model=model,
+                calib=calib or _beside(model, CALIBRATION_SUFFIX, "--calib"),
+                eval_data=eval_data or _beside(model, EVALUATION_SUFFIX, "--eval"),
+                output=folder,
+                **common,
+            )
+        )
+    return configs
+
+
+def _beside(model: Path, suffix: str, flag: str) -> Path:
+    data = model.with_suffix(suffix)
+    if not data.exists():
+        raise TuneError(f"{model}: no {flag} given and no {data} beside it")
+    return data
+
+
 @dataclasses.dataclass(frozen=True)
 class TrialRow:
     """One finished trial, as the outputs show it."""
@@ -658,8 +704,10 @@ def _ranking(study: Any, settings: TuneSettings) -> list[str]:
         format=QuantFormat.QDQ,
     )
     quantized = compile_model(settings.model, get_target(settings.target), options=options)
+    reference = load(settings.model)
+    batches = itertools.islice(read_batches(settings.calib), SENSITIVITY_BATCHES)
     report = debug_accuracy(
-        load(settings.model), quantized.model, settings.calib, impact_batches=SENSITIVITY_BATCHES
+        reference, quantized.model, list(batches), impact_batches=SENSITIVITY_BATCHES
     )
     ranking = [op.node for op in report.ops]
     study.set_user_attr(SENSITIVITY_ATTR, ranking)

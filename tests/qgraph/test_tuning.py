@@ -336,3 +336,28 @@ def test_a_zoo_metric_knows_the_float_model_score_it_would_measure(zoo, zoo_metr
     metric = Metric.named(zoo_metric, zoo / "eval")
     model = zoo / "model.onnx"
     assert metric.score(model, model, zoo / "eval") == metric.ideal
+
+
+def test_a_folder_of_models_is_one_study_each_with_the_data_beside_each(zoo, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a", "b"):
+        (models / f"{name}.onnx").write_bytes((zoo / "model.onnx").read_bytes())
+        _dataset(models / f"{name}.calibration", 2, seed=1)
+        _dataset(models / f"{name}.evaluation", 2, seed=2, metric="top1")
+    study = tmp_path / "study.db"
+    result = CliRunner().invoke(
+        cli, ["tune", str(models), "--max-drop", "0.05", "--trials", "1", "--runs", "2",
+              "-t", TARGET, "--study", str(study), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [Path(r["model"]).name for r in json.loads(result.stdout)] == ["a.onnx", "b.onnx"]
+    names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{study}")]
+    assert sorted(names) == ["a", "b"]
+    assert (models / "a.tune" / "best.toml").exists() and (models / "b.tune" / "best.toml").exists()
+
+
+def test_a_model_without_data_given_or_beside_it_is_refused(zoo, tmp_path):
+    with pytest.raises(TuneError, match=r"no --eval given and no .*model\.evaluation beside it"):
+        tuning.settings_for(zoo / "model.onnx", zoo / "calib", None, None,
+                            constraint=Constraint(0.1, Bound.DROP))  # fmt: skip
