@@ -771,8 +771,8 @@ def eval_command(
     is_flag=False,
     flag_value=tuning.LOCAL_RAY,
     help="Run trials as Ray tasks: alone, on a Ray started here with --workers CPUs; with "
-    "ADDRESS (auto, or ray://HOST:10001), on that cluster, whose nodes must see the model "
-    "and data at the same paths (pip install 'qgraph[ray]').",
+    "ADDRESS (auto, or ray://HOST:10001), on that cluster, whose nodes must see the model, "
+    "the data and -o at the same paths (pip install 'qgraph[ray]').",
 )
 @click.option(
     "--study",

@@ -454,8 +454,9 @@ LOCAL_RAY = "local"
 
 class RayRunner:
     """Trials as Ray tasks, one CPU each, on the cluster at ``address`` (``local``: a Ray
-    started here with ``workers`` CPUs). The model and data travel as paths, which every node
-    must see (a shared file system)."""
+    started here with ``workers`` CPUs). The model, the data and the output folder (where a
+    trial writes its compile) travel as paths, which every node must see (a shared file
+    system)."""
 
     def __init__(self, address: str, workers: int) -> None:
         self.ray = require("ray", RAY_EXTRA)
@@ -725,7 +726,7 @@ def _retry_abandoned(optuna: ModuleType, study: Any) -> None:
         owner_host, _, pid = str(trial.user_attrs.get(OWNER_ATTR, "")).partition(":")
         if owner_host == host and pid.isdigit() and not _alive(int(pid)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, skip_if_exists=True)
+            study.enqueue_trial(trial.params)
 
 
 def _alive(pid: int) -> bool:
@@ -768,7 +769,7 @@ def _search(
         except BaseException:
             for trial in batch:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                study.enqueue_trial(trial.params, skip_if_exists=True)
+                study.enqueue_trial(trial.params)
             raise
         for trial, outcome in zip(batch, outcomes, strict=True):
             feasible = _tell(optuna, study, trial, outcome, worst, metric)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import sys
 import threading
 import time
@@ -361,3 +362,17 @@ def test_a_model_without_data_given_or_beside_it_is_refused(zoo, tmp_path):
     with pytest.raises(TuneError, match=r"no --eval given and no .*model\.evaluation beside it"):
         tuning.settings_for(zoo / "model.onnx", zoo / "calib", None, None,
                             constraint=Constraint(0.1, Bound.DROP))  # fmt: skip
+
+
+def test_a_trial_a_killed_run_left_running_is_failed_and_asked_again(zoo, tmp_path):
+    study_path = tmp_path / "study.db"
+    config = settings(zoo, tmp_path / "out", trials=1, study_path=study_path)
+    tuning.tune(config)
+    study = optuna.load_study(study_name="model", storage=f"sqlite:///{study_path}")
+    killed = study.ask({d.name: optuna.distributions.CategoricalDistribution(d.choices)
+                        for d in tuning.SPACE if d.when is None})  # fmt: skip
+    killed.set_user_attr(tuning.OWNER_ATTR, f"{socket.gethostname()}:{2**22 + 1}")  # no such pid
+    tuning.tune(settings(zoo, tmp_path / "out", trials=2, study_path=study_path))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == trials[1].params
