@@ -883,9 +883,9 @@ def _trial_line(report: tuning.TrialReport) -> None:
         what = f"{outcome.speedup:.2f}x, score {outcome.score:.6g} ({verdict})"
     best = report.best
     best_text = "none yet" if best is None else f"trial {best.number}, {best.speedup:.2f}x"
-    eta = "" if report.eta_seconds is None else f", ETA {report.eta_seconds:.0f} s"
+    eta = f"ETA {report.eta_seconds:.0f} s"
     err.print(
-        printable(f"trial {report.done}/{report.total}: {what}; best {best_text}{eta}"),
+        printable(f"trial {report.done}/{report.total}: {what}; best {best_text}; {eta}"),
         soft_wrap=True,
     )
 

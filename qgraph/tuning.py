@@ -84,7 +84,6 @@ SENSITIVITY_ATTR = "sensitivity"
 CONSTRAINT_KEY = "accuracy"
 OWNER_ATTR = "owner"
 ERROR_ATTR = "error"
-SCORE_ATTR = "score"
 LATENCY_ATTR = "latency_s"
 FLOAT_LATENCY_ATTR = "float_latency_s"
 SENSITIVITY_BATCHES = 1
@@ -616,7 +615,7 @@ class TrialReport:
     done: int
     total: int
     best: TrialOutcome | None
-    eta_seconds: float | None
+    eta_seconds: float
 
 
 Progress = Callable[[TrialReport], None]
@@ -758,10 +757,9 @@ def _search(
     progress: Progress | None,
 ) -> None:
     """Ask, run and tell trials in batches of ``workers``, in trial order, until the study
-    holds ``settings.trials`` finished ones."""
-    done = len(_finished(optuna, study))
+    holds ``settings.trials`` finished ones (counting those of other tunes sharing it)."""
     started, ran = time.perf_counter(), 0
-    while done < settings.trials:
+    while (done := len(_finished(optuna, study))) < settings.trials:
         batch = [study.ask() for _ in range(min(settings.workers, settings.trials - done))]
         jobs = [_job(trial, settings, metric, ranking) for trial in batch]
         try:
@@ -775,8 +773,7 @@ def _search(
             feasible = _tell(optuna, study, trial, outcome, worst, metric)
             done, ran = done + 1, ran + 1
             if progress is not None:
-                elapsed = time.perf_counter() - started
-                eta = elapsed / ran * (settings.trials - done)
+                eta = (time.perf_counter() - started) / ran * max(settings.trials - done, 0)
                 best = _best_outcome(optuna, study)
                 progress(TrialReport(outcome, feasible, done, settings.trials, best, eta))
 
@@ -1001,17 +998,25 @@ def pareto_markdown(result: TuneResult) -> str:
 
 
 def result_json(result: TuneResult) -> dict[str, object]:
+    """The result as strict JSON data (an infinite SQNR becomes the string "inf")."""
+    trials = [dataclasses.asdict(row) for row in result.rows]
+    for trial in trials:
+        trial["score"] = _finite(trial["score"])
     return {
         "model": str(result.model),
         "metric": result.metric.name,
         "constraint": result.constraint.describe(result.metric),
-        "float_score": result.baseline,
-        "worst_allowed": result.worst,
+        "float_score": _finite(result.baseline),
+        "worst_allowed": _finite(result.worst),
         "chosen": result.chosen,
         "default": result.default,
         "seconds": result.seconds,
-        "trials": [dataclasses.asdict(row) for row in result.rows],
+        "trials": trials,
     }
+
+
+def _finite(value: float | None) -> float | str | None:
+    return value if value is None or math.isfinite(value) else str(value)
 
 
 def pareto_table(result: TuneResult) -> Any:

@@ -376,3 +376,18 @@ def test_a_trial_a_killed_run_left_running_is_failed_and_asked_again(zoo, tmp_pa
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == trials[1].params
+
+
+def test_a_threshold_on_output_sqnr_tunes_and_writes_strict_json(zoo, tmp_path):
+    config = settings(zoo, tmp_path / "out", trials=1, metric="generic",
+                      constraint=Constraint(10.0, Bound.THRESHOLD))  # fmt: skip
+    result = tuning.tune(config)
+    assert result.baseline == float("inf") and result.worst == 10.0
+    written = tuning.write_outputs(result, config)
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON")
+
+    data = json.loads(written.json.read_text(), parse_constant=refuse)
+    score = data["trials"][0]["score"]  # "inf" where the plan kept every op float
+    assert data["float_score"] == "inf" and (score == "inf" or score > 10.0)
