@@ -7,7 +7,8 @@ method (and the percentile kept by ``percentile``), SmoothQuant (off, a fixed al
 int4 per block of 32, 64 or 128), the weight rounding (nearest, GPTQ), the compile plan's
 accuracy budget (an output SQNR in dB, or none) and an exclusion set: the first K ops of the
 per-op sensitivity ranking (``qgraph.debugging.debug_accuracy``: each quantized op's error
-alone at the model's outputs, measured once per study on the calibration data, worst first)
+alone at the model's outputs, measured once per study on the first calibration batch, worst
+first)
 kept in float. The default compile is a point of the space and is the study's first trial, so
 every tune reports it beside what it found.
 
@@ -27,7 +28,9 @@ metric where lower is better (perplexity ratio) a drop is a rise.
 
 **Where trials run**: in this process, in ``workers`` local processes, or as Ray tasks on a
 local or remote cluster (``ray_address``); trials are asked and told in batches of
-``workers``, in trial order, so that a seed gives the same sequence of recipes on any runner.
+``workers``, in trial order, so that a seed asks the same recipes on any runner for as long as
+the sampler samples blind (TPE's first 10 trials, NSGA-II's first generation); after that it
+models the measured values, and timing noise can steer two runs apart.
 A study in SQLite (``study_path``) resumes: finished trials are kept, and trials a killed run
 left unfinished are failed and asked again.
 """
