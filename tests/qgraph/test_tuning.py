@@ -3,10 +3,10 @@ judged), its outputs, and its bad inputs; on a small classifier built here, a fe
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -259,7 +259,7 @@ def test_parallel_workers_ask_the_same_recipes_as_one(zoo, tmp_path):
 
 
 @pytest.mark.skipif(
-    "ray" not in sys.modules and not __import__("importlib").util.find_spec("ray"),
+    importlib.util.find_spec("ray") is None,
     reason="ray is not installed (pip install 'qgraph[ray]')",
 )
 def test_ray_runs_the_same_search_as_local_workers(zoo, tmp_path):
@@ -369,13 +369,14 @@ def test_a_trial_a_killed_run_left_running_is_failed_and_asked_again(zoo, tmp_pa
     config = settings(zoo, tmp_path / "out", trials=1, study_path=study_path)
     tuning.tune(config)
     study = optuna.load_study(study_name="model", storage=f"sqlite:///{study_path}")
-    killed = study.ask({d.name: optuna.distributions.CategoricalDistribution(d.choices)
-                        for d in tuning.SPACE if d.when is None})  # fmt: skip
+    study.enqueue_trial(dict(tuning.DEFAULT_POINT, exclude=1))
+    killed = study.ask()
+    tuning.sample(killed)
     killed.set_user_attr(tuning.OWNER_ATTR, f"{socket.gethostname()}:{2**22 + 1}")  # no such pid
     tuning.tune(settings(zoo, tmp_path / "out", trials=2, study_path=study_path))
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[2].params == trials[1].params
+    assert trials[2].params == trials[1].params == dict(tuning.DEFAULT_POINT, exclude=1)
 
 
 def test_a_threshold_on_output_sqnr_tunes_and_writes_strict_json(zoo, tmp_path):
