@@ -57,6 +57,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from rich.table import Table
+
 from qgraph.atomic import replaced_file
 from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
@@ -1022,10 +1024,8 @@ def _finite(value: float | None) -> float | str | None:
     return value if value is None or math.isfinite(value) else str(value)
 
 
-def pareto_table(result: TuneResult) -> Any:
+def pareto_table(result: TuneResult) -> Table:
     """The Pareto front as a rich table (fastest first; the default compile's row too)."""
-    from rich.table import Table
-
     table = Table(title=f"Pareto front: {result.constraint.describe(result.metric)}")
     for column in ("trial", "speed-up", "size", result.metric.name, "recipe", ""):
         table.add_column(column)

@@ -4,6 +4,7 @@ judged), its outputs, and its bad inputs; on a small classifier built here, a fe
 from __future__ import annotations
 
 import importlib.util
+import io
 import itertools
 import json
 import socket
@@ -16,6 +17,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
 
 from qgraph import tuning
 from qgraph.cli import cli
@@ -206,6 +208,10 @@ def test_a_tune_writes_a_recipe_that_compile_reproduces_byte_for_byte(zoo, tmp_p
     data = json.loads(written.json.read_text())
     assert data["chosen"] == result.chosen and len(data["trials"]) == 3
     assert f"| {result.chosen} |" in written.markdown.read_text()
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(tuning.pareto_table(result))
+    table = console.export_text()
+    assert "chosen" in table and "default" in table
     assert written.plot.read_bytes().startswith(b"\x89PNG")
 
 
