@@ -1053,7 +1053,9 @@ def draw_plot(result: TuneResult, path: Path) -> None:
     measured = [row for row in result.rows if row.speedup is not None]
     for feasible, color, label in ((True, "tab:blue", "meets"), (False, "tab:gray", "fails")):
         rows = [row for row in measured if row.feasible is feasible]
-        axes.scatter([r.speedup for r in rows], [r.score for r in rows], c=color, s=18, label=label)
+        if rows:
+            speedups, scores = [r.speedup for r in rows], [r.score for r in rows]
+            axes.scatter(speedups, scores, c=color, s=18, label=f"{label} ({len(rows)})")
     front = sorted((r for r in measured if r.pareto), key=lambda r: r.speedup)
     axes.plot([r.speedup for r in front], [r.score for r in front], c="tab:blue", lw=1)
     axes.axhline(result.worst, color="tab:red", ls="--", label="constraint")
