@@ -5,12 +5,11 @@ constraint.
 method (and the percentile kept by ``percentile``), SmoothQuant (off, a fixed alpha, or
 ``auto``), the Hadamard rotations (on, off), the weights (the target's 8 bits per channel, or
 int4 per block of 32, 64 or 128), the weight rounding (nearest, GPTQ), the compile plan's
-accuracy budget (an output SQNR in dB, or none) and an exclusion set: the first K ops of the
-per-op sensitivity ranking (``qgraph.debugging.debug_accuracy``: each quantized op's error
-alone at the model's outputs, measured once per study on the first calibration batch, worst
-first)
-kept in float. The default compile is a point of the space and is the study's first trial, so
-every tune reports it beside what it found.
+accuracy budget (the compile's own default, an output SQNR in dB, or none) and an exclusion
+set: the first K ops of the per-op sensitivity ranking (``qgraph.debugging.debug_accuracy``:
+each quantized op's error alone at the model's outputs, measured once per study on the first
+calibration batch, worst first) kept in float. The default compile is a point of the space
+and is the study's first trial, so every tune reports it beside what it found.
 
 **How a trial is judged**: the recipe is compiled (``compile_model``), its accuracy scored on
 the evaluation data by a ``Metric`` (a zoo metric against the float model, or the user's
@@ -121,6 +120,8 @@ class Dimension:
 
 
 FIXED_ALPHA = "fixed"
+COMPILE_DEFAULT = "default"
+"""A choice that leaves its recipe key unsaid: the compile's own default, whatever it is."""
 SPACE: tuple[Dimension, ...] = (
     Dimension("calib_method", ("minmax", "percentile", "entropy", "mse")),
     Dimension("percentile", (99.9, 99.99, 99.999), when=("calib_method", "percentile")),
@@ -130,7 +131,7 @@ SPACE: tuple[Dimension, ...] = (
     Dimension("weight_dtype", ("int8", "int4")),
     Dimension("block_size", (32, 64, 128), when=("weight_dtype", "int4")),
     Dimension("weight_rounding", ("nearest", "gptq")),
-    Dimension("budget", ("none", 20.0, 26.0, 32.0)),
+    Dimension("budget", (COMPILE_DEFAULT, "none", 20.0, 26.0, 32.0)),
     Dimension("exclude", (0, 1, 2, 4, 8)),
 )
 """What a trial chooses; ``exclude`` is how many ops of the sensitivity ranking stay float."""
@@ -141,7 +142,7 @@ DEFAULT_POINT: dict[str, object] = {
     "rotate": False,
     "weight_dtype": "int8",
     "weight_rounding": "nearest",
-    "budget": 26.0,
+    "budget": COMPILE_DEFAULT,
     "exclude": 0,
 }
 """The default compile (``qgraph compile --calib DATA``) as a point of ``SPACE``."""
@@ -169,7 +170,8 @@ def recipe_of(point: Mapping[str, object], ranking: Sequence[str], calib: Path) 
         recipe["weight_dtype"] = point["weight_dtype"]
         recipe["block_size"] = point["block_size"]
     recipe["weight_rounding"] = point["weight_rounding"]
-    recipe["budget"] = point["budget"]
+    if point["budget"] != COMPILE_DEFAULT:
+        recipe["budget"] = point["budget"]
     excluded = list(ranking[: int(point["exclude"])])
     if excluded:
         recipe["exclude_node"] = [escape(name) for name in excluded]
@@ -964,7 +966,7 @@ def recipe_summary(recipe: Mapping[str, object]) -> str:
         parts.append(f"{recipe['weight_dtype']}/{recipe['block_size']}")
     if recipe["weight_rounding"] != "nearest":
         parts.append(str(recipe["weight_rounding"]))
-    parts.append(f"budget={recipe['budget']}")
+    parts.append(f"budget={recipe.get('budget', COMPILE_DEFAULT)}")
     if excluded := recipe.get("exclude_node"):
         parts.append(f"{len(excluded)} excluded")
     return " ".join(str(part) for part in parts)
