@@ -27,6 +27,10 @@ from qgraph.tuning import Better, Bound, Constraint, Metric, TuneError
 optuna = pytest.importorskip("optuna")
 
 TARGET = "x86-avx2"
+NEEDS_RAY = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="ray is not installed (pip install 'qgraph[ray]')",
+)
 
 
 def _classifier() -> onnx.ModelProto:
@@ -264,10 +268,7 @@ def test_parallel_workers_ask_the_same_recipes_as_one(zoo, tmp_path):
     assert [r.recipe for r in parallel.rows] == [r.recipe for r in alone.rows]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None,
-    reason="ray is not installed (pip install 'qgraph[ray]')",
-)
+@NEEDS_RAY
 def test_ray_runs_the_same_search_as_local_workers(zoo, tmp_path):
     local = tuning.tune(settings(zoo, tmp_path / "a", trials=4, workers=2))
     ray = tuning.tune(settings(zoo, tmp_path / "b", trials=4, workers=2, ray_address="local"))
@@ -314,7 +315,13 @@ BAD = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "flags", "culprit"), [(b[0], b[1], b[2:]) for b in BAD])
+@pytest.mark.parametrize(
+    ("name", "flags", "culprit"),
+    [
+        pytest.param(name, flags, culprit, marks=[NEEDS_RAY] if "--ray" in flags else [])
+        for name, flags, *culprit in BAD
+    ],
+)
 def test_bad_input_is_one_line_naming_it(zoo, tmp_path, name, flags, culprit):
     study = tmp_path / "study.db"
     command = (
@@ -398,3 +405,10 @@ def test_a_threshold_on_output_sqnr_tunes_and_writes_strict_json(zoo, tmp_path):
     data = json.loads(written.json.read_text(), parse_constant=refuse)
     score = data["trials"][0]["score"]  # "inf" where the plan kept every op float
     assert data["float_score"] == "inf" and (score == "inf" or score > 10.0)
+
+
+def test_a_missing_optional_library_names_the_extra_that_installs_it():
+    with pytest.raises(
+        TuneError, match=r"^no_such_library is not installed: pip install 'qgraph\[ray\]'$"
+    ):
+        tuning.require("no_such_library", tuning.RAY_EXTRA)
