@@ -697,8 +697,17 @@ def _study(optuna: ModuleType, settings: TuneSettings, metric: Metric) -> Any:
     with warnings.catch_warnings():  # experimental in Optuna, and only names the columns
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["speedup", "bytes", metric.name])
+    identity = {"model": str(settings.model.resolve()), "metric": metric.name}
     if not study.trials:
         study.enqueue_trial(DEFAULT_POINT)
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+    for key, value in identity.items():
+        if study.user_attrs.get(key) != value:
+            raise TuneError(
+                f"--study {settings.study_path}: its study '{study.study_name}' tuned {key} "
+                f"{study.user_attrs.get(key)}, not {value}; give another --study file"
+            )
     return study
 
 

@@ -412,3 +412,14 @@ def test_a_missing_optional_library_names_the_extra_that_installs_it():
         TuneError, match=r"^no_such_library is not installed: pip install 'qgraph\[ray\]'$"
     ):
         tuning.require("no_such_library", tuning.RAY_EXTRA)
+
+
+def test_a_study_of_another_model_of_the_same_name_is_refused(zoo, tmp_path):
+    study = tmp_path / "study.db"
+    tuning.tune(settings(zoo, tmp_path / "out", trials=1, study_path=study))
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    other.write_bytes((zoo / "model.onnx").read_bytes())
+    refusal = r"its study 'model' tuned model \S+/tune\d*/model\.onnx, not \S+/other/model\.onnx"
+    with pytest.raises(TuneError, match=refusal):
+        tuning.tune(settings(zoo, tmp_path / "out", model=other, trials=1, study_path=study))
