@@ -60,37 +60,61 @@ class Figure:
     low: float
     high: float
     """The range a bound may take."""
+    perfect: float
+    """The float model's own figure (its outputs against themselves)."""
 
 
 SQNR = Figure(
-    "sqnr",
-    "output SQNR",
-    "generic",
-    "sqnr_db",
-    True,
-    lambda v: 10 ** (-v / 10),
-    "{:.1f} dB",
-    0,
-    100,
+    name="sqnr",
+    label="output SQNR",
+    metric="generic",
+    key="sqnr_db",
+    higher_is_better=True,
+    error=lambda v: 10 ** (-v / 10),
+    shown="{:.1f} dB",
+    low=0,
+    high=100,
+    perfect=math.inf,
 )
 TOP1 = Figure(
-    "top1", "top-1 agreement", "top1", "top1_agreement", True, lambda v: 1 - v, "{:.2%}", 0, 1
+    name="top1",
+    label="top-1 agreement",
+    metric="top1",
+    key="top1_agreement",
+    higher_is_better=True,
+    error=lambda v: 1 - v,
+    shown="{:.2%}",
+    low=0,
+    high=1,
+    perfect=1.0,
 )
 COSINE = Figure(
-    "cosine", "mean cosine", "embedding", "mean_cosine", True, lambda v: 1 - v, "{:.4f}", -1, 1
+    name="cosine",
+    label="mean cosine",
+    metric="embedding",
+    key="mean_cosine",
+    higher_is_better=True,
+    error=lambda v: 1 - v,
+    shown="{:.4f}",
+    low=-1,
+    high=1,
+    perfect=1.0,
 )
 PERPLEXITY_RATIO = Figure(
-    "ppl-ratio",
-    "perplexity ratio",
-    "causal-lm",
-    "perplexity_ratio",
-    False,
-    math.log,
-    "{:.3f}",
-    1,
-    100,
+    name="ppl-ratio",
+    label="perplexity ratio",
+    metric="causal-lm",
+    key="perplexity_ratio",
+    higher_is_better=False,
+    error=math.log,
+    shown="{:.3f}",
+    low=1,
+    high=100,
+    perfect=1.0,
 )
 FIGURES = {figure.name: figure for figure in (SQNR, TOP1, COSINE, PERPLEXITY_RATIO)}
+METRIC_FIGURES = {figure.metric: figure for figure in FIGURES.values()}
+"""A ``qgraph.evaluation`` metric -> the figure it is judged by."""
 
 
 @dataclasses.dataclass(frozen=True)

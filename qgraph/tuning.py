@@ -59,6 +59,7 @@ from typing import Any, Protocol
 from rich.table import Table
 
 from qgraph.atomic import replaced_file
+from qgraph.budget import METRIC_FIGURES
 from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
 from qgraph.data import read_batches, read_info
@@ -207,17 +208,6 @@ class Better(str, enum.Enum):
     LOWER = "lower"
 
 
-ZOO_SCORES: dict[str, tuple[str, Better, float]] = {
-    "top1": ("top1_agreement", Better.HIGHER, 1.0),
-    "embedding": ("mean_cosine", Better.HIGHER, 1.0),
-    "causal-lm": ("perplexity_ratio", Better.LOWER, 1.0),
-    "generic": ("sqnr_db", Better.HIGHER, math.inf),
-}
-"""Zoo metric (``evaluation.METRICS``) -> the figure a trial is judged by, which way it
-improves, and the float model's own (its outputs compared with themselves). ``generic``: the
-lowest SQNR (dB) of the outputs."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Metric:
     """How a compiled model's accuracy is scored (plain fields: it travels to workers).
@@ -243,11 +233,12 @@ class Metric:
             _load_callable(metric)
             return cls(metric, Better.HIGHER, callable=metric)
         zoo = metric or read_info(data).metric or "generic"
-        if zoo not in ZOO_SCORES:
+        if zoo not in METRIC_FIGURES:
             choices = ", ".join([*METRICS, "pkg.module:function"])
             raise TuneError(f"unknown metric '{zoo}'; choose one of: {choices}")
-        figure, better, ideal = ZOO_SCORES[zoo]
-        return cls(figure, better, zoo=zoo, ideal=ideal)
+        figure = METRIC_FIGURES[zoo]
+        better = Better.HIGHER if figure.higher_is_better else Better.LOWER
+        return cls(figure.key, better, zoo=zoo, ideal=figure.perfect)
 
     def score(self, reference: Path, candidate: Path, data: Path) -> float:
         """``candidate``'s score on ``data``: a number, or a ``TuneError`` naming the metric."""
@@ -263,6 +254,8 @@ class Metric:
 
 
 def _figure(figures: Mapping[str, float], name: str) -> float:
+    """``name`` among an evaluation's ``figures``; ``generic``'s SQNR, reported per output, is
+    the lowest of them."""
     if name == "sqnr_db":
         return min(v for k, v in figures.items() if k.endswith(".sqnr_db"))
     return float(figures[name])
