@@ -63,6 +63,11 @@ class Figure:
     perfect: float
     """The float model's own figure (its outputs against themselves)."""
 
+    @property
+    def relation(self) -> str:
+        """How a budget bounds it: ``>=`` or ``<=``."""
+        return ">=" if self.higher_is_better else "<="
+
 
 SQNR = Figure(
     name="sqnr",
@@ -142,12 +147,10 @@ class Budget:
     @property
     def text(self) -> str:
         """The budget as written (``cosine>=0.995``; a recipe or flag reads it back)."""
-        relation = ">=" if self.figure.higher_is_better else "<="
-        return f"{self.figure.name}{relation}{self.bound:g}"
+        return f"{self.figure.name}{self.figure.relation}{self.bound:g}"
 
     def __str__(self) -> str:
-        relation = ">=" if self.figure.higher_is_better else "<="
-        return f"{self.figure.label} {relation} {self.show(self.bound)}"
+        return f"{self.figure.label} {self.figure.relation} {self.show(self.bound)}"
 
 
 DEFAULT_SQNR_DB = 26.0
@@ -183,9 +186,10 @@ def parse_budget(text: str | float) -> Budget:
             f"with NAME one of {', '.join(FIGURES)} (e.g. cosine>=0.995, ppl-ratio<=1.03)"
         )
     figure = FIGURES[written[1]]
-    relation = ">=" if figure.higher_is_better else "<="
-    if written[2] != relation or (bound := _number(written[3])) is None:
-        raise BudgetSyntaxError(f"budget '{text}': {figure.name} is bounded as {relation} NUMBER")
+    if written[2] != figure.relation or (bound := _number(written[3])) is None:
+        raise BudgetSyntaxError(
+            f"budget '{text}': {figure.name} is bounded as {figure.relation} NUMBER"
+        )
     return _bounded(figure, bound, text)
 
 
