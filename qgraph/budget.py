@@ -157,16 +157,18 @@ DEFAULT_SQNR_DB = 26.0
 DEFAULT_BUDGETS = {
     "top1": Budget(TOP1, 0.995),
     "embedding": Budget(COSINE, 0.995),
-    "causal-lm": Budget(PERPLEXITY_RATIO, 1.02),
+    "causal-lm": Budget(PERPLEXITY_RATIO, 1.03),
     "generic": Budget(SQNR, DEFAULT_SQNR_DB),
 }
 """A dataset's ``metric`` -> the budget a compile on it keeps unless told otherwise: the zoo's
-accuracy goals (top-1 agreement 99.5%, mean cosine 0.995, perplexity ratio 1.03) as measured
+accuracy goals (top-1 agreement 99.5%, mean cosine 0.995, perplexity ratio 1.03), measured
 on the plan's sample. Without ``--eval`` that sample is two calibration batches, which set the
-scales and so flatter the model; the perplexity ratio, a mean over few tokens (about a
-thousand), flatters the most (SmolLM2: 1.026 on the sample, 1.032 on 8128 held-out tokens),
-so its default keeps a margin. (MiniLM's mean cosine: 0.9982 on the sample, 0.9981 held out;
-magika's top-1 agreement on 128 samples allows no flip at all.)"""
+scales and so flatter the model; the perplexity ratio, a mean over about a thousand tokens,
+flatters the most (SmolLM2 on an AVX2 host: 1.026 on the sample, 1.032 on 8128 held-out
+tokens). A margin does not buy it back: ``ppl-ratio<=1.02`` kept in float all 61 SmolLM2 ops
+int8 speeds up there (1.006 on the sample, size 0.99), so ``--eval`` is the remedy.
+(MiniLM's mean cosine: 0.9982 on the sample, 0.9981 held out; magika's top-1 agreement on
+128 samples allows no flip.)"""
 
 _WRITTEN = re.compile(r"\s*([a-z0-9-]+)\s*(>=|<=)\s*([^\s]+)\s*")
 
