@@ -46,12 +46,12 @@ from qgraph.errors import QGraphError, one_line
 if TYPE_CHECKING:
     import tokenizers
 
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = (
-    "input_ids",
-    "attention_mask",
-    "position_ids",
-    "logits",
-)
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+CACHE_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+"""The cache element types the loop feeds, by onnxruntime's type name."""
 CONTEXT_LENGTH_KEY = "qgraph.generation.context_length"
 EOS_TOKEN_IDS_KEY = "qgraph.generation.eos_token_ids"
 TOKENIZER_FILE = "tokenizer.json"
@@ -108,29 +108,33 @@ class DecoderInterface:
             {LOGITS, *cache_names(layers, present_name)} - set(outputs)
         )
         if missing:
-            raise GenerationError(f"{label}: a KV-cache decoder needs '{missing[0]}', missing")
+            raise GenerationError(
+                f"{label}: has past_key_values inputs but no '{missing[0]}', which a KV-cache "
+                "decoder needs"
+            )
         first = inputs[past_name(0, "key")]
-        heads, dim = first.shape[1], first.shape[3]
+        _, heads, _, dim = first.shape if len(first.shape) == 4 else (None,) * 4
         if not (isinstance(heads, int) and isinstance(dim, int)):
-            raise GenerationError(f"{label}: '{first.name}' has dynamic heads or head size")
+            raise GenerationError(
+                f"{label}: '{first.name}' has shape {first.shape}; generate needs [batch, heads, "
+                "past, head size] with fixed heads and head size"
+            )
+        if first.type not in CACHE_DTYPES:
+            raise GenerationError(
+                f"{label}: '{first.name}' is {first.type}; generate feeds float or float16 caches"
+            )
         metadata = session.get_modelmeta().custom_metadata_map
         vocab = outputs[LOGITS].shape[-1]
         return cls(
             layers=layers,
             kv_heads=heads,
             head_dim=dim,
-            cache_dtype=_numpy_dtype(first.type),
+            cache_dtype=CACHE_DTYPES[first.type],
             vocab=vocab if isinstance(vocab, int) else None,
             position_ids=POSITION_IDS in inputs,
             context_length=_int_or_none(metadata.get(CONTEXT_LENGTH_KEY)),
             eos_token_ids=_ints(metadata.get(EOS_TOKEN_IDS_KEY, "")),
         )
-
-
-def _numpy_dtype(onnx_type: str) -> np.dtype:
-    """numpy's dtype for onnxruntime's type string, e.g. ``tensor(float)``."""
-    names = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    return np.dtype(names.get(onnx_type, np.float32))
 
 
 def _int_or_none(text: str | None) -> int | None:

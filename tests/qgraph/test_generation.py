@@ -117,3 +117,16 @@ def test_a_missing_tokenizers_package_is_named_with_the_extra(tmp_path, monkeypa
     with pytest.raises(GenerationError, match=r"needs the 'tokenizers' package: pip install "
                        r"'qgraph\[generate\]'"):  # fmt: skip
         Tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_past_without_its_present_is_refused_by_name(tmp_path, toy_decoder):
+    import onnx
+
+    model_path, _ = toy_decoder(tmp_path)
+    model = onnx.load(model_path)
+    (value,) = [output for output in model.graph.output if output.name == "present.0.value"]
+    model.graph.output.remove(value)
+    onnx.save(model, tmp_path / "half.onnx")
+    with pytest.raises(GenerationError, match=r"half.onnx: has past_key_values inputs but no "
+                       r"'present.0.value', which a KV-cache decoder needs"):  # fmt: skip
+        Decoder(tmp_path / "half.onnx")
