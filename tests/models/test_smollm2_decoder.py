@@ -159,3 +159,22 @@ def test_qgraph_generate_runs_the_zoo_decoder(built):
 
 def empty(session, batch: int = 1) -> list[np.ndarray]:
     return smollm2_decoder.empty_cache(session, batch)
+
+
+@pytest.mark.slow
+def test_a_static_compile_keeps_the_cache_interface_and_generates(built, tmp_path):
+    """Minutes: a W8A8 compile on the recipe's calibration data (prefill batches with an empty
+    cache, decode steps after cached prefixes), then generation through it."""
+    compiled = tmp_path / "w8a8.onnx"
+    result = CliRunner().invoke(
+        cli, ["compile", str(built.model), "--calib", str(built.calibration), "--budget",
+              "none", "-o", str(compiled)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    float_session, quantized = verify.session(built.model), verify.session(compiled)
+    for side in ("get_inputs", "get_outputs"):
+        expected = [(v.name, v.type, v.shape) for v in getattr(float_session, side)()]
+        assert [(v.name, v.type, v.shape) for v in getattr(quantized, side)()] == expected
+    decoder = generation.Decoder(compiled)
+    assert decoder.interface == generation.Decoder(built.model).interface
+    assert len(generation.generate(decoder, [504, 3464], 8, stop_ids=()).tokens) == 8
