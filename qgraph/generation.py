@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from qgraph import verify
 from qgraph.errors import QGraphError, one_line
@@ -58,6 +59,9 @@ TOKENIZER_FILE = "tokenizer.json"
 INSTALL = "pip install 'qgraph[generate]'"
 Cache = list[np.ndarray]
 """Each layer's key then value [1, H, past, D], as the model's inputs list them."""
+RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException,
+              ort_errors.NotImplemented)  # fmt: skip
+"""What onnxruntime raises when a loaded model fails to run (a kernel refusing its inputs)."""
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
@@ -171,7 +175,13 @@ class Decoder:
         }
         if self.interface.position_ids:
             feeds[POSITION_IDS] = positions
-        logits, *present = self.session.run(self.output_names, feeds)
+        try:
+            logits, *present = self.session.run(self.output_names, feeds)
+        except RUN_ERRORS as error:
+            raise GenerationError(
+                f"{self.label}: onnxruntime failed to run it at cache length {past_length}: "
+                f"{one_line(str(error))}"
+            ) from error
         return logits[0, -1], present
 
     def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:

@@ -130,3 +130,18 @@ def test_a_past_without_its_present_is_refused_by_name(tmp_path, toy_decoder):
     with pytest.raises(GenerationError, match=r"half.onnx: has past_key_values inputs but no "
                        r"'present.0.value', which a KV-cache decoder needs"):  # fmt: skip
         Decoder(tmp_path / "half.onnx")
+
+
+def test_a_model_that_fails_to_run_is_reported_in_one_line(toy, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    decoder, _ = toy
+
+    def fail(*args, **kwargs):
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : DequantizeLinear\nscale must be 1D")
+
+    monkeypatch.setattr(decoder, "session", type("Session", (), {"run": staticmethod(fail)}))
+    with pytest.raises(GenerationError, match=r"decoder.onnx: onnxruntime failed to run it at "
+                       r"cache length 0: \[ONNXRuntimeError\] : 1 : FAIL : DequantizeLinear "
+                       r"scale must be 1D$"):  # fmt: skip
+        generate(decoder, [1, 2], 3)
