@@ -33,6 +33,7 @@ RECIPE_MODULES = (
     "qgraph.models.magika",
     "qgraph.models.minilm",
     "qgraph.models.smollm2",
+    "qgraph.models.smollm2_decoder",
 )
 MODEL_FILE = "model.onnx"
 CALIBRATION = "calibration"

@@ -609,6 +609,7 @@ def _check_feeds(graph: ir.Graph, feeds: Feeds, label: str) -> None:
             raise CalibrationError(
                 f"{label}: input '{name}' is missing (the batch has: {_names(feeds)})"
             )
+    _check_not_empty(feeds, label)
 
 
 def _check_array(value: ir.Value, array: np.ndarray, label: str) -> None:
@@ -634,9 +635,14 @@ def _shape_problem(value: ir.Value, array: np.ndarray) -> str | None:
     return None if fits else f"shape {list(array.shape)}, expected {shape}"
 
 
-def _emptiness_problem(value: ir.Value, array: np.ndarray) -> str | None:
-    """A batch of zero samples would calibrate nothing, and leave default scales behind."""
-    return f"holds no values (shape {list(array.shape)})" if array.size == 0 else None
+def _check_not_empty(feeds: Feeds, label: str) -> None:
+    """A batch of zero samples (every array empty) would calibrate nothing, and leave default
+    scales behind. One empty array among others is an empty dimension the model takes: a
+    decoder's KV cache before its first token ([batch, heads, 0, head size]) at prefill."""
+    empty = [name for name, array in feeds.items() if np.asarray(array).size == 0]
+    if empty and len(empty) == len(feeds):
+        shape = list(np.shape(feeds[empty[0]]))
+        raise CalibrationError(f"{label}, input '{empty[0]}': holds no values (shape {shape})")
 
 
 def _finiteness_problem(value: ir.Value, array: np.ndarray) -> str | None:
@@ -652,7 +658,6 @@ def _finiteness_problem(value: ir.Value, array: np.ndarray) -> str | None:
 _ARRAY_CHECKS: tuple[Callable[[ir.Value, np.ndarray], str | None], ...] = (
     _dtype_problem,
     _shape_problem,
-    _emptiness_problem,
     _finiteness_problem,
 )
 

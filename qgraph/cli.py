@@ -1,4 +1,5 @@
-"""The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, tune, models.
+"""The ``qgraph`` command line: compile, check, inspect, passes, targets, eval, tune, generate,
+models.
 
 Errors a user can cause print one line (``Error: <file>: <what is wrong>``) and exit 1; Ctrl-C
 prints "interrupted" and exits 130; ``--debug`` shows the traceback of any error instead.
@@ -30,6 +31,7 @@ from qgraph.entry import interrupted
 from qgraph.entry import main as entry_main
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS, evaluate
+from qgraph.generation import Decoder, Sampling, Tokenizer, default_tokenizer, generate
 from qgraph.inspection import diff_models, summarize
 from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
@@ -143,6 +145,7 @@ def cli(debug: bool) -> None:
       qgraph compile model.onnx -o model.q.onnx --target auto
       qgraph check model.q.onnx --target tensorrt
       qgraph inspect model.q.onnx
+      qgraph generate model.q.onnx --prompt "Once upon a time"
     """
     handler = logging.StreamHandler()
     handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
@@ -914,6 +917,58 @@ def _trial_line(report: tuning.TrialReport) -> None:
     err.print(
         printable(f"trial {report.done}/{report.total}: {what}; best {best_text}; {eta}"),
         soft_wrap=True,
+    )
+
+
+@cli.command(name="generate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Tokens to generate (fewer if an end-of-text token comes first).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0: greedy; above 0: sample from softmax(logits / T).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    help="A tokenizers tokenizer.json [default: tokenizer.json beside MODEL, else the zoo's "
+    "smollm2-decoder's].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="onnxruntime intra-op threads (0: all cores).",
+)
+def generate_command(
+    model: Path, prompt: str, max_new_tokens: int, temperature: float, seed: int,
+    tokenizer: Path | None, threads: int,
+) -> None:  # fmt: skip
+    """Continue PROMPT with MODEL, a decoder with a KV cache (past_key_values / present), e.g.
+    the zoo's smollm2-decoder or a compile of it; prints the text, and prefill and decode
+    tokens/s to stderr."""
+    load(model)  # a bad file is reported here, in qgraph's words
+    text = Tokenizer(tokenizer or default_tokenizer(model, models.cache_dir() / "smollm2-decoder"))
+    decoder = Decoder(model, threads)
+    text.check_matches(decoder)
+    prompt_ids = text.encode(prompt)
+    result = generate(decoder, prompt_ids, max_new_tokens, Sampling(temperature, seed))
+    click.echo(prompt + text.decode(result.tokens))
+    err.print(
+        f"prefill {len(prompt_ids)} tokens: {result.prefill_tokens_per_second:.1f} tokens/s; "
+        f"decode {result.decode_steps} tokens: {result.decode_tokens_per_second:.1f} tokens/s "
+        f"({threads or 'all'} thread{'' if threads == 1 else 's'})"
     )
 
 

@@ -117,3 +117,87 @@ def sysroot() -> emulation.Sysroot:
         if os.environ.get("QGRAPH_ARM64_REQUIRED"):
             pytest.fail(f"QGRAPH_ARM64_REQUIRED is set, but {why}")
         pytest.skip(str(why))
+
+
+ToyDecoderFactory = Callable[..., tuple[str, str]]
+
+
+@pytest.fixture(scope="session")
+def toy_decoder() -> ToyDecoderFactory:
+    """``toy_decoder(folder, vocab=7, context=16, tokenizer_vocab=vocab)`` writes
+    ``decoder.onnx`` and ``tokenizer.json`` into ``folder`` and returns their paths.
+
+    The decoder has qgraph.generation's interface (one layer, one head of one channel, float32
+    cache) and a rule that only a cache fed back right follows: its cache holds every token
+    so far, and the next token after each position is (sum of the tokens up to it) mod vocab
+    (logits 10 there, 0 elsewhere). The tokenizer is a word-level one whose token ``i`` is the
+    word ``w{i}``, split on whitespace.
+    """
+    import json
+
+    def write(folder, vocab: int = 7, context: int = 16, tokenizer_vocab: int | None = None):
+        cache = ["batch", 1, "past", 1]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, cache),
+            helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, cache),
+        ]
+        grown = ["batch", 1, "past + sequence", 1]
+        outputs = [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch", "sequence", vocab]
+            ),
+            helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, grown),
+            helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, grown),
+        ]
+        constants = {
+            "axes13": np.array([1, 3], np.int64),
+            "axis2": np.array(2, np.int64),
+            "axes2": np.array([2], np.int64),
+            "vocab": np.array(vocab, np.float32),
+            "depth": np.array(vocab, np.int64),
+            "onoff": np.array([0, 10], np.float32),
+        }
+        nodes = [
+            helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["ids", "axes13"], ["new"]),
+            helper.make_node("Concat", ["past_key_values.0.key", "new"], ["present.0.key"], axis=2),
+            helper.make_node(
+                "Concat", ["past_key_values.0.value", "new"], ["present.0.value"], axis=2
+            ),
+            helper.make_node("ReduceSum", ["past_key_values.0.key", "axes2"], ["before"]),
+            helper.make_node("CumSum", ["new", "axis2"], ["running"]),
+            helper.make_node("Add", ["running", "before"], ["sums"]),
+            helper.make_node("Squeeze", ["sums", "axes13"], ["flat"]),
+            helper.make_node("Mod", ["flat", "vocab"], ["rest"], fmod=1),
+            helper.make_node("Cast", ["rest"], ["next"], to=TensorProto.INT64),
+            helper.make_node("OneHot", ["next", "depth", "onoff"], ["logits"]),
+        ]
+        graph = helper.make_graph(
+            nodes, "toy-decoder", inputs, outputs,
+            [numpy_helper.from_array(value, name) for name, value in constants.items()],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+        helper.set_model_props(
+            model,
+            {
+                "qgraph.generation.context_length": str(context),
+                "qgraph.generation.eos_token_ids": "",
+            },
+        )
+        words = {f"w{i}": i for i in range(tokenizer_vocab or vocab)}
+        tokenizer = {
+            "version": "1.0",
+            "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"},
+            "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "decoder": None,
+        }
+        paths = (f"{folder}/decoder.onnx", f"{folder}/tokenizer.json")
+        onnx.save(model, paths[0])
+        with open(paths[1], "w") as file:
+            json.dump(tokenizer, file)
+        return paths
+
+    return write

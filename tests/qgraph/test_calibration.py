@@ -281,6 +281,27 @@ def test_a_non_finite_intermediate_is_flagged_not_fatal():
     assert (stats.count, stats.minimum, stats.maximum) == (2, 0.0, 2.0)
 
 
+def test_an_empty_input_beside_others_is_an_empty_cache_and_calibrates():
+    """A decoder's prefill feeds its KV cache with no positions yet: [batch, 0]."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["past", "x"], ["c"], axis=1),
+         helper.make_node("Relu", ["c"], ["y"])],
+        "cached",
+        [helper.make_tensor_value_info("past", TensorProto.FLOAT, ["N", "P"]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T"])],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    )
+    feeds = {"past": np.zeros((1, 0), np.float32), "x": np.array([[-1, 2, 5]], np.float32)}
+    stats = collect_statistics(model, {"y": False}, [feeds])
+    assert (stats["y"].minimum, stats["y"].maximum) == (0.0, 5.0)
+    with pytest.raises(CalibrationError, match=r"input 'past': holds no values \(shape \[0, 0\]"):
+        collect_statistics(model, {"y": False}, [{"past": np.zeros((0, 0), np.float32),
+                                                  "x": np.zeros((0, 3), np.float32)}])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("feeds", "message"),
     [

@@ -220,9 +220,36 @@ def test_eval_compares_two_models_on_a_zoo_dataset(tmp_path, monkeypatch):
     )
 
 
+def test_generate_prints_the_continued_prompt_and_the_speeds(tmp_path, toy_decoder):
+    pytest.importorskip("tokenizers")
+    model, _ = toy_decoder(tmp_path)  # its tokenizer.json, beside it, is the default
+    result = invoke("generate", model, "--prompt", "w3 w1 w5", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "w3 w1 w5" + "w2 w4 w1 w2\n"  # WordLevel decodes with spaces
+    speeds = re.fullmatch(
+        r"prefill 3 tokens: [\d.]+ tokens/s; decode 3 tokens: [\d.]+ tokens/s \(1 thread\)\n",
+        result.stderr,
+    )
+    assert speeds, result.stderr
+    sampled = [
+        invoke("generate", model, "--prompt", "w3", "--temperature", "40", "--seed", seed).stdout
+        for seed in ("4", "4")
+    ]
+    assert sampled[0] == sampled[1]
+
+
 def test_help_explains_every_command():
     result = invoke("--help")
-    for command in ("compile", "check", "inspect", "eval", "passes", "targets", "models"):
+    for command in (
+        "compile",
+        "check",
+        "inspect",
+        "eval",
+        "generate",
+        "passes",
+        "targets",
+        "models",
+    ):
         assert command in result.stdout
     assert "canonicalize" in invoke("compile", "--help").stdout
 

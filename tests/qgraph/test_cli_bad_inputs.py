@@ -78,7 +78,7 @@ def _batch(rows: int = 2, dtype: type = np.float32, **extra: object) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, toy_decoder) -> Path:
     """Every input the tables use, built once (the tables leave it as it is)."""
     root = tmp_path_factory.mktemp("bad-inputs")
     model = _small_model()
@@ -103,6 +103,9 @@ def folder(tmp_path_factory) -> Path:
     onnx.save(_external(model, "w\0.bin"), root / "broken" / "nul.onnx")
     onnx.save(_external(model, "a" * 5000), root / "broken" / "long.onnx")
     (root / "link.onnx").symlink_to(root / "elsewhere.onnx")
+    for name, tokenizer_vocab in (("gen", None), ("gen9", 9)):
+        (root / name).mkdir()
+        toy_decoder(root / name, tokenizer_vocab=tokenizer_vocab)  # vocab 7, context 16
     compiled = invoke(
         "compile", root / "model.onnx", "--calib", root / "calib.npz", "--budget", "none",
         "-t", "x86-avx2", "-o", root / "q.onnx",
@@ -261,7 +264,31 @@ EVAL = [
 ]  # fmt: skip
 
 
-TABLES = {"compile": COMPILE, "inspect": INSPECT, "check": CHECK, "debug": DEBUG, "eval": EVAL}
+_GENERATE = ("generate", "{dir}/gen/decoder.onnx", "--prompt")
+GENERATE = [
+    case("a model without a KV cache",
+         "generate {dir}/model.onnx --prompt w1 --tokenizer {dir}/gen/tokenizer.json",
+         "model.onnx: the model has no KV cache", "past_key_values"),
+    Case("a prompt longer than the context", (*_GENERATE, " ".join(["w1"] * 17)),
+         ("decoder.onnx: the prompt has 17 tokens, more than the model's context of 16",)),
+    Case("a prompt and new tokens over the context",
+         (*_GENERATE, " ".join(["w1"] * 12), "--max-new-tokens", "5"),
+         ("decoder.onnx: 12 prompt tokens and 5 new ones exceed", "ask for at most 4")),
+    Case("an empty prompt", (*_GENERATE, ""), ("the prompt is empty",)),
+    case("a tokenizer of another vocabulary",
+         "generate {dir}/gen/decoder.onnx --prompt w1 --tokenizer {dir}/gen9/tokenizer.json",
+         "gen9/tokenizer.json: the tokenizer has 9 tokens but", "logits have 7"),
+    case("a tokenizer that is not one",
+         "generate {dir}/gen/decoder.onnx --prompt w1 --tokenizer {dir}/recipe.toml",
+         "recipe.toml: not a tokenizer.json"),
+    case("a tokenizer that is missing",
+         "generate {dir}/gen/decoder.onnx --prompt w1 --tokenizer {dir}/absent.json",
+         "absent.json: no such tokenizer file"),
+]  # fmt: skip
+
+
+TABLES = {"compile": COMPILE, "inspect": INSPECT, "check": CHECK, "debug": DEBUG, "eval": EVAL,
+          "generate": GENERATE}  # fmt: skip
 
 
 @pytest.mark.parametrize(
