@@ -4,7 +4,10 @@
 - tanh form: ``gelu(x) = x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))``
 
 The product is accepted as ``(x * 0.5) * (1 + ...)`` or ``x * ((1 + ...) * 0.5)``, in any
-operand order. Each constant must equal its value to float32 rounding. It becomes
+operand order; the cubic term as ``x^3 * 0.044715`` (``Pow`` or ``x * x * x``) or as
+``x * (x * (0.044715 x))`` (jax2tf's order, magika's). Each constant must equal its value to
+float32 rounding and be one element of a rank no higher than ``x``'s, so that ``Gelu(x)``
+has the shape the product had. It becomes
 ``Gelu(x, approximate="none" | "tanh")`` from opset 20, else onnxruntime's com.microsoft
 ``Gelu`` / ``FastGelu`` where the target runs that domain, else it stays as it is.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from qgraph.ops import MICROSOFT_DOMAIN
@@ -45,11 +49,14 @@ class _GeluFusion(TargetRule):
             return op.Mul(op.Mul(x, half), plus)
         return op.Mul(x, op.Mul(plus, half))
 
-    def _common_problem(self, context, x, half, one) -> str | None:
+    def _common_problem(self, context, x, *constants) -> str | None:
         if x.dtype not in FLOAT_TYPES:
             return f"{x.dtype} is not a float type"
+        half, one = constants[:2]
         if not (close_to(scalar(half), 0.5) and close_to(scalar(one), 1.0)):
             return "the constants are not 0.5 and 1"
+        if any(_widens(constant, x) for constant in constants):
+            return "a constant has more dimensions than x, so the product broadcasts x"
         if (
             model_opset(context) < GELU_OPSET
             and MICROSOFT_DOMAIN not in self.target.allowed_domains
@@ -78,7 +85,7 @@ class GeluErfFusion(_GeluFusion):
         expected = SQRT2 if scaling == 0 else 1.0 / SQRT2
         if not close_to(scalar(root), expected):
             return fail("the Erf argument is not x / sqrt(2)", x)
-        problem = self._common_problem(context, x, half, one)
+        problem = self._common_problem(context, x, half, one, root)
         return MatchResult() if problem is None else fail(problem, x)
 
 
@@ -89,8 +96,15 @@ class GeluTanhFusion(_GeluFusion):
     contrib_op = "FastGelu"
 
     def pattern(self, op, x, three, cubic, scale, half, one):
-        cube = pattern.OrValue([op.Pow(x, three), op.Mul(x, op.Mul(x, x))], tag_var="cube_form")
-        inner = op.Mul(op.Add(x, op.Mul(cube, cubic)), scale)
+        cubic_term = pattern.OrValue(
+            [
+                op.Mul(op.Pow(x, three), cubic),
+                op.Mul(op.Mul(x, op.Mul(x, x)), cubic),
+                op.Mul(x, op.Mul(x, op.Mul(x, cubic))),
+            ],
+            tag_var="cube_form",
+        )
+        inner = op.Mul(op.Add(x, cubic_term), scale)
         return self._times_half(op, x, op.Add(op.Tanh(inner), one), half)
 
     def check(self, context, x, cubic, scale, half, one, three=None, cube_form=None, **_):
@@ -98,7 +112,8 @@ class GeluTanhFusion(_GeluFusion):
             return fail("the power is not 3", x)
         if not (close_to(scalar(cubic), CUBIC) and close_to(scalar(scale), TANH_SCALE)):
             return fail("the constants are not 0.044715 and sqrt(2/pi)", x)
-        problem = self._common_problem(context, x, half, one)
+        power = (three,) if cube_form == 0 else ()
+        problem = self._common_problem(context, x, half, one, cubic, scale, *power)
         return MatchResult() if problem is None else fail(problem, x)
 
 
@@ -112,3 +127,11 @@ class GeluTanhHalfLast(GeluTanhFusion):
     """``x * ((1 + Tanh(..)) * 0.5)`` -> ``Gelu(x, "tanh")``."""
 
     half_first = False
+
+
+def _widens(constant: ir.Value, x: ir.Value) -> bool:
+    """Whether broadcasting ``constant`` against ``x`` could add dimensions to ``x``."""
+    rank = len(constant.shape) if constant.shape is not None else None
+    if rank == 0:
+        return False
+    return rank is None or x.shape is None or rank > len(x.shape)
