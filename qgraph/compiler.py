@@ -16,6 +16,7 @@ import onnx_ir.passes.common as common
 from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
 from qgraph.inspection import ModelSummary, summarize
+from qgraph.kernels import is_qdq_group
 from qgraph.model_io import (
     SOURCE_PATH_KEY,
     VERSION_METADATA_KEY,
@@ -27,6 +28,7 @@ from qgraph.model_io import (
 )
 from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, dataset_inputs
+from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_sample, speed_gains
@@ -173,7 +175,11 @@ def _planned_run(
        readers 8 bits make slower (they stay float, and its ``X / s`` would only cost time).
     3. The plan's rounds, each a Q/DQ compile from a copy of the rewritten model; the chosen
        one compiled again in the asked format where that is not Q/DQ.
+    4. Where the plan kept in float every reader of a tensor SmoothQuant scaled (magika's
+       Conv), the float rewrites run again told so, and the chosen round is compiled from
+       them: its float ops read their own weights, with no ``X / s`` before them.
     """
+    full_options = options
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
@@ -188,6 +194,7 @@ def _planned_run(
     slow = [op for op in speeds if op.gain_seconds <= 0]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
+    pristine = ir.to_proto(model) if quantization.smoothquant is not None else None
     prepared = _float_rewrites(
         model, spec, dataclasses.replace(options, quantization=informed), on_pass
     )
@@ -212,9 +219,34 @@ def _planned_run(
     _, report = plan(reference, qdq_round, sample, quantization.budget, speeds, tell)
     kept = report.kept_reasons()
     chosen = rounds[frozenset(kept)]
-    if (options.format or spec.format) is not QuantFormat.QDQ:
+    wasted = smoothed_for_float_readers(prepared.records, chosen.model)
+    if wasted:
+        tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
+        final = dataclasses.replace(informed, keep_float=tuple(kept.items()))
+        prepared = _float_rewrites(
+            ir.from_proto(pristine),
+            spec,
+            dataclasses.replace(full_options, quantization=final),
+            on_pass,
+        )
+        original = ir.to_proto(prepared.model)
+    if wasted or (options.format or spec.format) is not QuantFormat.QDQ:
         chosen = compile_with(kept, options.format)
     return PipelineResult(chosen.model, prepared.records + chosen.records), report
+
+
+def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:
+    """Tensors SmoothQuant scaled (``X / s``, ``diag(s) W``) none of whose readers is
+    quantized in ``compiled``: the plan kept them all in float, so the scaling buys nothing
+    and an inserted ``Mul`` only costs time."""
+    quantized = {node.name for node in all_nodes(compiled.graph) if is_qdq_group(node)}
+    return [
+        tensor.name
+        for record in records
+        if isinstance(record.details, SmoothQuantReport)
+        for tensor in record.details.smoothed
+        if quantized.isdisjoint(tensor.readers)
+    ]
 
 
 def _copy(model: ir.Model) -> ir.Model:

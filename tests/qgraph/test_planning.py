@@ -108,6 +108,23 @@ def test_an_unreachable_budget_keeps_every_candidate_float():
     assert result.plan.final == float("inf")
 
 
+def test_smoothing_is_undone_where_the_plan_keeps_every_reader_float():
+    """Both tensors smoothed (``z / s`` through an inserted Mul), then both readers kept float
+    by a budget nothing but float meets: the model must be the float one, bit for bit, not
+    one with a Mul and rescaled weights."""
+    options = CompileOptions(
+        quantization=quant_options(calib=batches(), budget=100, smoothquant=0.5, measure=False)
+    )
+    result = qgraph.compile_model(two_branches(), "x86-vnni", options=options)
+    smoothed = next(r.details for r in result.records if r.name == "smoothquant")
+    assert smoothed.smoothed == [] and len(result.plan.kept_float) == 2
+    assert [node.op_type for node in result.model.graph] == ["Relu", "MatMul", "MatMul"]
+    feeds = batches(1, seed=7)[0]
+    expected_outputs = run(two_branches().SerializeToString(), feeds)
+    for got, expected in zip(run(result.model, feeds), expected_outputs, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 def searched(alone: list[float], noise, allowed: float) -> tuple[int | None, list[int]]:
     """Run ``CountSearch`` against the noise curve ``noise(count)``: (answer, counts tried)."""
     search = planning.CountSearch(alone, noise(0), allowed)
