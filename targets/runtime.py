@@ -16,6 +16,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
+from qgraph.targets.conformance import LOADABLE_RULES
+from qgraph.targets.spec import QuantFormat, TargetSpec
 
 CPU_DOMAINS = ONNX_DOMAINS | {ONNX_ML_DOMAIN, MICROSOFT_DOMAIN}
 """Operator domains onnxruntime's CPU execution provider runs."""
@@ -112,3 +114,38 @@ def onnxruntime_limits() -> RuntimeLimits:
 ORT_LIMITS = onnxruntime_limits()
 MAX_ORT_IR_VERSION = ORT_LIMITS.max_ir_version
 MAX_ORT_OPSET = ORT_LIMITS.max_opset
+
+
+def cpu_target(**own: object) -> TargetSpec:
+    """A target run by onnxruntime's CPU execution provider: the fields every such target
+    shares (Q/DQ written, fused by onnxruntime into the kernels above; symmetric 8-bit
+    weights per channel; int32 biases; the loadable-model rules), with ``own`` (its name,
+    architecture, integer types and measured speed-up) over them."""
+    shared = {
+        "execution_provider": "CPUExecutionProvider",
+        "format": QuantFormat.QDQ,
+        "activation_symmetric": False,
+        "weight_symmetric": True,
+        "weight_bits": 8,
+        "per_channel_weights": True,
+        "int16_activations": True,
+        "int16_kernels": False,
+        "quantizable_ops": CPU_QUANTIZABLE_OPS,
+        "lowering_rules": CPU_LOWERING_RULES,
+        "min_opset": PER_CHANNEL_MIN_OPSET,
+        "max_ir_version": MAX_ORT_IR_VERSION,
+        "max_opset": MAX_ORT_OPSET,
+        "allowed_domains": CPU_DOMAINS,
+        "default_domain_extensions": CPU_DEFAULT_DOMAIN_EXTENSIONS,
+        "matmul_add_as_gemm": True,
+        "conformance_rules": LOADABLE_RULES,
+        "int32_bias": True,
+        "quantize_residual_inputs": False,
+        "activation_products": True,
+        "quantized_embeddings": True,
+        "output_quantized_ops": CPU_OUTPUT_QUANTIZED_OPS,
+        "dynamic_quantizable_ops": CPU_DYNAMIC_QUANTIZABLE_OPS,
+        "dynamic_format": QuantFormat.QOPERATOR,
+        "runtime_checked": True,
+    }
+    return TargetSpec(**(shared | own))

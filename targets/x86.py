@@ -25,54 +25,17 @@ import dataclasses
 
 import onnx_ir as ir
 
-from qgraph.targets.conformance import LOADABLE_RULES
-from qgraph.targets.runtime import (
-    CPU_DEFAULT_DOMAIN_EXTENSIONS,
-    CPU_DOMAINS,
-    CPU_DYNAMIC_QUANTIZABLE_OPS,
-    CPU_LOWERING_RULES,
-    CPU_OUTPUT_QUANTIZED_OPS,
-    CPU_QUANTIZABLE_OPS,
-    MAX_ORT_IR_VERSION,
-    MAX_ORT_OPSET,
-    PER_CHANNEL_MIN_OPSET,
-)
-from qgraph.targets.spec import QuantFormat, TargetSpec
+from qgraph.targets.runtime import cpu_target
 
-X86_VNNI = TargetSpec(
+X86_VNNI = cpu_target(
     name="x86-vnni",
     summary="x86-64 with AVX512-VNNI or AVX-VNNI: u8 activations x s8 weights, full 8-bit",
     arch="x86_64",
-    execution_provider="CPUExecutionProvider",
-    format=QuantFormat.QDQ,
     activation_dtype=ir.DataType.UINT8,
     weight_dtype=ir.DataType.INT8,
-    activation_symmetric=False,
-    weight_symmetric=True,
-    weight_bits=8,
-    per_channel_weights=True,
     qdq_per_consumer=False,
-    int16_activations=True,
-    int16_kernels=False,
-    quantizable_ops=CPU_QUANTIZABLE_OPS,
-    lowering_rules=CPU_LOWERING_RULES,
-    min_opset=PER_CHANNEL_MIN_OPSET,
-    max_ir_version=MAX_ORT_IR_VERSION,
-    max_opset=MAX_ORT_OPSET,
-    default_domain_extensions=CPU_DEFAULT_DOMAIN_EXTENSIONS,
-    matmul_add_as_gemm=True,
-    allowed_domains=CPU_DOMAINS,
-    conformance_rules=LOADABLE_RULES,
-    int32_bias=True,
-    quantize_residual_inputs=False,
-    activation_products=True,
-    quantized_embeddings=True,
-    output_quantized_ops=CPU_OUTPUT_QUANTIZED_OPS,
-    dynamic_quantizable_ops=CPU_DYNAMIC_QUANTIZABLE_OPS,
-    dynamic_format=QuantFormat.QOPERATOR,
     # u8 x s8 MatMulInteger ran 3.3-4.0x fp32 on an AVX512-VNNI EPYC
     nominal_int8_speedup=3.5,
-    runtime_checked=True,
 )
 
 X86_AVX2 = dataclasses.replace(
