@@ -832,7 +832,8 @@ def eval_command(
     "-o",
     "--output",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for pareto.md/.json/.png, best.toml and best.onnx [default: NAME.tune/ "
+    help="Folder for pareto.md/.json/.png, best.toml, best.onnx and the float model's outputs "
+    "that every trial reads (reference-outputs.npz) [default: NAME.tune/ "
     "beside NAME.onnx; for a folder of models, one subfolder each].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

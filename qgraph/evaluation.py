@@ -241,8 +241,11 @@ def evaluate(
     metric: str | None = None,
     runs: int = 20,
     progress: Callable[[int], None] | None = None,
+    reference_outputs: list[Outputs] | None = None,
 ) -> Evaluation:
-    """Compare ``candidate`` with ``reference`` on ``data`` (metric from the dataset if None)."""
+    """Compare ``candidate`` with ``reference`` on ``data`` (metric from the dataset if None).
+    ``reference_outputs``, one per batch (``reference_run``'s), stand for running ``reference``
+    again, as when one float model is compared with many candidates."""
     name = metric or read_info(data).metric or "generic"
     if name not in METRICS:
         raise EvaluationError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
@@ -253,16 +256,33 @@ def evaluate(
     count = 0
     for count, feeds in enumerate(checked_batches(interfaces, data, "batch"), start=1):
         first = first if first is not None else feeds
-        outputs = [_run(s, feeds) for s in sessions]
-        accumulator.update(feeds, *outputs)
+        expected = _expected(reference_outputs, count) or _run(sessions[0], feeds)
+        accumulator.update(feeds, expected, _run(sessions[1], feeds))
         if progress is not None:
             progress(count)
     if first is None:
         raise EvaluationError("the dataset has no batches")
+    if reference_outputs is not None and len(reference_outputs) != count:
+        raise EvaluationError(
+            f"{len(reference_outputs)} stored reference outputs for {count} batches of {data}"
+        )
     latency = measure_latency(sessions, first, runs) if runs > 0 else None
     return Evaluation(
         name, accumulator.result(), count, latency, model_bytes(reference), model_bytes(candidate)
     )
+
+
+def reference_run(reference: str | os.PathLike, data: DataSource) -> list[Outputs]:
+    """``reference``'s outputs on each batch of ``data``, for ``evaluate``'s
+    ``reference_outputs``."""
+    sess = evaluation_session(reference)
+    return [_run(sess, feeds) for feeds in checked_batches([_interface(reference)], data, "batch")]
+
+
+def _expected(stored: list[Outputs] | None, batch: int) -> Outputs | None:
+    if stored is None or batch > len(stored):
+        return None
+    return stored[batch - 1]
 
 
 def _interface(path: str | os.PathLike) -> ir.Graph:

@@ -56,6 +56,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+import numpy as np
 from rich.table import Table
 
 from qgraph.atomic import replaced_file
@@ -68,10 +69,12 @@ from qgraph.errors import QGraphError, one_line
 from qgraph.evaluation import (
     METRICS,
     Latency,
+    Outputs,
     evaluate,
     evaluation_session,
     measure_latency,
     model_bytes,
+    reference_run,
 )
 from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
@@ -93,6 +96,12 @@ LATENCY_ATTR = "latency_s"
 FLOAT_LATENCY_ATTR = "float_latency_s"
 SENSITIVITY_BATCHES = 1
 """Calibration batches the sensitivity ranking runs on (each op's impact: one run a batch)."""
+REFERENCE_OUTPUTS = "reference-outputs.npz"
+"""The float model's outputs on ``--eval``, computed once per ``tune`` and read by each trial
+instead of running the float model again (in the output folder, beside the trials)."""
+REFERENCE_OUTPUTS_MAX_BYTES = 1 << 30
+"""Above this (a language model's logits over a large eval set), each trial runs the float
+model itself rather than read a file that size."""
 OUTPUT_FILES = ("pareto.md", "pareto.json", "pareto.png", "best.toml", "best.onnx")
 
 
@@ -240,14 +249,22 @@ class Metric:
         better = Better.HIGHER if figure.higher_is_better else Better.LOWER
         return cls(figure.key, better, zoo=zoo, ideal=figure.perfect)
 
-    def score(self, reference: Path, candidate: Path, data: Path) -> float:
-        """``candidate``'s score on ``data``: a number, or a ``TuneError`` naming the metric."""
+    def score(
+        self,
+        reference: Path,
+        candidate: Path,
+        data: Path,
+        reference_outputs: list[Outputs] | None = None,
+    ) -> float:
+        """``candidate``'s score on ``data``: a number, or a ``TuneError`` naming the metric.
+        A zoo metric compares it with ``reference_outputs`` where given, else runs
+        ``reference``."""
         if self.callable is not None:
-            value = _call_metric(self.callable, candidate, data)
-        else:
-            figures = evaluate(reference, candidate, data, metric=self.zoo, runs=0).figures
-            value = _figure(figures, self.name)
-        return value
+            return _call_metric(self.callable, candidate, data)
+        evaluation = evaluate(
+            reference, candidate, data, metric=self.zoo, runs=0, reference_outputs=reference_outputs
+        )
+        return _figure(evaluation.figures, self.name)
 
     def better_than(self, a: float, b: float) -> bool:
         return a > b if self.better is Better.HIGHER else a < b
@@ -358,6 +375,9 @@ class TrialJob:
     metric: Metric
     runs: int
     folder: Path
+    reference_outputs: Path | None = None
+    """``REFERENCE_OUTPUTS`` where ``tune`` wrote it, else None (the trial runs the float
+    model)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +403,8 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     try:
         options = CompileOptions(quantization=quant_options(job.recipe))
         compile_model(job.model, job.target, output=candidate, options=options)
-        score = job.metric.score(job.model, candidate, job.eval_data)
+        stored = None if job.reference_outputs is None else read_outputs(job.reference_outputs)
+        score = job.metric.score(job.model, candidate, job.eval_data, stored)
         latency = _latency(job.model, candidate, job.eval_data, job.runs)
         return TrialOutcome(
             job.number, score, latency.candidate, latency.reference, model_bytes(candidate)
@@ -393,6 +414,31 @@ def run_trial(job: TrialJob) -> TrialOutcome:
     finally:
         for path in job.folder.glob(f"{candidate.name}*"):
             path.unlink()
+
+
+def write_reference_outputs(settings: TuneSettings, metric: Metric) -> Path | None:
+    """The float model's outputs on the eval data, stored once for every trial to read
+    (``REFERENCE_OUTPUTS``); None where the metric needs none or they are too large."""
+    path = settings.output / REFERENCE_OUTPUTS
+    outputs = reference_run(settings.model, settings.eval_data) if metric.zoo else []
+    size = sum(a.nbytes for batch in outputs for a in batch.values())
+    if not outputs or size > REFERENCE_OUTPUTS_MAX_BYTES:
+        path.unlink(missing_ok=True)
+        return None
+    arrays = {f"{i:05d}/{name}": a for i, batch in enumerate(outputs) for name, a in batch.items()}
+    with replaced_file(path) as staging, staging.open("wb") as handle:
+        np.savez(handle, **arrays)
+    return path.resolve()
+
+
+def read_outputs(path: Path) -> list[Outputs]:
+    """``write_reference_outputs``'s file, batch by batch."""
+    batches: dict[str, Outputs] = {}
+    with np.load(path) as stored:
+        for key in stored.files:
+            batch, _, name = key.partition("/")
+            batches.setdefault(batch, {})[name] = stored[key]
+    return [batches[batch] for batch in sorted(batches)]
 
 
 def _latency(model: Path, candidate: Path, data: Path, runs: int) -> Latency:
@@ -654,6 +700,8 @@ def tune(
     tell(f"trials: {len(_finished(optuna, study))} of {settings.trials} done")
     _retry_abandoned(optuna, study)
     settings.output.mkdir(parents=True, exist_ok=True)
+    tell(f"running the float model on {settings.eval_data} once, for every trial")
+    write_reference_outputs(settings, metric)
     runner = make_runner(settings.workers, settings.ray_address)
     try:
         _search(optuna, study, settings, metric, worst, ranking, runner, progress)
@@ -799,7 +847,14 @@ def _job(trial: Any, settings: TuneSettings, metric: Metric, ranking: list[str])
         metric,
         settings.runs,
         settings.output.resolve(),
+        _stored_outputs(settings),
     )
+
+
+def _stored_outputs(settings: TuneSettings) -> Path | None:
+    """Where ``write_reference_outputs`` stored the float model's outputs, if it did."""
+    path = settings.output.resolve() / REFERENCE_OUTPUTS
+    return path if path.exists() else None
 
 
 def _tell(
@@ -940,7 +995,7 @@ def check_outputs(settings: TuneSettings) -> None:
         **dataset_inputs(settings.calib, "the calibration data"),
         **dataset_inputs(settings.eval_data, "the evaluation data"),
     }
-    for name in OUTPUT_FILES:
+    for name in (*OUTPUT_FILES, REFERENCE_OUTPUTS):
         check_output(folder / name, read)
 
 

@@ -16,6 +16,7 @@ from qgraph.evaluation import (
     OutputFidelity,
     TopOneAgreement,
     evaluate,
+    reference_run,
 )
 
 RNG = np.random.default_rng(0)
@@ -133,3 +134,29 @@ def test_evaluate_end_to_end_gives_the_sqnr_of_a_known_scaling(tmp_path):
     assert evaluation.reference_bytes == (tmp_path / "ref.onnx").stat().st_size
     with pytest.raises(EvaluationError, match="unknown metric 'accuracy'"):
         evaluate(tmp_path / "ref.onnx", tmp_path / "cand.onnx", batches, metric="accuracy")
+
+
+def test_stored_reference_outputs_give_the_figures_of_a_fresh_run(tmp_path):
+    _scaled(tmp_path / "ref.onnx", 1.0)
+    _scaled(tmp_path / "cand.onnx", 1.01)
+    batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)} for _ in range(3)]
+    stored = reference_run(tmp_path / "ref.onnx", batches)
+    fresh = evaluate(tmp_path / "ref.onnx", tmp_path / "cand.onnx", batches, runs=0)
+    read = evaluate(
+        tmp_path / "ref.onnx", tmp_path / "cand.onnx", batches, runs=0, reference_outputs=stored
+    )
+    assert read.figures == fresh.figures
+    shifted = [{"y": batch["y"] * 1.01} for batch in stored]
+    against = evaluate(
+        tmp_path / "ref.onnx", tmp_path / "ref.onnx", batches, runs=0, reference_outputs=shifted
+    )
+    expected = 10 * math.log10(1.01**2 / 0.01**2)  # the stored outputs are now the signal
+    assert against.figures["y.sqnr_db"] == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(EvaluationError, match="2 stored reference outputs for 3 batches"):
+        evaluate(
+            tmp_path / "ref.onnx",
+            tmp_path / "cand.onnx",
+            batches,
+            runs=0,
+            reference_outputs=stored[:2],
+        )

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from qgraph import tuning
 from qgraph.cli import cli
+from qgraph.evaluation import evaluate
 from qgraph.recipe import load_recipe, quant_options
 from qgraph.tuning import Better, Bound, Constraint, Metric, TuneError
 
@@ -217,6 +218,23 @@ def test_a_tune_writes_a_recipe_that_compile_reproduces_byte_for_byte(zoo, tmp_p
     table = console.export_text()
     assert "chosen" in table and "default" in table
     assert written.plot.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("limit", [tuning.REFERENCE_OUTPUTS_MAX_BYTES, 0])
+def test_trials_read_the_float_outputs_stored_once_unless_too_large(
+    zoo, tmp_path, monkeypatch, limit
+):
+    monkeypatch.setattr(tuning, "REFERENCE_OUTPUTS_MAX_BYTES", limit)
+    stored: list[bool] = []
+
+    def spy(*args, reference_outputs=None, **kwargs):
+        stored.append(reference_outputs is not None)
+        return evaluate(*args, reference_outputs=reference_outputs, **kwargs)
+
+    monkeypatch.setattr(tuning, "evaluate", spy)
+    tuning.tune(settings(zoo, tmp_path / "out", trials=2))
+    assert stored == [limit > 0] * 2
+    assert (tmp_path / "out" / tuning.REFERENCE_OUTPUTS).exists() == (limit > 0)
 
 
 def test_a_study_resumes_without_repeating_its_finished_trials(zoo, tmp_path):
