@@ -30,7 +30,7 @@ What is measured, for each row:
   cache, the first new token picked from its last logits; decode tokens/s: the other 127 of 128
   new tokens, one run each (greedy, end-of-text ignored; picking the token included). At one
   intra-op thread and at all threads (``os.cpu_count()``): each model and thread count is one
-  worker process, which generates once to warm up, then the workers take turns, ``--runs``
+  worker process, which generates 8 tokens to warm up, then the workers take turns, ``--runs``
   rounds (the order rotated each round), and the median of each worker's runs is reported;
 - peak RSS: the worker process's peak resident set (``VmHWM``) after its timed runs,
   interpreter and imports included (a worker's Python with numpy starts at ~30 MB; the
@@ -93,8 +93,8 @@ GGUF = (
 WORKDIR = Path.home() / ".cache" / "qgraph-generation-benchmark"
 GENAI_PYTHON = Path("/work/genai-venv/bin/python")
 LLAMA_PYTHON = Path("/work/llama-venv/bin/python")
-LLAMA_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
-PROMPT_TOKENS, NEW_TOKENS = 128, 128
+LLAMA_TYPES = ("F32", "Q8_0", "Q4_0")
+PROMPT_TOKENS, NEW_TOKENS, WARMUP_TOKENS = 128, 128, 8
 AGREEMENT_PROMPTS, AGREEMENT_PROMPT_TOKENS, AGREEMENT_STEPS = 8, 32, 64
 FP32 = "FP32 ONNX"
 NAN = float("nan")
@@ -156,7 +156,10 @@ class Row:
 
 def model_files(model: Path) -> list[Path]:
     """``model`` and, for ONNX, the external data files beside it that it names (read only if
-    ``MODEL.*.data`` files are there: a model without any is read no further)."""
+    ``MODEL.*.data`` files are there: a model without any is read no further). A folder (the
+    genai builder's) stands for its ``model.onnx``."""
+    if model.is_dir():
+        return model_files(model / "model.onnx")
     if model.suffix != ".onnx" or not any(model.parent.glob(f"{model.name}*.data")):
         return [model]
     import onnx
@@ -385,7 +388,7 @@ def measure_speed(rows: Sequence[Row], data: Data, threads: Sequence[int], runs:
     for round_ in range(runs + 1):  # round 0 warms up
         shift = round_ % max(len(live), 1)
         for worker in live[shift:] + live[:shift]:
-            reply = _time(worker, data.prompt)
+            reply = _time(worker, data.prompt, NEW_TOKENS if round_ else WARMUP_TOKENS)
             key = (worker.variant.name, worker.threads)
             if "error" in reply:
                 _row(rows, worker.variant).failures.append(
@@ -408,9 +411,9 @@ def measure_speed(rows: Sequence[Row], data: Data, threads: Sequence[int], runs:
         worker.close()
 
 
-def _time(worker: Worker, prompt: list[int]) -> dict:
+def _time(worker: Worker, prompt: list[int], new_tokens: int) -> dict:
     try:
-        return worker.ask("time", prompt=prompt, new_tokens=NEW_TOKENS)
+        return worker.ask("time", prompt=prompt, new_tokens=new_tokens)
     except WorkerError as error:
         return {"error": str(error)}
 
@@ -627,7 +630,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--llama-types",
         default=",".join(LLAMA_TYPES),
-        help="llama.cpp types to measure (F32,F16,Q8_0,Q4_0)",
+        help="llama.cpp types to measure (F16 is made anyway: the quantized ones come from it)",
     )
     parser.add_argument("--windows", type=int, help="score only the first N windows (a trial)")
     parser.add_argument("--prompts", type=int, default=AGREEMENT_PROMPTS, help="agreement prompts")

@@ -144,12 +144,16 @@ class LlamaRuntime:
         )
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Needs ``logits_all`` (``eval`` then copies every position's logits to ``scores``)."""
         self.llm.reset()
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[: len(ids)])
 
     def _last_logits(self) -> np.ndarray:
-        return self.llm.scores[self.llm.n_tokens - 1]
+        """The last evaluated position's logits, read in place (without ``logits_all``,
+        ``eval`` keeps none in ``scores``)."""
+        pointer = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
 
     def generate(self, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], float, float]:
         self.llm.reset()
