@@ -565,6 +565,28 @@ def versions(genai: Path, llama: Path) -> str:
     return ", ".join(parts)
 
 
+BUILDS = [
+    "How the rows' models were made (all from the same float weights, the zoo GGUF's "
+    "dequantized ones):",
+    "",
+    "- FP32 ONNX: the zoo's `smollm2-decoder` (`qgraph models fetch smollm2-decoder`); the qgraph "
+    "rows: `--qgraph NAME=PATH` files compiled from it;",
+    "- genai int4: `python -m onnxruntime_genai.models.builder -i TRANSFORMERS -o OUT -p int4 -e "
+    "cpu`, its defaults: `MatMulNBits` 4 bits, blocks of 32, `accuracy_level` 4 (int8 "
+    "activations in the kernel), the tied embedding and output projection in 4 bits too "
+    "(`GatherBlockQuantized`), `GroupQueryAttention`;",
+    "- llama.cpp: `llama_model_quantize` (allow_requantize) makes F32 from the zoo's Q4_1 GGUF "
+    "(every tensor equal to transformers' float32 weights, checked to the bit), F16 from F32, "
+    "and Q8_0 and Q4_0 from F16; in Q4_0 llama.cpp keeps the tied `token_embd` (the output "
+    "projection) in Q8_0.",
+    "",
+    "Columns: tok/s are medians (prefill: 128 prompt tokens over the prefill run; decode: 127 "
+    "steps over their time); peak RSS is the worker process's `VmHWM`; ppl ratio is over FP32 "
+    "ONNX's perplexity; greedy prefix and top-1 agree compare with FP32 ONNX's greedy tokens "
+    "(module docstring).",
+]
+
+
 def report(
     rows: Sequence[Row],
     skipped: Sequence[Skipped],
@@ -592,8 +614,17 @@ def report(
         table(rows, threads, reference),
         "",
     ]
-    lines += notes(rows, skipped)
+    if skipped or any(row.failures for row in rows):
+        lines += [*notes(rows, skipped), ""]
+    lines += BUILDS
     return "\n".join(lines) + "\n"
+
+
+def _plain(value: object) -> object:
+    """What ``json`` cannot write itself: paths, enums, skipped rows."""
+    if isinstance(value, Skipped):
+        return dataclasses.asdict(value)
+    return value.value if isinstance(value, enum.Enum) else str(value)
 
 
 def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -637,6 +668,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-peers", action="store_true", help="FP32 and qgraph rows only")
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="built peer models")
     parser.add_argument("--out", type=Path, default=HERE / "generation.md")
+    parser.add_argument("--json", type=Path, help="also write every row's figures here")
     return parser.parse_args(argv)
 
 
@@ -669,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             reference = tokens
     measure_speed(rows, data, threads, args.runs)
     args.out.write_text(report(rows, skipped, threads, args, data))
+    if args.json:
+        figures = {"rows": [dataclasses.asdict(row) for row in rows], "skipped": skipped}
+        args.json.write_text(json.dumps(figures, indent=1, default=_plain))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
