@@ -608,8 +608,9 @@ def report(
         "",
         *host(),
         f"- {versions(args.genai_python, args.llama_python)}",
-        "- The host was shared with other jobs during the run: speeds are indicative, compare "
-        "rows of the same run only.",
+        "- The host may be shared with other jobs: load average (1, 5, 15 min) "
+        f"{_load(args.load_before)} at the start, {_load(args.load_after)} at the end; "
+        "speeds are indicative, compare rows of the same run only.",
         "",
         table(rows, threads, reference),
         "",
@@ -618,6 +619,10 @@ def report(
         lines += [*notes(rows, skipped), ""]
     lines += BUILDS
     return "\n".join(lines) + "\n"
+
+
+def _load(averages: tuple[float, float, float]) -> str:
+    return "/".join(f"{value:.1f}" for value in averages)
 
 
 def _plain(value: object) -> object:
@@ -676,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = arguments(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = load_data(args.zoo, args.windows, args.prompts)
+    args.load_before = os.getloadavg()
     threads = sorted({1, args.threads})
     project = Path(sys.executable)
     candidates: list[Variant | Skipped] = [
@@ -700,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if row.variant.name == FP32:
             reference = tokens
     measure_speed(rows, data, threads, args.runs)
+    args.load_after = os.getloadavg()
     args.out.write_text(report(rows, skipped, threads, args, data))
     if args.json:
         figures = {"rows": [dataclasses.asdict(row) for row in rows], "skipped": skipped}
