@@ -59,8 +59,12 @@ class StoredTable:
 
 
 def _transposed_spec(spec: QuantSpec) -> QuantSpec:
-    """The spec of ``E`` [V, H] that quantizes ``E^T`` [H, V] as ``spec`` does."""
-    return spec if spec.axis is None else dataclasses.replace(spec, axis=1 - spec.axis % 2)
+    """The spec of ``E`` [V, H] that quantizes ``E^T`` [H, V] as ``spec`` does: blocks along
+    ``E^T``'s axis ``a`` are blocks along ``E``'s axis ``1 - a``; otherwise one scale per row of
+    ``E`` (per output channel of the projection; finer than per tensor, as the Gather wants)."""
+    if spec.block_size is None:
+        return dataclasses.replace(spec, axis=0)
+    return dataclasses.replace(spec, axis=1 - spec.axis % 2)
 
 
 def _transpose(value: ir.Value) -> ir.Node:
@@ -191,9 +195,8 @@ class QDQBuilder:
         self, node: ir.Node, index: int, table: ir.Value, spec: QuantSpec
     ) -> np.ndarray:
         """A MatMul weight ``Transpose(E)`` of a table ``E`` an embedding may share. ``E`` [V, H]
-        is quantized as the MatMul's weight ``E^T`` [H, V] asks, seen from ``E``: a spec on axis
-        ``a`` of ``E^T`` is one on axis ``1 - a`` of ``E`` (per channel: one scale per row of
-        ``E``; per block: blocks along each row). The MatMul reads
+        is quantized as the MatMul's weight ``E^T`` [H, V] asks, seen from ``E`` (per channel:
+        one scale per row of ``E``; per block along ``H``: blocks along each row). It reads
         ``DQ(Transpose(E_q), Transpose(s), Transpose(z))``, which onnxruntime folds into constants
         it multiplies in integers (``MatMulIntegerToFloat``, ``MatMulNBits``)."""
         original = node.inputs[index]
