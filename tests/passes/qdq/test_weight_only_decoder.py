@@ -1,7 +1,7 @@
 """Weight-only decoders with a tied embedding: a Gather from a table ``E`` and an output
-projection ``MatMul(h, Transpose(E))`` store ``E`` once, and onnxruntime runs every weighted op
-as an integer kernel (``MatMulNBits``, ``GatherBlockQuantized``) without dequantizing any weight
-on a run.
+projection ``MatMul(h, Transpose(E))`` store ``E`` once (8 bits per row, or 4 in blocks with
+``embedding_bits=4``), and onnxruntime runs every weighted op as an integer kernel
+(``MatMulNBits``, ``GatherBlockQuantized``) without dequantizing any weight on a run.
 
 The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` of its float value
 (``s_w`` = block or row max ``|w|`` over 7 or 127). onnxruntime fuses ``DQ -> MatMul`` into
@@ -13,6 +13,8 @@ symmetric and asymmetric forms alike). So a product is within
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -21,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
-from qgraph.kernels import runtime_kernels
+from qgraph.kernels import optimized_graph, runtime_kernels
 
 V, H, F, S = 512, 64, 128, 6  # V * H above canonicalize.FOLD_INPUT_LIMIT: Transpose(E) stays
 BLOCK = 32
@@ -105,12 +107,46 @@ def int4() -> qgraph.CompileResult:
 
 
 @pytest.fixture(scope="module")
+def int4_tables() -> qgraph.CompileResult:
+    return weight_only("int4", embedding_bits=4)
+
+
+@pytest.fixture(scope="module")
 def int8() -> qgraph.CompileResult:
     return weight_only("int8")
 
 
-def test_int4_stores_the_table_once_and_runs_nbits_kernels_only(int4):
+@pytest.fixture(scope="module")
+def compiled(request, int4, int4_tables, int8) -> qgraph.CompileResult:
+    """The compile a test's ``compiled`` parameter names."""
+    return {"int4": int4, "int4_tables": int4_tables, "int8": int8}[request.param]
+
+
+def table_steps(variant: str) -> np.ndarray:
+    """The step of each element of ``E`` as ``variant`` stores it."""
+    return block_steps(7) if variant == "int4_tables" else np.broadcast_to(row_steps(127), E.shape)
+
+
+def runtime_nbits(model: ir.Model) -> dict[int, int]:
+    """The ``MatMulNBits`` of the graph onnxruntime runs, counted by bits."""
+    found = [node for node in optimized_graph(model).node if node.op_type == "MatMulNBits"]
+    return dict(collections.Counter(helper.get_node_attr_value(n, "bits") for n in found))
+
+
+def test_int4_keeps_the_tied_table_in_eight_bits_and_the_rest_in_four(int4):
     graph = int4.model.graph
+    tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
+    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.INT8)]
+    assert "GatherBlockQuantized" not in {node.op_type for node in graph}
+    kernels = runtime_kernels(int4.model)
+    assert kernels.complete and kernels.quantized == 3, kernels.float_ops
+    assert runtime_nbits(int4.model) == {4: 2, 8: 1}
+    assert "DequantizeLinear" not in kernels.runtime_ops
+    assert "MatMul" not in kernels.runtime_ops
+
+
+def test_int4_tables_store_the_table_once_and_run_nbits_kernels_only(int4_tables):
+    graph = int4_tables.model.graph
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
     assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.INT4)]
     gather = next(node for node in graph if node.op_type == "GatherBlockQuantized")
@@ -121,27 +157,28 @@ def test_int4_stores_the_table_once_and_runs_nbits_kernels_only(int4):
         "block_size": BLOCK,
         "bits": 4,
     }
-    kernels = runtime_kernels(int4.model)
+    kernels = runtime_kernels(int4_tables.model)
     assert kernels.complete and kernels.quantized == 4, kernels.float_ops
-    assert kernels.runtime_ops.get("com.microsoft::MatMulNBits") == 3, kernels.runtime_ops
+    assert runtime_nbits(int4_tables.model) == {4: 3}
     assert "DequantizeLinear" not in kernels.runtime_ops
     assert "MatMul" not in kernels.runtime_ops
 
 
-def test_int4_embedding_rows_are_within_half_a_block_step(int4):
-    probe = with_outputs(int4.model, ("x",))
+@pytest.mark.parametrize("compiled", ["int4", "int4_tables", "int8"], indirect=True)
+def test_embedding_rows_are_within_half_a_step(compiled, request):
+    variant = request.node.callspec.params["compiled"]
+    probe = with_outputs(compiled.model, ("x",))
     ids = batches(1)[0]["ids"]
     rows = verify.run(probe, {"ids": ids}, optimize=True)["x"]
     error = np.abs(rows - E[ids])
-    assert np.all(error <= block_steps(7)[ids] / 2 * ROUNDING)
+    assert np.all(error <= table_steps(variant)[ids] / 2 * ROUNDING)
     assert np.any(error > 0), "the rows were rounded"
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
-def test_the_tied_projection_is_within_the_quantization_bound(dtype, int4, int8):
+@pytest.mark.parametrize("compiled", ["int4", "int4_tables", "int8"], indirect=True)
+def test_the_tied_projection_is_within_the_quantization_bound(compiled, request):
     """The logits against ``h E^T`` in float, ``h`` the compiled model's own."""
-    compiled = int4 if dtype == "int4" else int8
-    steps = block_steps(7) if dtype == "int4" else np.broadcast_to(row_steps(127), (V, H))
+    steps = table_steps(request.node.callspec.params["compiled"])
     probe = with_outputs(compiled.model, ("h",))
     for feeds in batches():
         outputs = verify.run(probe, feeds, optimize=True)
@@ -157,28 +194,25 @@ def test_int8_gathers_integer_rows_and_runs_8_bit_nbits_kernels(int8):
     assert graph.initializers["E_quantized"].const_value.dtype == ir.DataType.INT8
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
     assert [t.name for t in tables] == ["E_quantized"], "one copy of the table"
-    ids = batches(1)[0]["ids"]
-    rows = verify.run(with_outputs(int8.model, ("x",)), {"ids": ids}, optimize=True)["x"]
-    assert np.all(np.abs(rows - E[ids]) <= row_steps(127)[ids] / 2 * ROUNDING)
     kernels = runtime_kernels(int8.model)
     assert kernels.complete and kernels.quantized == 3, kernels.float_ops
-    assert kernels.runtime_ops.get("com.microsoft::MatMulNBits") == 3, kernels.runtime_ops
+    assert runtime_nbits(int8.model) == {8: 3}
     assert "DequantizeLinear" not in kernels.runtime_ops
 
 
-@pytest.mark.parametrize("dtype", ["int4", "int8"])
-def test_the_qdq_model_is_the_float_model_on_dequantized_weights(dtype, int4, int8):
+@pytest.mark.parametrize("compiled", ["int4", "int4_tables", "int8"], indirect=True)
+def test_the_qdq_model_is_the_float_model_on_dequantized_weights(compiled, request):
     """Unoptimized, the compiled model computes the float model on its dequantized weights,
     in float: the same to float32 rounding as numpy doing just that."""
-    model = (int4 if dtype == "int4" else int8).model
+    model = compiled.model
     weights = {
         name: verify.run(with_outputs(model, (name,)), {"ids": batches(1)[0]["ids"]})[name]
         for name in ("E_transposed_dequantized", "W_up_dequantized", "W_down_dequantized")
     }
     table = weights["E_transposed_dequantized"].T
     up, down = weights["W_up_dequantized"], weights["W_down_dequantized"]
-    levels = 7 if dtype == "int4" else 127
-    assert np.all(np.abs(table - E) <= np.max(np.abs(E)) / levels / 2 * ROUNDING)
+    steps = table_steps(request.node.callspec.params["compiled"])
+    assert np.all(np.abs(table - E) <= steps / 2 * ROUNDING)
     for feeds in batches():
         x = table[feeds["ids"]]
         u = x @ up
@@ -190,12 +224,12 @@ def test_the_qdq_model_is_the_float_model_on_dequantized_weights(dtype, int4, in
 def test_gptq_rounds_the_projections_and_keeps_the_tied_table_nearest():
     """GPTQ rounds ``W_up`` and ``W_down`` from their inputs' ``X^T X``; the tied table, read
     by the Gather too, stays rounded to nearest (GPTQ would fit it to the projection only)."""
-    result = weight_only("int4", weight_rounding="gptq", calib=batches())
+    result = weight_only("int4", weight_rounding="gptq", calib=batches(), embedding_bits=4)
     inserted = next(r.details for r in result.records if r.name == "insert-qdq")
     assert inserted.gptq_weights == 2
     probe = with_outputs(result.model, ("x",))
     ids = batches(1)[0]["ids"]
     rows = verify.run(probe, {"ids": ids}, optimize=True)["x"]
     assert np.all(np.abs(rows - E[ids]) <= block_steps(7)[ids] / 2 * ROUNDING)
-    kernels = runtime_kernels(result.model)
-    assert kernels.complete and kernels.runtime_ops.get("com.microsoft::MatMulNBits") == 3
+    assert runtime_kernels(result.model).complete
+    assert runtime_nbits(result.model) == {4: 3}
