@@ -15,6 +15,12 @@ kW]`` on axis 0, ``ConvTranspose`` weights ``[C, M, kH, kW]`` on axis 1 (ungroup
 blocks, each with its own scale per output channel. Biases become int32 only where the target
 says so (``int32_bias``).
 
+Embedding tables (a ``Gather`` from a constant ``[V, H]`` table, and an output projection
+``MatMul(h, Transpose(E))`` tied to it) get ``embedding_bits``, whatever the other weights get:
+8 bits with one scale per row of ``E``, or 4 in blocks along each row. The tied projection's
+spec is written for its weight ``E^T``: rows of ``E`` are its axis 1, blocks along ``H`` its
+axis 0.
+
 Where the target fuses a weighted op with the ``Add`` of a skip connection
 (``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
 bias) and an activation that no weighted op produced gets a ``ResidualAnnotation``: its skip
@@ -230,13 +236,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         if reason:
             report.float_reasons[node.name or "?"] = (node.op_type, reason)
             return True
-        spec = QuantSpec(
-            dtype=self.target.weight_dtype,
-            symmetric=self.target.weight_symmetric,
-            bits=self.target.weight_bits,
-            axis=0,
-        )
-        set_annotation(node, EmbeddingAnnotation(spec))
+        set_annotation(node, EmbeddingAnnotation(self._table_spec(axis=0, block_axis=1)))
         report.embeddings += 1
         return True
 
@@ -332,7 +332,28 @@ class AnnotatePass(ir.passes.InPlacePass):
             method=override.method or self.options.calib_method,
         )
 
+    def _table_spec(self, axis: int, block_axis: int) -> QuantSpec:
+        """The spec of an embedding table (``embedding_bits``): 8 bits per row on ``axis``, in
+        the target's weight type (int8 in weight-only mode), or 4 in blocks on ``block_axis``,
+        in the 4-bit ``weight_dtype`` (else int4)."""
+        if self.options.embedding_bits == 4:
+            dtype = self.options.weight_dtype
+            dtype = dtype if dtype.bitwidth == 4 else ir.DataType.INT4
+            return QuantSpec(
+                dtype, dtype.is_signed(), axis=block_axis, block_size=self.options.block_size
+            )
+        if self.options.mode is Mode.WEIGHT_ONLY:
+            return QuantSpec(ir.DataType.INT8, symmetric=True, axis=axis)
+        return QuantSpec(
+            dtype=self.target.weight_dtype,
+            symmetric=self.target.weight_symmetric,
+            bits=self.target.weight_bits,
+            axis=axis,
+        )
+
     def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
+        if node.op_type == "MatMul" and transposed_table(node.inputs[layout.weight]) is not None:
+            return self._table_spec(axis=1, block_axis=0)  # E^T [H, V]: rows of E on axis 1
         channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
         four_bit = self.options.weight_dtype.bitwidth == 4
         if self.options.mode is not Mode.WEIGHT_ONLY and not four_bit:

@@ -11,6 +11,13 @@ model keeps the float function of those ops exactly.
 
 It runs only where the runtime it asks is the target's: a CPU target (``runtime_checked``) of
 this host's architecture. Elsewhere its report says why it did not check.
+
+Before asking, on any target, it refuses (``ConformanceError``, naming the node and the scale)
+a ``DequantizeLinear`` whose scale does not fit its input ``x`` as ONNX defines it: a scalar
+(per tensor, no ``block_size``); a vector of ``x.shape[axis]`` (per axis, no ``block_size``); or
+``x``'s rank with ``ceil(x.shape[axis] / block_size)`` on ``axis`` and ``x``'s size elsewhere
+(per block). A zero point has the scale's shape. onnxruntime may load such a node and fail, or
+fold it into garbage, only when it runs.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import platform
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.errors import ConformanceError
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
 from qgraph.passes.qdq.build import FLOAT_SOURCE_KEY
 from qgraph.pipeline import PassBuilder, ReportingPassResult
@@ -76,6 +84,10 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
         self.target = target
 
     def call(self, model: ir.Model) -> ReportingPassResult:
+        for node in model.graph:
+            problem = dequantize_shape_problem(node) if node.op_type == "DequantizeLinear" else None
+            if problem is not None:
+                raise ConformanceError(f"DequantizeLinear '{node.name}': {problem}")
         reason = self._not_checked()
         if reason is not None:
             return ReportingPassResult(model, False, RuntimeCheckReport(None, skipped=reason))
@@ -93,6 +105,56 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
         if not same_arch(self.target.arch, platform.machine()):
             return f"target {self.target.name} runs on {self.target.arch}, this host is not one"
         return None
+
+
+def dequantize_shape_problem(node: ir.Node) -> str | None:
+    """Why the scale (or zero point) of DequantizeLinear ``node`` does not fit its input as ONNX
+    defines it; None when it fits, or when the shapes are not constants."""
+    scale = _constant_shape(node.inputs[1])
+    if scale is None:
+        return None
+    scale_name = node.inputs[1].name
+    block = node.attributes.get_int("block_size", 0)
+    if len(scale) > 1 and not block:
+        return (
+            f"scale '{scale_name}' has shape {list(scale)} but no block_size (a per-axis scale "
+            "is a vector; a per-block one needs block_size)"
+        )
+    shape = _constant_shape(node.inputs[0])
+    if shape is None:
+        return None
+    axis = node.attributes.get_int("axis", 1) % max(len(shape), 1)
+    if block:
+        expected = tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+    elif len(scale) == 1 and scale[0] != 1:  # a 1-element vector is per tensor, as a scalar
+        expected = (shape[axis],)
+    else:
+        expected = scale
+    if scale != expected:
+        granularity = f"block_size {block} on axis {axis}" if block else f"axis {axis}"
+        return (
+            f"scale '{scale_name}' has shape {list(scale)}, but input {list(shape)} with "
+            f"{granularity} needs {list(expected)}"
+        )
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    zero_shape = _constant_shape(zero_point) if zero_point is not None else None
+    if zero_shape is not None and zero_shape != scale:
+        return f"zero point '{zero_point.name}' has shape {list(zero_shape)}, not {list(scale)}"
+    return None
+
+
+def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The shape of a constant, or of a constant's ``Transpose``; None for a computed tensor."""
+    if value.const_value is not None:
+        return tuple(value.const_value.shape)
+    producer = value.producer()
+    if producer is None or producer.op_type != "Transpose" or producer.domain != "":
+        return None
+    source = _constant_shape(producer.inputs[0])
+    if source is None:
+        return None
+    perm = producer.attributes.get_ints("perm", list(range(len(source)))[::-1])
+    return tuple(source[i] for i in perm)
 
 
 def restore_float_inputs(node: ir.Node) -> None:

@@ -41,6 +41,7 @@ from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.pipeline import PassInfo, Phase, fact_name
 from qgraph.recipe import (
     DEFAULT_ALPHA,
+    EMBEDDING_BITS,
     WEIGHT_ONLY_DTYPES,
     Mode,
     QuantOptions,
@@ -253,6 +254,13 @@ Examples:
     "channel, weight-only mode [default: int8 weight-only, the target's otherwise].",
 )
 @click.option("--block-size", type=int, help="Block length of 4-bit weights [default: 32].")
+@click.option(
+    "--embedding-bits",
+    type=click.Choice([str(b) for b in EMBEDDING_BITS]),
+    help="Embedding tables (a Gather from a constant table, and an output projection tied to "
+    "it): 8 bits per row whatever --weight-dtype says, or 4 in blocks of --block-size along "
+    "each row (smaller, less accurate) [default: 8].",
+)
 @click.option(
     "--weight-rounding",
     type=click.Choice([w.value for w in WeightRounding]),

@@ -127,19 +127,28 @@ def is_qdq_group(node: ir.Node) -> bool:
         return node.op_type != "DynamicQuantizeLinear"
     producers = [v.producer() if v is not None else None for v in node.inputs]
     dequantized = [p is not None and p.op_type == "DequantizeLinear" for p in producers]
-    if any(
-        d and p.inputs[0].const_value is not None
-        for d, p in zip(dequantized, producers, strict=True)
-    ):
+    if any(d and _dequantizes_constant(p) for d, p in zip(dequantized, producers, strict=True)):
         return True
     return node.op_type in WEIGHTED_OPS and bool(dequantized) and all(dequantized)
+
+
+def _dequantizes_constant(dequantize: ir.Node) -> bool:
+    """The DQ reads a constant, or a constant moved by data-movement ops (a tied projection's
+    ``Transpose(E_q)``), which onnxruntime folds into one."""
+    value, depth = dequantize.inputs[0], 0
+    while value.const_value is None:
+        producer = value.producer()
+        if producer is None or producer.op_type not in DATA_MOVEMENT_OPS or depth >= 4:
+            return False
+        value, depth = producer.inputs[0], depth + 1
+    return True
 
 
 def _weight_dequantizer_readers(model: ir.Model) -> dict[str, list[str]]:
     """Name of each DQ of a constant -> the names of the ops reading it."""
     found = {}
     for node in model.graph:
-        if node.op_type == "DequantizeLinear" and node.inputs[0].const_value is not None:
+        if node.op_type == "DequantizeLinear" and _dequantizes_constant(node):
             found[node.name] = [use.node.name for use in node.outputs[0].uses()]
     return found
 

@@ -41,6 +41,51 @@ def _feeds_quantize_alone(value: ir.Value, through_relu: bool = True) -> bool:
     return _is_quantize(reader)
 
 
+GATHER_BLOCK_TYPES = frozenset({ir.DataType.INT4, ir.DataType.UINT4})
+"""Table types ``GatherBlockQuantized`` reads as they are (4 bits, two to a byte)."""
+MIN_GATHER_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTable:
+    """An embedding table's integer copy, its spec, and its scale and zero point initializers
+    (DequantizeLinear's layout)."""
+
+    values: ir.Value
+    quantized: QuantizedTensor
+    spec: QuantSpec
+    scale: ir.Value
+    zero_point: ir.Value
+
+
+def _transposed_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec of ``E`` [V, H] that quantizes ``E^T`` [H, V] as ``spec`` does: blocks along
+    ``E^T``'s axis ``a`` are blocks along ``E``'s axis ``1 - a``; otherwise one scale per row of
+    ``E`` (per output channel of the projection; finer than per tensor, as the Gather wants)."""
+    if spec.block_size is None:
+        return dataclasses.replace(spec, axis=0)
+    return dataclasses.replace(spec, axis=1 - spec.axis % 2)
+
+
+def _transpose(value: ir.Value) -> ir.Node:
+    """``Transpose(value)`` of a matrix, named after it."""
+    node = ir.Node("", "Transpose", [value], [ir.AttrInt64s("perm", [1, 0])])
+    node.name = node.outputs[0].name = f"{value.name}_transposed"
+    node.outputs[0].dtype = value.dtype
+    node.outputs[0].shape = ir.Shape(list(value.shape)[::-1])
+    return node
+
+
+def _block_gather_problem(spec: QuantSpec) -> str | None:
+    """Why ``GatherBlockQuantized`` cannot read a table stored to per-block ``spec``."""
+    if spec.dtype not in GATHER_BLOCK_TYPES:
+        return "GatherBlockQuantized reads 4-bit blocks only"
+    block = spec.block_size
+    if block < MIN_GATHER_BLOCK or block & (block - 1):
+        return f"GatherBlockQuantized needs blocks of a power of 2 of at least {MIN_GATHER_BLOCK}"
+    return None
+
+
 class QDQBuilder:
     """Creates the Q/DQ nodes and quantized initializers of one graph, sharing what it can."""
 
@@ -51,7 +96,7 @@ class QDQBuilder:
         self.grams = grams
         self.gptq_weights = 0
         self.activations: dict[str, ir.Value] = {}
-        self.tables: dict[str, tuple[ir.Value, QuantizedTensor]] = {}
+        self.tables: dict[str, StoredTable] = {}
         self.weights: dict[tuple[str, QuantSpec], tuple[ir.Value, np.ndarray]] = {}
         self.quantized: dict[tuple[str, QuantSpec], QuantizedTensor] = {}
         self.activation_pairs = 0
@@ -149,51 +194,86 @@ class QDQBuilder:
     def _tied_weight(
         self, node: ir.Node, index: int, table: ir.Value, spec: QuantSpec
     ) -> np.ndarray:
-        """A MatMul weight ``Transpose(E)`` of a table ``E`` an embedding may share: ``E`` is
-        quantized per row (the MatMul's output channels), read as ``DQ(Transpose(E_q))``, which
-        onnxruntime folds into a constant it multiplies in integers."""
+        """A MatMul weight ``Transpose(E)`` of a table ``E`` an embedding may share. ``E`` [V, H]
+        is quantized as the MatMul's weight ``E^T`` [H, V] asks, seen from ``E`` (per channel:
+        one scale per row of ``E``; per block along ``H``: blocks along each row). It reads
+        ``DQ(Transpose(E_q), Transpose(s), Transpose(z))``, which onnxruntime folds into constants
+        it multiplies in integers (``MatMulIntegerToFloat``, ``MatMulNBits``)."""
         original = node.inputs[index]
-        quantized_table = self._table(table, dataclasses.replace(spec, axis=0))
-        transpose = ir.Node("", "Transpose", [quantized_table], [ir.AttrInt64s("perm", [1, 0])])
-        transpose.name = transpose.outputs[0].name = f"{table.name}_quantized_transposed"
-        scale = self._constant(f"{table.name}_row_scale", self.tables[table.name][1].scale)
-        zero_point = self._constant(
-            f"{table.name}_row_zero_point", self.tables[table.name][1].zero_point, spec.dtype
-        )
+        stored = self._table(table, _transposed_spec(spec))
+        scale, zero_point = stored.scale, stored.zero_point
+        nodes = [_transpose(stored.values)]
+        if stored.spec.block_size is not None:
+            nodes += [_transpose(scale), _transpose(zero_point)]
+            scale, zero_point = nodes[1].outputs[0], nodes[2].outputs[0]
+        attributes = [ir.AttrInt64("axis", 1 - stored.spec.axis)]
+        if stored.spec.block_size is not None:
+            attributes.append(ir.AttrInt64("block_size", stored.spec.block_size))
         dequantize = ir.Node(
             "",
             "DequantizeLinear",
-            [transpose.outputs[0], scale, zero_point],
-            [ir.AttrInt64("axis", 1)],
+            [nodes[0].outputs[0], scale, zero_point],
+            attributes,
             name=f"{table.name}_transposed_DQ",
         )
         dequantize.outputs[0].name = f"{table.name}_transposed_dequantized"
         dequantize.outputs[0].dtype = ir.DataType.FLOAT
+        dequantize.outputs[0].shape = ir.Shape(stored.quantized.values.shape[::-1])
         dequantize.meta[FLOAT_SOURCE_KEY] = original
-        self.graph.insert_before(node, [transpose, dequantize])
+        self.graph.insert_before(node, [*nodes, dequantize])
         node.replace_input_with(index, dequantize.outputs[0])
-        return self.tables[table.name][1].scale
+        return stored.quantized.scale.T
 
-    def _table(self, table: ir.Value, spec: QuantSpec) -> ir.Value:
-        """The integer copy of embedding table ``table`` (per-row ``spec``), made once."""
+    def _table(self, table: ir.Value, spec: QuantSpec) -> StoredTable:
+        """The integer copy of embedding table ``table``, made once: to ``spec`` by its first
+        reader (insert-qdq quantizes a tied projection's weight before any embedding)."""
         if table.name not in self.tables:
             quantized = quantize_weight(table.const_value.numpy(), spec)
-            values = self._constant(f"{table.name}_quantized", quantized.values, spec.dtype)
-            self.tables[table.name] = (values, quantized)
-        return self.tables[table.name][0]
+            self.tables[table.name] = StoredTable(
+                self._constant(f"{table.name}_quantized", quantized.values, spec.dtype),
+                quantized,
+                spec,
+                self._constant(f"{table.name}_scale", quantized.scale),
+                self._constant(f"{table.name}_zero_point", quantized.zero_point, spec.dtype),
+            )
+        return self.tables[table.name]
 
     def embedding(self, node: ir.Node, spec: QuantSpec) -> str | None:
-        """Gather integer rows and scale them: ``(Gather(E_q) - z) * Gather(s)``; the reason
-        the Gather stays float where its table would then be stored twice."""
+        """Make the Gather read the integer table; the reason it stays float where its table
+        would then be stored twice, or where no kernel gathers from the table as stored.
+
+        A table per row (``spec``, or a tied projection's per-channel one) is read as
+        ``(Gather(E_q) - z) * Gather(s)``; one in 4-bit blocks along its rows (a tied
+        projection's per-block spec) by onnxruntime's ``GatherBlockQuantized``, which
+        dequantizes only the rows it gathers."""
         table = node.inputs[0]
         others = [u.node for u in table.uses() if u.node.op_type != "Gather"]
         floats = [o for o in others if o.op_type != "Transpose" or o.outputs[0].uses()]
         if floats:
             names = ", ".join(f"'{other.name}'" for other in floats)
             return f"its table '{table.name}' is also read in float by {names}"
-        values = self._table(table, spec)
-        quantized = self.tables[table.name][1]
-        rows = ir.Node("", "Gather", [values, node.inputs[1]], name=f"{node.name}_rows")
+        found = self.tables.get(table.name)
+        if found is not None and found.spec.block_size is not None:
+            reason = _block_gather_problem(found.spec)
+            if reason is not None:
+                return f"its table '{table.name}' is stored {found.spec.describe()}: {reason}"
+            nodes = self._block_gather(node, found)
+        else:
+            nodes = self._row_gather(node, self._table(table, spec))
+        self.graph.insert_before(node, nodes)
+        output, gathered = node.outputs[0], nodes[-1].outputs[0]
+        gathered.dtype, gathered.shape = output.dtype, output.shape
+        ir.convenience.replace_all_uses_with(output, gathered, replace_graph_outputs=True)
+        name = output.name
+        output.name = f"{name}_float_gather"
+        gathered.name = name
+        self.graph.remove(node, safe=True)
+        return None
+
+    def _row_gather(self, node: ir.Node, stored: StoredTable) -> list[ir.Node]:
+        """``(Gather(E_q) - z) * Gather(s)`` for a table quantized per row."""
+        table, quantized = node.inputs[0], stored.quantized
+        rows = ir.Node("", "Gather", [stored.values, node.inputs[1]], name=f"{node.name}_rows")
         scale = self._constant(f"{table.name}_scale_column", quantized.scale.reshape(-1, 1))
         row_scales = ir.Node("", "Gather", [scale, node.inputs[1]], name=f"{node.name}_scales")
         nodes = [rows, row_scales]
@@ -210,15 +290,28 @@ class QDQBuilder:
         nodes.append(scaled)
         for extra in nodes[2:-1]:
             extra.name = f"{node.name}_{extra.op_type.lower()}"
-        self.graph.insert_before(node, nodes)
-        output = node.outputs[0]
-        scaled.outputs[0].dtype, scaled.outputs[0].shape = output.dtype, output.shape
-        ir.convenience.replace_all_uses_with(output, scaled.outputs[0], replace_graph_outputs=True)
-        name = output.name
-        output.name = f"{name}_float_gather"
-        scaled.outputs[0].name = name
-        self.graph.remove(node, safe=True)
-        return None
+        return nodes
+
+    def _block_gather(self, node: ir.Node, stored: StoredTable) -> list[ir.Node]:
+        """``GatherBlockQuantized(E_q, ids, s, z)`` for a 4-bit table in blocks along its rows:
+        row ``i`` of the output is ``(E_q[i] - z[i, j // B]) s[i, j // B]`` for each ``j``."""
+        self.model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+        inputs = [stored.values, node.inputs[1], stored.scale]
+        if np.any(stored.quantized.zero_point):
+            inputs.append(stored.zero_point)
+        gather = ir.Node(
+            MICROSOFT_DOMAIN,
+            "GatherBlockQuantized",
+            inputs,
+            [
+                ir.AttrInt64("gather_axis", 0),
+                ir.AttrInt64("quantize_axis", stored.spec.axis),
+                ir.AttrInt64("block_size", stored.spec.block_size),
+                ir.AttrInt64("bits", stored.spec.dtype.bitwidth),
+            ],
+            name=f"{node.name}_blocks",
+        )
+        return [gather]
 
     def quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
         """The weight ``value`` of ``node`` quantized to ``spec``, computed once (the graph is

@@ -4,16 +4,20 @@ weights, exactly; those it fuses stay; dynamic mode is lowered so that its group
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
+from qgraph.errors import ConformanceError
 from qgraph.kernels import runtime_kernels
 from qgraph.options import CompileOptions
+from qgraph.passes.runtime_check import RuntimeCheckPass, dequantize_shape_problem
 from qgraph.recipe import quant_options
 from qgraph.targets import same_arch
 
@@ -146,3 +150,84 @@ def test_the_check_is_skipped_where_the_runtime_is_not_this_hosts():
 def test_same_arch_spells_each_architecture_both_ways():
     assert same_arch("x86_64", "AMD64") and same_arch("aarch64", "arm64")
     assert not same_arch("aarch64", "x86_64") and not same_arch(None, "x86_64")
+
+
+def dequantize_matmul(
+    values: np.ndarray, scale: np.ndarray, transposed: bool = False, **attributes
+) -> ir.Model:
+    """x [3, K] -> MatMul(DQ(values, scale, zero point 0)) with ``attributes``, ``values``
+    read through a Transpose where ``transposed``."""
+    weight = values.T if transposed else values
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear",
+            ["Wq_t" if transposed else "Wq", "s", "z"],
+            ["w"],
+            name="dq",
+            **attributes,
+        ),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    ]
+    if transposed:
+        nodes.insert(0, helper.make_node("Transpose", ["Wq"], ["Wq_t"], name="t", perm=[1, 0]))
+    graph = helper.make_graph(
+        nodes,
+        "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, weight.shape[1]])],
+        [
+            numpy_helper.from_array(values, "Wq"),
+            numpy_helper.from_array(scale.astype(np.float32), "s"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int8), "z"),
+        ],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+Q8 = RNG.integers(-127, 128, (64, 24)).astype(np.int8)
+
+
+@pytest.mark.parametrize(
+    ("values", "scale", "transposed", "attributes"),
+    [
+        (Q8, np.ones(()), False, {}),
+        (Q8, np.ones(24), False, {"axis": 1}),
+        (Q8, np.ones((2, 24)), False, {"axis": 0, "block_size": 32}),
+        (Q8, np.ones((3, 24)), False, {"axis": 0, "block_size": 24}),
+        (Q8.T.copy(), np.ones((2, 24)), True, {"axis": 0, "block_size": 32}),
+    ],
+)
+def test_dequantize_scales_that_fit_their_input_pass(values, scale, transposed, attributes):
+    model = dequantize_matmul(values, scale, transposed, **attributes)
+    node = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dequantize_shape_problem(node) is None
+
+
+@pytest.mark.parametrize(
+    ("values", "scale", "transposed", "attributes", "message"),
+    [
+        (Q8.T.copy(), np.ones((2, 24)), True, {"axis": 0}, "shape [2, 24] but no block_size"),
+        (Q8, np.ones(64), False, {"axis": 1}, "input [64, 24] with axis 1 needs [24]"),
+        (Q8, np.ones((4, 24)), False, {"axis": 0, "block_size": 32}, "needs [2, 24]"),
+        (Q8.T.copy(), np.ones((24, 2)), True, {"axis": 0, "block_size": 32}, "needs [2, 24]"),
+    ],
+)
+def test_the_check_refuses_a_dequantize_whose_scale_does_not_fit(
+    values, scale, transposed, attributes, message
+):
+    """The tied lm_head's old form (a transposed 4-bit table, a 2-D scale, no block_size) among
+    them; refused on any target, before onnxruntime is asked."""
+    model = dequantize_matmul(values, scale, transposed, **attributes)
+    with pytest.raises(
+        ConformanceError, match=f"DequantizeLinear 'dq': scale 's' has .*{re.escape(message)}"
+    ):
+        RuntimeCheckPass(qgraph.get_target("tensorrt"))(model)
+
+
+def test_a_zero_point_of_another_shape_than_its_scale_is_refused():
+    model = dequantize_matmul(Q8, np.ones(24), axis=1)
+    zero_point = model.graph.initializers["z"]
+    zero_point.const_value = ir.tensor(np.zeros((1, 24), np.int8), name="z")
+    node = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dequantize_shape_problem(node) == "zero point 'z' has shape [1, 24], not [24]"

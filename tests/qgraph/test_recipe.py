@@ -22,6 +22,7 @@ RECIPE = """
 mode = "weight-only"
 weight_dtype = "int4"
 block_size = 64
+embedding_bits = 4
 exclude_node = ["/lm_head/.*"]
 exclude_op = ["Gemm"]
 
@@ -43,12 +44,14 @@ def test_a_recipe_says_what_the_flags_say(tmp_path):
         mode="weight-only",
         weight_dtype="int4",
         block_size=64,
+        embedding_bits="4",
         exclude_node=["/lm_head/.*"],
         exclude_op=["Gemm"],
         tensor={"attn_.*": {"dtype": "int16", "method": "percentile"}},
     )
     assert from_recipe == from_flags
     assert from_recipe.mode is Mode.WEIGHT_ONLY and from_recipe.weight_dtype == ir.DataType.INT4
+    assert from_recipe.embedding_bits == 4 and quant_options().embedding_bits == 8
     assert from_recipe.override("attn_out").dtype == ir.DataType.INT16
     assert from_recipe.override("mlp_out").dtype is None
 
@@ -135,6 +138,12 @@ def test_an_option_that_would_be_ignored_is_an_error(flags, complaint):
     with pytest.raises(RecipeError, match=complaint):
         quant_options(**flags)
     assert quant_options(calib_method="percentile", percentile=99.9).percentile == 99.9
+
+
+@pytest.mark.parametrize("value", [6, "6", True])
+def test_embedding_bits_are_8_or_4(value):
+    with pytest.raises(RecipeError, match=f"embedding_bits = {value!r}: choose one of 8, 4"):
+        quant_options(embedding_bits=value)
 
 
 @pytest.mark.parametrize("value", ["5", "[1, 2]", "true"])
