@@ -100,7 +100,7 @@ RULES = (
     TableRule(
         "gelu-tanh",
         "tanh-approximated GELU -> Gelu(approximate=tanh) / FastGelu",
-        (gelu.GeluTanhFusion, gelu.GeluTanhHalfLast),
+        gelu.TANH_RULES,
     ),
     TableRule("hard-swish", "x * HardSigmoid(x) -> HardSwish", (activations.HardSwishFusion,)),
     TableRule(

@@ -120,6 +120,7 @@ class LayerNormFusion(TargetRule):
     """Decomposed LayerNorm -> ``LayerNormalization(x, gamma)``."""
 
     root_ops = frozenset({"Mul"})
+    required_ops = frozenset({"ReduceMean", "Sqrt"})
 
     def pattern(self, op, x, two, eps, gamma, one):
         deviation = op.Sub(x, _mean(op, x, "mean"))
@@ -170,6 +171,7 @@ class RMSNormFusion(TargetRule):
     """Decomposed RMSNorm -> ``RMSNormalization`` or the runtime's RMSNorm op."""
 
     root_ops = frozenset({"Mul"})
+    required_ops = frozenset({"ReduceMean", "Sqrt"})
 
     def pattern(self, op, x, two, eps, gamma, one):
         mean_square = _mean(op, _square(op, x, two), "mean_square")

@@ -23,10 +23,12 @@ FLOAT_TYPES = frozenset(
 class TargetRule(pattern.RewriteRuleClassBase):
     """A rewrite rule that may read the target's fields (never its name).
 
-    ``root_ops``: the op types its pattern's last node can have (where matching starts).
+    ``root_ops``: the op types its pattern's last node can have (where matching starts);
+    ``required_ops``: op types every match holds (a graph without one is skipped).
     """
 
     root_ops: frozenset[str] = frozenset()
+    required_ops: frozenset[str] = frozenset()
 
     def __init__(self, target: TargetSpec, name: str) -> None:
         super().__init__(name=name)
