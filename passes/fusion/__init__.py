@@ -13,6 +13,10 @@ module states its math:
 - ``activations``: ``x * HardSigmoid(x)`` to HardSwish; activations after weighted ops recorded
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
+then, where the target runs onnxruntime's contrib ops, ``attention``: a decoder's attention
+over its KV cache (rotary embedding, cache Concat, grouped heads, softmax) to one
+GroupQueryAttention.
+
 Every rule keeps the function: outputs equal the original's to float32 rounding.
 """
 
@@ -26,8 +30,18 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from rich.console import RenderableType
 
+from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.canonicalize import IdentityEliminationPass
-from qgraph.passes.fusion import activations, batchnorm, gelu, gemm, normalization, onehot, scales
+from qgraph.passes.fusion import (
+    activations,
+    attention,
+    batchnorm,
+    gelu,
+    gemm,
+    normalization,
+    onehot,
+    scales,
+)
 from qgraph.passes.rule_table import (
     CompiledTable,
     NearMiss,
@@ -144,17 +158,24 @@ class FusionPass(ir.passes.InPlacePass):
     def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
         super().__init__()
         self.rules = compiled_rules(target)
+        self.fuses_attention = attention.wanted(target)
         self.explain = explain
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         applied = apply_rules(model, self.rules)
+        attention_misses: tuple[NearMiss, ...] = ()
+        if self.fuses_attention:
+            fused, attention_misses = attention.fuse_attention(model.graph)
+            applied[attention.RULE_NAME] = fused
+            if fused:
+                model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
         if any(applied.values()):
             IdentityEliminationPass()(model)
             common.RemoveUnusedNodesPass()(model)
         before = _activation_marks(model)
         recognitions = activations.recognize_activations(model.graph)
         marked = collections.Counter(r.activation for r in recognitions if r.activation)
-        misses = self._near_misses(model, recognitions) if self.explain else ()
+        misses = self._near_misses(model, recognitions) + attention_misses if self.explain else ()
         modified = any(applied.values()) or _activation_marks(model) != before
         report = FusionReport(applied, dict(marked), misses)
         return ReportingPassResult(model, modified, report)

@@ -1,0 +1,254 @@
+"""Attention over a KV cache becomes GroupQueryAttention, computing what the export computes.
+
+The model is one layer of the dynamo exporter's Llama attention, written out node by node as
+it writes it (``models/smollm2_decoder.py``'s graph): rotary embedding from ``position_ids``,
+the cache Concat, grouped heads by Unsqueeze/Expand/Reshape, the additive causal and padding
+mask from ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qgraph
+from qgraph import verify
+from qgraph.passes.canonicalize import ShapeInferencePass
+from qgraph.passes.fusion import FusionPass
+from qgraph.passes.fusion.attention import RULE_NAME
+
+HEADS, KV_HEADS, HEAD = 4, 2, 8
+WIDTH = HEADS * HEAD
+RNG = np.random.default_rng(5)
+FLOAT_MIN = np.finfo(np.float32).min
+
+
+def _constants() -> dict[str, np.ndarray]:
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, HEAD, 2) / HEAD))
+    values = {
+        "wq": RNG.normal(0, 0.3, (WIDTH, WIDTH)),
+        "wk": RNG.normal(0, 0.3, (WIDTH, KV_HEADS * HEAD)),
+        "wv": RNG.normal(0, 0.3, (WIDTH, KV_HEADS * HEAD)),
+        "wo": RNG.normal(0, 0.3, (WIDTH, WIDTH)),
+        "inv_freq": inv_freq,
+        "scale": np.array(HEAD**-0.5),
+        "zero_f": np.array(0.0),
+        "min_f": np.array(FLOAT_MIN),
+        "group_shape": np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64),
+    }
+    ints = {
+        "q_split": [0, 0, HEADS, HEAD],
+        "kv_split": [0, 0, KV_HEADS, HEAD],
+        "grouped": [0, HEADS, -1, HEAD],
+        "merged": [0, 0, WIDTH],
+        "half": [HEAD // 2],
+        "end": [2**62],
+        "zero": [0],
+        "one": [1],
+        "two": [2],
+        "axis3": [3],
+        "axes01": [0, 1],
+        "axes12": [1, 2],
+    }
+    values = {k: np.asarray(v, np.float32) for k, v in values.items() if v.dtype != np.int64}
+    values["group_shape"] = np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64)
+    values.update({k: np.array(v, np.int64) for k, v in ints.items()})
+    values["zero_scalar"] = np.array(0, np.int64)
+    values["one_scalar"] = np.array(1, np.int64)
+    return values
+
+
+def _mask_nodes(causal: bool) -> list:
+    """The additive mask [B, 1, S, T]: key k visible to query q iff k <= P + q (when
+    ``causal``) and attention_mask[b, k] is 1."""
+    node = helper.make_node
+    nodes = [
+        node("Shape", ["x"], ["s_dim"], start=1, end=2),
+        node("Shape", ["attention_mask"], ["t_dim"], start=1, end=2),
+        node("Squeeze", ["s_dim"], ["s"]),
+        node("Squeeze", ["t_dim"], ["t"]),
+        node("Cast", ["attention_mask"], ["mask_bool"], to=TensorProto.BOOL),
+        node("Unsqueeze", ["mask_bool", "axes12"], ["padding"]),
+    ]
+    if not causal:
+        return [*nodes, node("Where", ["padding", "zero_f", "min_f"], ["mask"])]
+    return nodes + [
+        node("Range", ["zero_scalar", "t", "one_scalar"], ["keys"]),
+        node("Sub", ["t", "s"], ["past"]),
+        node("Range", ["past", "t", "one_scalar"], ["queries"]),
+        node("Unsqueeze", ["queries", "one"], ["query_column"]),
+        node("LessOrEqual", ["keys", "query_column"], ["seen"]),
+        node("Unsqueeze", ["seen", "axes01"], ["seen4"]),
+        node("And", ["seen4", "padding"], ["visible"]),
+        node("Where", ["visible", "zero_f", "min_f"], ["mask"]),
+    ]
+
+
+def _heads(source: str, split: str, name: str) -> list:
+    return [
+        helper.make_node("Reshape", [source, split], [f"{name}_split"]),
+        helper.make_node("Transpose", [f"{name}_split"], [name], perm=[0, 2, 1, 3]),
+    ]
+
+
+def _rope(x: str) -> list:
+    node = helper.make_node
+    return [
+        node("Mul", [x, "cos4"], [f"{x}_cos"]),
+        node("Slice", [x, "half", "end", "axis3"], [f"{x}_upper"]),
+        node("Slice", [x, "zero", "half", "axis3"], [f"{x}_lower"]),
+        node("Neg", [f"{x}_upper"], [f"{x}_neg"]),
+        node("Concat", [f"{x}_neg", f"{x}_lower"], [f"{x}_turned"], axis=-1),
+        node("Mul", [f"{x}_turned", "sin4"], [f"{x}_sin"]),
+        node("Add", [f"{x}_cos", f"{x}_sin"], [f"{x}_rot"]),
+    ]
+
+
+def _grouped(present: str) -> list:
+    return [
+        helper.make_node("Unsqueeze", [present, "two"], [f"{present}_5d"]),
+        helper.make_node("Expand", [f"{present}_5d", "group_shape"], [f"{present}_rep"]),
+        helper.make_node("Reshape", [f"{present}_rep", "grouped"], [f"{present}_grouped"]),
+    ]
+
+
+def attention_layer(causal: bool = True, scale_op: str = "Mul"):
+    """One exported attention layer with its cache."""
+    node = helper.make_node
+    nodes = _mask_nodes(causal) + [
+        node("Unsqueeze", ["position_ids", "two"], ["positions3"]),
+        node("Cast", ["positions3"], ["positions_f"], to=TensorProto.FLOAT),
+        node("Mul", ["positions_f", "inv_freq"], ["freqs"]),
+        node("Concat", ["freqs", "freqs"], ["angles"], axis=-1),
+        node("Cos", ["angles"], ["cos"]),
+        node("Sin", ["angles"], ["sin"]),
+        node("Unsqueeze", ["cos", "one"], ["cos4"]),
+        node("Unsqueeze", ["sin", "one"], ["sin4"]),
+        node("MatMul", ["x", "wq"], ["q"]),
+        node("MatMul", ["x", "wk"], ["k"]),
+        node("MatMul", ["x", "wv"], ["v"]),
+        *_heads("q", "q_split", "q_h"),
+        *_heads("k", "kv_split", "k_h"),
+        *_heads("v", "kv_split", "v_h"),
+        *_rope("q_h"),
+        *_rope("k_h"),
+        node("Concat", ["past_key", "k_h_rot"], ["present_key"], axis=-2),
+        node("Concat", ["past_value", "v_h"], ["present_value"], axis=-2),
+        *_grouped("present_key"),
+        *_grouped("present_value"),
+        node("Transpose", ["present_key_grouped"], ["keys_t"], perm=[0, 1, 3, 2]),
+        node("MatMul", ["q_h_rot", "keys_t"], ["scores"]),
+        node(scale_op, ["scores", "scale"], ["scaled"]),
+        node("Add", ["scaled", "mask"], ["masked"]),
+        node("Softmax", ["masked"], ["probabilities"], axis=-1),
+        node("MatMul", ["probabilities", "present_value_grouped"], ["context"]),
+        node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
+        node("Reshape", ["context_t", "merged"], ["context_merged"]),
+        node("MatMul", ["context_merged", "wo"], ["y"]),
+    ]
+    constants = _constants()
+    if scale_op == "Div":
+        constants["scale"] = 1.0 / constants["scale"]
+    cache = ["batch", KV_HEADS, "past", HEAD]
+    grown = ["batch", KV_HEADS, "total", HEAD]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", WIDTH]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+            helper.make_tensor_value_info(
+                "position_ids", TensorProto.INT64, ["batch", "sequence"]
+            ),
+            helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+            helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", WIDTH]),
+            helper.make_tensor_value_info("present_key", TensorProto.FLOAT, grown),
+            helper.make_tensor_value_info("present_value", TensorProto.FLOAT, grown),
+        ],
+        [numpy_helper.from_array(a, n) for n, a in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def feeds(batch: int, new: int, past: int, left_padding: int = 0) -> dict[str, np.ndarray]:
+    """A step of ``new`` tokens over ``past`` cached ones; row 1 left-padded if asked."""
+    mask = np.ones((batch, past + new), np.int64)
+    positions = np.tile(np.arange(past, past + new), (batch, 1))
+    if left_padding:
+        mask[1, :left_padding] = 0
+        positions[1] = np.maximum(positions[1] - left_padding, 1)
+    return {
+        "x": RNG.standard_normal((batch, new, WIDTH)).astype(np.float32),
+        "attention_mask": mask,
+        "position_ids": positions,
+        "past_key": RNG.standard_normal((batch, KV_HEADS, past, HEAD)).astype(np.float32),
+        "past_value": RNG.standard_normal((batch, KV_HEADS, past, HEAD)).astype(np.float32),
+    }
+
+
+def fused(proto, target: str = "x86-avx2"):
+    model = ShapeInferencePass()(qgraph.load(proto)).model
+    result = FusionPass(qgraph.get_target(target), explain=True)(model)
+    return result.model, result.details
+
+
+def op_types(model) -> set[str]:
+    return {n.op_type for n in model.graph}
+
+
+@pytest.mark.parametrize("scale_op", ["Mul", "Div"])
+def test_attention_becomes_group_query_attention(scale_op):
+    model, report = fused(attention_layer(scale_op=scale_op))
+    assert report.applied[RULE_NAME] == 1
+    assert {"GroupQueryAttention", "RotaryEmbedding"} <= op_types(model)
+    assert not {"Softmax", "Neg", "Transpose"} & op_types(model), "all of it replaced"
+    outputs = [v.name for v in model.graph.outputs]
+    assert outputs == ["y", "present_key", "present_value"], "cache outputs keep their names"
+
+
+@pytest.mark.parametrize(
+    ("batch", "new", "past"),
+    [(2, 5, 0), (2, 1, 6), (1, 4, 6), (3, 4, 6)],
+    ids=["prefill", "decode-step", "continuation", "batched-continuation"],
+)
+def test_fused_attention_computes_what_the_export_does(batch, new, past):
+    proto = attention_layer()
+    model, _ = fused(proto)
+    step = feeds(batch, new, past)
+    expected = verify.run(proto.SerializeToString(), step)
+    assert not verify.compare(expected, verify.run(model, step))
+
+
+def test_left_padding_is_honoured_where_a_query_sees_a_key():
+    """Prefill with row 1 left-padded by 2: its first 2 queries see no key at all, so the
+    export averages every value there and the kernel the causal ones; every other row, and
+    every later decode step, is the same."""
+    proto = attention_layer()
+    model, _ = fused(proto)
+    prefill = feeds(2, 5, 0, left_padding=2)
+    expected = verify.run(proto.SerializeToString(), prefill)
+    actual = verify.run(model, prefill)
+    seen = np.ones((2, 5), bool)
+    seen[1, :2] = False
+    assert not verify.compare({"y": expected["y"][seen]}, {"y": actual["y"][seen]})
+    step = feeds(2, 1, 5, left_padding=2)
+    assert not verify.compare(
+        verify.run(proto.SerializeToString(), step), verify.run(model, step)
+    )
+
+
+def test_a_mask_that_lets_queries_see_later_keys_is_left_alone():
+    model, report = fused(attention_layer(causal=False))
+    assert "Softmax" in op_types(model)
+    [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
+    assert "lets queries see later keys" in reason
+
+
+def test_no_fusion_where_the_runtime_has_no_contrib_ops():
+    model, report = fused(attention_layer(), target="tensorrt")
+    assert RULE_NAME not in report.applied
+    assert "GroupQueryAttention" not in op_types(model)
