@@ -13,9 +13,12 @@ module states its math:
 - ``activations``: ``x * HardSigmoid(x)`` to HardSwish; activations after weighted ops recorded
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
-then, where the target runs onnxruntime's contrib ops, ``attention``: a decoder's attention
-over its KV cache (rotary embedding, cache Concat, grouped heads, softmax) to one
-GroupQueryAttention.
+then, where the target runs onnxruntime's contrib ops, the graph rewrites of
+``GRAPH_REWRITES`` (matched by walking the graph: they replace values that are read on):
+
+- ``attention``: a decoder's attention over its KV cache (rotary embedding, cache Concat,
+  grouped heads, softmax) to one GroupQueryAttention
+- ``residual``: a residual Add and the RMSNorm after it to SkipSimplifiedLayerNormalization
 
 Every rule keeps the function: outputs equal the original's to float32 rounding.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -40,6 +44,7 @@ from qgraph.passes.fusion import (
     gemm,
     normalization,
     onehot,
+    residual,
     scales,
 )
 from qgraph.passes.rule_table import (
@@ -134,6 +139,25 @@ ACTIVATION_RULE = "activation"
 
 
 @dataclasses.dataclass(frozen=True)
+class GraphRewrite:
+    """A fusion matched by walking the graph rather than by an onnxscript pattern."""
+
+    name: str
+    summary: str
+    wanted: Callable[[TargetSpec], bool]
+    apply: Callable[[ir.Graph], tuple[int, tuple[NearMiss, ...]]]
+    """Rewrites the graph; (rewrites, near-misses with reasons)."""
+
+
+GRAPH_REWRITES = (
+    GraphRewrite(
+        attention.RULE_NAME, attention.SUMMARY, attention.wanted, attention.fuse_attention
+    ),
+    GraphRewrite(residual.RULE_NAME, residual.SUMMARY, residual.wanted, residual.fuse_skip_norms),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class FusionReport:
     """What the fusion pass did: rewrites per rule, activations recorded, near-misses."""
 
@@ -158,16 +182,16 @@ class FusionPass(ir.passes.InPlacePass):
     def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
         super().__init__()
         self.rules = compiled_rules(target)
-        self.fuses_attention = attention.wanted(target)
+        self.graph_rewrites = [r for r in GRAPH_REWRITES if r.wanted(target)]
         self.explain = explain
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         applied = apply_rules(model, self.rules)
-        attention_misses: tuple[NearMiss, ...] = ()
-        if self.fuses_attention:
-            fused, attention_misses = attention.fuse_attention(model.graph)
-            applied[attention.RULE_NAME] = fused
-            if fused:
+        walked_misses: list[NearMiss] = []
+        for rewrite in self.graph_rewrites:
+            applied[rewrite.name], found = rewrite.apply(model.graph)
+            walked_misses.extend(found)
+            if applied[rewrite.name]:
                 model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
         if any(applied.values()):
             IdentityEliminationPass()(model)
@@ -175,7 +199,9 @@ class FusionPass(ir.passes.InPlacePass):
         before = _activation_marks(model)
         recognitions = activations.recognize_activations(model.graph)
         marked = collections.Counter(r.activation for r in recognitions if r.activation)
-        misses = self._near_misses(model, recognitions) + attention_misses if self.explain else ()
+        misses = (
+            self._near_misses(model, recognitions) + tuple(walked_misses) if self.explain else ()
+        )
         modified = any(applied.values()) or _activation_marks(model) != before
         report = FusionReport(applied, dict(marked), misses)
         return ReportingPassResult(model, modified, report)
