@@ -416,19 +416,19 @@ def run_trial(job: TrialJob) -> TrialOutcome:
             path.unlink()
 
 
-def write_reference_outputs(settings: TuneSettings, metric: Metric) -> Path | None:
+def write_reference_outputs(settings: TuneSettings, metric: Metric) -> None:
     """The float model's outputs on the eval data, stored once for every trial to read
-    (``REFERENCE_OUTPUTS``); None where the metric needs none or they are too large."""
+    (``REFERENCE_OUTPUTS``, found by ``_stored_outputs``); no file where the metric needs none
+    or they are too large."""
     path = settings.output / REFERENCE_OUTPUTS
     outputs = reference_run(settings.model, settings.eval_data) if metric.zoo else []
     size = sum(a.nbytes for batch in outputs for a in batch.values())
     if not outputs or size > REFERENCE_OUTPUTS_MAX_BYTES:
         path.unlink(missing_ok=True)
-        return None
+        return
     arrays = {f"{i:05d}/{name}": a for i, batch in enumerate(outputs) for name, a in batch.items()}
     with replaced_file(path) as staging, staging.open("wb") as handle:
         np.savez(handle, **arrays)
-    return path.resolve()
 
 
 def read_outputs(path: Path) -> list[Outputs]:
