@@ -130,6 +130,15 @@ PIPELINE: tuple[PassInfo, ...] = (
         requires=frozenset({Fact.NORMS_FUSED}),
     ),
     PassInfo(
+        "runtime-fusion",
+        Phase.FLOAT_REWRITES,
+        "fuse a decoder's attention over its KV cache into GroupQueryAttention and residual "
+        "Add + RMSNorm into SkipSimplifiedLayerNormalization, where the runtime has them",
+        "fusion",
+        why="one kernel where the export has dozens of small ops (a decode step runs ~40 a layer)",
+        requires=frozenset({Fact.NORMS_FUSED}),
+    ),
+    PassInfo(
         "annotate",
         Phase.ANNOTATE,
         "choose a quantization spec for each weighted op's inputs, or a reason to keep it float",
@@ -206,6 +215,18 @@ PIPELINE: tuple[PassInfo, ...] = (
 """qgraph's passes in run order (by phase, then in the order here)."""
 
 ORDER: tuple[Before, ...] = (
+    Before(
+        "smoothquant",
+        "runtime-fusion",
+        "SmoothQuant folds its scales into the RMSNorm before a MatMul, which the fused "
+        "residual norm no longer shows as one",
+    ),
+    Before(
+        "rotation",
+        "runtime-fusion",
+        "rotation finds the residual stream by its norms and the heads by the attention's "
+        "reshapes, which the fused ops hide",
+    ),
     Before(
         "smoothquant",
         "rotation",

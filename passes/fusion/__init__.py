@@ -13,8 +13,10 @@ module states its math:
 - ``activations``: ``x * HardSigmoid(x)`` to HardSwish; activations after weighted ops recorded
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
-then, where the target runs onnxruntime's contrib ops, the graph rewrites of
-``GRAPH_REWRITES`` (matched by walking the graph: they replace values that are read on):
+A second pass (``runtime-fusion``, after SmoothQuant and rotation, which find norms and
+attention heads as the exporter wrote them) runs, where the target runs onnxruntime's contrib
+ops, the graph rewrites of ``GRAPH_REWRITES`` (matched by walking the graph: they replace
+values that are read on):
 
 - ``attention``: a decoder's attention over its KV cache (rotary embedding, cache Concat,
   grouped heads, softmax) to one GroupQueryAttention
@@ -182,26 +184,17 @@ class FusionPass(ir.passes.InPlacePass):
     def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
         super().__init__()
         self.rules = compiled_rules(target)
-        self.graph_rewrites = [r for r in GRAPH_REWRITES if r.wanted(target)]
         self.explain = explain
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         applied = apply_rules(model, self.rules)
-        walked_misses: list[NearMiss] = []
-        for rewrite in self.graph_rewrites:
-            applied[rewrite.name], found = rewrite.apply(model.graph)
-            walked_misses.extend(found)
-            if applied[rewrite.name]:
-                model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
         if any(applied.values()):
             IdentityEliminationPass()(model)
             common.RemoveUnusedNodesPass()(model)
         before = _activation_marks(model)
         recognitions = activations.recognize_activations(model.graph)
         marked = collections.Counter(r.activation for r in recognitions if r.activation)
-        misses = (
-            self._near_misses(model, recognitions) + tuple(walked_misses) if self.explain else ()
-        )
+        misses = self._near_misses(model, recognitions) if self.explain else ()
         modified = any(applied.values()) or _activation_marks(model) != before
         report = FusionReport(applied, dict(marked), misses)
         return ReportingPassResult(model, modified, report)
@@ -213,6 +206,28 @@ class FusionPass(ir.passes.InPlacePass):
         return near_misses(model, self.rules) + tuple(activation_misses)
 
 
+class RuntimeFusionPass(ir.passes.InPlacePass):
+    """Runs the ``GRAPH_REWRITES`` the target wants; near-misses are kept when explaining."""
+
+    def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
+        super().__init__()
+        self.rewrites = [r for r in GRAPH_REWRITES if r.wanted(target)]
+        self.explain = explain
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        applied: dict[str, int] = {}
+        misses: list[NearMiss] = []
+        for rewrite in self.rewrites:
+            applied[rewrite.name], found = rewrite.apply(model.graph)
+            misses.extend(found)
+        modified = any(applied.values())
+        if modified:
+            model.opset_imports.setdefault(MICROSOFT_DOMAIN, 1)
+            common.RemoveUnusedNodesPass()(model)
+        report = FusionReport(applied, {}, tuple(misses) if self.explain else ())
+        return ReportingPassResult(model, modified, report)
+
+
 def _activation_marks(model: ir.Model) -> dict[ir.Node, str | None]:
     key = activations.ACTIVATION_KEY
     return {n: n.metadata_props.get(key) for n in all_nodes(model.graph) if key in n.metadata_props}
@@ -220,5 +235,10 @@ def _activation_marks(model: ir.Model) -> dict[ir.Node, str | None]:
 
 BUILDERS: dict[str, PassBuilder] = {
     "fusion": lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
+    "runtime-fusion": lambda ctx: (
+        RuntimeFusionPass(ctx.target, explain=ctx.options.explain)
+        if any(r.wanted(ctx.target) for r in GRAPH_REWRITES)
+        else None
+    ),
 }
 """What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

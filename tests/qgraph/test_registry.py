@@ -29,7 +29,9 @@ FINALIZE = ["remove-unused", "topological-sort", "name-fix", "onnx-checker", "ta
 
 
 def test_builtin_pipeline_is_canonicalize_fusion_finalize():
-    assert qgraph.build_pipeline("x86-vnni").names() == [*CANONICALIZE, "fusion", *FINALIZE]
+    fusion = ["fusion", "runtime-fusion"]
+    assert qgraph.build_pipeline("x86-vnni").names() == [*CANONICALIZE, *fusion, *FINALIZE]
+    assert qgraph.build_pipeline("tensorrt").names() == [*CANONICALIZE, "fusion", *FINALIZE]
 
 
 def test_skip_passes_and_unknown_names():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -13,7 +14,7 @@ import qgraph
 from qgraph import verify
 from qgraph.ops import qualified_op
 from qgraph.passes.canonicalize import ShapeInferencePass
-from qgraph.passes.fusion import FusionPass, FusionReport
+from qgraph.passes.fusion import FusionPass, FusionReport, RuntimeFusionPass
 
 Fused = tuple[ir.Model, FusionReport]
 
@@ -37,16 +38,24 @@ def fuse() -> Callable[..., Fused]:
     and a check in onnxruntime that outputs equal the original's (qgraph.verify's tolerance
     unless ``rtol``)."""
 
-    def run(proto: onnx.ModelProto, target: str = "x86-avx2", feeds=None, rtol=None) -> Fused:
-        model = ShapeInferencePass()(qgraph.load(proto)).model
-        result = FusionPass(qgraph.get_target(target), explain=True)(model)
-        feeds = feeds if feeds is not None else random_inputs(proto)
-        expected = verify.run(proto.SerializeToString(), feeds)
-        mismatches = verify.compare(expected, verify.run(result.model, feeds), rtol)
-        assert not mismatches, mismatches
-        return result.model, result.details
+    return functools.partial(_fused, passes=(FusionPass,))
 
-    return run
+
+@pytest.fixture
+def runtime_fuse() -> Callable[..., Fused]:
+    """``fuse``, then the runtime-fusion pass; its report."""
+    return functools.partial(_fused, passes=(FusionPass, RuntimeFusionPass))
+
+
+def _fused(proto, target: str = "x86-avx2", feeds=None, rtol=None, *, passes) -> Fused:
+    model = ShapeInferencePass()(qgraph.load(proto)).model
+    for make in passes:
+        result = make(qgraph.get_target(target), explain=True)(model)
+    feeds = feeds if feeds is not None else random_inputs(proto)
+    expected = verify.run(proto.SerializeToString(), feeds)
+    mismatches = verify.compare(expected, verify.run(result.model, feeds), rtol)
+    assert not mismatches, mismatches
+    return result.model, result.details
 
 
 def _ops(model: ir.Model) -> list[str]:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qgraph
 from qgraph import verify
 from qgraph.passes.canonicalize import ShapeInferencePass
-from qgraph.passes.fusion import FusionPass
+from qgraph.passes.fusion import FusionPass, RuntimeFusionPass
 from qgraph.passes.fusion.attention import RULE_NAME
 
 HEADS, KV_HEADS, HEAD = 4, 2, 8
@@ -191,8 +191,10 @@ def feeds(batch: int, new: int, past: int, left_padding: int = 0) -> dict[str, n
 
 
 def fused(proto, target: str = "x86-avx2"):
+    """The model after the fusion and runtime-fusion passes; the latter's report."""
     model = ShapeInferencePass()(qgraph.load(proto)).model
-    result = FusionPass(qgraph.get_target(target), explain=True)(model)
+    FusionPass(qgraph.get_target(target))(model)
+    result = RuntimeFusionPass(qgraph.get_target(target), explain=True)(model)
     return result.model, result.details
 
 

@@ -39,28 +39,28 @@ def _feeds(batch: int = 2, b_rows: int = 3) -> dict[str, np.ndarray]:
     }
 
 
-def test_residual_add_and_rms_norm_become_one_op(make_model, fuse, ops):
+def test_residual_add_and_rms_norm_become_one_op(make_model, runtime_fuse, ops):
     nodes, inputs, outputs, constants = _pre_norm_block()
     proto = make_model(nodes, inputs, outputs, constants, opset=18)
-    model, report = fuse(proto, feeds=_feeds())
+    model, report = runtime_fuse(proto, feeds=_feeds())
     assert report.applied[RULE_NAME] == 1
     assert ops(model) == ["com.microsoft::SkipSimplifiedLayerNormalization", "Add"]
     fused = model.graph.node(0)
     assert model.graph.node(1).inputs[0] is fused.outputs[3], "the sum is read from the op"
 
 
-def test_a_broadcasting_add_stays(make_model, fuse, ops, reasons):
+def test_a_broadcasting_add_stays(make_model, runtime_fuse, ops, reasons):
     nodes, inputs, outputs, constants = _pre_norm_block(b_shape=("batch", 1, D))
     proto = make_model(nodes, inputs, outputs, constants, opset=18)
-    model, report = fuse(proto, feeds=_feeds(b_rows=1))
+    model, report = runtime_fuse(proto, feeds=_feeds(b_rows=1))
     assert "com.microsoft::SkipSimplifiedLayerNormalization" not in ops(model)
     assert "SimplifiedLayerNormalization" in ops(model)
     assert "not of one known shape" in reasons(report, RULE_NAME)[0]
 
 
-def test_no_fusion_where_the_runtime_has_no_contrib_ops(make_model, fuse, ops):
+def test_no_fusion_where_the_runtime_has_no_contrib_ops(make_model, runtime_fuse, ops):
     nodes, inputs, outputs, constants = _pre_norm_block()
     proto = make_model(nodes, inputs, outputs, constants, opset=23)
-    model, report = fuse(proto, target="tensorrt", feeds=_feeds())
+    model, report = runtime_fuse(proto, target="tensorrt", feeds=_feeds())
     assert RULE_NAME not in report.applied
     assert "com.microsoft::SkipSimplifiedLayerNormalization" not in ops(model)

@@ -51,8 +51,10 @@ def image_batches(count: int = 4) -> list[dict]:
 
 
 def float_compiled(model) -> ir.Model:
-    """``model`` canonicalized and fused, in float: what SmoothQuant sees in a pipeline."""
-    return qgraph.compile_model(model, "x86-avx2").model
+    """``model`` canonicalized and fused, in float: what SmoothQuant sees in a pipeline
+    (runtime-fusion runs after it)."""
+    options = qgraph.CompileOptions(skip_passes=frozenset({"runtime-fusion"}))
+    return qgraph.compile_model(model, "x86-avx2", options=options).model
 
 
 def smooth(
