@@ -41,9 +41,11 @@ the fused graph computes what the exported one does, left padding included, exce
 rows that see no key at all (left-padding queries of a prefill): there the exporter averages
 every value and the kernel only the causal ones; both are meaningless.
 
-The rewrite applies where the target runs the com.microsoft domain, the dtype is float32 and
-the shapes the exporter recorded say the heads and channels above; every matched node but the
-cache Concats must be read only inside the match.
+The rewrite applies where the target runs the com.microsoft domain, the dtype is float32, a
+mask is added (without one the exported attention is not causal, and the kernel would make it
+so), the shapes the exporter recorded say the heads and channels above, and every matched node
+but the cache Concats is read only inside the match. Products and sums may have their operands
+in either order.
 """
 
 from __future__ import annotations
@@ -125,10 +127,10 @@ def fuse_attention(graph: ir.Graph) -> tuple[int, tuple[NearMiss, ...]]:
     for softmax in [node for node in graph if node.op_type == "Softmax"]:
         try:
             match = match_attention(softmax)
-            if match.mask is not None:
-                if match.mask not in causal_masks:
-                    causal_masks[match.mask] = _causality_problem(graph, match)
-                _require(causal_masks[match.mask] is None, str(causal_masks[match.mask]))
+            _require(match.mask is not None, "no mask is added: the kernel would add a causal one")
+            if match.mask not in causal_masks:
+                causal_masks[match.mask] = _causality_problem(graph, match)
+            _require(causal_masks[match.mask] is None, str(causal_masks[match.mask]))
         except NotACandidate:
             continue
         except NoMatch as reason:
@@ -272,9 +274,9 @@ def _cache_concat(present: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, ir
 def _rotated(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, Rotation]:
     """(x, its angles) for ``value = x * cos4 + rotate_half(x) * sin4``."""
     add = _node(value, "Add", nodes)
-    straight, turned = (_node(v, "Mul", nodes) for v in add.inputs)
-    x, cos4 = straight.inputs
-    half_turn, sin4 = turned.inputs
+    products = [_angle_product(_node(v, "Mul", nodes)) for v in add.inputs]
+    products.sort(key=lambda product: _is_concat(product[0]))
+    (x, cos4), (half_turn, sin4) = products
     concat = _node(half_turn, "Concat", nodes)
     _require(concat.attributes.get_int("axis", 0) in (-1, 3), "not the last axis", concat)
     negated, lower = concat.inputs
@@ -283,6 +285,20 @@ def _rotated(value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, Rotation]
     _require(_is_half(upper, x, head_size, upper=True, nodes=nodes), "no upper half", concat)
     _require(_is_half(lower, x, head_size, upper=False, nodes=nodes), "no lower half", concat)
     return x, Rotation(_angles(cos4, "Cos"), _angles(sin4, "Sin"))
+
+
+def _angle_product(mul: ir.Node) -> tuple[ir.Value, ir.Value]:
+    """(operand, angles) of ``mul``, in either order: the angles are an Unsqueeze's."""
+    first, second = mul.inputs
+    producer = first.producer()
+    if producer is not None and producer.op_type == "Unsqueeze":
+        return second, first
+    return first, second
+
+
+def _is_concat(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Concat"
 
 
 def _last_dim(value: ir.Value) -> int:

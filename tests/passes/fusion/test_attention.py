@@ -35,7 +35,6 @@ def _constants() -> dict[str, np.ndarray]:
         "scale": np.array(HEAD**-0.5),
         "zero_f": np.array(0.0),
         "min_f": np.array(FLOAT_MIN),
-        "group_shape": np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64),
     }
     ints = {
         "q_split": [0, 0, HEADS, HEAD],
@@ -51,7 +50,7 @@ def _constants() -> dict[str, np.ndarray]:
         "axes01": [0, 1],
         "axes12": [1, 2],
     }
-    values = {k: np.asarray(v, np.float32) for k, v in values.items() if v.dtype != np.int64}
+    values = {k: np.asarray(v, np.float32) for k, v in values.items()}
     values["group_shape"] = np.array([1, 1, HEADS // KV_HEADS, 1, 1], np.int64)
     values.update({k: np.array(v, np.int64) for k, v in ints.items()})
     values["zero_scalar"] = np.array(0, np.int64)
@@ -73,7 +72,8 @@ def _mask_nodes(causal: bool) -> list:
     ]
     if not causal:
         return [*nodes, node("Where", ["padding", "zero_f", "min_f"], ["mask"])]
-    return nodes + [
+    return [
+        *nodes,
         node("Range", ["zero_scalar", "t", "one_scalar"], ["keys"]),
         node("Sub", ["t", "s"], ["past"]),
         node("Range", ["past", "t", "one_scalar"], ["queries"]),
@@ -92,8 +92,19 @@ def _heads(source: str, split: str, name: str) -> list:
     ]
 
 
-def _rope(x: str) -> list:
+def _rope(x: str, swapped: bool = False) -> list:
+    """``x * cos4 + rotate_half(x) * sin4``; ``swapped`` writes every operand pair reversed."""
     node = helper.make_node
+    if swapped:
+        return [
+            node("Mul", ["cos4", x], [f"{x}_cos"]),
+            node("Slice", [x, "half", "end", "axis3"], [f"{x}_upper"]),
+            node("Slice", [x, "zero", "half", "axis3"], [f"{x}_lower"]),
+            node("Neg", [f"{x}_upper"], [f"{x}_neg"]),
+            node("Concat", [f"{x}_neg", f"{x}_lower"], [f"{x}_turned"], axis=-1),
+            node("Mul", ["sin4", f"{x}_turned"], [f"{x}_sin"]),
+            node("Add", [f"{x}_sin", f"{x}_cos"], [f"{x}_rot"]),
+        ]
     return [
         node("Mul", [x, "cos4"], [f"{x}_cos"]),
         node("Slice", [x, "half", "end", "axis3"], [f"{x}_upper"]),
@@ -113,10 +124,13 @@ def _grouped(present: str) -> list:
     ]
 
 
-def attention_layer(causal: bool = True, scale_op: str = "Mul"):
-    """One exported attention layer with its cache."""
+def attention_layer(
+    causal: bool = True, scale_op: str = "Mul", masked: bool = True, swapped: bool = False
+):
+    """One exported attention layer with its cache (``masked``: the mask is added)."""
     node = helper.make_node
-    nodes = _mask_nodes(causal) + [
+    nodes = [
+        *_mask_nodes(causal),
         node("Unsqueeze", ["position_ids", "two"], ["positions3"]),
         node("Cast", ["positions3"], ["positions_f"], to=TensorProto.FLOAT),
         node("Mul", ["positions_f", "inv_freq"], ["freqs"]),
@@ -131,8 +145,8 @@ def attention_layer(causal: bool = True, scale_op: str = "Mul"):
         *_heads("q", "q_split", "q_h"),
         *_heads("k", "kv_split", "k_h"),
         *_heads("v", "kv_split", "v_h"),
-        *_rope("q_h"),
-        *_rope("k_h"),
+        *_rope("q_h", swapped),
+        *_rope("k_h", swapped),
         node("Concat", ["past_key", "k_h_rot"], ["present_key"], axis=-2),
         node("Concat", ["past_value", "v_h"], ["present_value"], axis=-2),
         *_grouped("present_key"),
@@ -140,8 +154,12 @@ def attention_layer(causal: bool = True, scale_op: str = "Mul"):
         node("Transpose", ["present_key_grouped"], ["keys_t"], perm=[0, 1, 3, 2]),
         node("MatMul", ["q_h_rot", "keys_t"], ["scores"]),
         node(scale_op, ["scores", "scale"], ["scaled"]),
-        node("Add", ["scaled", "mask"], ["masked"]),
-        node("Softmax", ["masked"], ["probabilities"], axis=-1),
+        *(
+            [node("Add", ["mask", "scaled"] if swapped else ["scaled", "mask"], ["masked"])]
+            if masked
+            else []
+        ),
+        node("Softmax", ["masked" if masked else "scaled"], ["probabilities"], axis=-1),
         node("MatMul", ["probabilities", "present_value_grouped"], ["context"]),
         node("Transpose", ["context"], ["context_t"], perm=[0, 2, 1, 3]),
         node("Reshape", ["context_t", "merged"], ["context_merged"]),
@@ -158,9 +176,7 @@ def attention_layer(causal: bool = True, scale_op: str = "Mul"):
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", WIDTH]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-            helper.make_tensor_value_info(
-                "position_ids", TensorProto.INT64, ["batch", "sequence"]
-            ),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
             helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
         ],
@@ -202,10 +218,13 @@ def op_types(model) -> set[str]:
     return {n.op_type for n in model.graph}
 
 
-@pytest.mark.parametrize("scale_op", ["Mul", "Div"])
-def test_attention_becomes_group_query_attention(scale_op):
-    model, report = fused(attention_layer(scale_op=scale_op))
+@pytest.mark.parametrize(("scale_op", "swapped"), [("Mul", False), ("Div", False), ("Mul", True)])
+def test_attention_becomes_group_query_attention(scale_op, swapped):
+    proto = attention_layer(scale_op=scale_op, swapped=swapped)
+    model, report = fused(proto)
     assert report.applied[RULE_NAME] == 1
+    step = feeds(2, 3, 4)
+    assert not verify.compare(verify.run(proto.SerializeToString(), step), verify.run(model, step))
     assert {"GroupQueryAttention", "RotaryEmbedding"} <= op_types(model)
     assert not {"Softmax", "Neg", "Transpose"} & op_types(model), "all of it replaced"
     outputs = [v.name for v in model.graph.outputs]
@@ -238,9 +257,7 @@ def test_left_padding_is_honoured_where_a_query_sees_a_key():
     seen[1, :2] = False
     assert not verify.compare({"y": expected["y"][seen]}, {"y": actual["y"][seen]})
     step = feeds(2, 1, 5, left_padding=2)
-    assert not verify.compare(
-        verify.run(proto.SerializeToString(), step), verify.run(model, step)
-    )
+    assert not verify.compare(verify.run(proto.SerializeToString(), step), verify.run(model, step))
 
 
 def test_a_mask_that_lets_queries_see_later_keys_is_left_alone():
@@ -248,6 +265,15 @@ def test_a_mask_that_lets_queries_see_later_keys_is_left_alone():
     assert "Softmax" in op_types(model)
     [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
     assert "lets queries see later keys" in reason
+
+
+def test_attention_without_a_mask_is_left_alone():
+    """Without a mask the exported attention sees every key; the kernel would hide later ones."""
+    proto = attention_layer(masked=False)
+    model, report = fused(proto)
+    assert "Softmax" in op_types(model)
+    [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
+    assert "no mask" in reason
 
 
 def test_no_fusion_where_the_runtime_has_no_contrib_ops():
