@@ -158,13 +158,16 @@ def _root_cause(error: BaseException) -> str:
 
 def _check_proto(proto: onnx.ModelProto, label: str) -> None:
     """Refuse, by name, what onnx_ir would reject with an opaque message: a value written twice
-    in one graph, and external data at a negative offset or length."""
+    in one graph, a tensor without an element type, and external data at a negative offset or
+    length."""
     where = _undecodable_text(proto, "model")
     if where is not None:
         raise ModelLoadError(f"{label}: text field {where} is not valid UTF-8")
     for graph in proto_graphs(proto):
         _check_single_assignment(graph, label)
     for tensor in proto_tensors(proto):
+        if tensor.data_type == onnx.TensorProto.UNDEFINED:
+            raise ModelLoadError(f"{label}: tensor '{tensor.name}' has no element type (UNDEFINED)")
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         for entry in tensor.external_data:

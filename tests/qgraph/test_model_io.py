@@ -556,3 +556,13 @@ def test_a_name_that_is_not_utf8_is_named(small_model):
     with pytest.raises(ModelLoadError) as error:
         qgraph.load(data)
     assert "text field model.graph.node[0].op_type is not valid UTF-8" in _one_line(error)
+
+
+def test_a_tensor_without_an_element_type_is_named(small_model):
+    """Found by tests/qgraph/test_fuzz.py: an initializer of data type 0 (UNDEFINED) loaded,
+    then the ONNX checker pass failed sizing it, as an internal error."""
+    small_model.graph.initializer[0].data_type = onnx.TensorProto.UNDEFINED
+    name = small_model.graph.initializer[0].name
+    with pytest.raises(ModelLoadError) as error:
+        qgraph.load(small_model.SerializeToString())
+    assert f"tensor '{name}' has no element type (UNDEFINED)" in _one_line(error)
