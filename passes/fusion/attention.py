@@ -265,7 +265,12 @@ def _ungrouped(grouped: ir.Value, nodes: list[ir.Node]) -> ir.Value:
 
 def _cache_concat(present: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, ir.Value]:
     """(past, new) of ``present = Concat(past, new)`` along the sequence axis."""
-    node = _node(present, "Concat", nodes)
+    node = present.producer()
+    _require(
+        node is not None and node.op_type == "Concat",
+        f"no KV cache: the keys and values '{present.name}' are no Concat(past, new)",
+    )
+    nodes.append(node)
     _require(node.attributes.get_int("axis", 0) in CACHE_AXES, "it is not along axis 2", node)
     _require(len(node.inputs) == 2, "it joins more than a past and a new part", node)
     return node.inputs[0], node.inputs[1]

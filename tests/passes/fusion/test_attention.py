@@ -125,9 +125,14 @@ def _grouped(present: str) -> list:
 
 
 def attention_layer(
-    causal: bool = True, scale_op: str = "Mul", masked: bool = True, swapped: bool = False
+    causal: bool = True,
+    scale_op: str = "Mul",
+    masked: bool = True,
+    swapped: bool = False,
+    cached: bool = True,
 ):
-    """One exported attention layer with its cache (``masked``: the mask is added)."""
+    """One exported attention layer with its cache (``masked``: the mask is added;
+    ``cached``: the past is concatenated in front, else the layer ignores it)."""
     node = helper.make_node
     nodes = [
         *_mask_nodes(causal),
@@ -147,8 +152,17 @@ def attention_layer(
         *_heads("v", "kv_split", "v_h"),
         *_rope("q_h", swapped),
         *_rope("k_h", swapped),
-        node("Concat", ["past_key", "k_h_rot"], ["present_key"], axis=-2),
-        node("Concat", ["past_value", "v_h"], ["present_value"], axis=-2),
+        *(
+            [
+                node("Concat", ["past_key", "k_h_rot"], ["present_key"], axis=-2),
+                node("Concat", ["past_value", "v_h"], ["present_value"], axis=-2),
+            ]
+            if cached
+            else [
+                node("Identity", ["k_h_rot"], ["present_key"]),
+                node("Identity", ["v_h"], ["present_value"]),
+            ]
+        ),
         *_grouped("present_key"),
         *_grouped("present_value"),
         node("Transpose", ["present_key_grouped"], ["keys_t"], perm=[0, 1, 3, 2]),
@@ -274,6 +288,13 @@ def test_attention_without_a_mask_is_left_alone():
     assert "Softmax" in op_types(model)
     [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
     assert "no mask" in reason
+
+
+def test_attention_without_a_cache_is_left_alone_and_says_so():
+    model, report = fused(attention_layer(cached=False))
+    assert "Softmax" in op_types(model)
+    [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
+    assert reason.startswith("no KV cache")
 
 
 def test_no_fusion_where_the_runtime_has_no_contrib_ops():
