@@ -5,7 +5,7 @@ in which types; the user's options say the mode and what to keep in float. For e
 op the pass records a ``NodeAnnotation`` on the node (``set_annotation``; insert-qdq takes it
 with ``take_annotation``), or reports the reason it stays in float. Only the data inputs of
 weighted ops are ever quantized (and, where the runtime fuses an op into an integer kernel
-only behind a ``QuantizeLinear``, its output: ``TargetSpec.output_quantized_ops``), so shape
+only behind a ``QuantizeLinear``, its output: ``TargetSpec.quantizes_output``), so shape
 and index computations, masks and everything the target runs in float are left exact.
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
@@ -311,7 +311,7 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _output_spec(self, node: ir.Node) -> QuantSpec | None:
         """The spec of the op's output where the target fuses the op only behind a Q."""
-        if node.op_type not in self.target.output_quantized_ops:
+        if not self.target.quantizes_output(node):
             return None
         if self.options.mode is not Mode.STATIC or node.outputs[0].is_graph_output():
             return None

@@ -9,6 +9,12 @@ before quantization, and its activation inputs read the float tensors their Q/DQ
 quantized (pairs no one reads any more go at ``remove-unused``). Float in, float out, so the
 model keeps the float function of those ops exactly.
 
+Putting an op back can change how the runtime fuses its neighbours: the Q that read a
+producer's output may go with it, and the producer then fuses differently (a ``Gemm`` whose
+Relu no Q reads any more becomes a float ``FusedGemm``). So after each round the Q/DQ pairs
+no one reads are removed and the runtime is asked again, until it runs every remaining
+quantized op as an integer kernel; each round puts at least one more op back, so this ends.
+
 It runs only where the runtime it asks is the target's: a CPU target (``runtime_checked``) of
 this host's architecture. Elsewhere its report says why it did not check.
 
@@ -29,6 +35,7 @@ import platform
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes import common
 
 from qgraph.errors import ConformanceError
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
@@ -91,13 +98,18 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
         reason = self._not_checked()
         if reason is not None:
             return ReportingPassResult(model, False, RuntimeCheckReport(None, skipped=reason))
-        kernels = runtime_kernels(model)
-        by_name = {node.name: node for node in model.graph}
-        for op in kernels.float_ops:
-            logger.info("'%s' (%s): %s; kept in float", op.name, op.op_type, op.reason)
-            restore_float_inputs(by_name[op.name])
-        report = RuntimeCheckReport(kernels, kernels.float_ops)
-        return ReportingPassResult(model, bool(kernels.float_ops), report)
+        first = kernels = runtime_kernels(model)
+        reverted: list[FloatOp] = []
+        while new := [op for op in kernels.float_ops if op not in reverted]:
+            by_name = {node.name: node for node in model.graph}
+            for op in new:
+                logger.info("'%s' (%s): %s; kept in float", op.name, op.op_type, op.reason)
+                restore_float_inputs(by_name[op.name])
+            reverted += new
+            common.RemoveUnusedNodesPass()(model)
+            kernels = runtime_kernels(model)
+        report = RuntimeCheckReport(first, tuple(reverted))
+        return ReportingPassResult(model, bool(reverted), report)
 
     def _not_checked(self) -> str | None:
         if not self.target.runtime_checked:

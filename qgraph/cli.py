@@ -338,7 +338,8 @@ Examples:
     "its readers' weights by s, s = max|X|^ALPHA / max|W|^(1-ALPHA), taming outlier channels "
     f"(transformers). ALPHA in [0, 1] ({DEFAULT_ALPHA} when left out, the paper's), or 'auto' "
     "to search it per tensor (best on SmolLM2 and MiniLM). Needs calibration data, also in "
-    "dynamic mode [default: off].",
+    "dynamic mode [default: auto under the accuracy plan (static mode with a budget), "
+    "else off; 'none' turns it off].",
 )
 @click.option(
     "--rotate/--no-rotate",

@@ -3,7 +3,7 @@ fewest ops, by speed lost per accuracy bought, that the budget needs.
 
 Accuracy is the budget's figure (``qgraph.budget``: output SQNR, top-1 agreement, mean cosine
 or perplexity ratio) of the compiled model against the float model on the plan's batches
-(every batch of ``--eval`` data, else the first ``PLAN_BATCHES`` calibration batches). Each
+(every batch of ``--eval`` data, else the first calibration batches: ``plan_sample``). Each
 op's own cost is measured as an output SQNR whatever the budget:
 
     SQNR = 10 log10(S / N),    S = sum y^2,    N = sum (y - y')^2
@@ -57,7 +57,11 @@ logger = logging.getLogger(__name__)
 
 PLAN_BATCHES = 2
 """Without ``--eval`` data, the plan measures its budget on the first calibration batches (on
-MiniLM, 8 rows of them measured 19 dB where 64 measured 24, and the held-out set 24)."""
+MiniLM, 8 rows of them measured 19 dB where 64 measured 24, and the held-out set 24)..."""
+PLAN_ROWS = 8
+"""... and on at least this many rows (a batch's first dimension): with one request a batch,
+two batches would judge a top-1 budget on two samples."""
+PLAN_MAX_BATCHES = 32
 IMPACT_ROWS = 2
 """Each op's error alone at the outputs, one float run per op, is measured on the first rows
 of the first batch only: on SmolLM2 (271 candidates) 8 rows of 128 tokens took 20 minutes."""
@@ -138,13 +142,23 @@ def plan_sample(
     held_out: DataSource | None = None,
     inputs: Mapping[str, ArraySpec] | None = None,
 ) -> PlanSample:
-    """Every batch of ``held_out`` data, else the first ``PLAN_BATCHES`` of ``calib``, checked
-    against the model's ``inputs`` (``data.read_batches``)."""
+    """Every batch of ``held_out`` data, else the first ``PLAN_BATCHES`` of ``calib`` (more, up
+    to ``PLAN_MAX_BATCHES``, until they hold ``PLAN_ROWS`` rows), checked against the model's
+    ``inputs`` (``data.read_batches``)."""
     if held_out is not None:
         batches = list(read_batches(held_out, inputs))
         return PlanSample(batches, f"{len(batches)} batches of the --eval data")
-    batches = list(itertools.islice(read_batches(calib, inputs), PLAN_BATCHES))
+    batches = []
+    for feeds in itertools.islice(read_batches(calib, inputs), PLAN_MAX_BATCHES):
+        batches.append(feeds)
+        if len(batches) >= PLAN_BATCHES and _rows(batches) >= PLAN_ROWS:
+            break
     return PlanSample(batches, f"{len(batches)} calibration batches")
+
+
+def _rows(batches: list[Feeds]) -> int:
+    """How many rows ``batches`` hold: the first dimension of each batch's first input."""
+    return sum(next((int(np.shape(a)[0]) for a in b.values() if np.ndim(a)), 1) for b in batches)
 
 
 def _dynamic_batch(value: ir.Value) -> bool:

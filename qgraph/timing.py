@@ -99,7 +99,7 @@ def op_shape(node: ir.Node, shapes: dict[str, tuple[int, ...]], target: TargetSp
         tuple(tuple(shapes[v.name]) for v in data),
         weight,
         attributes,
-        node.op_type in target.output_quantized_ops,
+        target.quantizes_output(node),
     )
 
 

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
 from qgraph.targets.conformance import LOADABLE_RULES
-from qgraph.targets.spec import QuantFormat, TargetSpec
+from qgraph.targets.spec import OutputChain, QuantFormat, TargetSpec
 
 CPU_DOMAINS = ONNX_DOMAINS | {ONNX_ML_DOMAIN, MICROSOFT_DOMAIN}
 """Operator domains onnxruntime's CPU execution provider runs."""
@@ -38,6 +38,13 @@ CPU_OUTPUT_QUANTIZED_OPS = frozenset({"Conv"})
 Relu/Clip it folds into the Q); ``DQ -> MatMul`` and ``DQ -> Gemm`` fuse with a float output too
 (``MatMulIntegerToFloat``, ``QGemm``). Measured: a Conv + SiLU quantized as one unit ran in float
 with its weight dequantized on every run."""
+
+CPU_OUTPUT_QUANTIZED_CHAINS = (OutputChain("Gemm", "Relu", frozenset({"MatMul", "Gemm"})),)
+"""Measured (onnxruntime 1.32): a Q/DQ ``Gemm`` whose Relu a float ``MatMul`` or ``Gemm`` reads
+runs as a float ``FusedGemm`` (Gemm + Relu) with its weight dequantized on every run; with a
+Q on its output it runs as ``QGemm``. Followed by Sigmoid, Tanh, LeakyRelu, Elu, Softplus or
+HardSigmoid, or by a Relu that an ``Add`` or the graph output reads, it runs as ``QGemm``
+with a float output."""
 
 CPU_LOWERING_RULES = (
     "qlinear-conv",
@@ -144,6 +151,7 @@ def cpu_target(**own: object) -> TargetSpec:
         "activation_products": True,
         "quantized_embeddings": True,
         "output_quantized_ops": CPU_OUTPUT_QUANTIZED_OPS,
+        "output_quantized_chains": CPU_OUTPUT_QUANTIZED_CHAINS,
         "dynamic_quantizable_ops": CPU_DYNAMIC_QUANTIZABLE_OPS,
         "dynamic_format": QuantFormat.QOPERATOR,
         "runtime_checked": True,

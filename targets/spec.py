@@ -39,6 +39,28 @@ ConformanceRule = Callable[[ir.Model, "TargetSpec"], Iterable[Violation]]
 
 
 @dataclasses.dataclass(frozen=True)
+class OutputChain:
+    """``op -> activation -> one of readers``: a chain along which the runtime runs a Q/DQ
+    ``op`` in float unless a Q reads the op's output."""
+
+    op: str
+    activation: str
+    readers: frozenset[str]
+
+    def matches(self, node: ir.Node) -> bool:
+        """``node`` is ``op``, its output's only reader ``activation``, read by a ``readers``."""
+        if node.op_type != self.op or not node.outputs:
+            return False
+        uses = list(node.outputs[0].uses())
+        if len(uses) != 1 or uses[0].node.op_type != self.activation:
+            return False
+        return any(use.node.op_type in self.readers for use in uses[0].node.outputs[0].uses())
+
+    def __str__(self) -> str:
+        return f"{self.op} -> {self.activation} -> {' | '.join(sorted(self.readers))}"
+
+
+@dataclasses.dataclass(frozen=True)
 class TargetSpec:
     """The facts about one deployment target that the pipeline's passes read.
 
@@ -89,6 +111,10 @@ class TargetSpec:
             ``QuantizeLinear`` reads their output (directly, or through a Relu or Clip it
             folds into that Q): onnxruntime's ``QLinearConv``. Their outputs get a Q/DQ pair
             of their own where no such Q follows already.
+        output_quantized_chains: Where a Q/DQ op of another type also needs a Q on its output
+            to run as an integer kernel: when its output flows through ``activation`` into
+            one of ``readers`` (``OutputChain``). Such an op gets a Q/DQ on its output too
+            (``quantizes_output``).
         dynamic_quantizable_ops: The ``quantizable_ops`` of dynamic mode (activation scales
             computed at run time), where integer kernels of that kind are faster than float.
         dynamic_format: The format of dynamic-mode output, where it differs from ``format``:
@@ -130,10 +156,17 @@ class TargetSpec:
     activation_products: bool
     quantized_embeddings: bool
     output_quantized_ops: frozenset[str]
+    output_quantized_chains: tuple[OutputChain, ...]
     dynamic_quantizable_ops: frozenset[str]
     dynamic_format: QuantFormat
     nominal_int8_speedup: float
     runtime_checked: bool
+
+    def quantizes_output(self, node: ir.Node) -> bool:
+        """The runtime runs ``node`` as an integer kernel only with a Q reading its output."""
+        if node.op_type in self.output_quantized_ops:
+            return True
+        return any(chain.matches(node) for chain in self.output_quantized_chains)
 
     def check(self, model: ir.Model) -> list[Violation]:
         """Every violation of this target's rules in ``model``; empty when it conforms."""
@@ -167,6 +200,7 @@ class TargetSpec:
             "activation_products": self.activation_products,
             "quantized_embeddings": self.quantized_embeddings,
             "output_quantized_ops": sorted(self.output_quantized_ops),
+            "output_quantized_chains": [str(chain) for chain in self.output_quantized_chains],
             "dynamic_quantizable_ops": sorted(self.dynamic_quantizable_ops),
             "dynamic_format": self.dynamic_format.value,
             "nominal_int8_speedup": self.nominal_int8_speedup,

@@ -51,6 +51,7 @@ TENSORRT = TargetSpec(
     activation_products=False,
     quantized_embeddings=False,
     output_quantized_ops=frozenset(),
+    output_quantized_chains=(),
     dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
     dynamic_format=QuantFormat.QDQ,
     # TensorRT's int8 kernels against fp16 ones, a rule of thumb, not measured here

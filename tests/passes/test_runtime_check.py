@@ -231,3 +231,70 @@ def test_a_zero_point_of_another_shape_than_its_scale_is_refused():
     zero_point.const_value = ir.tensor(np.zeros((1, 24), np.int8), name="z")
     node = next(n for n in model.graph if n.op_type == "DequantizeLinear")
     assert dequantize_shape_problem(node) == "zero point 'z' has shape [1, 24], not [24]"
+
+
+MLP = [(RNG.standard_normal((16, 16)) * 0.3).astype(np.float32) for _ in range(3)]
+
+
+def linear_relu_chain() -> onnx.ModelProto:
+    """Three ``MatMul + Add`` layers with a Relu after the first two, as torch exports an MLP:
+    fusion makes each layer a Gemm, and onnxruntime fuses a Gemm + Relu into a float
+    ``FusedGemm`` unless a Q reads the Relu's output."""
+    nodes, source = [], "x"
+    for i in range(3):
+        nodes += [
+            helper.make_node("MatMul", [source, f"W{i}"], [f"m{i}"], name=f"mm{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"l{i}"], name=f"add{i}"),
+        ]
+        source = f"l{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [source], [f"r{i}"], name=f"relu{i}"))
+            source = f"r{i}"
+    nodes.append(helper.make_node("Identity", [source], ["y"], name="out"))
+    weights = [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(MLP)]
+    biases = [numpy_helper.from_array(np.full(16, 0.1, np.float32), f"b{i}") for i in range(3)]
+    graph = helper.make_graph(
+        nodes,
+        "linear_relu_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        weights + biases,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def compiled_chain(target: qgraph.TargetSpec) -> qgraph.CompileResult:
+    """The chain with its last layer kept in float, so the second Relu feeds a float Gemm."""
+    rng = np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((4, 16)).astype(np.float32)} for _ in range(4)]
+    flags = {"calib": calib, "smoothquant": "none", "budget": "none", "exclude_node": ["mm2"]}
+    options = CompileOptions(quantization=quant_options(**flags))
+    return qgraph.compile_model(linear_relu_chain(), target, options=options)
+
+
+@host_only
+def test_a_gemm_whose_relu_feeds_a_float_op_gets_a_q_on_its_output_and_runs_as_qgemm():
+    result = compiled_chain(qgraph.get_target("x86-vnni"))
+    kernels = runtime_kernels(result.model)
+    assert kernels.quantized == 2 and kernels.complete, kernels.float_ops
+    assert kernels.runtime_ops["com.microsoft::QGemm"] == 2
+    assert details(result, "runtime-check").reverted == ()
+
+
+@host_only
+def test_putting_an_op_back_in_float_asks_the_runtime_again_about_its_neighbours():
+    # Without the Q after the second Relu, the second Gemm runs as a float FusedGemm; putting
+    # it back drops the Q/DQ between the layers, so the first Gemm's Relu then feeds a float
+    # op and the first Gemm turns into a FusedGemm too: a second round puts it back.
+    unaware = dataclasses.replace(qgraph.get_target("x86-vnni"), output_quantized_chains=())
+    result = compiled_chain(unaware)
+    check = details(result, "runtime-check")
+    assert sorted(op.name for op in check.reverted) == ["node_Gemm_0", "node_Gemm_1"]
+    assert runtime_kernels(result.model).complete
+    assert not any(n.op_type == "DequantizeLinear" for n in result.model.graph)
+    # Every layer is float again, reading its own weights: the float function, to float32
+    # rounding (Gemm against MatMul + Add).
+    feeds = {"x": np.random.default_rng(4).standard_normal((4, 16)).astype(np.float32)}
+    reference = verify.run(linear_relu_chain().SerializeToString(), feeds)["y"]
+    actual = verify.run(result.model, feeds)["y"]
+    np.testing.assert_allclose(actual, reference, rtol=0, atol=1e-5 * np.abs(reference).max())

@@ -301,3 +301,18 @@ def test_without_a_budget_the_eval_datas_metric_picks_it(tmp_path):
 def test_eval_data_without_a_plan_is_an_error():
     with pytest.raises(RecipeError, match=r"plan_data \(--eval\) .* no plan runs here"):
         quant_options(calib=batches(), budget="none", plan_data=batches())
+
+
+@pytest.mark.parametrize(
+    ("rows", "count", "expected"),
+    [(8, 5, 2), (1, 20, 8), (3, 20, 3), (1, 4, 4)],
+    ids=["two batches hold enough", "one row each", "rounds up", "fewer than asked"],
+)
+def test_without_eval_data_the_plan_reads_batches_until_they_hold_enough_rows(
+    rows, count, expected
+):
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((rows, K)).astype(np.float32)} for _ in range(count)]
+    sample = planning.plan_sample(calib)
+    assert len(sample.batches) == expected
+    assert sample.description == f"{expected} calibration batches"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -141,3 +142,24 @@ def test_rule_domains_supported(make_model):
     )
     local = _model(make_model, domain="local", op="MyRelu", functions=[function])
     assert list(domains_supported(local, TARGETS["tensorrt"])) == []
+
+
+@pytest.mark.parametrize(
+    ("activation", "reader", "needs_q"),
+    [
+        ("Relu", "MatMul", True),
+        ("Relu", "Gemm", True),
+        ("Relu", "Add", False),
+        ("Sigmoid", "MatMul", False),
+    ],
+)
+def test_a_gemm_needs_a_q_on_its_output_only_on_the_chain_the_runtime_fuses_in_float(
+    activation, reader, needs_q
+):
+    x = ir.Value(name="x")
+    gemm = ir.Node("", "Gemm", [x, x], name="gemm")
+    act = ir.Node("", activation, [gemm.outputs[0]], name="act")
+    ir.Node("", reader, [act.outputs[0], x], name="reader")
+    assert get_target("x86-avx2").quantizes_output(gemm) is needs_q
+    assert get_target("tensorrt").quantizes_output(gemm) is False
+    assert get_target("x86-avx2").quantizes_output(act) is False
