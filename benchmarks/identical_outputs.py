@@ -29,7 +29,7 @@ import qgraph
 from qgraph import models
 from qgraph.model_io import serialize
 
-ZOO = ("reference-cnn", "reference-encoder", "reference-decoder", "magika")
+ZOO = ("reference-mlp", "reference-cnn", "reference-encoder", "reference-decoder", "magika")
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")
 
 Hashes = dict[str, str]

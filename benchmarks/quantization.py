@@ -40,7 +40,15 @@ from qgraph.report import format_bytes
 from qgraph.targets import host_description
 
 TARGET = "x86-avx2"
-ZOO = ("reference-cnn", "reference-encoder", "reference-decoder", "magika", "minilm", "smollm2")
+ZOO = (
+    "reference-mlp",
+    "reference-cnn",
+    "reference-encoder",
+    "reference-decoder",
+    "magika",
+    "minilm",
+    "smollm2",
+)
 MODES = {
     "static": {"mode": "static"},
     "dynamic": {"mode": "dynamic"},

@@ -28,6 +28,7 @@ from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
 
 RECIPE_MODULES = (
+    "qgraph.models.reference_mlp",
     "qgraph.models.reference_cnn",
     "qgraph.models.reference_transformer",
     "qgraph.models.magika",

@@ -265,7 +265,22 @@ def test_console_entry_point_reports_errors_in_one_line(tmp_path):
     assert proc.stderr.strip() == f"Error: {tmp_path / 'absent.onnx'}: no such file"
 
 
-def test_quantizing_the_bundled_cnn_as_the_readme_does(tmp_path, monkeypatch):
+def test_quantizing_the_bundled_mlp_as_the_readme_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGRAPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert invoke("models", "fetch", "reference-mlp", "-o", "mlp.onnx").exit_code == 0
+    result = invoke("compile", "mlp.onnx", "--calib", "mlp.calibration", "-o", "q.onnx", "-v")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    kept = re.search(r"(\d+) of \1 quantized ops run as integer kernels", text)
+    assert kept and int(kept.group(1)) >= 3, "the three hidden layers as integer kernels"
+    evaluation = invoke("eval", "mlp.onnx", "q.onnx", "--data", "mlp.evaluation", "--json")
+    figures = json.loads(evaluation.stdout)["figures"]
+    assert figures["top1_agreement"] >= 0.995
+    assert (tmp_path / "q.onnx").stat().st_size < 0.3 * (tmp_path / "mlp.onnx").stat().st_size
+
+
+def test_quantizing_the_bundled_cnn_keeps_float_what_int8_makes_slower(tmp_path, monkeypatch):
     monkeypatch.setenv("QGRAPH_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     assert invoke("models", "fetch", "reference-cnn", "-o", "cnn.onnx").exit_code == 0
