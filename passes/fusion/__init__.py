@@ -22,6 +22,9 @@ values that are read on):
   grouped heads, softmax) to one GroupQueryAttention
 - ``residual``: a residual Add and the RMSNorm after it to SkipSimplifiedLayerNormalization
 
+A third (``pack-projections``, the last float rewrite, weight-only mode) packs the MatMuls
+that read one activation into one MatMul and a Split (``packing``).
+
 Every rule keeps the function: outputs equal the original's to float32 rounding.
 """
 
@@ -31,6 +34,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -46,6 +50,7 @@ from qgraph.passes.fusion import (
     gemm,
     normalization,
     onehot,
+    packing,
     residual,
     scales,
 )
@@ -59,9 +64,13 @@ from qgraph.passes.rule_table import (
     near_misses,
 )
 from qgraph.pipeline import PassBuilder, ReportingPassResult
+from qgraph.recipe import Mode, QuantOptions
 from qgraph.sections import rule_tables
 from qgraph.targets import TargetSpec
 from qgraph.traversal import all_nodes
+
+if TYPE_CHECKING:
+    from qgraph.registry import PassContext
 
 RULES = (
     TableRule(
@@ -233,6 +242,28 @@ def _activation_marks(model: ir.Model) -> dict[ir.Node, str | None]:
     return {n: n.metadata_props.get(key) for n in all_nodes(model.graph) if key in n.metadata_props}
 
 
+class PackProjectionsPass(ir.passes.InPlacePass):
+    """Packs sibling projections (``packing``); near-misses are kept when explaining."""
+
+    def __init__(self, options: QuantOptions, *, explain: bool = False) -> None:
+        super().__init__()
+        self.options = options
+        self.explain = explain
+
+    def call(self, model: ir.Model) -> ReportingPassResult:
+        count, misses = packing.pack_projections(model, self.options)
+        report = FusionReport({packing.RULE_NAME: count}, {}, misses if self.explain else ())
+        return ReportingPassResult(model, bool(count), report)
+
+
+def _packs(ctx: PassContext) -> PackProjectionsPass | None:
+    """Packing where the products run as weight-only kernels (measured there)."""
+    quantization = ctx.options.quantization
+    if quantization is None or quantization.mode is not Mode.WEIGHT_ONLY:
+        return None
+    return PackProjectionsPass(quantization, explain=ctx.options.explain)
+
+
 BUILDERS: dict[str, PassBuilder] = {
     "fusion": lambda ctx: FusionPass(ctx.target, explain=ctx.options.explain),
     "runtime-fusion": lambda ctx: (
@@ -240,5 +271,6 @@ BUILDERS: dict[str, PassBuilder] = {
         if any(r.wanted(ctx.target) for r in GRAPH_REWRITES)
         else None
     ),
+    "pack-projections": _packs,
 }
 """What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""
