@@ -131,7 +131,8 @@ class QuantOptions:
         embedding_bits: Embedding tables (a ``Gather`` from a constant table, and an output
             projection tied to it): 8, one scale per row whatever ``weight_dtype`` is (a
             4-bit tied table took SmolLM2's perplexity ratio from 1.30 to 1.42); or 4, in
-            blocks of ``block_size`` along each row (the smallest file).
+            blocks of ``block_size`` along each row, uint4 with a zero point per block (the
+            smallest file).
         weight_rounding: ``nearest`` rounds each weight on its own; ``gptq`` rounds them so
             that each MatMul / Gemm output stays close on the calibration data (GPTQ; needs
             calibration data in every mode).

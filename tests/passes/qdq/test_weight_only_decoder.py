@@ -4,10 +4,11 @@ projection ``MatMul(h, Transpose(E))`` store ``E`` once (8 bits per row, or 4 in
 (``MatMulNBits``, ``GatherBlockQuantized``) without dequantizing any weight on a run.
 
 The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` of its float value
-(``s_w`` = block or row max ``|w|`` over 7 or 127). onnxruntime fuses ``DQ -> MatMul`` into
-``MatMulNBits(accuracy_level=4)``, which also rounds its input per block of ``B`` along ``K``,
-to int8 within ``s_x / 2`` (``s_x`` at most the block's max ``|x|`` / 127, which bounds its
-symmetric and asymmetric forms alike). So a product is within
+(``s_w`` = block or row max ``|w|`` over 7 or 127; a 4-bit table is asymmetric, uint4 over a
+range holding 0, whose step (max - min) / 15 <= max ``|w|`` / 7.5 the int4 one bounds).
+onnxruntime fuses ``DQ -> MatMul`` into ``MatMulNBits(accuracy_level=4)``, which also rounds
+its input per block of ``B`` along ``K``, to int8 within ``s_x / 2`` (``s_x`` at most the
+block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a product is within
 ``sum_k |x_k| s_w / 2 + s_x / 2 (|w_k| + s_w / 2)`` of ``x w`` in float.
 """
 
@@ -148,7 +149,7 @@ def test_int4_keeps_the_tied_table_in_eight_bits_and_the_rest_in_four(int4):
 def test_int4_tables_store_the_table_once_and_run_nbits_kernels_only(int4_tables):
     graph = int4_tables.model.graph
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
-    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.INT4)]
+    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.UINT4)]
     gather = next(node for node in graph if node.op_type == "GatherBlockQuantized")
     assert gather.inputs[0].name == "E_quantized"
     assert {k: a.as_int() for k, a in gather.attributes.items()} == {
