@@ -44,15 +44,7 @@ from qgraph.models import onnx_light
 from qgraph.report import quantization_counts
 from qgraph.targets import VNNI_FLAGS, host_cpu_flags, host_description
 
-ZOO = (
-    "reference-mlp",
-    "reference-cnn",
-    "reference-encoder",
-    "reference-decoder",
-    "magika",
-    "minilm",
-    "smollm2",
-)
+ZOO = models.BENCHMARKED
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")
 ZOO_CALIBRATION_BATCHES = 2
 ZOO_ROWS = {"host": 8, "arm64": 2}

@@ -42,15 +42,7 @@ from qgraph.targets import host_description
 
 METHODS = ("static-qdq", "static-qop", "dynamic", "dynamic-pc")
 CHILD_MEMORY_LIMIT = 16 * 2**30
-ZOO = (
-    "magika",
-    "minilm",
-    "smollm2",
-    "reference-mlp",
-    "reference-cnn",
-    "reference-encoder",
-    "reference-decoder",
-)
+ZOO = models.BENCHMARKED
 HEADLINE = {
     "top1": ("top1_agreement", "top-1 agreement {:.2%}"),
     "embedding": ("mean_cosine", "mean cosine {:.4f}"),

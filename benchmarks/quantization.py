@@ -40,15 +40,7 @@ from qgraph.report import format_bytes
 from qgraph.targets import host_description
 
 TARGET = "x86-avx2"
-ZOO = (
-    "reference-mlp",
-    "reference-cnn",
-    "reference-encoder",
-    "reference-decoder",
-    "magika",
-    "minilm",
-    "smollm2",
-)
+ZOO = models.BENCHMARKED
 MODES = {
     "static": {"mode": "static"},
     "dynamic": {"mode": "dynamic"},

@@ -69,15 +69,7 @@ from qgraph.kernels import KernelReport, runtime_kernels
 from qgraph.targets import detect_host_target, host_cpu_flags, host_description
 from qgraph.verify import session as model_session
 
-ZOO = (
-    "reference-mlp",
-    "reference-cnn",
-    "reference-encoder",
-    "reference-decoder",
-    "magika",
-    "minilm",
-    "smollm2",
-)
+ZOO = models.BENCHMARKED
 ORT_METHODS = {"ort-static-qdq": "static-qdq", "ort-dynamic": "dynamic"}
 """Variant name -> ``ort_baseline.py`` method."""
 QGRAPH_FLAGS = {"qgraph": [], "qgraph-all-8-bit": ["--budget", "none"]}

@@ -36,6 +36,17 @@ RECIPE_MODULES = (
     "qgraph.models.smollm2",
     "qgraph.models.smollm2_decoder",
 )
+BENCHMARKED = (
+    "reference-mlp",
+    "reference-cnn",
+    "reference-encoder",
+    "reference-decoder",
+    "magika",
+    "minilm",
+    "smollm2",
+)
+"""The zoo models the benchmarks and the every-target test cover: one of each kind (the
+TorchScript export and the KV-cache decoder have benchmarks of their own)."""
 MODEL_FILE = "model.onnx"
 CALIBRATION = "calibration"
 EVALUATION = "evaluation"

@@ -37,15 +37,7 @@ from qgraph.targets import VNNI_FLAGS, host_cpu_flags
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")
 SLOW = frozenset({"alexnet", "vgg19", "zfnet512", "smollm2"})
 TORCH = frozenset({"minilm", "smollm2"})
-ZOO = (
-    "reference-mlp",
-    "reference-cnn",
-    "reference-encoder",
-    "reference-decoder",
-    "magika",
-    "minilm",
-    "smollm2",
-)
+ZOO = models.BENCHMARKED
 ZOO_CALIBRATION_BATCHES = 2
 EVALUATION_ROWS = 2
 MIN_ZOO_QUANTIZED_SHARE = 0.7
