@@ -213,7 +213,8 @@ Examples:
     type=click.Choice([f.value for f in QuantFormat]),
     help="qdq: Q/DQ pairs around float ops, which onnxruntime fuses into integer kernels "
     "itself; qoperator: those kernels written out (QLinearConv, QGemm, MatMulIntegerToFloat, "
-    "MatMulNBits), for runtimes or sessions that do not fuse [default: the target's].",
+    "MatMulNBits), for runtimes or sessions that do not fuse [default: the target's; on the "
+    "CPU targets qoperator in dynamic and weight-only modes, where it runs faster].",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Print what each pass did.")
 @click.option(

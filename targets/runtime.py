@@ -154,6 +154,7 @@ def cpu_target(**own: object) -> TargetSpec:
         "output_quantized_chains": CPU_OUTPUT_QUANTIZED_CHAINS,
         "dynamic_quantizable_ops": CPU_DYNAMIC_QUANTIZABLE_OPS,
         "dynamic_format": QuantFormat.QOPERATOR,
+        "weight_only_format": QuantFormat.QOPERATOR,
         "runtime_checked": True,
     }
     return TargetSpec(**(shared | own))

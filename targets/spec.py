@@ -120,6 +120,10 @@ class TargetSpec:
         dynamic_format: The format of dynamic-mode output, where it differs from ``format``:
             onnxruntime's CPU provider fuses no ``DynamicQuantizeLinear -> DQ`` group into an
             integer kernel, but runs the lowered ``MatMulIntegerToFloat`` and ``QGemm``.
+        weight_only_format: The format of weight-only output, where it differs from
+            ``format``: onnxruntime's own ``DQ -> MatMulNBits`` fusion gives symmetric int4
+            weights an explicit zero point of 8, whose kernel decoded SmolLM2 6% slower than
+            the lowered ``MatMulNBits`` without one.
         nominal_int8_speedup: How much faster the runtime's int8 matrix products run than
             fp32 ones on this kind of target, assumed by the cost model that stands in for
             timing with ``--no-measure`` (``qgraph.timing.CostModel``); measured timings
@@ -159,6 +163,7 @@ class TargetSpec:
     output_quantized_chains: tuple[OutputChain, ...]
     dynamic_quantizable_ops: frozenset[str]
     dynamic_format: QuantFormat
+    weight_only_format: QuantFormat
     nominal_int8_speedup: float
     runtime_checked: bool
 
@@ -203,6 +208,7 @@ class TargetSpec:
             "output_quantized_chains": [str(chain) for chain in self.output_quantized_chains],
             "dynamic_quantizable_ops": sorted(self.dynamic_quantizable_ops),
             "dynamic_format": self.dynamic_format.value,
+            "weight_only_format": self.weight_only_format.value,
             "nominal_int8_speedup": self.nominal_int8_speedup,
             "runtime_checked": self.runtime_checked,
         }

@@ -127,8 +127,11 @@ def _build(ctx) -> LowerPass | None:
     quantization = ctx.options.quantization
     if quantization is None:
         return None
-    dynamic = quantization.mode is Mode.DYNAMIC
-    requested = ctx.options.format or (ctx.target.dynamic_format if dynamic else ctx.target.format)
+    by_mode = {
+        Mode.DYNAMIC: ctx.target.dynamic_format,
+        Mode.WEIGHT_ONLY: ctx.target.weight_only_format,
+    }
+    requested = ctx.options.format or by_mode.get(quantization.mode, ctx.target.format)
     if requested is not QuantFormat.QOPERATOR:
         return None
     return LowerPass(ctx.target, explain=ctx.options.explain)

@@ -8,8 +8,10 @@ two to a byte, low nibble first; ``scales`` [N, ceil(K / B)]; zero points packed
 leaves ``w_q - z`` unchanged. Rows past K (when B does not divide K) hold the zero point, so they
 dequantize to 0.
 
-``accuracy_level=1`` makes it compute in float32, as the Q/DQ model does; onnxruntime's own
-fusion of the Q/DQ form picks 4, which quantizes ``a`` to int8 per block as it runs.
+``accuracy_level`` is 4, as onnxruntime's own fusion of the Q/DQ form writes it: the kernel
+quantizes ``a`` to int8 per block as it runs, so the lowered model computes what the Q/DQ model
+computes in onnxruntime. With 1 (float32 compute) SmolLM2's int4 decoder decoded 16.4 tokens/s
+against 43.1 (one thread, AVX2): slower than the Q/DQ form it came from.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from qgraph.passes.lowering.groups import (
 BITS = 4
 UNSIGNED_ZERO_POINT = 1 << (BITS - 1)
 MIN_BLOCK = 16
-FLOAT32_ACCURACY = 1
+INT8_COMPUTE = 4
 
 
 class MatMulToMatMulNBits(TargetRule):
@@ -89,7 +91,7 @@ class MatMulToMatMulNBits(TargetRule):
             N=n,
             bits=BITS,
             block_size=self._block,
-            accuracy_level=FLOAT32_ACCURACY,
+            accuracy_level=INT8_COMPUTE,
             _domain=MICROSOFT_DOMAIN,
         )
 

@@ -17,6 +17,7 @@ from qgraph.kernels import optimized_graph
 from qgraph.passes.fusion import FusionReport, PackProjectionsPass
 from qgraph.passes.fusion.packing import RULE_NAME
 from qgraph.recipe import quant_options
+from qgraph.targets import QuantFormat
 
 K = 64
 WIDTHS = {"q": 64, "k": 32, "v": 32}
@@ -97,7 +98,9 @@ def test_the_packed_weight_quantizes_to_the_separate_weights_side_by_side(weight
         qgraph.compile_model(
             attention_inputs(),
             "x86-avx2",
-            options=qgraph.CompileOptions(quantization=quant_options(**flags), skip_passes=skip),
+            options=qgraph.CompileOptions(
+                quantization=quant_options(**flags), skip_passes=skip, format=QuantFormat.QDQ
+            ),
         ).model
         for skip in (unchecked, unchecked | {"pack-projections"})
     )

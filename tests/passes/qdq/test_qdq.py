@@ -62,7 +62,7 @@ def compile_quantized(proto, target="x86-avx2", *, runtime_check=True, **flags) 
     insert-qdq wrote it, before groups onnxruntime would run in float go back to float."""
     flags.setdefault("calib", batches())
     flags.setdefault("budget", "none")  # the plan's own tests are in tests/qgraph
-    skipped = frozenset() if runtime_check else frozenset({"runtime-check"})
+    skipped = frozenset() if runtime_check else frozenset({"lower", "runtime-check"})
     options = CompileOptions(quantization=quant_options(**flags), skip_passes=skipped)
     return qgraph.compile_model(proto, target, options=options).model
 

@@ -8,8 +8,8 @@ The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` o
 range holding 0, whose step (max - min) / 15 <= max ``|w|`` / 7.5 the int4 one bounds).
 onnxruntime fuses ``DQ -> MatMul`` into ``MatMulNBits(accuracy_level=4)``, which also rounds
 its input per block of ``B`` along ``K``, to int8 within ``s_x / 2`` (``s_x`` at most the
-block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a product is within
-``sum_k |x_k| s_w / 2 + s_x / 2 (|w_k| + s_w / 2)`` of ``x w`` in float.
+block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a
+product is within ``sum_k |x_k| s_w / 2 + s_x / 2 (|w_k| + s_w / 2)`` of ``x w`` in float.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qgraph
 from qgraph import verify
 from qgraph.kernels import optimized_graph, runtime_kernels
+from qgraph.targets import QuantFormat
 
 V, H, F, S = 512, 64, 128, 6  # V * H above canonicalize.FOLD_INPUT_LIMIT: Transpose(E) stays
 BLOCK = 32
@@ -70,7 +71,8 @@ def weight_only(dtype: str, **flags) -> qgraph.CompileResult:
     options = qgraph.CompileOptions(
         quantization=qgraph.quant_options(
             mode="weight-only", weight_dtype=dtype, block_size=BLOCK, **flags
-        )
+        ),
+        format=QuantFormat.QDQ,
     )
     return qgraph.compile_model(tied_decoder(), "x86-avx2", options=options)
 
