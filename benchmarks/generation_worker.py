@@ -71,18 +71,7 @@ class OnnxRuntime:
         self.decoder = generation.Decoder(model, threads=threads)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        g, decoder = self.generation, self.decoder
-        feeds = {
-            g.INPUT_IDS: np.asarray([ids], dtype=np.int64),
-            g.ATTENTION_MASK: np.ones((1, len(ids)), dtype=np.int64),
-            **dict(
-                zip(g.cache_names(decoder.interface.layers), decoder.empty_cache(), strict=True)
-            ),
-        }
-        if decoder.interface.position_ids:
-            feeds[g.POSITION_IDS] = np.arange(len(ids), dtype=np.int64)[None]
-        (logits,) = decoder.session.run([g.LOGITS], feeds)
-        return logits[0]
+        return self.decoder.run(ids, self.decoder.empty_cache(len(ids)))
 
     def generate(self, prompt: Sequence[int], new_tokens: int) -> tuple[list[int], float, float]:
         result = self.generation.generate(self.decoder, prompt, new_tokens, stop_ids=())

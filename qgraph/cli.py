@@ -979,7 +979,9 @@ def generate_command(
     err.print(
         f"prefill {len(prompt_ids)} tokens: {result.prefill_tokens_per_second:.1f} tokens/s; "
         f"decode {result.decode_steps} tokens: {result.decode_tokens_per_second:.1f} tokens/s "
-        f"({threads or 'all'} thread{'' if threads == 1 else 's'})"
+        f"({threads or 'all'} thread{'' if threads == 1 else 's'}, "
+        f"{decoder.interface.cache_layout.value} KV cache)",
+        soft_wrap=True,
     )
 
 

@@ -15,6 +15,7 @@ import onnx_ir.passes.common as common
 
 from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
+from qgraph.generation import CACHE_LAYOUT_KEY, CacheLayout, writes_cache_in_place
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.kernels import is_qdq_group
 from qgraph.model_io import (
@@ -109,6 +110,7 @@ def compile_model(
     _warn_unmatched_exclusions(result.model, options)
     result.model.metadata_props[TARGET_METADATA_KEY] = spec.name
     result.model.metadata_props[VERSION_METADATA_KEY] = version("qgraph")
+    _stamp_cache_layout(result.model)
     saved = None
     if output is not None:
         tell(f"writing {output}")
@@ -123,6 +125,15 @@ def compile_model(
         saved=saved,
         plan=plan_report,
     )
+
+
+def _stamp_cache_layout(model: ir.Model) -> None:
+    """Say in the model whether generation may update its KV cache in place (the stamp an
+    input model had is re-checked, never carried over)."""
+    if writes_cache_in_place(model.graph):
+        model.metadata_props[CACHE_LAYOUT_KEY] = CacheLayout.IN_PLACE.value
+    else:
+        model.metadata_props.pop(CACHE_LAYOUT_KEY, None)
 
 
 def _read_files(model: ir.Model, options: CompileOptions, inputs: Inputs | None) -> Inputs:

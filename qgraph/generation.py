@@ -21,6 +21,17 @@ tensors as ``past_key_values``. Tokens are picked greedily (temperature 0) or sa
 prefill run's time; decode speed is the decode steps over their time (the first new token
 comes from prefill, so ``N`` new tokens take ``N - 1`` steps).
 
+The cache has one of two layouts (``CacheLayout``). By default each step's ``present`` tensors
+are new arrays, the step before's cache copied with the new keys appended, and become the next
+step's ``past``: every step copies the whole cache. Where every ``present`` is written by a
+``GroupQueryAttention`` that reads its ``past`` directly and nothing else reads that ``past``,
+the cache can instead live in one buffer per tensor, ``[1, H, capacity, D]``, bound as both the
+``past`` input and the ``present`` output (onnxruntime's ``past_present_share_buffer``): the
+kernel sees one memory, writes only the new keys after the ``past`` it was told of (the mask's
+length less the new tokens), and never reads beyond it. The results are the same numbers; only
+the copies go. ``qgraph compile`` checks the structure (``writes_cache_in_place``) and says so
+in the output's ``metadata_props`` (``CACHE_LAYOUT_KEY``); the loop trusts only that stamp.
+
 A decoder's ONNX ``metadata_props`` may say its context length (``CONTEXT_LENGTH_KEY``) and
 the tokens that end a text (``EOS_TOKEN_IDS_KEY``, comma-separated); the zoo's decoder does.
 Text is tokenized by a ``tokenizers`` file (``tokenizer.json``), which must have exactly as
@@ -30,6 +41,7 @@ many entries as the model has logits.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.util
 import re
 import time
@@ -38,11 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from qgraph import verify
 from qgraph.errors import QGraphError, one_line
+from qgraph.ops import MICROSOFT_DOMAIN
 
 if TYPE_CHECKING:
     import tokenizers
@@ -55,14 +69,17 @@ CACHE_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dty
 """The cache element types the loop feeds, by onnxruntime's type name."""
 CONTEXT_LENGTH_KEY = "qgraph.generation.context_length"
 EOS_TOKEN_IDS_KEY = "qgraph.generation.eos_token_ids"
+CACHE_LAYOUT_KEY = "qgraph.generation.cache_layout"
 TOKENIZER_FILE = "tokenizer.json"
 INSTALL = "pip install 'qgraph[generate]'"
-Cache = list[np.ndarray]
-"""Each layer's key then value [1, H, past, D], as the model's inputs list them."""
 RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException,
               ort_errors.NotImplemented)  # fmt: skip
 """What onnxruntime raises when a loaded model fails to run (a kernel refusing its inputs)."""
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+_KINDS = ("key", "value")
+_IN_PLACE_OP = (MICROSOFT_DOMAIN, "GroupQueryAttention")
+_IN_PLACE_SLOTS = {"key": (3, 1), "value": (4, 2)}
+"""Where ``GroupQueryAttention`` takes each past (input) and gives each present (output)."""
 
 
 class GenerationError(QGraphError):
@@ -79,7 +96,46 @@ def present_name(layer: int, kind: str) -> str:
 
 def cache_names(layers: int, name: Callable[[int, str], str] = past_name) -> list[str]:
     """Every layer's key then value name, layer by layer (``past_name`` or ``present_name``)."""
-    return [name(i, kind) for i in range(layers) for kind in ("key", "value")]
+    return [name(i, kind) for i in range(layers) for kind in _KINDS]
+
+
+class CacheLayout(enum.Enum):
+    """How a decoder's cache goes from one step to the next (module docstring)."""
+
+    GROWING = "growing"
+    """Each step returns a new cache, the old one with the new keys and values appended."""
+    IN_PLACE = "in-place"
+    """One buffer per cache tensor, bound as past and present; the attention writes into it."""
+
+
+def writes_cache_in_place(graph: ir.Graph) -> bool:
+    """Whether every ``present`` of ``graph`` is written by a ``GroupQueryAttention`` from its
+    ``past`` alone, and nothing else reads that ``past`` (so the two may share one buffer)."""
+    inputs = {value.name: value for value in graph.inputs}
+    outputs = {value.name: value for value in graph.outputs}
+    layers = sum(1 for name in inputs if _PAST.fullmatch(name)) // 2
+    if layers == 0:
+        return False
+    for layer in range(layers):
+        for kind in _KINDS:
+            past = inputs.get(past_name(layer, kind))
+            present = outputs.get(present_name(layer, kind))
+            if past is None or present is None or not _attention_updates(past, present, kind):
+                return False
+    return True
+
+
+def _attention_updates(past: ir.Value, present: ir.Value, kind: str) -> bool:
+    node = present.producer()
+    if node is None or (node.domain, node.op_type) != _IN_PLACE_OP:
+        return False
+    past_slot, present_slot = _IN_PLACE_SLOTS[kind]
+    return (
+        len(node.inputs) > past_slot
+        and node.inputs[past_slot] is past
+        and node.outputs[present_slot] is present
+        and len(past.uses()) == 1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +150,7 @@ class DecoderInterface:
     position_ids: bool
     context_length: int | None
     eos_token_ids: tuple[int, ...]
+    cache_layout: CacheLayout = CacheLayout.GROWING
 
     @classmethod
     def of(cls, session: ort.InferenceSession, label: str) -> DecoderInterface:
@@ -138,6 +195,7 @@ class DecoderInterface:
             position_ids=POSITION_IDS in inputs,
             context_length=_int_or_none(metadata.get(CONTEXT_LENGTH_KEY)),
             eos_token_ids=_ints(metadata.get(EOS_TOKEN_IDS_KEY, "")),
+            cache_layout=_layout(metadata.get(CACHE_LAYOUT_KEY)),
         )
 
 
@@ -149,6 +207,68 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip().isdigit())
 
 
+def _layout(text: str | None) -> CacheLayout:
+    values = {layout.value: layout for layout in CacheLayout}
+    return values.get(text or "", CacheLayout.GROWING)
+
+
+class GrowingCache:
+    """The cache as arrays [1, H, past, D] that each step replaces with its ``present``."""
+
+    def __init__(self, interface: DecoderInterface) -> None:
+        shape = (1, interface.kv_heads, 0, interface.head_dim)
+        self.names = cache_names(interface.layers)
+        self.outputs = [LOGITS, *cache_names(interface.layers, present_name)]
+        self.tensors = [np.zeros(shape, interface.cache_dtype)] * len(self.names)
+
+    @property
+    def length(self) -> int:
+        return self.tensors[0].shape[2]
+
+    def run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The logits of one step on ``feeds``; the cache then holds its ``present``."""
+        feeds = {**feeds, **dict(zip(self.names, self.tensors, strict=True))}
+        logits, *self.tensors = session.run(self.outputs, feeds)
+        return logits
+
+
+class InPlaceCache:
+    """The cache as buffers [1, H, capacity, D], each bound as its past and its present."""
+
+    def __init__(
+        self, session: ort.InferenceSession, interface: DecoderInterface, capacity: int
+    ) -> None:
+        shape = (1, interface.kv_heads, capacity, interface.head_dim)
+        self.length, self.capacity = 0, capacity
+        self.binding = session.io_binding()
+        self.binding.bind_output(LOGITS)
+        layers = interface.layers
+        for past, present in zip(
+            cache_names(layers), cache_names(layers, present_name), strict=True
+        ):
+            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, interface.cache_dtype))
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+
+    def run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The logits of one step on ``feeds``; the attention writes the new keys in place."""
+        new = feeds[INPUT_IDS].shape[1]
+        if self.length + new > self.capacity:
+            raise GenerationError(
+                f"the cache holds {self.capacity} tokens; {self.length} cached and {new} new "
+                "do not fit"
+            )
+        for name, array in feeds.items():
+            self.binding.bind_cpu_input(name, array)
+        self.binding.bind_output(LOGITS)  # a new array each step: its shape follows the input's
+        session.run_with_iobinding(self.binding)
+        self.length += new
+        return self.binding.get_outputs()[0].numpy()
+
+
+KVCache = GrowingCache | InPlaceCache
+
+
 class Decoder:
     """A KV-cache decoder in an onnxruntime session (all graph optimizations on)."""
 
@@ -156,33 +276,29 @@ class Decoder:
         self.label = str(model)
         self.session = verify.session(model, optimize=True, threads=threads)
         self.interface = DecoderInterface.of(self.session, self.label)
-        self.output_names = [LOGITS, *cache_names(self.interface.layers, present_name)]
 
-    def empty_cache(self) -> Cache:
-        shape = (1, self.interface.kv_heads, 0, self.interface.head_dim)
-        return [np.zeros(shape, self.interface.cache_dtype)] * (2 * self.interface.layers)
+    def empty_cache(self, capacity: int) -> KVCache:
+        """An empty cache in the model's layout, for up to ``capacity`` tokens in all."""
+        if self.interface.cache_layout is CacheLayout.IN_PLACE:
+            return InPlaceCache(self.session, self.interface, capacity)
+        return GrowingCache(self.interface)
 
-    def run(
-        self, ids: Sequence[int], past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The last position's logits [V] after ``ids``, and the cache grown by them."""
-        past_length = past[0].shape[2]
-        positions = np.arange(past_length, past_length + len(ids), dtype=np.int64)[None]
+    def run(self, ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        """The logits [len(ids), V] after ``ids``; ``cache`` then holds them too."""
+        past = cache.length
         feeds = {
             INPUT_IDS: np.asarray([ids], dtype=np.int64),
-            ATTENTION_MASK: np.ones((1, past_length + len(ids)), dtype=np.int64),
-            **dict(zip(cache_names(self.interface.layers), past, strict=True)),
+            ATTENTION_MASK: np.ones((1, past + len(ids)), dtype=np.int64),
         }
         if self.interface.position_ids:
-            feeds[POSITION_IDS] = positions
+            feeds[POSITION_IDS] = np.arange(past, past + len(ids), dtype=np.int64)[None]
         try:
-            logits, *present = self.session.run(self.output_names, feeds)
+            return cache.run(self.session, feeds)[0]
         except RUN_ERRORS as error:
             raise GenerationError(
-                f"{self.label}: onnxruntime failed to run it at cache length {past_length}: "
+                f"{self.label}: onnxruntime failed to run it at cache length {past}: "
                 f"{one_line(str(error))}"
             ) from error
-        return logits[0, -1], present
 
     def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
         """``GenerationError`` unless the prompt and the new tokens fit the model's context."""
@@ -263,8 +379,9 @@ def generate(
     decoder.check_fits(len(prompt), max_new_tokens)
     stops = set(decoder.interface.eos_token_ids if stop_ids is None else stop_ids)
     pick = sampling.picker()
+    cache = decoder.empty_cache(len(prompt) + max_new_tokens)
     start = time.perf_counter()
-    logits, cache = decoder.run(prompt, decoder.empty_cache())
+    logits = decoder.run(prompt, cache)[-1]
     result = Generation(tuple(prompt), [], time.perf_counter() - start, 0.0, [])
     start = time.perf_counter()
     while True:
@@ -273,7 +390,7 @@ def generate(
             result.logits.append(logits)
         if len(result.tokens) == max_new_tokens or result.tokens[-1] in stops:
             break
-        logits, cache = decoder.run(result.tokens[-1:], cache)
+        logits = decoder.run(result.tokens[-1:], cache)[-1]
     result.decode_seconds = time.perf_counter() - start
     return result
 

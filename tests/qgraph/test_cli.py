@@ -227,7 +227,8 @@ def test_generate_prints_the_continued_prompt_and_the_speeds(tmp_path, toy_decod
     assert result.exit_code == 0, result.output
     assert result.stdout == "w3 w1 w5" + "w2 w4 w1 w2\n"  # WordLevel decodes with spaces
     speeds = re.fullmatch(
-        r"prefill 3 tokens: [\d.]+ tokens/s; decode 3 tokens: [\d.]+ tokens/s \(1 thread\)\n",
+        r"prefill 3 tokens: [\d.]+ tokens/s; decode 3 tokens: [\d.]+ tokens/s "
+        r"\(1 thread, growing KV cache\)\n",
         result.stderr,
     )
     assert speeds, result.stderr

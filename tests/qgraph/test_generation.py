@@ -145,3 +145,146 @@ def test_a_model_that_fails_to_run_is_reported_in_one_line(toy, monkeypatch):
                        r"cache length 0: \[ONNXRuntimeError\] : 1 : FAIL : DequantizeLinear "
                        r"scale must be 1D$"):  # fmt: skip
         generate(decoder, [1, 2], 3)
+
+
+VOCAB, WIDTH, HEADS, KV_HEADS, HEAD = 11, 8, 2, 1, 8
+
+
+def attention_decoder(shape_reader: bool = False):
+    """A one-layer decoder whose attention is onnxruntime's ``GroupQueryAttention`` over its
+    cache, lengths from the mask as onnxruntime-genai's graphs compute them (random weights;
+    ``shape_reader``: the total length is read from the past's shape instead)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weights = {
+        "embedding": rng.standard_normal((VOCAB, WIDTH)),
+        "wq": rng.standard_normal((WIDTH, HEADS * HEAD)),
+        "wk": rng.standard_normal((WIDTH, KV_HEADS * HEAD)),
+        "wv": rng.standard_normal((WIDTH, KV_HEADS * HEAD)),
+        "wo": rng.standard_normal((HEADS * HEAD, VOCAB)),
+    }
+    constants = {
+        "one": np.array([1], np.int64),
+        "one_scalar": np.array(1, np.int64),
+        "two_scalar": np.array(2, np.int64),
+    }
+    node = helper.make_node
+    total = (
+        [
+            node("Shape", ["past_key_values.0.key"], ["past_shape"]),
+            node("Gather", ["past_shape", "two_scalar"], ["past_length"]),
+            node("Shape", ["input_ids"], ["ids_shape"]),
+            node("Gather", ["ids_shape", "one_scalar"], ["new_length"]),
+            node("Add", ["past_length", "new_length"], ["total"]),
+        ]
+        if shape_reader
+        else [
+            node("Shape", ["attention_mask"], ["mask_shape"]),
+            node("Gather", ["mask_shape", "one_scalar"], ["total"]),
+        ]
+    )
+    nodes = [
+        node("Gather", ["embedding", "input_ids"], ["x"]),
+        *(node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"),
+        node("ReduceSum", ["attention_mask", "one"], ["sums"], keepdims=0),
+        node("Sub", ["sums", "one"], ["last"]),
+        node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+        *total,
+        node("Cast", ["total"], ["total_length"], to=TensorProto.INT32),
+        node(
+            "GroupQueryAttention",
+            [
+                *"qkv",
+                "past_key_values.0.key",
+                "past_key_values.0.value",
+                "seqlens_k",
+                "total_length",
+            ],
+            ["context", "present.0.key", "present.0.value"],
+            domain="com.microsoft",
+            num_heads=HEADS,
+            kv_num_heads=KV_HEADS,
+        ),
+        node("MatMul", ["context", "wo"], ["logits"]),
+    ]
+    cache = ["batch", KV_HEADS, "past", HEAD]
+    tensor = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "attention_decoder",
+        [
+            tensor("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            tensor("attention_mask", TensorProto.INT64, ["batch", "total"]),
+            tensor("past_key_values.0.key", TensorProto.FLOAT, cache),
+            tensor("past_key_values.0.value", TensorProto.FLOAT, cache),
+        ],
+        [
+            tensor("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB]),
+            tensor("present.0.key", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD]),
+            tensor("present.0.value", TensorProto.FLOAT, ["batch", KV_HEADS, "total", HEAD]),
+        ],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in weights.items()]
+        + [numpy_helper.from_array(a, n) for n, a in constants.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def test_a_cache_that_only_attention_updates_is_found_and_no_other():
+    import qgraph
+
+    assert generation.writes_cache_in_place(qgraph.load(attention_decoder()).graph)
+    assert not generation.writes_cache_in_place(
+        qgraph.load(attention_decoder(shape_reader=True)).graph
+    ), "the buffer's capacity would be read as the cache's length"
+
+
+def test_only_a_compile_whose_attention_updates_the_cache_stamps_it(tmp_path, toy_decoder):
+    import onnx
+
+    import qgraph
+
+    cases = {"attention.onnx": (attention_decoder(), "in-place")}
+    cases["toy.onnx"] = (onnx.load(toy_decoder(tmp_path)[0]), None)
+    stamped = attention_decoder(shape_reader=True)
+    onnx.helper.set_model_props(stamped, {generation.CACHE_LAYOUT_KEY: "in-place"})
+    cases["reader.onnx"] = (stamped, None)
+    for name, (model, layout) in cases.items():
+        compiled = qgraph.compile_model(model, "x86-avx2", output=tmp_path / f"out-{name}")
+        assert compiled.model.metadata_props.get(generation.CACHE_LAYOUT_KEY) == layout, name
+
+
+@pytest.fixture
+def attention_models(tmp_path) -> tuple[Decoder, Decoder]:
+    """The attention decoder with a growing cache, and with the stamp that puts it in place."""
+    import onnx
+
+    model = attention_decoder()
+    onnx.save(model, tmp_path / "growing.onnx")
+    onnx.helper.set_model_props(model, {generation.CACHE_LAYOUT_KEY: "in-place"})
+    onnx.save(model, tmp_path / "in_place.onnx")
+    return Decoder(tmp_path / "growing.onnx"), Decoder(tmp_path / "in_place.onnx")
+
+
+def test_a_cache_updated_in_place_gives_what_a_growing_cache_gives(attention_models):
+    growing, in_place = attention_models
+    assert growing.interface.cache_layout is generation.CacheLayout.GROWING
+    assert in_place.interface.cache_layout is generation.CacheLayout.IN_PLACE
+    assert isinstance(in_place.empty_cache(4), generation.InPlaceCache)
+    prompt = [3, 9, 1, 4, 7]
+    expected = generate(growing, prompt, 12, keep_logits=True)
+    actual = generate(in_place, prompt, 12, keep_logits=True)
+    assert actual.tokens == expected.tokens
+    assert len(set(expected.tokens)) > 2, "the tokens depend on the cache"
+    for ours, theirs in zip(actual.logits, expected.logits, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-5)
+
+
+def test_an_in_place_cache_refuses_tokens_beyond_its_capacity(attention_models):
+    _, decoder = attention_models
+    cache = decoder.empty_cache(4)
+    decoder.run([1, 2, 3], cache)
+    with pytest.raises(GenerationError, match="the cache holds 4 tokens; 3 cached and 2 new do "
+                       "not fit"):  # fmt: skip
+        decoder.run([4, 5], cache)
