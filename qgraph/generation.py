@@ -240,8 +240,9 @@ class InPlaceCache:
     ) -> None:
         shape = (1, interface.kv_heads, capacity, interface.head_dim)
         self.length, self.capacity = 0, capacity
+        self.step_logits: ort.OrtValue | None = None
         self.binding = session.io_binding()
-        self.binding.bind_output(LOGITS)
+        self.binding.bind_output(LOGITS)  # first: get_outputs()[0]
         layers = interface.layers
         for past, present in zip(
             cache_names(layers), cache_names(layers, present_name), strict=True
@@ -260,10 +261,29 @@ class InPlaceCache:
             )
         for name, array in feeds.items():
             self.binding.bind_cpu_input(name, array)
-        self.binding.bind_output(LOGITS)  # a new array each step: its shape follows the input's
-        session.run_with_iobinding(self.binding)
+        if new == 1 and self.step_logits is not None:
+            logits = self._run_into(session, self.step_logits)
+        else:
+            logits = self._run_allocating(session)
         self.length += new
-        return self.binding.get_outputs()[0].numpy()
+        return logits
+
+    def _run_into(self, session: ort.InferenceSession, buffer: ort.OrtValue) -> np.ndarray:
+        """Run with the logits written into ``buffer``; a copy of them (the buffer is the
+        next step's too)."""
+        self.binding.bind_ortvalue_output(LOGITS, buffer)
+        session.run_with_iobinding(self.binding)
+        return buffer.numpy().copy()
+
+    def _run_allocating(self, session: ort.InferenceSession) -> np.ndarray:
+        """Run with onnxruntime allocating the logits (a prompt's: their shape is its to say);
+        keep a buffer for one-token steps' logits, of their type and vocabulary."""
+        self.binding.bind_output(LOGITS)
+        session.run_with_iobinding(self.binding)
+        logits = self.binding.get_outputs()[0].numpy()
+        single = np.zeros((1, 1, logits.shape[-1]), logits.dtype)
+        self.step_logits = ort.OrtValue.ortvalue_from_numpy(single)
+        return logits
 
 
 KVCache = GrowingCache | InPlaceCache
