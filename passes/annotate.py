@@ -19,7 +19,9 @@ Embedding tables (a ``Gather`` from a constant ``[V, H]`` table, and an output p
 ``MatMul(h, Transpose(E))`` tied to it) get ``embedding_bits``, whatever the other weights get:
 8 bits with one scale per row of ``E``, or 4 in blocks along each row. The tied projection's
 spec is written for its weight ``E^T``: rows of ``E`` are its axis 1, blocks along ``H`` its
-axis 0.
+axis 0. In weight-only mode a tied projection of an 8-bit table has its activation quantized
+per tensor at run time where the target's dynamic kernel beats its 8-bit weight-only one
+(``dynamic_table_projection``); the table is then in the target's weight type.
 
 Where the target fuses a weighted op with the ``Add`` of a skip connection
 (``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
@@ -285,9 +287,10 @@ class AnnotatePass(ir.passes.InPlacePass):
         if reason:
             return KeepFloat(reason)
         activation = _input(node, layout.activation)
+        weight_only = self.options.mode is Mode.WEIGHT_ONLY and not self._dynamic_projection(node)
         return NodeAnnotation(
-            activation=None if self.options.mode is Mode.WEIGHT_ONLY else layout.activation,
-            activation_spec=self._activation_spec(activation),
+            activation=None if weight_only else layout.activation,
+            activation_spec=None if weight_only else self._activation_spec(activation),
             weight=layout.weight,
             weight_spec=self._weight_spec(node, layout),
             bias=self._bias(node, layout),
@@ -321,9 +324,26 @@ class AnnotatePass(ir.passes.InPlacePass):
             return None
         return self._activation_spec(node.outputs[0])
 
-    def _activation_spec(self, value: ir.Value) -> QuantSpec | None:
-        if self.options.mode is Mode.WEIGHT_ONLY:
-            return None
+    def _dynamic_projection(self, node: ir.Node) -> bool:
+        """Whether ``node`` is an output projection tied to an 8-bit table whose activation
+        the target quantizes at run time even in weight-only mode
+        (``dynamic_table_projection``)."""
+        return (
+            self._dynamic_tables
+            and node.op_type == "MatMul"
+            and transposed_table(node.inputs[WEIGHT_LAYOUTS["MatMul"].weight]) is not None
+        )
+
+    @property
+    def _dynamic_tables(self) -> bool:
+        """8-bit tables stored in the target's weight type for a dynamic projection."""
+        return (
+            self.target.dynamic_table_projection
+            and self.options.mode is Mode.WEIGHT_ONLY
+            and self.options.embedding_bits == 8
+        )
+
+    def _activation_spec(self, value: ir.Value) -> QuantSpec:
         override = self.options.override(value.name or "")
         wide = override.dtype is not None and override.dtype.bitwidth == 16
         if wide and not self.target.int16_activations:
@@ -338,13 +358,14 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _table_spec(self, axis: int, block_axis: int) -> QuantSpec:
         """The spec of an embedding table (``embedding_bits``): 8 bits per row on ``axis``, in
-        the target's weight type (int8 in weight-only mode), or 4 in blocks on ``block_axis``,
-        asymmetric (``TABLE_4BIT``) whatever ``weight_dtype`` is."""
+        the target's weight type (int8 in weight-only mode, unless its projection runs
+        dynamic there), or 4 in blocks on ``block_axis``, asymmetric (``TABLE_4BIT``) whatever
+        ``weight_dtype`` is."""
         if self.options.embedding_bits == 4:
             return QuantSpec(
                 TABLE_4BIT, symmetric=False, axis=block_axis, block_size=self.options.block_size
             )
-        if self.options.mode is Mode.WEIGHT_ONLY:
+        if self.options.mode is Mode.WEIGHT_ONLY and not self._dynamic_tables:
             return QuantSpec(ir.DataType.INT8, symmetric=True, axis=axis)
         return QuantSpec(
             dtype=self.target.weight_dtype,

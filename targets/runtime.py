@@ -155,6 +155,7 @@ def cpu_target(**own: object) -> TargetSpec:
         "dynamic_quantizable_ops": CPU_DYNAMIC_QUANTIZABLE_OPS,
         "dynamic_format": QuantFormat.QOPERATOR,
         "weight_only_format": QuantFormat.QOPERATOR,
+        "dynamic_table_projection": False,
         "runtime_checked": True,
     }
     return TargetSpec(**(shared | own))

@@ -55,6 +55,7 @@ TENSORRT = TargetSpec(
     dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
     dynamic_format=QuantFormat.QDQ,
     weight_only_format=QuantFormat.QDQ,
+    dynamic_table_projection=False,
     # TensorRT's int8 kernels against fp16 ones, a rule of thumb, not measured here
     nominal_int8_speedup=2.0,
     runtime_checked=False,

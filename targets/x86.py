@@ -17,6 +17,10 @@ figures are in ``benchmarks/integer_kernels.md``):
   ``MatMulNBits(accuracy_level=4)``, which requantizes the activation to 8 bits and ran at 0.5x
   of fp32. So activations too noisy for 8 bits leave their readers in float
   (``int16_kernels=False``), on arm64 too.
+- ``MatMulNBits`` with 8-bit weights ran 25-40% slower than ``DynamicQuantizeMatMul`` (u8
+  weights around 128) on one row of SmolLM2's shapes, and 2-3x slower than fp32 on 128 rows
+  (AVX2, 2026-12-06): a tied 8-bit output projection runs dynamic
+  (``dynamic_table_projection``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ X86_VNNI = cpu_target(
     activation_dtype=ir.DataType.UINT8,
     weight_dtype=ir.DataType.INT8,
     qdq_per_consumer=False,
+    dynamic_table_projection=True,
     # u8 x s8 MatMulInteger ran 3.3-4.0x fp32 on an AVX512-VNNI EPYC
     nominal_int8_speedup=3.5,
 )

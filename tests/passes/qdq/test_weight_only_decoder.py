@@ -1,7 +1,8 @@
 """Weight-only decoders with a tied embedding: a Gather from a table ``E`` and an output
 projection ``MatMul(h, Transpose(E))`` store ``E`` once (8 bits per row, or 4 in blocks with
 ``embedding_bits=4``), and onnxruntime runs every weighted op as an integer kernel
-(``MatMulNBits``, ``GatherBlockQuantized``) without dequantizing any weight on a run.
+(``MatMulNBits``, ``GatherBlockQuantized``, and on x86 ``DynamicQuantizeMatMul`` for the
+projection of an 8-bit table) without dequantizing any weight on a run.
 
 The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` of its float value
 (``s_w`` = block or row max ``|w|`` over 7 or 127; a 4-bit table is asymmetric, uint4 over a
@@ -10,6 +11,9 @@ onnxruntime fuses ``DQ -> MatMul`` into ``MatMulNBits(accuracy_level=4)``, which
 its input per block of ``B`` along ``K``, to int8 within ``s_x / 2`` (``s_x`` at most the
 block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a
 product is within ``sum_k |x_k| s_w / 2 + s_x / 2 (|w_k| + s_w / 2)`` of ``x w`` in float.
+The projection of an 8-bit table on x86 (``dynamic_table_projection``) rounds its input per
+tensor instead: ``DynamicQuantizeLinear``'s uint8 over the range of ``x`` and 0, so ``s_x`` is
+(max(x, 0) - min(x, 0)) / 255, the same bound with that step.
 """
 
 from __future__ import annotations
@@ -96,11 +100,28 @@ def block_steps(levels: int) -> np.ndarray:
     return np.repeat(blocks, BLOCK, axis=1)
 
 
-def product_bound(x: np.ndarray, weight: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def dynamic_step(x: np.ndarray) -> float:
+    """``DynamicQuantizeLinear``'s step for ``x``: its range with 0, over 255."""
+    return float(max(x.max(), 0) - min(x.min(), 0)) / 255
+
+
+def dynamically_rounded(x: np.ndarray) -> np.ndarray:
+    """``x`` through ``DynamicQuantizeLinear`` and back (uint8, rounding half to even)."""
+    scale = dynamic_step(x)
+    zero_point = np.clip(np.round(-min(x.min(), 0) / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zero_point, 0, 255) - zero_point) * scale
+
+
+def product_bound(
+    x: np.ndarray, weight: np.ndarray, steps: np.ndarray, per_tensor: bool = False
+) -> np.ndarray:
     """The bound of the module docstring on ``x weight`` [.., N], ``steps`` [K, N] the
-    weight's, the input rounded per block of ``BLOCK`` along K."""
-    blocks = np.abs(x).reshape(*x.shape[:-1], -1, BLOCK).max(axis=-1) / 127
-    x_steps = np.repeat(blocks, BLOCK, axis=-1)
+    weight's, the input rounded per block of ``BLOCK`` along K (or per tensor)."""
+    if per_tensor:
+        x_steps = np.full_like(x, dynamic_step(x))
+    else:
+        blocks = np.abs(x).reshape(*x.shape[:-1], -1, BLOCK).max(axis=-1) / 127
+        x_steps = np.repeat(blocks, BLOCK, axis=-1)
     return (np.abs(x) @ steps + x_steps @ (np.abs(weight) + steps / 2)) / 2 * ROUNDING + 1e-6
 
 
@@ -125,6 +146,12 @@ def compiled(request, int4, int4_tables, int8) -> qgraph.CompileResult:
     return {"int4": int4, "int4_tables": int4_tables, "int8": int8}[request.param]
 
 
+def dynamic_projection(variant: str) -> bool:
+    """Whether ``variant``'s tied projection rounds its input per tensor at run time (an
+    8-bit table on x86)."""
+    return variant != "int4_tables"
+
+
 def table_steps(variant: str) -> np.ndarray:
     """The step of each element of ``E`` as ``variant`` stores it."""
     return block_steps(7) if variant == "int4_tables" else np.broadcast_to(row_steps(127), E.shape)
@@ -139,11 +166,14 @@ def runtime_nbits(model: ir.Model) -> dict[int, int]:
 def test_int4_keeps_the_tied_table_in_eight_bits_and_the_rest_in_four(int4):
     graph = int4.model.graph
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
-    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.INT8)]
+    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.UINT8)]
     assert "GatherBlockQuantized" not in {node.op_type for node in graph}
     kernels = runtime_kernels(int4.model)
     assert kernels.complete and kernels.quantized == 3, kernels.float_ops
-    assert runtime_nbits(int4.model) == {4: 2, 8: 1}
+    assert runtime_nbits(int4.model) == {4: 2}
+    assert kernels.runtime_ops["com.microsoft::DynamicQuantizeMatMul"] == 1, (
+        "the projection, dynamic"
+    )
     assert "DequantizeLinear" not in kernels.runtime_ops
     assert "MatMul" not in kernels.runtime_ops
 
@@ -181,32 +211,37 @@ def test_embedding_rows_are_within_half_a_step(compiled, request):
 @pytest.mark.parametrize("compiled", ["int4", "int4_tables", "int8"], indirect=True)
 def test_the_tied_projection_is_within_the_quantization_bound(compiled, request):
     """The logits against ``h E^T`` in float, ``h`` the compiled model's own."""
-    steps = table_steps(request.node.callspec.params["compiled"])
+    variant = request.node.callspec.params["compiled"]
+    steps, per_tensor = table_steps(variant), dynamic_projection(variant)
     probe = with_outputs(compiled.model, ("h",))
     for feeds in batches():
         outputs = verify.run(probe, feeds, optimize=True)
         h, logits = outputs["h"], outputs["logits"]
         expected = h @ E.T
         error = np.abs(logits - expected)
-        assert np.all(error <= product_bound(h, E.T, steps.T)), error.max()
+        assert np.all(error <= product_bound(h, E.T, steps.T, per_tensor)), error.max()
         assert np.any(error > 1e-4 * np.abs(expected).max()), "the projection was quantized"
 
 
 def test_int8_gathers_integer_rows_and_runs_8_bit_nbits_kernels(int8):
     graph = int8.model.graph
-    assert graph.initializers["E_quantized"].const_value.dtype == ir.DataType.INT8
+    assert graph.initializers["E_quantized"].const_value.dtype == ir.DataType.UINT8
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
     assert [t.name for t in tables] == ["E_quantized"], "one copy of the table"
     kernels = runtime_kernels(int8.model)
     assert kernels.complete and kernels.quantized == 3, kernels.float_ops
-    assert runtime_nbits(int8.model) == {8: 3}
+    assert runtime_nbits(int8.model) == {8: 2}
+    assert kernels.runtime_ops["com.microsoft::DynamicQuantizeMatMul"] == 1, (
+        "the projection, dynamic"
+    )
     assert "DequantizeLinear" not in kernels.runtime_ops
 
 
 @pytest.mark.parametrize("compiled", ["int4", "int4_tables", "int8"], indirect=True)
 def test_the_qdq_model_is_the_float_model_on_dequantized_weights(compiled, request):
     """Unoptimized, the compiled model computes the float model on its dequantized weights,
-    in float: the same to float32 rounding as numpy doing just that."""
+    in float (the dynamic projection on its input through ``DynamicQuantizeLinear``): the same
+    to float32 rounding as numpy doing just that."""
     model = compiled.model
     weights = {
         name: verify.run(with_outputs(model, (name,)), {"ids": batches(1)[0]["ids"]})[name]
@@ -214,12 +249,15 @@ def test_the_qdq_model_is_the_float_model_on_dequantized_weights(compiled, reque
     }
     table = weights["E_transposed_dequantized"].T
     up, down = weights["W_up_dequantized"], weights["W_down_dequantized"]
-    steps = table_steps(request.node.callspec.params["compiled"])
+    variant = request.node.callspec.params["compiled"]
+    steps = table_steps(variant)
     assert np.all(np.abs(table - E) <= steps / 2 * ROUNDING)
     for feeds in batches():
         x = table[feeds["ids"]]
         u = x @ up
         h = x + (u / (1 + np.exp(-u))) @ down
+        if dynamic_projection(variant):
+            h = dynamically_rounded(h)
         logits = verify.run(model, feeds)["logits"]
         assert not verify.compare({"logits": h @ table.T}, {"logits": logits}, rtol=1e-4)
 
