@@ -559,7 +559,7 @@ def test_ctrl_c_in_a_command_prints_one_line_and_exits_130(model_file, monkeypat
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("qgraph.cli.summarize", interrupt)
+    monkeypatch.setattr("qgraph.cli.inspect.summarize", interrupt)
     result = invoke("inspect", model_file)
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.output
