@@ -348,6 +348,12 @@ _CONFLICTS: tuple[tuple[tuple[str, ...], Callable[[QuantOptions], bool], str], .
         "no activation ranges",
     ),
     (
+        ("tensor",),
+        lambda options: options.mode is Mode.STATIC,
+        "tensor overrides apply to static mode only: dynamic and weight-only modes quantize "
+        "activations at run time (DynamicQuantizeLinear, uint8) or not at all",
+    ),
+    (
         ("percentile",),
         lambda options: METHODS[options.calib_method].reads_percentile,
         "percentile applies only with calib_method = percentile",

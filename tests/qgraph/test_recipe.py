@@ -19,7 +19,7 @@ from qgraph.recipe import (
 )
 
 RECIPE = """
-mode = "weight-only"
+mode = "static"
 weight_dtype = "int4"
 block_size = 64
 embedding_bits = 4
@@ -41,7 +41,7 @@ def test_a_recipe_says_what_the_flags_say(tmp_path):
     path.write_text(RECIPE)
     from_recipe = quant_options(load_recipe(path))
     from_flags = quant_options(
-        mode="weight-only",
+        mode="static",
         weight_dtype="int4",
         block_size=64,
         embedding_bits="4",
@@ -50,7 +50,7 @@ def test_a_recipe_says_what_the_flags_say(tmp_path):
         tensor={"attn_.*": {"dtype": "int16", "method": "percentile"}},
     )
     assert from_recipe == from_flags
-    assert from_recipe.mode is Mode.WEIGHT_ONLY and from_recipe.weight_dtype == ir.DataType.INT4
+    assert from_recipe.mode is Mode.STATIC and from_recipe.weight_dtype == ir.DataType.INT4
     assert from_recipe.embedding_bits == 4 and quant_options().embedding_bits == 8
     assert from_recipe.override("attn_out").dtype == ir.DataType.INT16
     assert from_recipe.override("mlp_out").dtype is None
@@ -130,6 +130,10 @@ def test_a_missing_recipe_is_named(tmp_path):
     [
         ({"calib": "data/", "calib_random": 4}, "calib and calib_random both given"),
         ({"mode": "dynamic", "calib_method": "entropy"}, "calib_method applies to static"),
+        (
+            {"mode": "weight-only", "tensor": {"h": {"dtype": "uint16"}}},
+            "tensor overrides apply to static mode only",
+        ),
         ({"percentile": 99.9}, "percentile applies only with calib_method = percentile"),
         ({"block_size": 16.7}, "block_size = 16.7: expected a whole number"),
     ],
