@@ -73,8 +73,9 @@ CACHE_LAYOUT_KEY = "qgraph.generation.cache_layout"
 TOKENIZER_FILE = "tokenizer.json"
 INSTALL = "pip install 'qgraph[generate]'"
 RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException,
-              ort_errors.NotImplemented)  # fmt: skip
-"""What onnxruntime raises when a loaded model fails to run (a kernel refusing its inputs)."""
+              ort_errors.NotImplemented, RuntimeError)  # fmt: skip
+"""What onnxruntime raises when a loaded model fails to run (a kernel refusing its inputs;
+``run_with_iobinding`` raises a plain ``RuntimeError``)."""
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _KINDS = ("key", "value")
 _IN_PLACE_OP = (MICROSOFT_DOMAIN, "GroupQueryAttention")

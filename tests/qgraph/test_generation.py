@@ -288,3 +288,17 @@ def test_an_in_place_cache_refuses_tokens_beyond_its_capacity(attention_models):
     with pytest.raises(GenerationError, match="the cache holds 4 tokens; 3 cached and 2 new do "
                        "not fit"):  # fmt: skip
         decoder.run([4, 5], cache)
+
+
+def test_a_model_stamped_in_place_that_is_not_fails_in_one_line(tmp_path, toy_decoder):
+    """The toy concatenates its cache: bound to one buffer, onnxruntime refuses the present's
+    shape, and the loop says so in one line naming the model."""
+    import onnx
+
+    model = onnx.load(toy_decoder(tmp_path)[0])
+    onnx.helper.set_model_props(model, {generation.CACHE_LAYOUT_KEY: "in-place"})
+    onnx.save(model, tmp_path / "stamped.onnx")
+    decoder = Decoder(tmp_path / "stamped.onnx")
+    with pytest.raises(GenerationError, match=r"stamped.onnx: onnxruntime failed to run it at "
+                       r"cache length 0: Error in execution: .* Concat node"):  # fmt: skip
+        generate(decoder, [1, 2], 3)
