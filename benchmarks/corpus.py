@@ -12,7 +12,7 @@ its Q/DQ reference within one quantization step (``qgraph.verify.one_step_proble
 - x86-avx2 and x86-vnni: this host's onnxruntime, every optimization on (x86-vnni's run is
   judged only on a host with VNNI: elsewhere u8 x s8 pair sums saturate int16, so the row
   says it ran and was not judged);
-- arm64: aarch64 onnxruntime under QEMU (``python -m qgraph.emulation setup``);
+- arm64: aarch64 onnxruntime under QEMU (``python -m qgraph.testing.emulation setup``);
 - tensorrt: no TensorRT here, so onnxruntime's CPU provider, which fuses the same Q/DQ groups.
 
 Light models (``qgraph.models.onnx_light``) get seeded weights and two seeded calibration
@@ -37,12 +37,13 @@ from pathlib import Path
 import numpy as np
 
 import qgraph
-from qgraph import emulation, models, verify
+from qgraph import models, verify
 from qgraph.data import read_batches
 from qgraph.errors import QGraphError
 from qgraph.models import onnx_light
 from qgraph.report import quantization_counts
 from qgraph.targets import VNNI_FLAGS, host_cpu_flags, host_description
+from qgraph.testing import emulation
 
 ZOO = models.BENCHMARKED
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")

@@ -5,7 +5,7 @@
 Each case's original and compiled model run in onnxruntime (optimizations off) on the case's
 inputs; outputs must agree (float: relative error <= 1e-5 of the tensor's scale; integer,
 bool, string: exactly). Skips are cases onnxruntime cannot run as given, grouped by reason.
-The test suite runs the same sweep (tests/qgraph/test_node_tests.py).
+The test suite runs the same sweep (tests/qgraph/testing/test_node_tests.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import onnxruntime as ort
 
 import qgraph
-from qgraph.node_tests import Status, check_case, node_test_cases
+from qgraph.testing.node_tests import Status, check_case, node_test_cases
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qgraph import emulation
+from qgraph.testing import emulation
 
 ort.set_default_logger_severity(4)
 
@@ -109,8 +109,8 @@ def output_sqnr(tmp_path) -> Callable[..., float]:
 
 @pytest.fixture(scope="session")
 def sysroot() -> emulation.Sysroot:
-    """The arm64 sysroot (``python -m qgraph.emulation setup``); a skip saying why where there
-    is none, a failure where ``QGRAPH_ARM64_REQUIRED`` is set (CI)."""
+    """The arm64 sysroot (``python -m qgraph.testing.emulation setup``); a skip saying why where
+    there is none, a failure where ``QGRAPH_ARM64_REQUIRED`` is set (CI)."""
     try:
         return emulation.find()
     except emulation.EmulationUnavailable as why:

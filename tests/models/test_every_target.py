@@ -28,11 +28,12 @@ import numpy as np
 import pytest
 
 import qgraph
-from qgraph import emulation, models, verify
+from qgraph import models, verify
 from qgraph.data import read_batches
 from qgraph.models import onnx_light
 from qgraph.report import quantization_counts
 from qgraph.targets import VNNI_FLAGS, host_cpu_flags
+from qgraph.testing import emulation
 
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")
 SLOW = frozenset({"alexnet", "vgg19", "zfnet512", "smollm2"})

@@ -1,6 +1,6 @@
-"""arm64: compiled models run in aarch64 onnxruntime (under QEMU, ``qgraph.emulation``) with all
-its optimizations, and match the Q/DQ reference, the same model run here with none, within one
-quantization step.
+"""arm64: compiled models run in aarch64 onnxruntime (under QEMU, ``qgraph.testing.emulation``)
+with all its optimizations, and match the Q/DQ reference, the same model run here with none,
+within one quantization step.
 
 Why the comparison cuts the model at its quantized activations: onnxruntime on ARM fuses each
 DequantizeLinear -> MatMul/Conv (-> QuantizeLinear) group into an integer kernel (SDOT / SMMLA)
@@ -25,8 +25,8 @@ The tests also check that onnxruntime really used integer kernels: the graph it 
 QLinearConv / QGemm / MatMulIntegerToFloat nodes, and the QEMU log of translated code holds the
 CPU model's instructions (SDOT for dotprod, SMMLA for i8mm, SVE SMMLA for SVE + i8mm).
 
-They skip, saying why, where no arm64 sysroot is built (``python -m qgraph.emulation setup``);
-CI builds one and sets ``QGRAPH_ARM64_REQUIRED=1``, which turns the skip into a failure.
+They skip, saying why, where no arm64 sysroot is built (``python -m qgraph.testing.emulation
+setup``); CI builds one and sets ``QGRAPH_ARM64_REQUIRED=1``, which turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ import onnxruntime as ort
 import pytest
 
 import qgraph
-from qgraph import emulation, models, verify
+from qgraph import models, verify
 from qgraph.data import read_batches
 from qgraph.options import CompileOptions
 from qgraph.recipe import quant_options
+from qgraph.testing import emulation
 
 REFERENCE_MODELS = ("reference-cnn", "reference-encoder", "reference-decoder")
 ROTATED = "+rotation"

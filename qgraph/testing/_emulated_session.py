@@ -1,4 +1,4 @@
-"""The script ``qgraph.emulation`` runs inside the emulated aarch64 python.
+"""The script ``qgraph.testing.emulation`` runs inside the emulated aarch64 python.
 
 Only the standard library, numpy and onnxruntime exist there (not qgraph), so this file imports
 nothing else, and imports numpy and onnxruntime only in ``run``: ``probe`` must work before the

@@ -1,4 +1,4 @@
-"""qgraph.emulation, the parts that need no emulator: feature names, the fake /proc/cpuinfo,
+"""qgraph.testing.emulation, the parts that need no emulator: feature names, the fake /proc/cpuinfo,
 instruction counting, and why no sysroot is ready. ``tests/targets/test_arm64.py`` runs it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qgraph import emulation
+from qgraph.testing import emulation
 
 # What QEMU 7.2 reports for -cpu cortex-a76 (AT_HWCAP, AT_HWCAP2, MIDR_EL1)
 A76 = (0x119FFB, 0x0, 0x414FD0B1)

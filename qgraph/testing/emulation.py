@@ -4,8 +4,8 @@ What for: the arm64 target's promises (s8 Q/DQ that onnxruntime fuses into SDOT 
 kernels, with numbers that match the Q/DQ reference) need an aarch64 onnxruntime to check.
 QEMU's user-mode emulation executes the real aarch64 build instruction by instruction, so its
 numbers are the ones an ARM CPU computes; its timings mean nothing. It is part of the package,
-not of the tests, so that ``python -m qgraph.emulation setup`` works wherever qgraph is installed
-and users on Debian can check their own arm64 models the way the tests do.
+not of the tests, so that ``python -m qgraph.testing.emulation setup`` works wherever qgraph is
+installed and users on Debian can check their own arm64 models the way the tests do.
 
 How (``setup`` builds it once, ``find`` checks it is there, ``run`` uses it):
 
@@ -211,7 +211,7 @@ def find(folder: Path | None = None) -> Sysroot:
     why = _not_ready(sysroot)
     if why is not None:
         raise EmulationUnavailable(
-            f"{why}; build it with `{sys.executable} -m qgraph.emulation setup` "
+            f"{why}; build it with `{sys.executable} -m qgraph.testing.emulation setup` "
             "(Debian, root, network)"
         )
     return sysroot
@@ -522,8 +522,9 @@ def _check_report(report: Mapping[str, object], cpu_features: frozenset[str], pr
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m qgraph.emulation setup``: build the sysroot (what CI runs before pytest)."""
-    parser = argparse.ArgumentParser(prog="python -m qgraph.emulation", description=__doc__)
+    """``python -m qgraph.testing.emulation setup``: build the sysroot (what CI runs before
+    pytest)."""
+    parser = argparse.ArgumentParser(prog="python -m qgraph.testing.emulation", description=__doc__)
     parser.add_argument("command", choices=["setup"])
     parser.add_argument("--folder", type=Path, help="where the sysroot goes (default: the cache)")
     arguments = parser.parse_args(argv)

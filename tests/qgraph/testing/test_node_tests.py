@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 import qgraph
-from qgraph.node_tests import Status, check_case, node_test_cases
+from qgraph.testing.node_tests import Status, check_case, node_test_cases
 
 TARGET = "x86-avx2"
 CASES = node_test_cases()
