@@ -3,7 +3,7 @@
     python benchmarks/debug_exclusions.py [--models NAME ...] [--keep 5] [--impact-batches 2]
 
 For each zoo model: compile static W8A8 with every activation in 8 bits (``--min-sqnr-db 0``,
-x86-avx2), run ``qgraph.debugging.debug_accuracy`` on the calibration data, and recompile
+x86-avx2), run ``qgraph.analysis.debugging.debug_accuracy`` on the calibration data, and recompile
 keeping the ``--keep`` worst ops in float by each ranking: the error alone at the model outputs
 (what ``--suggest-exclusions`` uses) and the local SQNR. Each model is evaluated against FP32 on
 the held-out set; "gap closed" is the share of the plain compile's distance to FP32 (perplexity
@@ -23,7 +23,7 @@ from ort_baseline import headline
 from quantization import TARGET, compile_in_child
 
 from qgraph import models
-from qgraph.debugging import debug_accuracy
+from qgraph.analysis.debugging import debug_accuracy
 from qgraph.evaluation import Evaluation, evaluate
 from qgraph.model_io import load
 from qgraph.targets import host_description

@@ -23,9 +23,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qgraph.analysis.graph_view import to_networkx
     from qgraph.compiler import CompileResult, compile_model
     from qgraph.errors import QGraphError
-    from qgraph.graph_view import to_networkx
     from qgraph.inspection import ModelSummary, summarize
     from qgraph.model_io import load, save
     from qgraph.options import CompileOptions
@@ -85,7 +85,7 @@ _HOMES = {
     "registered_passes": "qgraph.registry",
     "save": "qgraph.model_io",
     "summarize": "qgraph.inspection",
-    "to_networkx": "qgraph.graph_view",
+    "to_networkx": "qgraph.analysis.graph_view",
 }
 """Each public name -> the module that defines it."""
 

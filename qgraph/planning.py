@@ -14,8 +14,8 @@ op's own cost is measured as an output SQNR whatever the budget:
    (``timing.CostModel``). An op that int8 makes slower stays float whatever the budget.
 2. Compile with every other candidate quantized. If its SQNR meets the budget ``B``, that is
    the model.
-3. Measure each quantized op's error alone at the outputs (``qgraph.debugging``, on the first
-   ``IMPACT_ROWS`` rows of the first batch): the float model with only that op's
+3. Measure each quantized op's error alone at the outputs (``qgraph.analysis.debugging``, on
+   the first ``IMPACT_ROWS`` rows of the first batch): the float model with only that op's
    quantization error added, ``e_i`` its error energy there. Errors of different ops are
    close to uncorrelated, so keeping a set ``F`` in float leaves about ``N - sum_{i in F}
    e_i``, and an SQNR budget ``B`` asks for ``N_F <= S 10^(-B / 10)`` (every budget's error
@@ -43,9 +43,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.analysis.debugging import OpError, debug_accuracy, energy_of
 from qgraph.budget import SQNR, Budget
 from qgraph.data import ArraySpec, DataSource, Feeds, read_batches
-from qgraph.debugging import OpError, debug_accuracy, energy_of
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group

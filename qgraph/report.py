@@ -14,8 +14,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from qgraph.analysis.debugging import DebugReport
 from qgraph.compiler import CompileResult
-from qgraph.debugging import DebugReport
 from qgraph.evaluation import Evaluation
 from qgraph.inspection import ModelDiff, ModelSummary, TensorInfo
 from qgraph.pipeline import PassInfo, PassRecord

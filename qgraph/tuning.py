@@ -6,10 +6,11 @@ method (and the percentile kept by ``percentile``), SmoothQuant (off, a fixed al
 ``auto``), the Hadamard rotations (on, off), the weights (the target's 8 bits per channel, or
 int4 per block of 32, 64 or 128), the weight rounding (nearest, GPTQ), the compile plan's
 accuracy budget (the compile's own default, an output SQNR in dB, or none) and an exclusion
-set: the first K ops of the per-op sensitivity ranking (``qgraph.debugging.debug_accuracy``:
-each quantized op's error alone at the model's outputs, measured once per study on the first
-calibration batch, worst first) kept in float. The default compile is a point of the space
-and is the study's first trial, so every tune reports it beside what it found.
+set: the first K ops of the per-op sensitivity ranking
+(``qgraph.analysis.debugging.debug_accuracy``: each quantized op's error alone at the model's
+outputs, measured once per study on the first calibration batch, worst first) kept in float.
+The default compile is a point of the space and is the study's first trial, so every tune
+reports it beside what it found.
 
 **How a trial is judged**: the recipe is compiled (``compile_model``), its accuracy scored on
 the evaluation data by a ``Metric`` (a zoo metric against the float model, or the user's
@@ -59,12 +60,12 @@ from typing import Any, Protocol
 import numpy as np
 from rich.table import Table
 
+from qgraph.analysis.debugging import debug_accuracy
 from qgraph.atomic import replaced_file
 from qgraph.budget import METRIC_FIGURES
 from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
 from qgraph.data import read_batches, read_info
-from qgraph.debugging import debug_accuracy
 from qgraph.errors import QGraphError, one_line
 from qgraph.evaluation import (
     METRICS,

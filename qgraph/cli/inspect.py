@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
+from qgraph.analysis.drawing import COLLAPSE_ABOVE
+from qgraph.analysis.drawing import draw as draw_graph
 from qgraph.cli.common import OUTPUT, OUTPUT_POLICY, echo_json, err, note_replaced, out
-from qgraph.drawing import COLLAPSE_ABOVE
-from qgraph.drawing import draw as draw_graph
 from qgraph.inspection import diff_models, summarize
 from qgraph.model_io import load, model_inputs
 from qgraph.outputs import check_output

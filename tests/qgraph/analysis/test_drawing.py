@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from onnx import helper
 
 import qgraph
-from qgraph import drawing
+from qgraph.analysis import drawing
+from qgraph.analysis.drawing import DrawError, draw, layout
 from qgraph.cli import cli
-from qgraph.drawing import DrawError, draw, layout
 from qgraph.inspection import is_quantized_op
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

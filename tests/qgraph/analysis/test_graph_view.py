@@ -1,4 +1,4 @@
-"""qgraph.graph_view: the networkx view has one node per op and port, one edge per use."""
+"""qgraph.analysis.graph_view: the networkx view has one node per op and port, one edge per use."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import networkx as nx
 from onnx import helper
 
 import qgraph
-from qgraph.graph_view import GraphPort
+from qgraph.analysis.graph_view import GraphPort
 from qgraph.passes.canonicalize import ShapeInferencePass
 
 

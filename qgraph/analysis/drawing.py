@@ -33,9 +33,9 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.analysis.graph_view import GraphPort, to_networkx
 from qgraph.atomic import replaced_file
 from qgraph.errors import QGraphError
-from qgraph.graph_view import GraphPort, to_networkx
 from qgraph.inspection import is_quantized_op, op_key, torch_name_scopes
 from qgraph.ops import QDQ_OPS
 from qgraph.pipeline import PROVENANCE_KEY

@@ -9,8 +9,8 @@ import pytest
 from onnx import helper
 
 import qgraph
+from qgraph.analysis.debugging import DebugError, debug_accuracy, write_exclusions
 from qgraph.calibration import sqnr_db
-from qgraph.debugging import DebugError, debug_accuracy, write_exclusions
 from qgraph.options import CompileOptions
 from qgraph.recipe import load_recipe, quant_options
 from qgraph.targets import QuantFormat
