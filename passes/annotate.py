@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from qgraph.inspection import op_key
 from qgraph.pipeline import PassBuilder, ReportingPassResult
-from qgraph.quant_spec import QuantSpec
+from qgraph.quant.spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec

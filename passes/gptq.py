@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph.quant_spec import (
+from qgraph.quant.spec import (
     INTEGER_DTYPES,
     QuantizedTensor,
     QuantSpec,
@@ -47,7 +47,8 @@ LAZY_COLUMNS = 128
 
 class InputGram:
     """The running ``X^T X`` of a layer's input over calibration batches (an accumulator for
-    ``qgraph.calibration.collect``); ``X`` is the input with every axis but the last flattened."""
+    ``qgraph.quant.calibration.collect``); ``X`` is the input with every axis but the last
+    flattened."""
 
     def __init__(self) -> None:
         self.gram: np.ndarray | None = None

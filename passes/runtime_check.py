@@ -41,7 +41,7 @@ from qgraph.errors import ConformanceError
 from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
 from qgraph.passes.qdq.build import FLOAT_SOURCE_KEY
 from qgraph.pipeline import PassBuilder, ReportingPassResult
-from qgraph.quant_spec import dequantize
+from qgraph.quant.spec import dequantize
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec, same_arch
 

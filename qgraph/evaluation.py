@@ -35,10 +35,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.calibration import checked_batches, sqnr_db
 from qgraph.data import DataSource, Feeds, read_info
 from qgraph.errors import QGraphError
 from qgraph.model_io import external_tensors, load
+from qgraph.quant.calibration import checked_batches, sqnr_db
 from qgraph.verify import session
 
 Outputs = dict[str, np.ndarray]

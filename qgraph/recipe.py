@@ -44,11 +44,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qgraph.budget import Budget, BudgetSyntaxError, default_budget, parse_budget
-from qgraph.calibration import METHODS
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError, link_problem, not_a_regular_file
 from qgraph.patterns import PatternError, compiled, full_match
-from qgraph.quant_spec import DTYPE_NAMES
+from qgraph.quant.calibration import METHODS
+from qgraph.quant.spec import DTYPE_NAMES
 from qgraph.traversal import source_names
 
 if sys.version_info >= (3, 11):

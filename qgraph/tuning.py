@@ -63,7 +63,6 @@ from rich.table import Table
 from qgraph.analysis.debugging import debug_accuracy
 from qgraph.atomic import replaced_file
 from qgraph.budget import METRIC_FIGURES
-from qgraph.calibration import checked_batches
 from qgraph.compiler import compile_model
 from qgraph.data import read_batches, read_info
 from qgraph.errors import QGraphError, one_line
@@ -81,6 +80,7 @@ from qgraph.model_io import load, model_inputs
 from qgraph.options import CompileOptions
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.patterns import escape
+from qgraph.quant.calibration import checked_batches
 from qgraph.recipe import Mode, load_recipe, quant_options
 from qgraph.targets import QuantFormat, get_target
 

@@ -12,7 +12,7 @@ For every annotated op (see ``passes/annotate.py``):
   with ``weight_rounding = "gptq"``, MatMul and Gemm weights are rounded by GPTQ instead
   (``passes/gptq.py``), from ``X^T X`` of their input collected in the same calibration run;
 - its activation ``x`` gets ``DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)``. In
-  static mode ``[lo, hi]`` comes from calibration statistics (``qgraph.calibration``) and sets
+  static mode ``[lo, hi]`` comes from calibration statistics (``qgraph.quant.calibration``) and sets
   ``s_x, z_x`` once; in dynamic mode ``DynamicQuantizeLinear`` computes them per run from the
   tensor's own min/max (uint8, asymmetric);
 - its bias ``b`` becomes int32 with scale ``s_x * s_w`` and zero point 0 (static mode).
@@ -28,7 +28,7 @@ annotated residual ``Add`` is quantized the same way (static mode), sharing the 
 that reads it too.
 
 Degenerate calibration never yields a silent zero model. Scales have a floor
-(``quant_spec.SCALE_FLOOR``, so ``s_x * s_w`` is a normal float32), and a range under it is a
+(``qgraph.quant.spec.SCALE_FLOOR``, so ``s_x * s_w`` is a normal float32), and a range under it is a
 warning. An op whose int32 bias would saturate, ``max |b| / (s_x * s_w) > 2^31 - 1``, stays in
 float with a warning naming it: clipping the bias would move the op's output by up to ``|b|``,
 and raising ``s_x`` to fit it would coarsen every other value of the input. An activation whose
@@ -65,7 +65,7 @@ from qgraph.passes.qdq.calibrate import (
     counting_batches,
 )
 from qgraph.pipeline import PassBuilder, ReportingPassResult
-from qgraph.quant_spec import INT32_LIMIT, bias_levels
+from qgraph.quant.spec import INT32_LIMIT, bias_levels
 from qgraph.recipe import Mode, QuantOptions
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec

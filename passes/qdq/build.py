@@ -18,7 +18,7 @@ from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.annotate import WEIGHT_LAYOUTS, transposed_table
 from qgraph.passes.gptq import gptq_quantize
 from qgraph.passes.qdq.calibrate import ActivationQuantization
-from qgraph.quant_spec import QuantizedTensor, QuantSpec, quantize_bias, quantize_weight
+from qgraph.quant.spec import QuantizedTensor, QuantSpec, quantize_bias, quantize_weight
 
 FLOAT_SOURCE_KEY = "qgraph.float_source"
 """In-memory ``node.meta`` of a constant's DequantizeLinear: the float initializer it replaced,

@@ -1,7 +1,7 @@
 """Calibration for insert-qdq: what to measure, one run over the data, and what it gives.
 
 From the annotations it collects, in one onnxruntime run over the calibration data
-(``qgraph.calibration.collect``), the statistics of every statically quantized activation and,
+(``qgraph.quant.calibration.collect``), the statistics of every statically quantized activation and,
 with GPTQ rounding, ``X^T X`` of every input whose weights GPTQ rounds. Each activation's
 statistics become its scale and zero point (``ActivationQuantization``), or the reason its
 readers stay in float (``KeepFloat``): a range that is not finite, one a few values dominate,
@@ -19,7 +19,12 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.calibration import (
+from qgraph.data import DataSource, batch_files
+from qgraph.errors import QGraphError
+from qgraph.options import CalibrationProgress
+from qgraph.passes.annotate import WEIGHT_LAYOUTS, KeepFloat, NodeAnnotation, ResidualAnnotation
+from qgraph.passes.gptq import InputGram
+from qgraph.quant.calibration import (
     DOMINANCE_RATIO,
     Accumulators,
     TensorStatistics,
@@ -29,12 +34,7 @@ from qgraph.calibration import (
     random_batches,
     tensor_range,
 )
-from qgraph.data import DataSource, batch_files
-from qgraph.errors import QGraphError
-from qgraph.options import CalibrationProgress
-from qgraph.passes.annotate import WEIGHT_LAYOUTS, KeepFloat, NodeAnnotation, ResidualAnnotation
-from qgraph.passes.gptq import InputGram
-from qgraph.quant_spec import SCALE_FLOOR, QuantSpec, natural_scale, scale_and_zero_point
+from qgraph.quant.spec import SCALE_FLOOR, QuantSpec, natural_scale, scale_and_zero_point
 from qgraph.recipe import Mode, QuantOptions, WeightRounding
 from qgraph.targets import TargetSpec
 

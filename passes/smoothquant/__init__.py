@@ -31,7 +31,6 @@ import numpy as np
 import onnx_ir as ir
 from rich.console import RenderableType
 
-from qgraph.calibration import CalibrationError, ChannelStatistics, collect
 from qgraph.data import DataSource
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import AnnotatePass, NodeAnnotation
@@ -52,6 +51,7 @@ from qgraph.passes.smoothquant.readers import (
 )
 from qgraph.passes.smoothquant.scales import AlphaSearch, QuantizedReader, smoothing_scale
 from qgraph.pipeline import PassBuilder, ReportingPassResult
+from qgraph.quant.calibration import CalibrationError, ChannelStatistics, collect
 from qgraph.recipe import AUTO_ALPHA, Mode, QuantOptions
 from qgraph.sections import table
 from qgraph.targets import TargetSpec

@@ -23,9 +23,9 @@ import dataclasses
 
 import numpy as np
 
-from qgraph.calibration import ChannelStatistics, sqnr_db
 from qgraph.passes.smoothquant.readers import ReaderProduct
-from qgraph.quant_spec import (
+from qgraph.quant.calibration import ChannelStatistics, sqnr_db
+from qgraph.quant.spec import (
     QuantSpec,
     dequantize,
     fake_quantize_weight,

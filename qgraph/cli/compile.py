@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 from rich.progress import Progress
 
-from qgraph import calibration
 from qgraph.budget import DEFAULT_SQNR_DB, defaults_text
 from qgraph.cli.common import (
     EXTERNAL_DATA_CHOICES,
@@ -23,6 +22,7 @@ from qgraph.compiler import compile_model
 from qgraph.options import CompileOptions
 from qgraph.passes import PIPELINE
 from qgraph.pipeline import PassInfo, Phase
+from qgraph.quant import calibration
 from qgraph.recipe import (
     DEFAULT_ALPHA,
     EMBEDDING_BITS,

@@ -11,8 +11,8 @@ import onnx_ir as ir
 
 import qgraph
 from qgraph import verify
-from qgraph.calibration import TensorStatistics, dominated
-from qgraph.quant_spec import SCALE_FLOOR, QuantSpec, scale_and_zero_point
+from qgraph.quant.calibration import TensorStatistics, dominated
+from qgraph.quant.spec import SCALE_FLOOR, QuantSpec, scale_and_zero_point
 
 FLOAT32_TINY = np.finfo(np.float32).tiny
 

@@ -15,7 +15,7 @@ import qgraph
 from qgraph.options import CompileOptions
 from qgraph.passes.gptq import DAMPING, InputGram, gptq_quantize
 from qgraph.passes.qdq.calibrate import CalibrationMissingError
-from qgraph.quant_spec import QuantSpec, dequantize, quantize, quantize_weight, scale_and_zero_point
+from qgraph.quant.spec import QuantSpec, dequantize, quantize, quantize_weight, scale_and_zero_point
 from qgraph.recipe import quant_options
 
 INT4_BLOCKS = QuantSpec(ir.DataType.INT4, symmetric=True, axis=0, block_size=4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 import pytest
 
-from qgraph import calibration
+from qgraph.quant import calibration
 from qgraph.recipe import (
     Mode,
     QuantOptions,

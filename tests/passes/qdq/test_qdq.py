@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
-from qgraph.calibration import TensorStatistics, estimated_sqnr_db
 from qgraph.options import CompileOptions
 from qgraph.passes.qdq.calibrate import CalibrationMissingError
+from qgraph.quant.calibration import TensorStatistics, estimated_sqnr_db
 from qgraph.recipe import RecipeError, quant_options
 
 K, N = 16, 8

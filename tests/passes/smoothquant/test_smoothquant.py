@@ -19,10 +19,10 @@ from onnx import helper
 
 import qgraph
 from qgraph import models, verify
-from qgraph.calibration import CalibrationError
 from qgraph.data import read_batches
 from qgraph.passes.qdq.calibrate import CalibrationMissingError
 from qgraph.passes.smoothquant import SmoothQuantPass, SmoothQuantReport
+from qgraph.quant.calibration import CalibrationError
 from qgraph.recipe import RecipeError
 
 RNG = np.random.default_rng(0)

@@ -10,8 +10,8 @@ from onnx import helper
 
 import qgraph
 from qgraph.analysis.debugging import DebugError, debug_accuracy, write_exclusions
-from qgraph.calibration import sqnr_db
 from qgraph.options import CompileOptions
+from qgraph.quant.calibration import sqnr_db
 from qgraph.recipe import load_recipe, quant_options
 from qgraph.targets import QuantFormat
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qgraph.quant_spec import (
+from qgraph.quant.spec import (
     QuantSpec,
     dequantize,
     fake_quantize_weight,

@@ -1,5 +1,6 @@
-"""qgraph.calibration: range methods match hand-computed results, statistics stream exactly, and
-collection reads intermediate tensors, leaves the model as it was and names bad batches."""
+"""qgraph.quant.calibration: range methods match hand-computed results, statistics stream
+exactly, and collection reads intermediate tensors, leaves the model as it was and names bad
+batches."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
-from qgraph.calibration import (
+from qgraph.data import DatasetInfo, write_dataset
+from qgraph.quant.calibration import (
     HISTOGRAM_BINS,
     KL_EPSILON,
     METHODS,
@@ -27,7 +29,6 @@ from qgraph.calibration import (
     sqnr_db,
     tensor_range,
 )
-from qgraph.data import DatasetInfo, write_dataset
 
 WIDTH = 0.001  # bin width of the hand-made histograms below
 RANGE = HISTOGRAM_BINS * WIDTH
