@@ -156,8 +156,8 @@ class GraphRewrite:
     name: str
     summary: str
     wanted: Callable[[TargetSpec], bool]
-    apply: Callable[[ir.Graph], tuple[int, tuple[NearMiss, ...]]]
-    """Rewrites the graph; (rewrites, near-misses with reasons)."""
+    apply: Callable[[ir.Model], tuple[int, tuple[NearMiss, ...]]]
+    """Rewrites the model's graph; (rewrites, near-misses with reasons)."""
 
 
 GRAPH_REWRITES = (
@@ -227,7 +227,7 @@ class RuntimeFusionPass(ir.passes.InPlacePass):
         applied: dict[str, int] = {}
         misses: list[NearMiss] = []
         for rewrite in self.rewrites:
-            applied[rewrite.name], found = rewrite.apply(model.graph)
+            applied[rewrite.name], found = rewrite.apply(model)
             misses.extend(found)
         modified = any(applied.values())
         if modified:
@@ -251,9 +251,9 @@ class PackProjectionsPass(ir.passes.InPlacePass):
         self.explain = explain
 
     def call(self, model: ir.Model) -> ReportingPassResult:
-        count, misses = packing.pack_projections(model, self.options)
-        report = FusionReport({packing.RULE_NAME: count}, {}, misses if self.explain else ())
-        return ReportingPassResult(model, bool(count), report)
+        applied, misses = packing.pack_projections(model, self.options)
+        report = FusionReport(applied, {}, misses if self.explain else ())
+        return ReportingPassResult(model, any(applied.values()), report)
 
 
 def _packs(ctx: PassContext) -> PackProjectionsPass | None:

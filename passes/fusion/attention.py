@@ -24,10 +24,23 @@ c = cos[.., i] = cos[.., i + D/2] and s alike, for i < D/2::
 
     rope(x)_i = x_i c - x_(i+D/2) s,    rope(x)_(i+D/2) = x_(i+D/2) c + x_i s
 
-which is com.microsoft ``RotaryEmbedding`` (not interleaved) with ``cos_cache[p] = c`` at
-position p. The caches are the exporter's own [B, S, D/2] first halves as B * S rows, and the
-position of token (b, s) is its row, b * S + s: the graph keeps computing its angles from the
-``position_ids`` the caller feeds, and no maximum context is baked in.
+which is the kernel's rotation (not interleaved) with ``cos_cache[p] = c`` at position p. Two
+forms, the first where it can be built:
+
+- Inside the kernel (``do_rotary=1``): ``cos_cache``/``sin_cache`` are tables of every position
+  below the model's context length (its ``qgraph.generation.context_length`` metadata), made by
+  running the exporter's own angle subgraph in onnxruntime on positions 0 .. L - 1, and the
+  kernel reads the position input itself. So the numbers are the ones the graph computes, as
+  long as the angles of a token depend on its position alone: the subgraph must read one
+  [B, S] int64 input and nothing else, and a probe batch of scattered positions must give the
+  table's rows. With ``query_seqlens`` given, onnxruntime 1.32 rotates each token by its own
+  ``position_ids`` entry, prefill included (without it, a prompt's first position only), and
+  refuses a position past the table. The kernel rotates heads of a multiple of 16 channels.
+  This saves a step two RotaryEmbedding nodes a layer, and lets a packed q|k|v reach the
+  kernel without a Split (``packing``).
+- Otherwise com.microsoft ``RotaryEmbedding`` before the kernel, whose caches are the
+  exporter's own [B, S, D/2] first halves as B * S rows, the position of token (b, s) being its
+  row, b * S + s: no maximum context is baked in.
 
 Masking. The exporter's mask goes in as ``attention_bias``, added to the scaled scores as
 before; every row has T keys (``seqlens_k = T - 1``, ``total_sequence_length = T``) and S
@@ -57,6 +70,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qgraph.generation import CONTEXT_LENGTH_KEY
 from qgraph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import constant, scalar
 from qgraph.passes.rule_table import NearMiss, label
@@ -66,7 +80,7 @@ from qgraph.traversal import carry_metadata
 from qgraph.verify import run
 
 RULE_NAME = "group-query-attention"
-SUMMARY = "attention over a KV cache -> GroupQueryAttention + RotaryEmbedding"
+SUMMARY = "attention over a KV cache -> GroupQueryAttention (rotating inside where it can)"
 HEADS_PERM = (0, 2, 1, 3)
 KEYS_PERM = (0, 1, 3, 2)
 CACHE_AXES = (2, -2)
@@ -75,6 +89,12 @@ CAUSALITY_PROBES = ((4, 0), (3, 5))
 HIDDEN = -1e30
 """A bias at or below this leaves exp(score + bias) = 0 in float32 for any finite score."""
 MAX_MASK_NODES = 200
+ROTARY_HEAD_MULTIPLE = 16
+"""onnxruntime's GroupQueryAttention rotates (``do_rotary``) heads of a multiple of 16 channels."""
+ROTARY_PROBE = ((7, 0, 3), (2, 2, 11))
+"""Scattered positions (batch 2, 3 tokens) whose angles must be the table's rows."""
+ROTARY_ATOL = 1e-6
+"""Angle tables agree to float32 rounding of a cosine or sine: |values| <= 1, eps 1.2e-7."""
 
 
 class NoMatch(Exception):
@@ -89,6 +109,16 @@ class NotACandidate(NoMatch):
 class Rotation:
     """The exporter's rotary angles, [B, S, D] each, shared by a layer's query and key."""
 
+    cos: ir.Value
+    sin: ir.Value
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryTable:
+    """Angles of every position below the context, [L, D/2] each, and the [B, S] int64 input
+    the exporter computes them from."""
+
+    positions: ir.Value
     cos: ir.Value
     sin: ir.Value
 
@@ -119,9 +149,10 @@ def wanted(target: TargetSpec) -> bool:
     return MICROSOFT_DOMAIN in target.allowed_domains
 
 
-def fuse_attention(graph: ir.Graph) -> tuple[int, tuple[NearMiss, ...]]:
-    """Rewrite every matching attention of ``graph``; (rewrites, near-misses with reasons)."""
-    shared = _SharedInputs(graph)
+def fuse_attention(model: ir.Model) -> tuple[int, tuple[NearMiss, ...]]:
+    """Rewrite every matching attention of ``model``; (rewrites, near-misses with reasons)."""
+    graph = model.graph
+    shared = _SharedInputs(graph, _context_length(model))
     causal_masks: dict[ir.Value, str | None] = {}
     count, misses = 0, []
     for softmax in [node for node in graph if node.op_type == "Softmax"]:
@@ -136,9 +167,18 @@ def fuse_attention(graph: ir.Graph) -> tuple[int, tuple[NearMiss, ...]]:
         except NoMatch as reason:
             misses.append(NearMiss(RULE_NAME, label(softmax), str(reason)))
             continue
-        _replace(graph, match, shared)
+        table = shared.rotary_table(match.rotation, match.head_size)
+        if isinstance(table, str):
+            misses.append(NearMiss(RULE_NAME, label(softmax), f"rotation kept outside: {table}"))
+            table = None
+        _replace(graph, match, shared, table)
         count += 1
     return count, tuple(misses)
+
+
+def _context_length(model: ir.Model) -> int | None:
+    text = model.metadata_props.get(CONTEXT_LENGTH_KEY)
+    return int(text) if text is not None and text.isdigit() and int(text) > 0 else None
 
 
 def match_attention(softmax: ir.Node) -> AttentionMatch:
@@ -409,8 +449,8 @@ def _causality_problem(graph: ir.Graph, match: AttentionMatch) -> str | None:
     nodes = _ancestry(graph, mask)
     if nodes is None:
         return f"the mask '{mask.name}' is computed by more than {MAX_MASK_NODES} nodes"
-    inputs = {v for n in nodes for v in n.inputs if v is not None and v.is_graph_input()}
-    model = _subgraph_model(graph, nodes, inputs, mask)
+    inputs = _graph_inputs(nodes)
+    model = _subgraph_model(graph, nodes, inputs, [mask])
     for new, past in CAUSALITY_PROBES:
         sizes = {
             str(match.query.shape[0]): 1,
@@ -452,17 +492,21 @@ def _ancestry(graph: ir.Graph, value: ir.Value) -> list[ir.Node] | None:
     return [node for node in graph if node in found]
 
 
+def _graph_inputs(nodes: Iterable[ir.Node]) -> set[ir.Value]:
+    return {v for n in nodes for v in n.inputs if v is not None and v.is_graph_input()}
+
+
 def _subgraph_model(
-    graph: ir.Graph, nodes: list[ir.Node], inputs: set[ir.Value], output: ir.Value
+    graph: ir.Graph, nodes: list[ir.Node], inputs: set[ir.Value], outputs: list[ir.Value]
 ) -> bytes:
-    """A model of ``nodes`` alone, reading ``inputs`` (any shape) and returning ``output``."""
+    """A model of ``nodes`` alone, reading ``inputs`` (any shape) and returning ``outputs``."""
     read = {v for n in nodes for v in n.inputs if v is not None}
     initializers = [ir.serde.serialize_tensor(v.const_value) for v in read if v.is_initializer()]
     proto = onnx.helper.make_graph(
         [ir.serde.serialize_node(n) for n in nodes],
-        "mask",
+        "subgraph",
         [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(output.name, output.dtype.value, None)],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value, None) for v in outputs],
         initializer=initializers,
     )
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in graph.opset_imports.items()]
@@ -475,9 +519,48 @@ class _SharedInputs:
     """Values every layer's attention reads alike, built once and inserted after what they
     read: the rotary caches and their row numbers per angles tensor, the key counts per mask."""
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, context_length: int | None) -> None:
         self.graph = graph
+        self.context_length = context_length
         self._built: dict[tuple[str, ir.Value, ...], tuple[ir.Value, ...]] = {}
+        self._tables: dict[Rotation, RotaryTable | str] = {}
+
+    def rotary_table(self, rotation: Rotation, head_size: int) -> RotaryTable | str:
+        """The position tables of ``rotation`` (module docstring), or why there are none."""
+        if rotation not in self._tables:
+            self._tables[rotation] = self._build_table(rotation, head_size)
+        return self._tables[rotation]
+
+    def _build_table(self, rotation: Rotation, head_size: int) -> RotaryTable | str:
+        if self.context_length is None:
+            return f"the model's metadata has no {CONTEXT_LENGTH_KEY}"
+        if head_size % ROTARY_HEAD_MULTIPLE:
+            return f"heads of {head_size} channels, not a multiple of {ROTARY_HEAD_MULTIPLE}"
+        subgraph = _angle_subgraph(self.graph, rotation)
+        if isinstance(subgraph, str):
+            return subgraph
+        model, position = subgraph
+        every = np.arange(self.context_length, dtype=np.int64)[None]
+        probe = np.minimum(np.array(ROTARY_PROBE, np.int64), self.context_length - 1)
+        half = head_size // 2
+        try:
+            tables = [a[0, :, :half] for a in _angles_at(model, rotation, position, every)]
+            probed = [a[..., :half] for a in _angles_at(model, rotation, position, probe)]
+        except Exception as error:  # onnxruntime raises several types; any is a refusal
+            return f"the angles could not be computed: {str(error)[:120]}"
+        pairs = zip(probed, tables, strict=True)
+        if not all(np.allclose(p, t[probe], atol=ROTARY_ATOL, rtol=0) for p, t in pairs):
+            return "a token's angles depend on more than its own position"
+        cos, sin = (self._register(f"rotary_{kind}_table", table) for kind, table in
+                    zip(("cos", "sin"), tables, strict=True))  # fmt: skip
+        return RotaryTable(position, cos, sin)
+
+    def _register(self, name: str, array: np.ndarray) -> ir.Value:
+        tensor = ir.tensor(array.astype(np.float32))
+        value = ir.Value(name=f"{name}_{len(self._tables)}", const_value=tensor)
+        value.const_value.name = value.name
+        self.graph.register_initializer(value)
+        return value
 
     def caches(self, rotation: Rotation, head_size: int) -> tuple[ir.Value, ...]:
         """(position_ids, cos_cache, sin_cache) for RotaryEmbedding."""
@@ -528,6 +611,33 @@ class _SharedInputs:
         self._built[key] = values
 
 
+def _rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def _angle_subgraph(graph: ir.Graph, rotation: Rotation) -> tuple[bytes, ir.Value] | str:
+    """(a model computing ``rotation``'s cos and sin, the [B, S] int64 input it reads), or why
+    there is none."""
+    found = _ancestry(graph, rotation.cos), _ancestry(graph, rotation.sin)
+    if found[0] is None or found[1] is None:
+        return f"the angles are computed by more than {MAX_MASK_NODES} nodes"
+    order = {node: i for i, node in enumerate(graph)}
+    nodes = sorted(set(found[0]) | set(found[1]), key=order.__getitem__)
+    inputs = _graph_inputs(nodes)
+    position = next(iter(inputs)) if len(inputs) == 1 else None
+    if position is None or position.dtype != ir.DataType.INT64 or _rank(position) != 2:
+        return f"the angles read {sorted(v.name for v in inputs)}, not one [B, S] int64 input"
+    return _subgraph_model(graph, nodes, inputs, [rotation.cos, rotation.sin]), position
+
+
+def _angles_at(
+    model: bytes, rotation: Rotation, position: ir.Value, positions: np.ndarray
+) -> list[np.ndarray]:
+    """(cos, sin) as the angle subgraph ``model`` computes them for ``positions``."""
+    outputs = run(model, {position.name: positions})
+    return [outputs[rotation.cos.name], outputs[rotation.sin.name]]
+
+
 def _constant(tape: ir.tape.Tape, number: int) -> ir.Value:
     return tape.op("Constant", [], attributes={"value": ir.tensor(np.array(number, np.int64))})
 
@@ -555,33 +665,33 @@ def _name_outputs(nodes: Iterable[ir.Node], prefix: str) -> None:
             value.name = f"{prefix}_{index}"
 
 
-def _replace(graph: ir.Graph, match: AttentionMatch, shared: _SharedInputs) -> None:
-    """Put GroupQueryAttention (and the query's and key's RotaryEmbedding) in ``match``'s
-    place; its outputs keep the replaced values' names."""
-    positions, cos_cache, sin_cache = shared.caches(match.rotation, match.head_size)
+def _replace(
+    graph: ir.Graph, match: AttentionMatch, shared: _SharedInputs, table: RotaryTable | None
+) -> None:
+    """Put GroupQueryAttention in ``match``'s place, rotating inside with ``table``, else after
+    the query's and key's RotaryEmbedding; its outputs keep the replaced values' names."""
     seqlens, total, query_counts = shared.key_counts(match)
     tape = ir.tape.Tape()
-    rotated = [
-        tape.op(
-            "RotaryEmbedding",
-            [x, positions, cos_cache, sin_cache],
-            domain=MICROSOFT_DOMAIN,
-            attributes={"num_heads": heads, "rotary_embedding_dim": match.head_size},
-        )
-        for x, heads in ((match.query, match.num_heads), (match.key, match.kv_num_heads))
-    ]
+    attributes = {
+        "num_heads": match.num_heads,
+        "kv_num_heads": match.kv_num_heads,
+        "scale": match.scale,
+        "causal": 1,
+    }
+    if table is None:
+        query_key = _rotated_outside(tape, match, shared)
+        rotary: list[ir.Value | None] = [None, None, None]
+    else:
+        query_key = [match.query, match.key]
+        rotary = [table.cos, table.sin, table.positions]
+        attributes["do_rotary"] = 1
     outputs = tape.op_multi_out(
         "GroupQueryAttention",
-        [*rotated, match.value, match.past_key, match.past_value, seqlens, total,
-         None, None, None, match.mask, *[None] * 5, query_counts],
+        [*query_key, match.value, match.past_key, match.past_value, seqlens, total,
+         *rotary, match.mask, *[None] * 5, query_counts],
         num_outputs=3,
         domain=MICROSOFT_DOMAIN,
-        attributes={
-            "num_heads": match.num_heads,
-            "kv_num_heads": match.kv_num_heads,
-            "scale": match.scale,
-            "causal": 1,
-        },
+        attributes=attributes,
     )  # fmt: skip
     anchor = match.output.producer()
     _name_outputs(tape.nodes, f"{anchor.name or match.output.name}_gqa")
@@ -590,3 +700,19 @@ def _replace(graph: ir.Graph, match: AttentionMatch, shared: _SharedInputs) -> N
     ir.convenience.replace_nodes_and_values(
         graph, anchor, list(match.nodes), tape.nodes, old, outputs
     )
+
+
+def _rotated_outside(
+    tape: ir.tape.Tape, match: AttentionMatch, shared: _SharedInputs
+) -> list[ir.Value]:
+    """The query and key, each rotated by a RotaryEmbedding on the exporter's own angles."""
+    positions, cos_cache, sin_cache = shared.caches(match.rotation, match.head_size)
+    return [
+        tape.op(
+            "RotaryEmbedding",
+            [x, positions, cos_cache, sin_cache],
+            domain=MICROSOFT_DOMAIN,
+            attributes={"num_heads": heads, "rotary_embedding_dim": match.head_size},
+        )
+        for x, heads in ((match.query, match.num_heads), (match.key, match.kv_num_heads))
+    ]

@@ -36,9 +36,9 @@ def wanted(target: TargetSpec) -> bool:
     return MICROSOFT_DOMAIN in target.allowed_domains
 
 
-def fuse_skip_norms(graph: ir.Graph) -> tuple[int, tuple[NearMiss, ...]]:
-    """Rewrite every residual Add + RMSNorm of ``graph``; (rewrites, near-misses)."""
-    count, misses = 0, []
+def fuse_skip_norms(model: ir.Model) -> tuple[int, tuple[NearMiss, ...]]:
+    """Rewrite every residual Add + RMSNorm of ``model``; (rewrites, near-misses)."""
+    graph, count, misses = model.graph, 0, []
     for norm in [n for n in graph if n.op_type == RUNTIME_RMS_NORM and n.domain == ""]:
         add = norm.inputs[0].producer()
         if add is None or add.op_type != "Add" or add.domain != "":

@@ -14,34 +14,41 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
+from qgraph.generation import CONTEXT_LENGTH_KEY
 from qgraph.passes.canonicalize import ShapeInferencePass
-from qgraph.passes.fusion import FusionPass, RuntimeFusionPass
+from qgraph.passes.fusion import FusionPass, PackProjectionsPass, RuntimeFusionPass
 from qgraph.passes.fusion.attention import RULE_NAME
+from qgraph.passes.fusion.packing import ATTENTION_RULE as PACKED_ATTENTION_RULE
+from qgraph.passes.fusion.packing import RULE_NAME as PACKING_RULE
+from qgraph.recipe import quant_options
 
-HEADS, KV_HEADS, HEAD = 4, 2, 8
-WIDTH = HEADS * HEAD
+HEADS, KV_HEADS, HEAD = 4, 2, 16
+"""16 channels a head: the least the kernel rotates itself."""
+SMALL_HEAD = 8
+CONTEXT = 64
 RNG = np.random.default_rng(5)
 FLOAT_MIN = np.finfo(np.float32).min
 
 
-def _constants() -> dict[str, np.ndarray]:
-    inv_freq = 1.0 / (10000.0 ** (np.arange(0, HEAD, 2) / HEAD))
+def _constants(head: int) -> dict[str, np.ndarray]:
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head, 2) / head))
+    width = HEADS * head
     values = {
-        "wq": RNG.normal(0, 0.3, (WIDTH, WIDTH)),
-        "wk": RNG.normal(0, 0.3, (WIDTH, KV_HEADS * HEAD)),
-        "wv": RNG.normal(0, 0.3, (WIDTH, KV_HEADS * HEAD)),
-        "wo": RNG.normal(0, 0.3, (WIDTH, WIDTH)),
+        "wq": RNG.normal(0, 0.3, (width, width)),
+        "wk": RNG.normal(0, 0.3, (width, KV_HEADS * head)),
+        "wv": RNG.normal(0, 0.3, (width, KV_HEADS * head)),
+        "wo": RNG.normal(0, 0.3, (width, width)),
         "inv_freq": inv_freq,
-        "scale": np.array(HEAD**-0.5),
+        "scale": np.array(head**-0.5),
         "zero_f": np.array(0.0),
         "min_f": np.array(FLOAT_MIN),
     }
     ints = {
-        "q_split": [0, 0, HEADS, HEAD],
-        "kv_split": [0, 0, KV_HEADS, HEAD],
-        "grouped": [0, HEADS, -1, HEAD],
-        "merged": [0, 0, WIDTH],
-        "half": [HEAD // 2],
+        "q_split": [0, 0, HEADS, head],
+        "kv_split": [0, 0, KV_HEADS, head],
+        "grouped": [0, HEADS, -1, head],
+        "merged": [0, 0, width],
+        "half": [head // 2],
         "end": [2**62],
         "zero": [0],
         "one": [1],
@@ -130,14 +137,29 @@ def attention_layer(
     masked: bool = True,
     swapped: bool = False,
     cached: bool = True,
+    head: int = HEAD,
+    context: int | None = CONTEXT,
+    shifted_angles: bool = False,
 ):
     """One exported attention layer with its cache (``masked``: the mask is added;
-    ``cached``: the past is concatenated in front, else the layer ignores it)."""
+    ``cached``: the past is concatenated in front, else the layer ignores it; ``context``: the
+    context length its metadata states; ``shifted_angles``: every token's angle also grows
+    with the row's first position, so it depends on more than its own)."""
     node = helper.make_node
+    shift = [
+        node("ReduceMin", ["positions_f0", "one"], ["first_f"], keepdims=1),
+        node("Add", ["positions_f0", "first_f"], ["positions_f"]),
+    ]
     nodes = [
         *_mask_nodes(causal),
         node("Unsqueeze", ["position_ids", "two"], ["positions3"]),
-        node("Cast", ["positions3"], ["positions_f"], to=TensorProto.FLOAT),
+        node(
+            "Cast",
+            ["positions3"],
+            ["positions_f0" if shifted_angles else "positions_f"],
+            to=TensorProto.FLOAT,
+        ),
+        *(shift if shifted_angles else []),
         node("Mul", ["positions_f", "inv_freq"], ["freqs"]),
         node("Concat", ["freqs", "freqs"], ["angles"], axis=-1),
         node("Cos", ["angles"], ["cos"]),
@@ -179,32 +201,38 @@ def attention_layer(
         node("Reshape", ["context_t", "merged"], ["context_merged"]),
         node("MatMul", ["context_merged", "wo"], ["y"]),
     ]
-    constants = _constants()
+    constants = _constants(head)
     if scale_op == "Div":
         constants["scale"] = 1.0 / constants["scale"]
-    cache = ["batch", KV_HEADS, "past", HEAD]
-    grown = ["batch", KV_HEADS, "total", HEAD]
+    width = HEADS * head
+    cache = ["batch", KV_HEADS, "past", head]
+    grown = ["batch", KV_HEADS, "total", head]
     graph = helper.make_graph(
         nodes,
         "attention",
         [
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", WIDTH]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", width]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
             helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
             helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
         ],
         [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", WIDTH]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", width]),
             helper.make_tensor_value_info("present_key", TensorProto.FLOAT, grown),
             helper.make_tensor_value_info("present_value", TensorProto.FLOAT, grown),
         ],
         [numpy_helper.from_array(a, n) for n, a in constants.items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    if context is not None:
+        helper.set_model_props(model, {CONTEXT_LENGTH_KEY: str(context)})
+    return model
 
 
-def feeds(batch: int, new: int, past: int, left_padding: int = 0) -> dict[str, np.ndarray]:
+def feeds(
+    batch: int, new: int, past: int, left_padding: int = 0, head: int = HEAD
+) -> dict[str, np.ndarray]:
     """A step of ``new`` tokens over ``past`` cached ones; row 1 left-padded if asked."""
     mask = np.ones((batch, past + new), np.int64)
     positions = np.tile(np.arange(past, past + new), (batch, 1))
@@ -212,11 +240,11 @@ def feeds(batch: int, new: int, past: int, left_padding: int = 0) -> dict[str, n
         mask[1, :left_padding] = 0
         positions[1] = np.maximum(positions[1] - left_padding, 1)
     return {
-        "x": RNG.standard_normal((batch, new, WIDTH)).astype(np.float32),
+        "x": RNG.standard_normal((batch, new, HEADS * head)).astype(np.float32),
         "attention_mask": mask,
         "position_ids": positions,
-        "past_key": RNG.standard_normal((batch, KV_HEADS, past, HEAD)).astype(np.float32),
-        "past_value": RNG.standard_normal((batch, KV_HEADS, past, HEAD)).astype(np.float32),
+        "past_key": RNG.standard_normal((batch, KV_HEADS, past, head)).astype(np.float32),
+        "past_value": RNG.standard_normal((batch, KV_HEADS, past, head)).astype(np.float32),
     }
 
 
@@ -239,31 +267,59 @@ def test_attention_becomes_group_query_attention(scale_op, swapped):
     assert report.applied[RULE_NAME] == 1
     step = feeds(2, 3, 4)
     assert not verify.compare(verify.run(proto.SerializeToString(), step), verify.run(model, step))
-    assert {"GroupQueryAttention", "RotaryEmbedding"} <= op_types(model)
-    assert not {"Softmax", "Neg", "Transpose"} & op_types(model), "all of it replaced"
+    assert "GroupQueryAttention" in op_types(model)
+    assert not {"Softmax", "Neg", "Transpose", "RotaryEmbedding"} & op_types(model), "all gone"
     outputs = [v.name for v in model.graph.outputs]
     assert outputs == ["y", "present_key", "present_value"], "cache outputs keep their names"
 
 
+ROTATIONS = {
+    "inside": ({}, None),
+    "no-context": ({"context": None}, f"metadata has no {CONTEXT_LENGTH_KEY}"),
+    "small-head": ({"head": SMALL_HEAD}, f"heads of {SMALL_HEAD} channels, not a multiple"),
+    "shifted-angles": ({"shifted_angles": True}, "depend on more than its own position"),
+}
+"""Layer variants -> (``attention_layer`` arguments, why the rotation stays outside or None)."""
+
+
+def rotation_layer(form: str):
+    """(the layer, its fused model, the feeds' head size) for one of ``ROTATIONS``."""
+    arguments, reason = ROTATIONS[form]
+    proto = attention_layer(**arguments)
+    model, report = fused(proto)
+    rotary = [n for n in model.graph if n.op_type == "RotaryEmbedding"]
+    [attention] = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    misses = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
+    if reason is None:
+        assert not rotary and attention.attributes.get_int("do_rotary", 0) == 1
+        assert not misses
+    else:
+        assert len(rotary) == 2 and attention.attributes.get_int("do_rotary", 0) == 0
+        [miss] = misses
+        assert miss.startswith("rotation kept outside") and reason in miss
+    return proto, model, arguments.get("head", HEAD)
+
+
+@pytest.mark.parametrize("form", list(ROTATIONS))
 @pytest.mark.parametrize(
     ("batch", "new", "past"),
-    [(2, 5, 0), (2, 1, 6), (1, 4, 6), (3, 4, 6)],
-    ids=["prefill", "decode-step", "continuation", "batched-continuation"],
+    [(2, 5, 0), (2, 1, 6), (1, 4, 6), (3, 4, 6), (1, 1, CONTEXT - 1)],
+    ids=["prefill", "decode-step", "continuation", "batched-continuation", "last-position"],
 )
-def test_fused_attention_computes_what_the_export_does(batch, new, past):
-    proto = attention_layer()
-    model, _ = fused(proto)
-    step = feeds(batch, new, past)
+def test_fused_attention_computes_what_the_export_does(form, batch, new, past):
+    proto, model, head = rotation_layer(form)
+    step = feeds(batch, new, past, head=head)
     expected = verify.run(proto.SerializeToString(), step)
     assert not verify.compare(expected, verify.run(model, step))
 
 
-def test_left_padding_is_honoured_where_a_query_sees_a_key():
+@pytest.mark.parametrize("form", ["inside", "no-context"])
+def test_left_padding_is_honoured_where_a_query_sees_a_key(form):
     """Prefill with row 1 left-padded by 2: its first 2 queries see no key at all, so the
     export averages every value there and the kernel the causal ones; every other row, and
-    every later decode step, is the same."""
-    proto = attention_layer()
-    model, _ = fused(proto)
+    every later decode step, is the same. Row 1's positions are not consecutive (1, 1, 0, 1,
+    2), which the kernel rotating inside must honour token by token."""
+    proto, model, _ = rotation_layer(form)
     prefill = feeds(2, 5, 0, left_padding=2)
     expected = verify.run(proto.SerializeToString(), prefill)
     actual = verify.run(model, prefill)
@@ -272,6 +328,14 @@ def test_left_padding_is_honoured_where_a_query_sees_a_key():
     assert not verify.compare({"y": expected["y"][seen]}, {"y": actual["y"][seen]})
     step = feeds(2, 1, 5, left_padding=2)
     assert not verify.compare(verify.run(proto.SerializeToString(), step), verify.run(model, step))
+
+
+def test_a_position_past_the_context_is_refused_by_the_runtime():
+    """The tables end at the stated context; onnxruntime refuses a position past them rather
+    than reading beyond."""
+    _, model, _ = rotation_layer("inside")
+    with pytest.raises(Exception, match=r"cos_cache|cos/sin cache"):
+        verify.run(model, feeds(1, 1, CONTEXT))
 
 
 def test_a_mask_that_lets_queries_see_later_keys_is_left_alone():
@@ -301,3 +365,29 @@ def test_no_fusion_where_the_runtime_has_no_contrib_ops():
     model, report = fused(attention_layer(), target="tensorrt")
     assert RULE_NAME not in report.applied
     assert "GroupQueryAttention" not in op_types(model)
+
+
+@pytest.mark.parametrize("form", ["inside", "no-context"])
+def test_packed_projections_reach_the_kernel_whole_where_it_rotates(form):
+    """With the rotation inside, packing q, k and v hands the kernel the packed tensor (no
+    Split); with it outside, the RotaryEmbeddings read two parts and the Split stays."""
+    proto, model, _ = rotation_layer(form)
+    report = PackProjectionsPass(quant_options(mode="weight-only"))(model).details
+    [attention] = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert report.applied[PACKING_RULE] == 1
+    inside = form == "inside"
+    assert report.applied[PACKED_ATTENTION_RULE] == int(inside)
+    assert ("Split" in op_types(model)) != inside
+    if inside:
+        assert attention.inputs[0].producer().op_type == "MatMul"
+        assert attention.inputs[1] is None and attention.inputs[2] is None
+    for step in (feeds(2, 5, 0, left_padding=2), feeds(2, 1, 5), feeds(3, 4, 6)):
+        expected = verify.run(proto.SerializeToString(), step)
+        actual = verify.run(model, step)
+        seen = np.ones(expected["y"].shape[:2], bool)
+        seen[1, : 2 if step["attention_mask"][1, 0] == 0 else 0] = False
+        assert not verify.compare({"y": expected["y"][seen]}, {"y": actual["y"][seen]})
+        assert not verify.compare(
+            {k: expected[k] for k in ("present_key", "present_value")},
+            {k: actual[k] for k in ("present_key", "present_value")},
+        )

@@ -15,7 +15,7 @@ import qgraph
 from qgraph import verify
 from qgraph.kernels import optimized_graph
 from qgraph.passes.fusion import FusionReport, PackProjectionsPass
-from qgraph.passes.fusion.packing import RULE_NAME
+from qgraph.passes.fusion.packing import ATTENTION_RULE, RULE_NAME
 from qgraph.recipe import quant_options
 from qgraph.targets import QuantFormat
 
@@ -64,7 +64,7 @@ def packed(**flags) -> tuple[ir.Model, FusionReport]:
 
 def test_siblings_become_one_matmul_and_a_split_with_the_same_values():
     model, report = packed()
-    assert report.applied == {RULE_NAME: 1}
+    assert report.applied == {RULE_NAME: 1, ATTENTION_RULE: 0}
     ops = collections.Counter(node.op_type for node in model.graph)
     assert (ops["MatMul"], ops["Split"]) == (2, 1), "q, k, v packed; o_proj alone"
     (matmul,) = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].name == "x"]
@@ -82,12 +82,12 @@ def test_siblings_become_one_matmul_and_a_split_with_the_same_values():
 
 def test_a_sibling_kept_in_float_is_left_out_and_named():
     model, report = packed(exclude_node=["k_proj"])
-    assert report.applied == {RULE_NAME: 1}
+    assert report.applied == {RULE_NAME: 1, ATTENTION_RULE: 0}
     names = {n.name for n in model.graph}
     assert "k_proj" in names and "q_proj" not in names and "v_proj" not in names
     assert any("stays float" in miss.reason for miss in report.near_misses)
     model, report = packed(exclude_node=["k_proj", "v_proj"])
-    assert report.applied == {RULE_NAME: 0}
+    assert report.applied == {RULE_NAME: 0, ATTENTION_RULE: 0}
 
 
 @pytest.mark.parametrize("weight_dtype", ["int4", "int8"])
