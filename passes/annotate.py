@@ -19,9 +19,12 @@ Embedding tables (a ``Gather`` from a constant ``[V, H]`` table, and an output p
 ``MatMul(h, Transpose(E))`` tied to it) get ``embedding_bits``, whatever the other weights get:
 8 bits with one scale per row of ``E``, or 4 in blocks along each row. The tied projection's
 spec is written for its weight ``E^T``: rows of ``E`` are its axis 1, blocks along ``H`` its
-axis 0. In weight-only mode a tied projection of an 8-bit table has its activation quantized
-per tensor at run time where the target's dynamic kernel beats its 8-bit weight-only one
-(``dynamic_table_projection``); the table is then in the target's weight type.
+axis 0. Where GPTQ rounds 4-bit weights and the table is 4-bit, the projection is an ordinary
+4-bit weight instead (``weight_dtype``, blocks along ``H``), stored as its own copy: GPTQ fits
+it to the projection, and the embedding reads the table rounded to nearest. In weight-only
+mode a tied projection of an 8-bit table has its activation quantized per tensor at run time
+where the target's dynamic kernel beats its 8-bit weight-only one (``dynamic_table_projection``);
+the table is then in the target's weight type.
 
 Where the target fuses a weighted op with the ``Add`` of a skip connection
 (``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
@@ -41,7 +44,7 @@ import onnx_ir as ir
 from qgraph.inspection import op_key
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.spec import QuantSpec
-from qgraph.recipe import Mode, QuantOptions, RecipeError
+from qgraph.recipe import Mode, QuantOptions, RecipeError, WeightRounding
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
 from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
@@ -343,6 +346,16 @@ class AnnotatePass(ir.passes.InPlacePass):
             and self.options.embedding_bits == 8
         )
 
+    @property
+    def _own_projection_copies(self) -> bool:
+        """Tied projections of 4-bit tables are ordinary 4-bit weights, each its own copy of
+        the table (insert-qdq), where GPTQ rounds them."""
+        return (
+            self.options.embedding_bits == 4
+            and self.options.weight_dtype.bitwidth == 4
+            and self.options.weight_rounding is WeightRounding.GPTQ
+        )
+
     def _activation_spec(self, value: ir.Value) -> QuantSpec:
         override = self.options.override(value.name or "")
         wide = override.dtype is not None and override.dtype.bitwidth == 16
@@ -375,7 +388,8 @@ class AnnotatePass(ir.passes.InPlacePass):
         )
 
     def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
-        if node.op_type == "MatMul" and transposed_table(node.inputs[layout.weight]) is not None:
+        tied = node.op_type == "MatMul" and transposed_table(node.inputs[layout.weight]) is not None
+        if tied and not self._own_projection_copies:
             return self._table_spec(axis=1, block_axis=0)  # E^T [H, V]: rows of E on axis 1
         channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
         four_bit = self.options.weight_dtype.bitwidth == 4

@@ -132,7 +132,8 @@ class QuantOptions:
             projection tied to it): 8, one scale per row whatever ``weight_dtype`` is (a
             4-bit tied table took SmolLM2's perplexity ratio from 1.30 to 1.42); or 4, in
             blocks of ``block_size`` along each row, uint4 with a zero point per block (the
-            smallest file).
+            smallest file). With ``gptq`` rounding and 4-bit weights, a projection tied to a
+            4-bit table is an ordinary 4-bit weight with its own copy of the table.
         weight_rounding: ``nearest`` rounds each weight on its own; ``gptq`` rounds them so
             that each MatMul / Gemm output stays close on the calibration data (GPTQ; needs
             calibration data in every mode).

@@ -10,7 +10,9 @@ For every annotated op (see ``passes/annotate.py``):
 - its weight ``W`` is quantized offline, ``W_q = clamp(round(W / s_w) + z_w)``, stored as an
   integer initializer, and read through ``DequantizeLinear(W_q, s_w, z_w[, axis, block_size])``;
   with ``weight_rounding = "gptq"``, MatMul and Gemm weights are rounded by GPTQ instead
-  (``passes/gptq.py``), from ``X^T X`` of their input collected in the same calibration run;
+  (``passes/gptq.py``), from ``X^T X`` of their input collected in the same calibration run
+  (an output projection tied to a 4-bit embedding table then gets its own copy of the table,
+  which GPTQ fits to the projection, while the embedding reads the table rounded to nearest);
 - its activation ``x`` gets ``DequantizeLinear(QuantizeLinear(x, s_x, z_x), s_x, z_x)``. In
   static mode ``[lo, hi]`` comes from calibration statistics (``qgraph.quant.calibration``) and sets
   ``s_x, z_x`` once; in dynamic mode ``DynamicQuantizeLinear`` computes them per run from the

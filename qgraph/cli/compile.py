@@ -142,7 +142,8 @@ Examples:
     type=click.Choice([str(b) for b in EMBEDDING_BITS]),
     help="Embedding tables (a Gather from a constant table, and an output projection tied to "
     "it): 8 bits per row whatever --weight-dtype says, or 4 in blocks of --block-size along "
-    "each row (smaller, less accurate) [default: 8].",
+    "each row (smaller, less accurate; with --weight-rounding gptq and 4-bit weights the tied "
+    "projection gets its own GPTQ-rounded copy: larger, as accurate, faster) [default: 8].",
 )
 @click.option(
     "--weight-rounding",
