@@ -25,7 +25,7 @@ from quantization import TARGET, compile_in_child
 from qgraph import models
 from qgraph.analysis.debugging import debug_accuracy
 from qgraph.evaluation import Evaluation, evaluate
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 from qgraph.targets import host_description
 
 ALL_8_BIT = {"mode": "static", "budget": "none"}

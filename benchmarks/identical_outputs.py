@@ -6,8 +6,8 @@
 A change that only moves code (issue 22: "behaviour and outputs unchanged, the zoo's compiled
 models identical before and after") must not change a single byte that qgraph writes. This
 script compiles a fixed set of zoo models for every target, serializes each compiled model
-(``qgraph.model_io.serialize``: one ONNX protobuf, external data inlined) and prints the sha256
-of each (model, target) pair as JSON. Run it with ``--out FILE`` before the change (keep the
+(``qgraph.graph.model_io.serialize``: one ONNX protobuf, external data inlined) and prints the
+sha256 of each (model, target) pair as JSON. Run it with ``--out FILE`` before the change (keep the
 file outside the repository), then with ``--compare FILE`` after: it exits non-zero and lists
 every pair it compiled whose hash differs from the file's, or that the file lacks
 (``--models`` and ``--targets`` narrow a quick check to some pairs).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import qgraph
 from qgraph import models
-from qgraph.model_io import serialize
+from qgraph.graph.model_io import serialize
 
 ZOO = ("reference-mlp", "reference-cnn", "reference-encoder", "reference-decoder", "magika")
 TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")

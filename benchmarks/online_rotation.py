@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.model_io import save
+from qgraph.graph.model_io import save
 from qgraph.passes.rotation.hadamard import hadamard_order, hadamard_rotation
 from qgraph.passes.rotation.online import FORM_COSTS, choose_form, insert_online
 from qgraph.targets import host_description

@@ -27,8 +27,8 @@ from quantization import TARGET, compile_in_child
 
 from qgraph import models
 from qgraph.evaluation import evaluate
+from qgraph.graph.model_io import load
 from qgraph.inspection import summarize
-from qgraph.model_io import load
 from qgraph.targets import host_description
 
 ZOO = ("reference-decoder", "minilm", "smollm2")

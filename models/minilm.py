@@ -43,7 +43,7 @@ import numpy as np
 
 from qgraph import verify
 from qgraph.data import DatasetInfo, write_dataset
-from qgraph.model_io import save
+from qgraph.graph.model_io import save
 from qgraph.models import Recipe, ZooError, cache_dir, corpus
 from qgraph.models.pypi import WheelFile, extract
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.data import DatasetInfo, write_dataset
-from qgraph.model_io import save
+from qgraph.graph.model_io import save
 from qgraph.models import Recipe
 
 OPSET = 17

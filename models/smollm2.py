@@ -54,7 +54,7 @@ import onnx_ir as ir
 
 from qgraph import verify
 from qgraph.data import DatasetInfo, write_dataset
-from qgraph.model_io import load, save
+from qgraph.graph.model_io import load, save
 from qgraph.models import Recipe, ZooError, cache_dir, corpus
 from qgraph.models.pypi import WheelFile, extract
 

@@ -65,7 +65,7 @@ from qgraph.generation import (
     cache_names,
     present_name,
 )
-from qgraph.model_io import save
+from qgraph.graph.model_io import save
 from qgraph.models import Recipe, ZooError, cache_dir, corpus, smollm2
 from qgraph.models.pypi import extract
 

@@ -41,13 +41,13 @@ from typing import TypeVar
 
 import onnx_ir as ir
 
+from qgraph.graph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 from qgraph.inspection import op_key
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.spec import QuantSpec
 from qgraph.recipe import Mode, QuantOptions, RecipeError, WeightRounding
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
-from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, subgraphs, weighted_producer
 
 COMPUTED_WEIGHT = "its weight is not a constant (both inputs are computed at run time)"
 TABLE_4BIT = ir.DataType.UINT4
@@ -96,7 +96,8 @@ WEIGHT_LAYOUTS = {
         lambda node: 1 if _gemm_transposed(node) else 0,
     ),
 }
-"""The layout of each op type qgraph knows how to quantize: one per ``qgraph.ops.WEIGHTED_OPS``."""
+"""The layout of each op type qgraph knows how to quantize: one per
+``qgraph.graph.ops.WEIGHTED_OPS``."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,9 +39,9 @@ import onnx_ir.passes.common as common
 from onnxscript.optimizer import fold_constants_ir
 
 from qgraph.errors import PipelineError
-from qgraph.ops import ONNX_DOMAINS, onnx_opset
+from qgraph.graph.ops import ONNX_DOMAINS, onnx_opset
+from qgraph.graph.traversal import all_nodes
 from qgraph.pipeline import PassBuilder
-from qgraph.traversal import all_nodes
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.errors import ConformanceError, one_line
-from qgraph.ops import ONNX_DOMAINS
+from qgraph.graph.ops import ONNX_DOMAINS
+from qgraph.graph.traversal import all_nodes
 from qgraph.pipeline import PassBuilder
 from qgraph.targets import TargetSpec, Violation
-from qgraph.traversal import all_nodes
 
 MAX_VIOLATIONS_SHOWN = 5
 CHECKER_RULE = "onnx_checker"

@@ -19,8 +19,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import RewriteRule
 
+from qgraph.graph.traversal import carry_metadata
 from qgraph.targets import TargetSpec
-from qgraph.traversal import carry_metadata
 
 MAX_ROUNDS = 8
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from qgraph.analysis.graph_view import to_networkx
     from qgraph.compiler import CompileResult, compile_model
     from qgraph.errors import QGraphError
+    from qgraph.graph.model_io import load, save
     from qgraph.inspection import ModelSummary, summarize
-    from qgraph.model_io import load, save
     from qgraph.options import CompileOptions
     from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
     from qgraph.recipe import Mode, QuantOptions, load_recipe, quant_options
@@ -79,11 +79,11 @@ _HOMES = {
     "build_pipeline": "qgraph.registry",
     "compile_model": "qgraph.compiler",
     "get_target": "qgraph.targets",
-    "load": "qgraph.model_io",
+    "load": "qgraph.graph.model_io",
     "load_recipe": "qgraph.recipe",
     "quant_options": "qgraph.recipe",
     "registered_passes": "qgraph.registry",
-    "save": "qgraph.model_io",
+    "save": "qgraph.graph.model_io",
     "summarize": "qgraph.inspection",
     "to_networkx": "qgraph.analysis.graph_view",
 }

@@ -16,9 +16,7 @@ import onnx_ir.passes.common as common
 from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
 from qgraph.generation import CACHE_LAYOUT_KEY, CacheLayout, writes_cache_in_place
-from qgraph.inspection import ModelSummary, summarize
-from qgraph.kernels import is_qdq_group
-from qgraph.model_io import (
+from qgraph.graph.model_io import (
     SOURCE_PATH_KEY,
     VERSION_METADATA_KEY,
     ModelSource,
@@ -27,16 +25,18 @@ from qgraph.model_io import (
     model_inputs,
     save,
 )
+from qgraph.graph.patterns import full_match
+from qgraph.graph.traversal import all_nodes, source_names
+from qgraph.inspection import ModelSummary, summarize
+from qgraph.kernels import is_qdq_group
 from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, dataset_inputs
 from qgraph.passes.smoothquant import SmoothQuantReport
-from qgraph.patterns import full_match
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_sample, speed_gains
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel
-from qgraph.traversal import all_nodes, source_names
 
 logger = logging.getLogger(__name__)
 

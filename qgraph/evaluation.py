@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 from qgraph.data import DataSource, Feeds, read_info
 from qgraph.errors import QGraphError
-from qgraph.model_io import external_tensors, load
+from qgraph.graph.model_io import external_tensors, load
 from qgraph.quant.calibration import checked_batches, sqnr_db
 from qgraph.verify import session
 

@@ -56,7 +56,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from qgraph import verify
 from qgraph.errors import QGraphError, one_line
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 
 if TYPE_CHECKING:
     import tokenizers

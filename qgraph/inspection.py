@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-from qgraph.model_io import SOURCE_PATH_KEY
-from qgraph.ops import ONNX_DOMAINS, QDQ_OPS, is_qoperator, qualified_op
+from qgraph.graph.model_io import SOURCE_PATH_KEY
+from qgraph.graph.ops import ONNX_DOMAINS, QDQ_OPS, is_qoperator, qualified_op
+from qgraph.graph.traversal import all_nodes
 from qgraph.pipeline import PROVENANCE_KEY
-from qgraph.traversal import all_nodes
 
 TORCH_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 """Node metadata of torch's dynamo exporter: the module path a node came from."""

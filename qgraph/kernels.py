@@ -26,8 +26,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qgraph.model_io import serialize
-from qgraph.ops import QDQ_OPS, WEIGHTED_OPS, is_qoperator, qualified_op
+from qgraph.graph.model_io import serialize
+from qgraph.graph.ops import QDQ_OPS, WEIGHTED_OPS, is_qoperator, qualified_op
 
 DUPLICATE_MARK = "/duplicated"
 DATA_MOVEMENT_OPS = frozenset(

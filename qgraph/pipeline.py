@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from qgraph.errors import PipelineError, QGraphError, one_line
-from qgraph.traversal import all_nodes
+from qgraph.graph.traversal import all_nodes
 
 if TYPE_CHECKING:
     from qgraph.registry import PassContext

@@ -27,7 +27,7 @@ become underscores); flags given on the command line override it, and list flags
     method = "entropy"
 
 Patterns (``exclude_node``, the ``tensor`` keys) are RE2 regular expressions
-(``qgraph.patterns``): names come from the model, and RE2 matches in time linear in a name's
+(``qgraph.graph.patterns``): names come from the model, and RE2 matches in time linear in a name's
 length, where a backtracking engine can take exponential time; RE2 has no backreferences or
 lookaround.
 """
@@ -46,10 +46,10 @@ import onnx_ir as ir
 from qgraph.budget import Budget, BudgetSyntaxError, default_budget, parse_budget
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError, link_problem, not_a_regular_file
-from qgraph.patterns import PatternError, compiled, full_match
+from qgraph.graph.patterns import PatternError, compiled, full_match
+from qgraph.graph.traversal import source_names
 from qgraph.quant.calibration import METHODS
 from qgraph.quant.spec import DTYPE_NAMES
-from qgraph.traversal import source_names
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -76,10 +76,10 @@ from qgraph.evaluation import (
     model_bytes,
     reference_run,
 )
-from qgraph.model_io import load, model_inputs
+from qgraph.graph.model_io import load, model_inputs
+from qgraph.graph.patterns import escape
 from qgraph.options import CompileOptions
 from qgraph.outputs import check_output, dataset_inputs
-from qgraph.patterns import escape
 from qgraph.quant.calibration import checked_batches
 from qgraph.recipe import Mode, load_recipe, quant_options
 from qgraph.targets import QuantFormat, get_target

@@ -22,8 +22,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qgraph.errors import QGraphError
-from qgraph.model_io import SOURCE_PATH_KEY, serialize
-from qgraph.ops import onnx_opset
+from qgraph.graph.model_io import SOURCE_PATH_KEY, serialize
+from qgraph.graph.ops import onnx_opset
 from qgraph.targets.runtime import ORT_LIMITS
 
 FLOAT32_RTOL = 1e-5

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS, onnx_opset
+from qgraph.graph.ops import ONNX_DOMAINS, onnx_opset
+from qgraph.graph.traversal import all_nodes
 from qgraph.targets.spec import TargetSpec, Violation
-from qgraph.traversal import all_nodes
 
 
 def ir_version_loadable(model: ir.Model, target: TargetSpec) -> Iterator[Violation]:

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.spec import OutputChain, QuantFormat, TargetSpec
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS
+from qgraph.graph.ops import ONNX_DOMAINS
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNEL_MIN_OPSET
 from qgraph.targets.spec import QuantFormat, TargetSpec

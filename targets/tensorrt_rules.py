@@ -43,9 +43,9 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS, QDQ_OPS, WEIGHTED_OPS, is_qoperator
+from qgraph.graph.ops import ONNX_DOMAINS, QDQ_OPS, WEIGHTED_OPS, is_qoperator
+from qgraph.graph.traversal import KEEP_FLOAT_KEY, all_nodes, weighted_producer
 from qgraph.targets.spec import TargetSpec, Violation
-from qgraph.traversal import KEEP_FLOAT_KEY, all_nodes, weighted_producer
 
 PASS_THROUGH_OPS = frozenset(
     {"QuantizeLinear", "DequantizeLinear", "Identity", "Cast", "Transpose"}

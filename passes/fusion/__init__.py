@@ -40,7 +40,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from rich.console import RenderableType
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.traversal import all_nodes
 from qgraph.passes.canonicalize import IdentityEliminationPass
 from qgraph.passes.fusion import (
     activations,
@@ -67,7 +68,6 @@ from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.recipe import Mode, QuantOptions
 from qgraph.sections import rule_tables
 from qgraph.targets import TargetSpec
-from qgraph.traversal import all_nodes
 
 if TYPE_CHECKING:
     from qgraph.registry import PassContext

@@ -18,7 +18,8 @@ import dataclasses
 
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS
+from qgraph.graph.ops import ONNX_DOMAINS
+from qgraph.graph.traversal import all_nodes
 from qgraph.passes.fusion.rules import (
     MatchResult,
     TargetRule,
@@ -27,7 +28,6 @@ from qgraph.passes.fusion.rules import (
     fail,
     model_opset,
 )
-from qgraph.traversal import all_nodes
 
 ACTIVATION_KEY = "qgraph.activation"
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

@@ -71,12 +71,12 @@ import onnx
 import onnx_ir as ir
 
 from qgraph.generation import CONTEXT_LENGTH_KEY
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.traversal import carry_metadata
 from qgraph.passes.fusion.rules import constant, scalar
 from qgraph.passes.rule_table import NearMiss, label
 from qgraph.targets import TargetSpec
 from qgraph.targets.runtime import ORT_LIMITS
-from qgraph.traversal import carry_metadata
 from qgraph.verify import run
 
 RULE_NAME = "group-query-attention"

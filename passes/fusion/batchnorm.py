@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS
+from qgraph.graph.ops import ONNX_DOMAINS
 from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,

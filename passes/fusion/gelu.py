@@ -20,7 +20,7 @@ import math
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,

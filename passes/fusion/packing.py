@@ -32,10 +32,10 @@ import collections
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.traversal import carry_metadata
 from qgraph.passes.rule_table import NearMiss, label
 from qgraph.recipe import QuantOptions
-from qgraph.traversal import carry_metadata
 
 RULE_NAME = "pack-projections"
 SUMMARY = "MatMuls reading one activation with constant [K, N_i] weights -> one MatMul + Split"

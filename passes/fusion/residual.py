@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.traversal import carry_metadata
 from qgraph.passes.fusion.normalization import RUNTIME_RMS_NORM
 from qgraph.passes.fusion.rules import FLOAT_TYPES
 from qgraph.passes.rule_table import NearMiss, label
 from qgraph.targets import TargetSpec
-from qgraph.traversal import carry_metadata
 
 RULE_NAME = "skip-rms-norm"
 SUMMARY = "residual Add + SimplifiedLayerNormalization -> SkipSimplifiedLayerNormalization"

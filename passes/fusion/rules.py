@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qgraph.ops import onnx_opset
+from qgraph.graph.ops import onnx_opset
 from qgraph.targets import TargetSpec
 
 MatchResult = pattern.MatchResult

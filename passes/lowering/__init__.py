@@ -22,7 +22,7 @@ import onnx_ir.passes.common as common
 from rich.console import RenderableType
 
 from qgraph.errors import QGraphError
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.lowering import elementwise, nbits, weighted
 from qgraph.passes.rule_table import (
     CompiledTable,

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     MatchResult,
     TargetRule,

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS
+from qgraph.graph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS
 from qgraph.passes.fusion.rules import constant
 
 EIGHT_BIT = frozenset({ir.DataType.UINT8, ir.DataType.INT8})

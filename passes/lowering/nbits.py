@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,

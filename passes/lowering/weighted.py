@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import (
     MatchResult,
     TargetRule,

@@ -49,6 +49,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from qgraph.graph.traversal import KEEP_FLOAT_KEY
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
     AnnotationKind,
@@ -71,7 +72,6 @@ from qgraph.quant.spec import INT32_LIMIT, bias_levels
 from qgraph.recipe import Mode, QuantOptions
 from qgraph.sections import QuantizationOutcome
 from qgraph.targets import TargetSpec
-from qgraph.traversal import KEEP_FLOAT_KEY
 
 logger = logging.getLogger(__name__)
 

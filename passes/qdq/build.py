@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ops import MICROSOFT_DOMAIN
+from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.annotate import WEIGHT_LAYOUTS, transposed_table
 from qgraph.passes.gptq import gptq_quantize
 from qgraph.passes.qdq.calibrate import ActivationQuantization

@@ -60,6 +60,7 @@ import numpy as np
 import onnx_ir as ir
 from rich.console import RenderableType
 
+from qgraph.graph.traversal import weighted_producer
 from qgraph.passes.rotation.hadamard import (
     Rotation,
     hadamard_order,
@@ -81,7 +82,6 @@ from qgraph.passes.rotation.structure import (
 from qgraph.passes.smoothquant.folding import replace_constant
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.sections import table
-from qgraph.traversal import weighted_producer
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.graph.traversal import KEEP_FLOAT_KEY
 from qgraph.passes.rotation.hadamard import HadamardOrder, Rotation, base_hadamard, sylvester
-from qgraph.traversal import KEEP_FLOAT_KEY
 
 TYPICAL_ROWS = 512
 """Rows (tokens) a compiled transformer usually sees per run: the per-node cost's divisor."""

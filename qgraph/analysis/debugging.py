@@ -43,9 +43,9 @@ import onnxruntime as ort
 from qgraph.atomic import replaced_file
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
+from qgraph.graph.ops import QDQ_OPS
+from qgraph.graph.patterns import escape
 from qgraph.inspection import reads_dequantized, torch_name_scopes
-from qgraph.ops import QDQ_OPS
-from qgraph.patterns import escape
 from qgraph.quant.calibration import checked_batches, sqnr_db
 from qgraph.recipe import load_recipe
 from qgraph.verify import expose_values, session

@@ -36,8 +36,8 @@ import onnx_ir as ir
 from qgraph.analysis.graph_view import GraphPort, to_networkx
 from qgraph.atomic import replaced_file
 from qgraph.errors import QGraphError
+from qgraph.graph.ops import QDQ_OPS
 from qgraph.inspection import is_quantized_op, op_key, torch_name_scopes
-from qgraph.ops import QDQ_OPS
 from qgraph.pipeline import PROVENANCE_KEY
 
 FORMATS = ("html", "svg", "dot")

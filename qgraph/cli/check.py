@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qgraph.cli.common import TARGET_HELP, echo_json, out
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 from qgraph.passes.finalize import CHECKER_RULE, conformance_violations
 from qgraph.report import check_report
 from qgraph.targets import AUTO, get_target

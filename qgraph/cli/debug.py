@@ -9,7 +9,7 @@ from rich.progress import Progress
 
 from qgraph.analysis.debugging import IMPACT_BATCHES, debug_accuracy, write_exclusions
 from qgraph.cli.common import OUTPUT, OUTPUT_POLICY, echo_json, err, note_replaced, out
-from qgraph.model_io import load, model_inputs
+from qgraph.graph.model_io import load, model_inputs
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.report import debug_report, printable
 

@@ -10,7 +10,7 @@ from rich.progress import Progress
 from qgraph.cli.common import echo_json, err, out
 from qgraph.data import batch_files
 from qgraph.evaluation import METRICS, evaluate
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 from qgraph.report import evaluation_report
 
 

@@ -9,7 +9,7 @@ import click
 from qgraph import models
 from qgraph.cli.common import err
 from qgraph.generation import Decoder, Sampling, Tokenizer, default_tokenizer, generate
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 
 
 @click.command(name="generate")

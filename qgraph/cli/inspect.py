@@ -9,8 +9,8 @@ import click
 from qgraph.analysis.drawing import COLLAPSE_ABOVE
 from qgraph.analysis.drawing import draw as draw_graph
 from qgraph.cli.common import OUTPUT, OUTPUT_POLICY, echo_json, err, note_replaced, out
+from qgraph.graph.model_io import load, model_inputs
 from qgraph.inspection import diff_models, summarize
-from qgraph.model_io import load, model_inputs
 from qgraph.outputs import check_output
 from qgraph.report import diff_report, printable, summary_report
 

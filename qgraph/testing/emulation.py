@@ -64,9 +64,9 @@ import onnxruntime as ort
 
 from qgraph.atomic import replaced_folder
 from qgraph.errors import QGraphError
-from qgraph.model_io import save
+from qgraph.graph.model_io import save
+from qgraph.graph.ops import qualified_op
 from qgraph.models import cache_dir
-from qgraph.ops import qualified_op
 from qgraph.verify import Batches, Runner
 
 QEMU = "qemu-aarch64-static"

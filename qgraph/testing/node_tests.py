@@ -25,8 +25,8 @@ from onnx.backend.test.case import node as node_cases
 from onnx.backend.test.case.test_case import TestCase
 
 from qgraph.errors import QGraphError
-from qgraph.model_io import load
-from qgraph.ops import ONNX_DOMAINS
+from qgraph.graph.model_io import load
+from qgraph.graph.ops import ONNX_DOMAINS
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET
 from qgraph.verify import compare, run
 

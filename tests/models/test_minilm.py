@@ -12,9 +12,9 @@ import onnx_ir as ir
 import pytest
 
 from qgraph import CompileOptions, compile_model, data, models, quant_options, verify
+from qgraph.graph.model_io import load
 from qgraph.inspection import diff_models
 from qgraph.kernels import runtime_kernels
-from qgraph.model_io import load
 from qgraph.models import minilm
 from qgraph.targets import get_target
 

@@ -7,7 +7,7 @@ import onnx
 
 from qgraph import models, verify
 from qgraph.data import read_batches, read_info
-from qgraph.model_io import serialize
+from qgraph.graph.model_io import serialize
 from qgraph.models.reference_cnn import build_reference_cnn
 
 

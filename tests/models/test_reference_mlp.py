@@ -11,8 +11,8 @@ import qgraph
 from qgraph import models, verify
 from qgraph.data import read_batches, read_info
 from qgraph.evaluation import evaluate
+from qgraph.graph.model_io import load, serialize
 from qgraph.kernels import runtime_kernels
-from qgraph.model_io import load, serialize
 from qgraph.models.reference_mlp import CLASSES, EVALUATION_SEED, samples
 from qgraph.targets import same_arch
 

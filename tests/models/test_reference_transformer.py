@@ -12,7 +12,7 @@ import pytest
 
 from qgraph import models, verify
 from qgraph.data import read_batches, read_info
-from qgraph.model_io import load, serialize
+from qgraph.graph.model_io import load, serialize
 from qgraph.models.reference_transformer import (
     CALIBRATION_BATCHES,
     CALIBRATION_SEED,

@@ -9,7 +9,7 @@ import pytest
 
 from qgraph import models, verify
 from qgraph.data import read_batches, read_info
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 from qgraph.models import smollm2
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from qgraph import generation, models, verify
 from qgraph.cli import cli
 from qgraph.data import read_batches, read_info
-from qgraph.model_io import load
+from qgraph.graph.model_io import load
 from qgraph.models import smollm2, smollm2_decoder
 
 torch = pytest.importorskip("torch")

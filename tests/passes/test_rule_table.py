@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
-from qgraph.traversal import source_names
+from qgraph.graph.traversal import source_names
 
 RNG = np.random.default_rng(0)
 SCOPES = "pkg.torch.onnx.name_scopes"

@@ -13,7 +13,7 @@ import pytest
 import qgraph
 from qgraph.compiler import TARGET_METADATA_KEY
 from qgraph.errors import ModelLoadError
-from qgraph.model_io import VERSION_METADATA_KEY
+from qgraph.graph.model_io import VERSION_METADATA_KEY
 
 
 def _quantized(model, **flags) -> qgraph.CompileResult:

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
 from qgraph import verify
+from qgraph.graph.traversal import KEEP_FLOAT_KEY
 from qgraph.targets import get_target
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.tensorrt_rules import TENSORRT_RULES
-from qgraph.traversal import KEEP_FLOAT_KEY
 
 TENSORRT = get_target("tensorrt")
 C, HW, K, N = 4, 6, 8, 5

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qgraph
 from qgraph import models, verify
 from qgraph.data import read_batches
-from qgraph.model_io import serialize
+from qgraph.graph.model_io import serialize
 from qgraph.targets import VNNI_FLAGS, QuantFormat, host_cpu_flags
 
 K, N, ROWS = 256, 32, 16

@@ -12,7 +12,7 @@ import pytest
 
 import qgraph
 from qgraph import verify
-from qgraph.ops import qualified_op
+from qgraph.graph.ops import qualified_op
 from qgraph.passes.canonicalize import ShapeInferencePass
 from qgraph.passes.fusion import FusionPass, FusionReport, RuntimeFusionPass
 

@@ -267,8 +267,9 @@ def test_gptq_gives_a_4_bit_tied_projection_its_own_copy_and_keeps_the_table_nea
 ):
     """GPTQ rounds ``W_up``, ``W_down`` and the 4-bit tied projection from their inputs'
     ``X^T X``. The projection gets its own copy of ``E^T`` in the weights' int4, since GPTQ
-    fits it to the projection's outputs; the Gather keeps the uint4 table rounded to nearest. On the calibration
-    inputs, the projection's output error is below round-to-nearest's: what GPTQ minimizes."""
+    fits it to the projection's outputs; the Gather keeps the uint4 table rounded to nearest.
+    On the calibration inputs, the projection's output error is below round-to-nearest's:
+    what GPTQ minimizes."""
     result = weight_only("int4", weight_rounding="gptq", calib=batches(), embedding_bits=4)
     inserted = next(r.details for r in result.records if r.name == "insert-qdq")
     assert inserted.gptq_weights == 3

@@ -13,13 +13,13 @@ import onnx_ir as ir
 import pytest
 
 from qgraph import verify
+from qgraph.graph.traversal import KEEP_FLOAT_KEY
 from qgraph.passes.rotation.hadamard import (
     HadamardOrder,
     hadamard_rotation,
     random_rotation,
 )
 from qgraph.passes.rotation.online import FORM_COSTS, choose_form, insert_online
-from qgraph.traversal import KEEP_FLOAT_KEY
 
 UNIT_ROUNDOFF = 2.0**-24
 

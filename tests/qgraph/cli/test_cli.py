@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from onnx import TensorProto
 
 import qgraph
-from qgraph import model_io, models, verify
+from qgraph import models, verify
 from qgraph.cli import cli, pipeline_text
+from qgraph.graph import model_io
 from qgraph.passes import PIPELINE
 from qgraph.targets import TARGETS, detect_host_target
 

@@ -1,4 +1,4 @@
-"""qgraph.model_io: every source kind loads, every bad input fails with a one-line reason,
+"""qgraph.graph.model_io: every source kind loads, every bad input fails with a one-line reason,
 and save is atomic, refuses to clobber its input, and writes what onnxruntime reads."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
-from qgraph import model_io, verify
+from qgraph import verify
 from qgraph.errors import ModelLoadError, ModelSaveError
+from qgraph.graph import model_io
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
 
 
@@ -501,7 +502,7 @@ def test_external_data_inside_a_function_loads_from_the_model_folder(make_model,
 
 
 def _proto_tensors(model: onnx.ModelProto):
-    from qgraph.traversal import proto_tensors
+    from qgraph.graph.traversal import proto_tensors
 
     return list(proto_tensors(model))
 

@@ -7,7 +7,7 @@ import time
 import onnx_ir as ir
 import pytest
 
-from qgraph.patterns import escape, full_match
+from qgraph.graph.patterns import escape, full_match
 from qgraph.recipe import QuantOptions, RecipeError, quant_options
 
 CATASTROPHIC = "(a+)+$"

@@ -1,11 +1,11 @@
-"""qgraph.ops: the default ONNX domain under both its names, which ops are integer ops, and
+"""qgraph.graph.ops: the default ONNX domain under both its names, which ops are integer ops, and
 the modules that read these facts."""
 
 from __future__ import annotations
 
 import pytest
 
-from qgraph.ops import (
+from qgraph.graph.ops import (
     MICROSOFT_DOMAIN,
     ONNX_DOMAINS,
     WEIGHTED_OPS,

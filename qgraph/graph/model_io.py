@@ -42,9 +42,9 @@ from qgraph.errors import (
     not_a_regular_file,
     one_line,
 )
+from qgraph.graph.traversal import all_graphs, proto_graphs, proto_tensors
 from qgraph.outputs import Inputs, check_output, same_file, shown
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION
-from qgraph.traversal import all_graphs, proto_graphs, proto_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import onnx
 import onnx_ir as ir
 
-from qgraph.ops import ONNX_DOMAINS, WEIGHTED_OPS
+from qgraph.graph.ops import ONNX_DOMAINS, WEIGHTED_OPS
 
 _GRAPH = ir.AttributeType.GRAPH
 _GRAPHS = ir.AttributeType.GRAPHS
