@@ -168,12 +168,22 @@ def fuse_attention(model: ir.Model) -> tuple[int, tuple[NearMiss, ...]]:
             misses.append(NearMiss(RULE_NAME, label(softmax), str(reason)))
             continue
         table = shared.rotary_table(match.rotation, match.head_size)
+        if not isinstance(table, str) and not _tokens_alike(table.positions, match.query):
+            table = f"the positions '{table.positions.name}' are not [B, S] of the query"
         if isinstance(table, str):
             misses.append(NearMiss(RULE_NAME, label(softmax), f"rotation kept outside: {table}"))
             table = None
         _replace(graph, match, shared, table)
         count += 1
     return count, tuple(misses)
+
+
+def _tokens_alike(value: ir.Value, query: ir.Value) -> bool:
+    """Whether ``value`` starts [B, S] with the query's B and S, dims the exporter named alike
+    (the kernels read one angle row, or position, per token of the query)."""
+    dims = list(value.shape or ())[:2], list(query.shape or ())[:2]
+    named = all(isinstance(d, int) or d.value is not None for d in dims[0])
+    return len(dims[0]) == 2 and dims[0] == dims[1] and named
 
 
 def _context_length(model: ir.Model) -> int | None:
@@ -418,6 +428,10 @@ def _check(match: AttentionMatch) -> None:
     """What the kernel needs beyond the structure, and nothing read outside the match."""
     _require(match.query.dtype == ir.DataType.FLOAT, "not float32", match.query)
     _require(match.num_heads % match.kv_num_heads == 0, "query heads not in whole groups")
+    _require(
+        _tokens_alike(match.rotation.cos, match.query),
+        f"the angles '{match.rotation.cos.name}' are not one row per token of the query",
+    )
     for past in (match.past_key, match.past_value):
         shape = past.shape
         _require(

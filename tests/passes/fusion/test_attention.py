@@ -140,11 +140,13 @@ def attention_layer(
     head: int = HEAD,
     context: int | None = CONTEXT,
     shifted_angles: bool = False,
+    position_batch: int | str = "batch",
 ):
     """One exported attention layer with its cache (``masked``: the mask is added;
     ``cached``: the past is concatenated in front, else the layer ignores it; ``context``: the
     context length its metadata states; ``shifted_angles``: every token's angle also grows
-    with the row's first position, so it depends on more than its own)."""
+    with the row's first position, so it depends on more than its own; ``position_batch``:
+    1 for positions every row shares)."""
     node = helper.make_node
     shift = [
         node("ReduceMin", ["positions_f0", "one"], ["first_f"], keepdims=1),
@@ -213,7 +215,9 @@ def attention_layer(
         [
             helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", width]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info(
+                "position_ids", TensorProto.INT64, [position_batch, "sequence"]
+            ),
             helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
             helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
         ],
@@ -336,6 +340,19 @@ def test_a_position_past_the_context_is_refused_by_the_runtime():
     _, model, _ = rotation_layer("inside")
     with pytest.raises(Exception, match=r"cos_cache|cos/sin cache"):
         verify.run(model, feeds(1, 1, CONTEXT))
+
+
+def test_angles_every_row_shares_are_left_alone():
+    """Positions [1, S] give angles every row of the batch shares; the kernels read one row of
+    angles (or one position) per token, so the attention stays as exported."""
+    proto = attention_layer(position_batch=1)
+    model, report = fused(proto)
+    assert "Softmax" in op_types(model)
+    [reason] = [m.reason for m in report.near_misses if m.rule == RULE_NAME]
+    assert "are not one row per token of the query" in reason
+    step = feeds(2, 3, 4)
+    step["position_ids"] = step["position_ids"][:1]
+    assert not verify.compare(verify.run(proto.SerializeToString(), step), verify.run(model, step))
 
 
 def test_a_mask_that_lets_queries_see_later_keys_is_left_alone():
