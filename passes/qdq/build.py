@@ -178,14 +178,13 @@ class QDQBuilder:
         """Replace the weight input with DQ(quantized weight); return the weight's scale."""
         value = node.inputs[index]
         table = transposed_table(value)
-        if table is not None and spec.block_size is not None and value.name in self.grams:
-            return self._untied_weight(node, index, table, spec)
-        if table is not None:
+        if table is not None and not self._own_copy(value, spec):
             return self._tied_weight(node, index, table, spec)
         key = (value.name, spec)
         if key not in self.weights:
             quantized = self.quantized_weight(node, value, spec)
-            name = self._unused(value.name, "_quantized")
+            stem = value.name if table is None else f"{table.name}_projection"
+            name = self._unused(stem, "_quantized")
             output = self._dequantized_constant(name, quantized, spec, node)
             output.producer().meta[FLOAT_SOURCE_KEY] = value
             self.weights[key] = (output, quantized.scale)
@@ -226,29 +225,15 @@ class QDQBuilder:
         node.replace_input_with(index, dequantize.outputs[0])
         return stored.quantized.scale.T
 
-    def _untied_weight(
-        self, node: ir.Node, index: int, table: ir.Value, spec: QuantSpec
-    ) -> np.ndarray:
-        """A tied projection ``Transpose(E)`` in 4-bit blocks that GPTQ rounds (annotated as
-        an ordinary weight) gets its own copy of ``E^T``, and any embedding keeps ``E`` rounded
-        to nearest. GPTQ moves each row of ``E`` to serve the projection's outputs, which costs
-        an embedding that reads the same rows: SmolLM2 int4 (uint4 table) scored a perplexity
-        ratio of 1.185 with a uint4 copy each, 1.202 with the GPTQ table shared, 1.281 with a
-        shared table rounded to nearest; an int4 copy scored 1.197 and ran 3.16 -> 2.84 ms a
-        token without zero points (one thread, AVX2, no VNNI)."""
-        value = node.inputs[index]
-        key = (value.name, spec)
-        if key not in self.weights:
-            self.gptq_weights += 1
-            gram = self.grams[value.name]
-            quantized = gptq_quantize(table.const_value.numpy().T, gram, spec, reduction_axis=0)
-            name = f"{table.name}_projection"
-            output = self._dequantized_constant(name, quantized, spec, node)
-            output.producer().meta[FLOAT_SOURCE_KEY] = value
-            self.weights[key] = (output, quantized.scale)
-        output, scale = self.weights[key]
-        node.replace_input_with(index, output)
-        return scale
+    def _own_copy(self, value: ir.Value, spec: QuantSpec) -> bool:
+        """Whether a tied projection's weight ``value = Transpose(E)``, in 4-bit blocks that GPTQ
+        rounds (annotated as an ordinary weight), gets its own copy of ``E^T`` while any
+        embedding keeps ``E`` rounded to nearest. GPTQ moves each row of ``E`` to serve the
+        projection's outputs, which costs an embedding that reads the same rows: SmolLM2 int4
+        (uint4 table) scored a perplexity ratio of 1.185 with a uint4 copy each, 1.202 with the
+        GPTQ table shared, 1.281 with a shared table rounded to nearest; an int4 copy scored
+        1.197 and ran 3.16 -> 2.84 ms a token without zero points (one thread, AVX2, no VNNI)."""
+        return spec.block_size is not None and value.name in self.grams
 
     def _table(self, table: ir.Value, spec: QuantSpec) -> StoredTable:
         """The integer copy of embedding table ``table``, made once: to ``spec`` by its first
@@ -350,7 +335,8 @@ class QDQBuilder:
 
     def _quantized_weight(self, node: ir.Node, value: ir.Value, spec: QuantSpec) -> QuantizedTensor:
         """GPTQ where its ``X^T X`` was collected, else round to nearest."""
-        array = value.const_value.numpy()
+        table = transposed_table(value)
+        array = value.const_value.numpy() if table is None else table.const_value.numpy().T
         gram = self.grams.get(value.name)
         if gram is None:
             return quantize_weight(array, spec)
