@@ -114,6 +114,9 @@ class NodeAnnotation:
     computed_weight: bool = False
     """The "weight" is computed at run time (attention's ``Q K^T``, ``P V``): it is quantized
     per tensor like an activation, with ``weight_spec`` its activation spec."""
+    own_weight_copy: bool = False
+    """The weight is ``Transpose(E)`` of an embedding table, stored as the projection's own
+    copy rather than through the table an embedding shares (module docstring)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +302,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             weight_spec=self._weight_spec(node, layout),
             bias=self._bias(node, layout),
             output_spec=self._output_spec(node),
+            own_weight_copy=self._tied(node, layout) and self._own_projection_copies,
         )
 
     def _activation_product(self, node: ir.Node) -> NodeAnnotation | None:
@@ -388,9 +392,13 @@ class AnnotatePass(ir.passes.InPlacePass):
             axis=axis,
         )
 
+    @staticmethod
+    def _tied(node: ir.Node, layout: WeightedOp) -> bool:
+        """Whether ``node`` is an output projection tied to an embedding table."""
+        return node.op_type == "MatMul" and transposed_table(node.inputs[layout.weight]) is not None
+
     def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
-        tied = node.op_type == "MatMul" and transposed_table(node.inputs[layout.weight]) is not None
-        if tied and not self._own_projection_copies:
+        if self._tied(node, layout) and not self._own_projection_copies:
             return self._table_spec(axis=1, block_axis=0)  # E^T [H, V]: rows of E on axis 1
         channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
         four_bit = self.options.weight_dtype.bitwidth == 4

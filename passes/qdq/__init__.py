@@ -219,7 +219,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 return second.reason
             builder.static_activation(node, annotation.weight, second)
             return None
-        weight_scale = builder.weight(node, annotation.weight, annotation.weight_spec)
+        weight_scale = builder.weight(
+            node, annotation.weight, annotation.weight_spec, annotation.own_weight_copy
+        )
         if annotation.bias is not None and found is not None:
             builder.bias(node, annotation.bias, found.scale, weight_scale)
         return None

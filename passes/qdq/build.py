@@ -174,11 +174,17 @@ class QDQBuilder:
             self.activation_pairs += 1
         node.replace_input_with(index, self.activations[value.name])
 
-    def weight(self, node: ir.Node, index: int, spec: QuantSpec) -> np.ndarray:
-        """Replace the weight input with DQ(quantized weight); return the weight's scale."""
+    def weight(
+        self, node: ir.Node, index: int, spec: QuantSpec, own_copy: bool = False
+    ) -> np.ndarray:
+        """Replace the weight input with DQ(quantized weight); return the weight's scale. A
+        tied projection's ``Transpose(E)`` reads the table an embedding shares, unless it gets
+        its ``own_copy`` of ``E^T`` (GPTQ fits that copy to the projection alone: SmolLM2 int4
+        scored a perplexity ratio of 1.197 with an int4 copy, 1.202 with the GPTQ-rounded table
+        shared, 1.281 with a shared table rounded to nearest)."""
         value = node.inputs[index]
         table = transposed_table(value)
-        if table is not None and not self._own_copy(value, spec):
+        if table is not None and not own_copy:
             return self._tied_weight(node, index, table, spec)
         key = (value.name, spec)
         if key not in self.weights:
@@ -224,16 +230,6 @@ class QDQBuilder:
         self.graph.insert_before(node, [*nodes, dequantize])
         node.replace_input_with(index, dequantize.outputs[0])
         return stored.quantized.scale.T
-
-    def _own_copy(self, value: ir.Value, spec: QuantSpec) -> bool:
-        """Whether a tied projection's weight ``value = Transpose(E)``, in 4-bit blocks that GPTQ
-        rounds (annotated as an ordinary weight), gets its own copy of ``E^T`` while any
-        embedding keeps ``E`` rounded to nearest. GPTQ moves each row of ``E`` to serve the
-        projection's outputs, which costs an embedding that reads the same rows: SmolLM2 int4
-        (uint4 table) scored a perplexity ratio of 1.185 with a uint4 copy each, 1.202 with the
-        GPTQ table shared, 1.281 with a shared table rounded to nearest; an int4 copy scored
-        1.197 and ran 3.16 -> 2.84 ms a token without zero points (one thread, AVX2, no VNNI)."""
-        return spec.block_size is not None and value.name in self.grams
 
     def _table(self, table: ir.Value, spec: QuantSpec) -> StoredTable:
         """The integer copy of embedding table ``table``, made once: to ``spec`` by its first
