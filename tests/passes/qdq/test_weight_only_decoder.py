@@ -319,3 +319,12 @@ def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized():
     ids = batches(1)[0]["ids"]
     rows = verify.run(with_outputs(model, ("x",)), {"ids": ids}, optimize=True)["x"]
     assert np.all(np.abs(rows - E[ids]) <= block_steps(7)[ids] / 2 * ROUNDING)
+
+
+def test_gptq_with_8_bit_weights_keeps_one_4_bit_table():
+    """Only 4-bit weights give the projection its own copy: with int8 weights the 4-bit table
+    is stored once and read by both, as ``embedding_bits=4`` says."""
+    result = weight_only("int8", weight_rounding="gptq", calib=batches(), embedding_bits=4)
+    tables = [v for v in result.model.graph.initializers.values() if v.const_value.size >= V * H]
+    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.UINT4)]
+    assert runtime_kernels(result.model).complete
