@@ -204,12 +204,14 @@ def test_shared_or_dynamic_weights_are_left_alone(fuse, ops, chain, shared):
         proto.graph.output.append(
             helper.make_tensor_value_info("twin_sum", TensorProto.FLOAT, None)
         )
-        feeds = None
+        feeds = {"x": np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)}
     else:
         proto = _model(nodes, weights, x_shape, y_shape, extra_inputs=("W",))
         rng = np.random.default_rng(0)
         feeds = {"x": rng.standard_normal(x_shape, dtype=np.float32), "W": weights["W"]}
-    model, report = fuse(proto, feeds=feeds)
+    amplification = layer_norm_amplification(proto, feeds)
+    assume(amplification < 1000)  # a near-constant row: float32 cannot pin its LayerNorm down
+    model, report = fuse(proto, feeds=feeds, rtol=verify.FLOAT32_RTOL * amplification)
     assert "BatchNormalization" in ops(model)
     assert [m.rule for m in report.near_misses if m.rule == "fold-batchnorm"] == ["fold-batchnorm"]
     if shared:
