@@ -64,10 +64,9 @@ from ort_baseline import headline, peak_rss, quantize_in_child, run_child
 import qgraph
 from qgraph import models
 from qgraph.data import read_batches
-from qgraph.evaluation import Evaluation, Latency, evaluate, measure_latency
+from qgraph.evaluation import Evaluation, Latency, evaluate, evaluation_session, measure_latency
 from qgraph.kernels import KernelReport, runtime_kernels
 from qgraph.targets import detect_host_target, host_cpu_flags, host_description
-from qgraph.verify import session as model_session
 
 ZOO = models.BENCHMARKED
 ORT_METHODS = {"ort-static-qdq": "static-qdq", "ort-dynamic": "dynamic"}
@@ -250,9 +249,7 @@ def child_main(arguments: list[str]) -> None:
 
 def all_threads_latency(reference: Path, candidate: Path, evaluation: Path, runs: int) -> Latency:
     """Interleaved medians of the first evaluation batch, every core for each session."""
-    sessions = tuple(
-        model_session(path, optimize=True, threads=ALL_THREADS) for path in (reference, candidate)
-    )
+    sessions = tuple(evaluation_session(path, ALL_THREADS) for path in (reference, candidate))
     return measure_latency(sessions, next(read_batches(evaluation)), runs)
 
 

@@ -166,6 +166,14 @@ PIPELINE: tuple[PassInfo, ...] = (
         ensures=frozenset({Fact.QUANTIZED}),
     ),
     PassInfo(
+        "quantize-kv-cache",
+        Phase.INSERT_QDQ,
+        "calibrate each GroupQueryAttention's cache and store it as int8, a scale per channel "
+        "(--kv-cache int8)",
+        "qdq.kv_cache",
+        why="a long context's cache outgrows the weights; the kernel reads int8 itself",
+    ),
+    PassInfo(
         "lower",
         Phase.LOWER,
         "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "
@@ -251,6 +259,16 @@ ORDER: tuple[Before, ...] = (
         "rotation",
         "pack-projections",
         "rotation folds its matrices into each projection it finds by the attention's shape",
+    ),
+    Before(
+        "runtime-fusion",
+        "quantize-kv-cache",
+        "the int8 cache is GroupQueryAttention's, which the attention fusion makes",
+    ),
+    Before(
+        "insert-qdq",
+        "quantize-kv-cache",
+        "the cache's scales are calibrated on the keys and values the quantized weights give",
     ),
     Before(
         "runtime-check",

@@ -34,6 +34,7 @@ from qgraph.outputs import Inputs, check_output, dataset_inputs
 from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import PlanReport, kept_reasons, plan, plan_sample, speed_gains
+from qgraph.recipe import KvCache
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel
@@ -189,8 +190,15 @@ def _planned_run(
     4. Where the plan kept in float every reader of a tensor SmoothQuant scaled (magika's
        Conv), the float rewrites run again told so, and the chosen round is compiled from
        them: its float ops read their own weights, with no ``X / s`` before them.
+
+    The probe and the rounds keep a decoder's KV cache float, as the plan's data holds it;
+    an int8 cache (``--kv-cache int8``) is calibrated once, in the chosen round's final compile.
     """
     full_options = options
+    asked_cache = options.quantization.kv_cache
+    options = dataclasses.replace(
+        options, quantization=dataclasses.replace(options.quantization, kv_cache=KvCache.FLOAT)
+    )
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
@@ -214,12 +222,13 @@ def _planned_run(
     quantization = options.quantization
     rounds: dict[frozenset[str], PipelineResult] = {}
 
-    def compile_with(kept: dict[str, str], format: QuantFormat | None) -> PipelineResult:
-        round_options = dataclasses.replace(
-            options,
-            quantization=dataclasses.replace(quantization, keep_float=tuple(kept.items())),
-            format=format,
+    def compile_with(
+        kept: dict[str, str], format: QuantFormat | None, cache: KvCache = KvCache.FLOAT
+    ) -> PipelineResult:
+        round_quantization = dataclasses.replace(
+            quantization, keep_float=tuple(kept.items()), kv_cache=cache
         )
+        round_options = dataclasses.replace(options, quantization=round_quantization, format=format)
         pipeline = build_pipeline(spec, round_options)
         return pipeline.run(ir.from_proto(original), listener=on_pass)
 
@@ -241,8 +250,9 @@ def _planned_run(
             on_pass,
         )
         original = ir.to_proto(prepared.model)
-    if wasted or (options.format or spec.format) is not QuantFormat.QDQ:
-        chosen = compile_with(kept, options.format)
+    other_format = (options.format or spec.format) is not QuantFormat.QDQ
+    if wasted or other_format or asked_cache is not KvCache.FLOAT:
+        chosen = compile_with(kept, options.format, asked_cache)
     return PipelineResult(chosen.model, prepared.records + chosen.records), report
 
 

@@ -19,6 +19,10 @@ no more than they need:
 
 Latency is the median of ``runs`` timed runs of the first batch per model, the two models
 alternating run by run so that a noisy machine slows both alike, after warm-up runs.
+
+Data holds a decoder's KV cache in float. A model that keeps its cache in int8 (``qgraph
+compile --kv-cache int8``) is fed it as it would have stored it and its cache outputs are read
+back in float (``generation.CacheCodec``), so both models are judged on the same data.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import onnxruntime as ort
 
 from qgraph.data import DataSource, Feeds, read_info
 from qgraph.errors import QGraphError
+from qgraph.generation import CacheCodec
 from qgraph.graph.model_io import external_tensors, load
 from qgraph.quant.calibration import checked_batches, sqnr_db
-from qgraph.verify import session
+from qgraph.verify import INTRA_OP_THREADS, session
 
 Outputs = dict[str, np.ndarray]
 WARMUP_RUNS = 3
@@ -228,9 +233,32 @@ def model_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def evaluation_session(path: str | os.PathLike) -> ort.InferenceSession:
-    """An onnxruntime session as deployed: all optimizations, one intra-op thread."""
-    return session(Path(path), optimize=True)
+@dataclasses.dataclass(frozen=True)
+class ModelSession:
+    """A model's onnxruntime session, fed and read as data holds its tensors (float caches)."""
+
+    session: ort.InferenceSession
+    codec: CacheCodec
+
+    def fitted(self, feeds: Mapping[str, np.ndarray]) -> Feeds:
+        """The feeds the session takes: its own inputs, caches stored as the model keeps them."""
+        wanted = {i.name for i in self.session.get_inputs()}
+        return self.codec.encode({k: v for k, v in feeds.items() if k in wanted})
+
+    def run_fitted(self, fitted: Feeds) -> Outputs:
+        """Every output on ``fitted`` feeds, caches read back in float."""
+        names = [output.name for output in self.session.get_outputs()]
+        outputs = self.session.run(names, fitted)
+        return self.codec.decode(dict(zip(names, outputs, strict=True)))
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Outputs:
+        return self.run_fitted(self.fitted(feeds))
+
+
+def evaluation_session(path: str | os.PathLike, threads: int = INTRA_OP_THREADS) -> ModelSession:
+    """A model's session as deployed: all optimizations, one intra-op thread unless asked."""
+    ort_session = session(Path(path), optimize=True, threads=threads)
+    return ModelSession(ort_session, CacheCodec.of(load(path).graph))
 
 
 def evaluate(
@@ -256,8 +284,8 @@ def evaluate(
     count = 0
     for count, feeds in enumerate(checked_batches(interfaces, data, "batch"), start=1):
         first = first if first is not None else feeds
-        expected = _expected(reference_outputs, count) or _run(sessions[0], feeds)
-        accumulator.update(feeds, expected, _run(sessions[1], feeds))
+        expected = _expected(reference_outputs, count) or sessions[0].run(feeds)
+        accumulator.update(feeds, expected, sessions[1].run(feeds))
         if progress is not None:
             progress(count)
     if first is None:
@@ -276,7 +304,7 @@ def reference_run(reference: str | os.PathLike, data: DataSource) -> list[Output
     """``reference``'s outputs on each batch of ``data``, for ``evaluate``'s
     ``reference_outputs``."""
     sess = evaluation_session(reference)
-    return [_run(sess, feeds) for feeds in checked_batches([_interface(reference)], data, "batch")]
+    return [sess.run(feeds) for feeds in checked_batches([_interface(reference)], data, "batch")]
 
 
 def _expected(stored: list[Outputs] | None, batch: int) -> Outputs | None:
@@ -286,28 +314,22 @@ def _expected(stored: list[Outputs] | None, batch: int) -> Outputs | None:
 
 
 def _interface(path: str | os.PathLike) -> ir.Graph:
-    """The graph inputs of the model at ``path``, alone: what its data is checked against,
-    without keeping its weights in memory."""
-    inputs = [ir.Value(name=v.name, type=v.type, shape=v.shape) for v in load(path).graph.inputs]
-    return ir.Graph(inputs, [], nodes=[])
-
-
-def _run(sess: ort.InferenceSession, feeds: Feeds) -> Outputs:
-    names = [output.name for output in sess.get_outputs()]
-    wanted = {i.name for i in sess.get_inputs()}
-    outputs = sess.run(names, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip(names, outputs, strict=True))
+    """The graph inputs of the model at ``path`` as its data fills them (float caches), alone:
+    what its data is checked against, without keeping its weights in memory."""
+    graph = load(path).graph
+    return ir.Graph(CacheCodec.of(graph).data_view(graph.inputs), [], nodes=[])
 
 
 def measure_latency(
-    sessions: tuple[ort.InferenceSession, ...], feeds: Mapping[str, np.ndarray], runs: int
+    sessions: tuple[ModelSession, ...], feeds: Mapping[str, np.ndarray], runs: int
 ) -> Latency:
     """Median seconds per run of each session on ``feeds``, runs interleaved."""
     times: list[list[float]] = [[] for _ in sessions]
+    fitted = [sess.fitted(feeds) for sess in sessions]
     for index in range(WARMUP_RUNS + runs):
-        for sess, record in zip(sessions, times, strict=True):
+        for sess, own, record in zip(sessions, fitted, times, strict=True):
             start = time.perf_counter()
-            _run(sess, dict(feeds))
+            sess.session.run(None, own)
             if index >= WARMUP_RUNS:
                 record.append(time.perf_counter() - start)
     reference, candidate = (statistics.median(t) for t in times)

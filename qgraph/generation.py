@@ -45,7 +45,7 @@ import enum
 import importlib.util
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,8 +65,12 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
-CACHE_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
-"""The cache element types the loop feeds, by onnxruntime's type name."""
+CACHE_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+}
+"""The cache element types the loop feeds, by onnxruntime's type name (int8: ``CacheCodec``)."""
 CONTEXT_LENGTH_KEY = "qgraph.generation.context_length"
 EOS_TOKEN_IDS_KEY = "qgraph.generation.eos_token_ids"
 CACHE_LAYOUT_KEY = "qgraph.generation.cache_layout"
@@ -78,9 +82,12 @@ RUN_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeExc
 ``run_with_iobinding`` raises a plain ``RuntimeError``)."""
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 _KINDS = ("key", "value")
-_IN_PLACE_OP = (MICROSOFT_DOMAIN, "GroupQueryAttention")
-_IN_PLACE_SLOTS = {"key": (3, 1), "value": (4, 2)}
+_ATTENTION_OP = (MICROSOFT_DOMAIN, "GroupQueryAttention")
+_CACHE_SLOTS = {"key": (3, 1), "value": (4, 2)}
 """Where ``GroupQueryAttention`` takes each past (input) and gives each present (output)."""
+GQA_SCALE_SLOTS = {"key": 12, "value": 13}
+"""Where ``GroupQueryAttention`` takes the scales of a quantized cache."""
+INT8_RANGE = (-128, 127)
 
 
 class GenerationError(QGraphError):
@@ -128,15 +135,122 @@ def writes_cache_in_place(graph: ir.Graph) -> bool:
 
 def _attention_updates(past: ir.Value, present: ir.Value, kind: str) -> bool:
     node = present.producer()
-    if node is None or (node.domain, node.op_type) != _IN_PLACE_OP:
+    if node is None or (node.domain, node.op_type) != _ATTENTION_OP:
         return False
-    past_slot, present_slot = _IN_PLACE_SLOTS[kind]
+    past_slot, present_slot = _CACHE_SLOTS[kind]
     return (
         len(node.inputs) > past_slot
         and node.inputs[past_slot] is past
         and node.outputs[present_slot] is present
         and len(past.uses()) == 1
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCaches:
+    """The attention kernels that own a decoder's cache, and the caches that are not theirs."""
+
+    kernels: list[ir.Node]
+    """``GroupQueryAttention`` nodes reading a ``past`` input and writing a ``present`` output
+    that nothing else reads."""
+    strays: list[str]
+    """Why a cache is not a kernel's alone: one sentence each, naming it."""
+
+
+def attention_caches(graph: ir.Graph) -> AttentionCaches:
+    """Which kernels own each ``past_key_values`` input of ``graph`` (``Shape`` may read it
+    too) and write its ``present`` output."""
+    kernels: list[ir.Node] = []
+    strays = []
+    for past in graph.inputs:
+        named = _PAST.fullmatch(past.name or "")
+        if named is None:
+            continue
+        past_slot, present_slot = _CACHE_SLOTS[named.group(2)]
+        attention = [u.node for u in past.uses() if _reads_past(u.node, u.idx, past_slot)]
+        others = [u.node for u in past.uses() if u.node not in attention]
+        others = [node for node in others if node.op_type != "Shape"]
+        if others:
+            strays.append(
+                f"cache input '{past.name}' is read by {others[0].op_type} "
+                f"'{others[0].name}', not by attention alone"
+            )
+        elif len(attention) != 1:
+            strays.append(
+                f"cache input '{past.name}' is not read by a GroupQueryAttention (its attention "
+                "was not fused: qgraph compile --explain says why)"
+            )
+        elif attention[0].outputs[present_slot].uses():
+            present = attention[0].outputs[present_slot]
+            strays.append(f"'{present.name}' is read inside the model, not only returned")
+        elif attention[0] not in kernels:
+            kernels.append(attention[0])
+    return AttentionCaches(kernels, strays)
+
+
+def _reads_past(node: ir.Node, index: int, past_slot: int) -> bool:
+    return (node.domain, node.op_type) == _ATTENTION_OP and index == past_slot
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheCodec:
+    """How a decoder stores its KV cache: the scale of each int8 cache input and output, by
+    name (``[1, H, 1, D]``, or a scalar for one per tensor); none where the cache is float.
+
+    A float cache (the float model's, as data holds it) is stored as the kernel would store it,
+    ``clamp(round(x / s), -128, 127)``; a stored one reads back as ``x_q s``.
+    """
+
+    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, graph: ir.Graph) -> CacheCodec:
+        """The codec of ``graph``'s kernels that keep an 8-bit cache with constant scales."""
+        scales = {}
+        for node in attention_caches(graph).kernels:
+            if node.attributes.get_int("kv_cache_bit_width", 0) != 8:
+                continue
+            heads = node.attributes.get_int("kv_num_heads", 1)
+            for kind, scale_slot in GQA_SCALE_SLOTS.items():
+                scale = node.inputs[scale_slot] if len(node.inputs) > scale_slot else None
+                if scale is None or scale.const_value is None:
+                    continue
+                array = scale.const_value.numpy().astype(np.float32)
+                shaped = array.reshape(1, heads, 1, -1) if array.size > 1 else array.reshape(())
+                past_slot, present_slot = _CACHE_SLOTS[kind]
+                for value in (node.inputs[past_slot], node.outputs[present_slot]):
+                    scales[value.name] = shaped
+        return cls(scales)
+
+    def encode(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` with each float cache the model keeps in int8 stored as it would be."""
+        return {name: self._stored(name, array) for name, array in feeds.items()}
+
+    def decode(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``outputs`` with each int8 cache read back as float32."""
+        return {
+            name: array.astype(np.float32) * self.scales[name]
+            if name in self.scales and array.dtype == np.int8
+            else array
+            for name, array in outputs.items()
+        }
+
+    def data_view(self, inputs: Sequence[ir.Value]) -> list[ir.Value]:
+        """``inputs`` as data fills them: each int8 cache a float one."""
+        return [
+            ir.Value(
+                name=value.name,
+                type=ir.TensorType(ir.DataType.FLOAT) if value.name in self.scales else value.type,
+                shape=value.shape,
+            )
+            for value in inputs
+        ]
+
+    def _stored(self, name: str, array: np.ndarray) -> np.ndarray:
+        scale = self.scales.get(name)
+        if scale is None or array.dtype == np.int8:
+            return array
+        return np.clip(np.rint(array / scale), *INT8_RANGE).astype(np.int8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +297,8 @@ class DecoderInterface:
             )
         if first.type not in CACHE_DTYPES:
             raise GenerationError(
-                f"{label}: '{first.name}' is {first.type}; generate feeds float or float16 caches"
+                f"{label}: '{first.name}' is {first.type}; generate feeds float, float16 or int8 "
+                "caches"
             )
         metadata = session.get_modelmeta().custom_metadata_map
         vocab = outputs[LOGITS].shape[-1]

@@ -21,6 +21,7 @@ become underscores); flags given on the command line override it, and list flags
     smoothquant = 0.5               # SmoothQuant's alpha, "auto", or "none" [static: auto]
     rotate = true                   # Hadamard rotations (QuaRot-style) before quantizing
     rotate_seed = 0                 # the rotations' random signs
+    kv_cache = "int8"               # float | int8: a decoder's KV cache, a scale per channel
 
     [tensor."/model/layers.0/mlp/act_fn/Mul_output_0"]   # a regular expression, whole name
     dtype = "int16"
@@ -108,6 +109,16 @@ class WeightRounding(str, enum.Enum):
     not yet rounded (``qgraph.passes.gptq``; needs calibration data)."""
 
 
+class KvCache(str, enum.Enum):
+    """How a decoder's attention stores its KV cache."""
+
+    FLOAT = "float"
+    """As the model computes it."""
+    INT8 = "int8"
+    """int8, one scale per key-value head and channel from calibration
+    (``qgraph.passes.qdq.kv_cache``): a quarter of the bytes."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorOverride:
     """A per-tensor change to what the target would choose."""
@@ -163,6 +174,8 @@ class QuantOptions:
         rotate: Rotate the residual stream, attention heads and MLP inputs by orthogonal
             (Hadamard) matrices first (any mode), spreading outlier channels.
         rotate_seed: Seed of the rotations' random signs (the same seed, the same model).
+        kv_cache: A decoder's KV cache kept float, or int8 with calibrated scales (needs
+            calibration data, and attention fused into onnxruntime's GroupQueryAttention).
         calib: Calibration data (a dataset path or an iterable of feed dicts).
         calib_random: Calibrate on this many random batches instead (accuracy meaningless).
     """
@@ -184,6 +197,7 @@ class QuantOptions:
     smoothquant: float | str | None = PLANNED_SMOOTHING
     rotate: bool = False
     rotate_seed: int = 0
+    kv_cache: KvCache = KvCache.FLOAT
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
     calib_random: int | None = None
     plan_data: DataSource | None = dataclasses.field(default=None, compare=False)
@@ -196,6 +210,7 @@ class QuantOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
         object.__setattr__(self, "weight_rounding", WeightRounding(self.weight_rounding))
+        object.__setattr__(self, "kv_cache", KvCache(self.kv_cache))
         if self.mode not in QUANTIZING_MODES:
             raise RecipeError(
                 f"mode {self.mode.value} quantizes nothing: a float compile has no quantization "
@@ -513,6 +528,7 @@ _FIELDS = {
     "smoothquant": _smoothquant,
     "rotate": _flag("rotate"),
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),
+    "kv_cache": lambda value: KvCache(_choice("kv_cache", value, [k.value for k in KvCache])),
     "calib": _data("calib"),
     "calib_random": _number("calib_random", int, 1, 1_000_000),
     "plan_data": _data("plan_data"),

@@ -43,6 +43,7 @@ import onnxruntime as ort
 from qgraph.atomic import replaced_file
 from qgraph.data import DataSource
 from qgraph.errors import QGraphError
+from qgraph.generation import CacheCodec
 from qgraph.graph.ops import QDQ_OPS
 from qgraph.graph.patterns import escape
 from qgraph.inspection import reads_dequantized, torch_name_scopes
@@ -123,6 +124,12 @@ def debug_accuracy(
     """Compare every quantized op of ``quantized`` with ``float_model`` over ``data`` (the
     impact at the outputs over its first ``impact_batches`` batches; 0: not measured).
     ``progress`` is told (what, done, total) as batches and impact runs finish."""
+    if CacheCodec.of(quantized.graph).scales:
+        raise DebugError(
+            "the quantized model keeps its KV cache in int8 (--kv-cache int8), and debug "
+            "compares op by op on the float model's data: compile it without --kv-cache to "
+            "debug its weights and activations"
+        )
     ops = quantized_ops(quantized)
     if not ops:
         raise DebugError(

@@ -27,6 +27,7 @@ from qgraph.recipe import (
     DEFAULT_ALPHA,
     EMBEDDING_BITS,
     WEIGHT_ONLY_DTYPES,
+    KvCache,
     Mode,
     QuantOptions,
     RecipeError,
@@ -240,6 +241,16 @@ Examples:
     help="Seed of the rotations' random signs; the same seed gives the same model [0].",
 )
 @click.option(
+    "--kv-cache",
+    type=click.Choice([k.value for k in KvCache]),
+    help="A decoder's KV cache: float, or int8 with one scale per key-value head and channel "
+    "from the calibration data (keys' scales cover every rotary angle): a quarter of the "
+    "memory a long context takes. Needs attention fused into onnxruntime's "
+    "GroupQueryAttention; the model's past_key_values inputs and present outputs become int8 "
+    "(qgraph generate and eval convert float caches). Decode runs as fast; onnxruntime's CPU "
+    "kernel prefills long prompts over it 2x slower [default: float].",
+)
+@click.option(
     "--recipe",
     type=click.Path(path_type=Path),
     help="A TOML file with any of the quantization options above (flags override it).",
@@ -306,6 +317,8 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
         ]
         if WeightRounding.GPTQ in (flags.get("weight_rounding"), table.get("weight_rounding")):
             asked.append("--weight-rounding gptq")
+        if KvCache.INT8 in (flags.get("kv_cache"), table.get("kv_cache")):
+            asked.append("--kv-cache int8")
         if asked:
             raise RecipeError(
                 f"{' and '.join(asked)} {'works' if len(asked) == 1 else 'work'} only in a "

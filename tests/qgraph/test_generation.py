@@ -302,3 +302,45 @@ def test_a_model_stamped_in_place_that_is_not_fails_in_one_line(tmp_path, toy_de
     with pytest.raises(GenerationError, match=r"stamped.onnx: onnxruntime failed to run it at "
                        r"cache length 0: Error in execution: .* Concat node"):  # fmt: skip
         generate(decoder, [1, 2], 3)
+
+
+def test_an_int8_cache_is_fed_back_in_place_as_a_growing_one_would_be(tmp_path):
+    """Compiled with ``--kv-cache int8`` (weights left float), the decoder's caches are int8;
+    the loop feeds them back, bound in place or grown step by step, to the same logits."""
+    import onnx
+
+    import qgraph
+    from qgraph.options import CompileOptions
+    from qgraph.recipe import quant_options
+
+    rng = np.random.default_rng(4)
+    empty = np.zeros((1, KV_HEADS, 0, HEAD), np.float32)
+    calibration = [
+        {
+            "input_ids": rng.integers(0, VOCAB, (1, 6)),
+            "attention_mask": np.ones((1, 6), np.int64),
+            **dict.fromkeys(generation.cache_names(1), empty),
+        }
+        for _ in range(3)
+    ]
+    options = quant_options(
+        mode="weight-only", kv_cache="int8", calib=calibration, exclude_op=["MatMul", "Gather"]
+    )
+    qgraph.compile_model(
+        attention_decoder(),
+        "x86-avx2",
+        output=tmp_path / "in_place.onnx",
+        options=CompileOptions(quantization=options),
+    )
+    model = onnx.load(tmp_path / "in_place.onnx")
+    del model.metadata_props[:]
+    onnx.save(model, tmp_path / "growing.onnx")
+    in_place, growing = Decoder(tmp_path / "in_place.onnx"), Decoder(tmp_path / "growing.onnx")
+    assert in_place.interface.cache_layout is generation.CacheLayout.IN_PLACE
+    assert in_place.interface.cache_dtype == growing.interface.cache_dtype == np.int8
+    prompt = [3, 9, 1, 4, 7]
+    expected = generate(growing, prompt, 12, keep_logits=True)
+    actual = generate(in_place, prompt, 12, keep_logits=True)
+    assert actual.tokens == expected.tokens
+    for ours, theirs in zip(actual.logits, expected.logits, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-5)

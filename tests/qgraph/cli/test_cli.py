@@ -357,6 +357,10 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
         invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--weight-rounding", "gptq"),
         "--weight-rounding gptq works only in a quantizing compile",
     )
+    assert_one_line_error(
+        invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--kv-cache", "int8"),
+        "--kv-cache int8 works only in a quantizing compile",
+    )
 
 
 def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
