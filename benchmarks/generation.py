@@ -28,12 +28,14 @@ has its runtime, through ``benchmarks/generation_worker.py``; so ``onnxruntime-g
 
 What is measured, for each row:
 
-- prefill tokens/s: a 128-token prompt (the first held-out window) in one run, from an empty
-  cache, the first new token picked from its last logits; decode tokens/s: the other 127 of 128
-  new tokens, one run each (greedy, end-of-text ignored; picking the token included). At one
-  intra-op thread and at all threads (``os.cpu_count()``): each model and thread count is one
-  worker process, which generates 8 tokens to warm up, then the workers take turns, ``--runs``
-  rounds (the order rotated each round), and the median of each worker's runs is reported;
+- prefill tokens/s: a 128-token prompt (the first held-out window; ``--prompt-tokens N``: the
+  first N tokens of the held-out windows one after another, for a long context) in one run,
+  from an empty cache, the first new token picked from its last logits; decode tokens/s: the
+  other 127 of 128 new tokens, one run each (greedy, end-of-text ignored; picking the token
+  included). At one intra-op thread and at all threads (``os.cpu_count()``): each model and
+  thread count is one worker process, which generates 8 tokens to warm up, then the workers
+  take turns, ``--runs`` rounds (the order rotated each round), and the median of each
+  worker's runs is reported;
 - peak RSS: the worker process's peak resident set (``VmHWM``) after its timed runs,
   interpreter and imports included (a worker's Python with numpy starts at ~30 MB; the
   ONNX rows' worker imports qgraph, onnx and onnx-ir too);
@@ -97,6 +99,8 @@ GENAI_PYTHON = Path("/work/genai-venv/bin/python")
 LLAMA_PYTHON = Path("/work/llama-venv/bin/python")
 LLAMA_TYPES = ("F32", "Q8_0", "Q4_0")
 PROMPT_TOKENS, NEW_TOKENS, WARMUP_TOKENS = 128, 128, 8
+LLAMA_CONTEXT = 512
+"""llama.cpp's context (and batch) where the timing prompt is short: every window scored fits."""
 AGREEMENT_PROMPTS, AGREEMENT_PROMPT_TOKENS, AGREEMENT_STEPS = 8, 32, 64
 FP32 = "FP32 ONNX"
 NAN = float("nan")
@@ -276,9 +280,15 @@ class Data:
     agreement_prompts: list[list[int]]
 
 
-def load_data(zoo: Path, limit: int | None = None, prompts: int = AGREEMENT_PROMPTS) -> Data:
+def load_data(
+    zoo: Path,
+    limit: int | None = None,
+    prompts: int = AGREEMENT_PROMPTS,
+    prompt_tokens: int = PROMPT_TOKENS,
+) -> Data:
     """The held-out windows (evaluation batches read from an empty cache; the first ``limit``),
-    the timing prompt and ``prompts`` agreement prompts."""
+    the timing prompt (the windows' first ``prompt_tokens`` tokens, one window after another)
+    and ``prompts`` agreement prompts."""
     windows: list[list[int]] = []
     for path in sorted((zoo / "evaluation").glob("*.npz")):
         with np.load(path) as batch:
@@ -286,7 +296,12 @@ def load_data(zoo: Path, limit: int | None = None, prompts: int = AGREEMENT_PROM
                 windows += batch["input_ids"].tolist()
     stride = len(windows) // prompts
     starts = [windows[i * stride][:AGREEMENT_PROMPT_TOKENS] for i in range(prompts)]
-    return Data(windows[:limit], windows[0][:PROMPT_TOKENS], starts)
+    stream = [token for window in windows for token in window]
+    if len(stream) < prompt_tokens:
+        raise SystemExit(
+            f"--prompt-tokens {prompt_tokens}: the held-out windows hold {len(stream)} tokens"
+        )
+    return Data(windows[:limit], stream[:prompt_tokens], starts)
 
 
 # --- workers ---
@@ -299,7 +314,13 @@ class WorkerError(RuntimeError):
 class Worker:
     """A ``generation_worker.py`` process holding one model at one thread count."""
 
-    def __init__(self, variant: Variant, threads: int, logits_all: bool = False) -> None:
+    def __init__(
+        self,
+        variant: Variant,
+        threads: int,
+        logits_all: bool = False,
+        context: int = LLAMA_CONTEXT,
+    ) -> None:
         command = [
             str(variant.python),
             str(WORKER),
@@ -309,6 +330,8 @@ class Worker:
             str(variant.model),
             "--threads",
             str(threads),
+            "--context",
+            str(context),
         ]
         if logits_all:
             command.append("--logits-all")
@@ -379,10 +402,11 @@ def measure_quality(
 def measure_speed(rows: Sequence[Row], data: Data, threads: Sequence[int], runs: int) -> None:
     """Every row at every thread count, the workers taking turns (see the module doc)."""
     workers: list[Worker] = []
+    context = max(LLAMA_CONTEXT, len(data.prompt) + NEW_TOKENS)
     for row in rows:
         for t in threads:
             try:
-                workers.append(Worker(row.variant, t))
+                workers.append(Worker(row.variant, t, context=context))
             except WorkerError as error:
                 row.failures.append(f"{t} thread(s): failed to load: {error}")
     times: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -406,7 +430,7 @@ def measure_speed(rows: Sequence[Row], data: Data, threads: Sequence[int], runs:
             prefill, decode = zip(*times[key], strict=True)
             rss = worker.ask("rss")["peak_rss_mb"]
             _row(rows, worker.variant).speed[worker.threads] = Speed(
-                PROMPT_TOKENS / statistics.median(prefill),
+                len(data.prompt) / statistics.median(prefill),
                 (NEW_TOKENS - 1) / statistics.median(decode),
                 rss,
             )
@@ -582,7 +606,7 @@ BUILDS = [
     "and Q8_0 and Q4_0 from F16; in Q4_0 llama.cpp keeps the tied `token_embd` (the output "
     "projection) in Q8_0.",
     "",
-    "Columns: tok/s are medians (prefill: 128 prompt tokens over the prefill run; decode: 127 "
+    "Columns: tok/s are medians (prefill: the prompt's tokens over the prefill run; decode: 127 "
     "steps over their time); peak RSS is the worker process's `VmHWM`; ppl ratio is over FP32 "
     "ONNX's perplexity; greedy prefix and top-1 agree compare with FP32 ONNX's greedy tokens "
     "(module docstring).",
@@ -672,6 +696,12 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--windows", type=int, help="score only the first N windows (a trial)")
     parser.add_argument("--prompts", type=int, default=AGREEMENT_PROMPTS, help="agreement prompts")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=PROMPT_TOKENS,
+        help="timing prompt length: the held-out windows' first N tokens (a long context)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="FP32 and qgraph rows only")
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="built peer models")
     parser.add_argument("--out", type=Path, default=HERE / "generation.md")
@@ -682,7 +712,7 @@ def arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = arguments(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    data = load_data(args.zoo, args.windows, args.prompts)
+    data = load_data(args.zoo, args.windows, args.prompts, args.prompt_tokens)
     args.load_before = os.getloadavg()
     threads = sorted({1, args.threads})
     project = Path(sys.executable)

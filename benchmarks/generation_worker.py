@@ -116,16 +116,14 @@ class GenaiRuntime:
 class LlamaRuntime:
     """A GGUF in llama.cpp (``llama-cpp-python``'s ``Llama``), tokens fed as ids, no BOS added."""
 
-    CONTEXT = 512
-
-    def __init__(self, model: Path, threads: int, logits_all: bool) -> None:
+    def __init__(self, model: Path, threads: int, logits_all: bool, context: int) -> None:
         from llama_cpp import Llama
 
         self.llm = Llama(
             model_path=str(model),
-            n_ctx=self.CONTEXT,
-            n_batch=self.CONTEXT,
-            n_ubatch=self.CONTEXT,
+            n_ctx=context,
+            n_batch=context,
+            n_ubatch=context,
             n_threads=threads,
             n_threads_batch=threads,
             logits_all=logits_all,
@@ -157,13 +155,13 @@ class LlamaRuntime:
         return tokens, prefill, time.perf_counter() - start
 
 
-def load(runtime: str, model: Path, threads: int, logits_all: bool) -> Runtime:
+def load(runtime: str, model: Path, threads: int, logits_all: bool, context: int) -> Runtime:
     if runtime == "onnx":
         return OnnxRuntime(model, threads)
     if runtime == "genai":
         return GenaiRuntime(model, threads)
     if runtime == "llama":
-        return LlamaRuntime(model, threads, logits_all)
+        return LlamaRuntime(model, threads, logits_all, context)
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
@@ -221,6 +219,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--logits-all", action="store_true", help="llama.cpp: keep every logit")
+    parser.add_argument("--context", type=int, default=512, help="llama.cpp: context tokens")
     parser.add_argument("--quantize", nargs=3, metavar=("SRC", "DST", "TYPE"))
     args = parser.parse_args()
     if args.quantize:
@@ -229,7 +228,7 @@ def main() -> None:
         return
     rss_before = peak_rss_mb()
     try:
-        runtime = load(args.runtime, args.model, args.threads, args.logits_all)
+        runtime = load(args.runtime, args.model, args.threads, args.logits_all, args.context)
     except Exception as error:
         print(json.dumps({"error": " ".join(f"{type(error).__name__}: {error}".split())}))
         raise SystemExit(1) from error

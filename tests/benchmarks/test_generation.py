@@ -127,3 +127,14 @@ def test_load_data_keeps_full_windows_only(tmp_path: Path) -> None:
     assert data.windows == full.tolist()
     assert data.prompt == full[0].tolist()
     assert data.agreement_prompts == [full[0, :32].tolist(), full[1, :32].tolist()]
+
+
+def test_a_long_timing_prompt_runs_the_windows_one_after_another(tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    (zoo / "evaluation").mkdir(parents=True)
+    full = np.arange(2 * 128).reshape(2, 128)
+    empty = np.zeros((2, 3, 0, 64), np.float32)
+    np.savez(zoo / "evaluation/000000.npz", input_ids=full, **{"past_key_values.0.key": empty})
+    assert bench.load_data(zoo, prompts=2, prompt_tokens=200).prompt == list(range(200))
+    with pytest.raises(SystemExit, match="--prompt-tokens 300: the held-out windows hold 256"):
+        bench.load_data(zoo, prompts=2, prompt_tokens=300)
