@@ -175,20 +175,29 @@ def _why_no_kernel(graph: ir.Graph) -> str:
 
 
 def _key_pairing(node: ir.Node) -> Pairing | None:
-    """How the keys this kernel caches were rotated, if it or a RotaryEmbedding did."""
+    """How the keys this kernel caches were rotated, if it or a RotaryEmbedding did; refuses
+    a rotation of part of each head, whose pairs the scales would not follow."""
     if node.attributes.get_int("do_rotary", 0):
-        return _pairing(node.attributes.get_int("rotary_interleaved", 0))
+        cos_cache = node.inputs[7]
+        rotated = 2 * cos_cache.shape[-1] if cos_cache is not None and cos_cache.shape else None
+        return _whole_head_pairing(node, rotated, node.attributes.get_int("rotary_interleaved", 0))
     key = node.inputs[1]
-    producer = key.producer() if key is not None else None
-    if producer is not None and (producer.domain, producer.op_type) == (
-        MICROSOFT_DOMAIN,
-        "RotaryEmbedding",
-    ):
-        return _pairing(producer.attributes.get_int("interleaved", 0))
-    return None
+    rotary = key.producer() if key is not None else None
+    if rotary is None or (rotary.domain, rotary.op_type) != (MICROSOFT_DOMAIN, "RotaryEmbedding"):
+        return None
+    rotated = rotary.attributes.get_int("rotary_embedding_dim", 0) or None
+    return _whole_head_pairing(node, rotated, rotary.attributes.get_int("interleaved", 0))
 
 
-def _pairing(interleaved: int) -> Pairing:
+def _whole_head_pairing(node: ir.Node, rotated: int | None, interleaved: int) -> Pairing:
+    """The pairing of a rotation of ``rotated`` channels (None: the whole head)."""
+    dims = [v.shape[-1] for v in (node.outputs[1], node.inputs[3]) if v is not None and v.shape]
+    head = next((d for d in dims if isinstance(d, int)), None)
+    if None not in (rotated, head) and rotated != head:
+        raise KvCacheError(
+            f"--kv-cache int8: '{node.name}' rotates {rotated} of each key's {head} channels; "
+            "the int8 cache's key scales assume a rotation of the whole head"
+        )
     return Pairing.INTERLEAVED if interleaved else Pairing.HALVES
 
 

@@ -267,3 +267,15 @@ def test_debug_refuses_an_int8_cache_model_by_saying_so(tmp_path):
     model = compiled(proto, [prefill(0)], tmp_path)
     with pytest.raises(DebugError, match="keeps its KV cache in int8"):
         debug_accuracy(qgraph.load(proto), model, [prefill(0)])
+
+
+def test_a_rotation_of_part_of_each_head_is_refused_by_name():
+    proto = gqa_layer("outside")
+    for node in proto.graph.node:
+        if node.op_type == "RotaryEmbedding":
+            for attribute in node.attribute:
+                if attribute.name == "rotary_embedding_dim":
+                    attribute.i = HEAD // 2
+    options = quant_options(mode="weight-only", kv_cache="int8", calib=[prefill(0)])
+    with pytest.raises(QGraphError, match=f"rotates {HEAD // 2} of each key's {HEAD} channels"):
+        qgraph.compile_model(proto, "x86-avx2", options=CompileOptions(quantization=options))
