@@ -5,7 +5,7 @@ in which types; the user's options say the mode and what to keep in float. For e
 op the pass records a ``NodeAnnotation`` on the node (``set_annotation``; insert-qdq takes it
 with ``take_annotation``), or reports the reason it stays in float. Only the data inputs of
 weighted ops are ever quantized (and, where the runtime fuses an op into an integer kernel
-only behind a ``QuantizeLinear``, its output: ``TargetSpec.quantizes_output``), so shape
+only behind a ``QuantizeLinear``, its output: ``KernelProfile.quantizes_output``), so shape
 and index computations, masks and everything the target runs in float are left exact.
 
 Weight specs are per output channel where the target says so: ``Conv`` weights ``[M, C/g, kH,
@@ -27,7 +27,7 @@ where the target's dynamic kernel beats its 8-bit weight-only one (``dynamic_tab
 the table is then in the target's weight type.
 
 Where the target fuses a weighted op with the ``Add`` of a skip connection
-(``quantize_residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
+(``kernels.residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
 bias) and an activation that no weighted op produced gets a ``ResidualAnnotation``: its skip
 input is quantized like an activation, and the op's output stays float.
 """
@@ -223,7 +223,7 @@ class AnnotatePass(ir.passes.InPlacePass):
             else:
                 set_annotation(node, decision)
                 report.annotated[node.op_type] += 1
-        if self.target.quantize_residual_inputs and self.options.mode is Mode.STATIC:
+        if self.target.kernels.residual_inputs and self.options.mode is Mode.STATIC:
             report.residual_inputs = self._annotate_residuals(model)
         self._list_subgraph_ops(model, report)
         return ReportingPassResult(model, modified=False, details=report)
@@ -243,7 +243,7 @@ class AnnotatePass(ir.passes.InPlacePass):
     def _annotate_embedding(self, node: ir.Node, report: AnnotationReport) -> bool:
         """Mark a ``Gather`` from an embedding table the target stores in integers; whether
         ``node`` is such a Gather (quantized, or kept float with a reason)."""
-        if not self.target.quantized_embeddings or embedding_table(node) is None:
+        if not self.target.kernels.embeddings or embedding_table(node) is None:
             return False
         reason = self.options.excluded(node)
         if reason:
@@ -268,8 +268,8 @@ class AnnotatePass(ir.passes.InPlacePass):
     @property
     def _quantizable_ops(self) -> frozenset[str]:
         if self.options.mode is Mode.DYNAMIC:
-            return self.target.dynamic_quantizable_ops
-        return self.target.quantizable_ops
+            return self.target.kernels.dynamic_quantizable_ops
+        return self.target.kernels.quantizable_ops
 
     @property
     def _never_quantized(self) -> str:
@@ -308,7 +308,7 @@ class AnnotatePass(ir.passes.InPlacePass):
     def _activation_product(self, node: ir.Node) -> NodeAnnotation | None:
         """Both inputs of a MatMul quantized per tensor, where the target multiplies two
         computed 8-bit tensors in integers (static mode); None elsewhere."""
-        if not self.target.activation_products or self.options.mode is not Mode.STATIC:
+        if not self.target.kernels.activation_products or self.options.mode is not Mode.STATIC:
             return None
         if node.op_type != "MatMul" or any(
             v is None or v.dtype != ir.DataType.FLOAT for v in node.inputs
@@ -326,7 +326,7 @@ class AnnotatePass(ir.passes.InPlacePass):
 
     def _output_spec(self, node: ir.Node) -> QuantSpec | None:
         """The spec of the op's output where the target fuses the op only behind a Q."""
-        if not self.target.quantizes_output(node):
+        if not self.target.kernels.quantizes_output(node):
             return None
         if self.options.mode is not Mode.STATIC or node.outputs[0].is_graph_output():
             return None
@@ -346,7 +346,7 @@ class AnnotatePass(ir.passes.InPlacePass):
     def _dynamic_tables(self) -> bool:
         """8-bit tables stored in the target's weight type for a dynamic projection."""
         return (
-            self.target.dynamic_table_projection
+            self.target.kernels.dynamic_table_projection
             and self.options.mode is Mode.WEIGHT_ONLY
             and self.options.embedding_bits == 8
         )
@@ -364,13 +364,13 @@ class AnnotatePass(ir.passes.InPlacePass):
     def _activation_spec(self, value: ir.Value) -> QuantSpec:
         override = self.options.override(value.name or "")
         wide = override.dtype is not None and override.dtype.bitwidth == 16
-        if wide and not self.target.int16_activations:
+        if wide and not self.target.activations.int16:
             raise RecipeError(
                 f"tensor '{value.name}': target {self.target.name} has no 16-bit activations"
             )
         return QuantSpec(
-            dtype=override.dtype or self.target.activation_dtype,
-            symmetric=self.target.activation_symmetric,
+            dtype=override.dtype or self.target.activations.dtype,
+            symmetric=self.target.activations.symmetric,
             method=override.method or self.options.calib_method,
         )
 
@@ -386,9 +386,9 @@ class AnnotatePass(ir.passes.InPlacePass):
         if self.options.mode is Mode.WEIGHT_ONLY and not self._dynamic_tables:
             return QuantSpec(ir.DataType.INT8, symmetric=True, axis=axis)
         return QuantSpec(
-            dtype=self.target.weight_dtype,
-            symmetric=self.target.weight_symmetric,
-            bits=self.target.weight_bits,
+            dtype=self.target.weights.dtype,
+            symmetric=self.target.weights.symmetric,
+            bits=self.target.weights.bits,
             axis=axis,
         )
 
@@ -400,13 +400,13 @@ class AnnotatePass(ir.passes.InPlacePass):
     def _weight_spec(self, node: ir.Node, layout: WeightedOp) -> QuantSpec:
         if self._tied(node, layout) and not self._own_projection_copies:
             return self._table_spec(axis=1, block_axis=0)  # E^T [H, V]: rows of E on axis 1
-        channel_axis = layout.channel_axis(node) if self.target.per_channel_weights else None
+        channel_axis = layout.channel_axis(node) if self.target.weights.per_channel else None
         four_bit = self.options.weight_dtype.bitwidth == 4
         if self.options.mode is not Mode.WEIGHT_ONLY and not four_bit:
             return QuantSpec(
-                dtype=self.target.weight_dtype,
-                symmetric=self.target.weight_symmetric,
-                bits=self.target.weight_bits,
+                dtype=self.target.weights.dtype,
+                symmetric=self.target.weights.symmetric,
+                bits=self.target.weights.bits,
                 axis=channel_axis,
             )
         dtype = self.options.weight_dtype
@@ -426,7 +426,7 @@ class AnnotatePass(ir.passes.InPlacePass):
         if (
             layout.bias is None
             or self.options.mode is not Mode.STATIC
-            or not self.target.int32_bias
+            or not self.target.kernels.int32_bias
         ):
             return None
         bias = _input(node, layout.bias)

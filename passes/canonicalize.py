@@ -327,7 +327,7 @@ BUILDERS: dict[str, PassBuilder] = {
     "upgrade-opset": lambda ctx: (
         None
         if ctx.options.quantization is None
-        else OpsetUpgradePass(ctx.options.quantization.required_opset(ctx.target.min_opset))
+        else OpsetUpgradePass(ctx.options.quantization.required_opset(ctx.target.runtime.min_opset))
     ),
     "lift-constants": lambda ctx: common.LiftConstantsToInitializersPass(lift_all_constants=False),
     "shape-inference": lambda ctx: ShapeInferencePass(),

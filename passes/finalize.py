@@ -5,7 +5,7 @@
 - ``name-fix``: every node and value gets a unique, non-empty name (graph inputs and outputs
   keep theirs).
 - ``onnx-checker``: the ONNX checker (without weights, so 2 GB models cost nothing extra). Ops
-  the target's runtime adds to the default domain (``TargetSpec.default_domain_extensions``)
+  the target's runtime adds to the default domain (``RuntimeProfile.default_domain_extensions``)
   are shown to it in a private domain, which it does not check; everything else is checked.
 - ``target-conformance``: the target's own rules (``TargetSpec.check``).
 
@@ -62,7 +62,7 @@ def onnx_checker_failure(model: ir.Model, extensions: frozenset[str] = frozenset
 def conformance_violations(model: ir.Model, target: TargetSpec) -> list[Violation]:
     """What the two checks of the finalize phase find wrong with ``model`` for ``target``: the
     ONNX checker's complaint (rule ``onnx_checker``), then each broken target rule."""
-    failure = onnx_checker_failure(model, target.default_domain_extensions)
+    failure = onnx_checker_failure(model, target.runtime.default_domain_extensions)
     found = [Violation(CHECKER_RULE, failure)] if failure is not None else []
     return found + target.check(model)
 
@@ -118,7 +118,7 @@ BUILDERS: dict[str, PassBuilder] = {
     "remove-unused": lambda ctx: remove_unused(),
     "topological-sort": lambda ctx: common.TopologicalSortPass(),
     "name-fix": lambda ctx: common.NameFixPass(),
-    "onnx-checker": lambda ctx: OnnxCheckerPass(ctx.target.default_domain_extensions),
+    "onnx-checker": lambda ctx: OnnxCheckerPass(ctx.target.runtime.default_domain_extensions),
     "target-conformance": lambda ctx: TargetConformancePass(ctx.target),
 }
 """What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

@@ -112,7 +112,7 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
         return ReportingPassResult(model, bool(reverted), report)
 
     def _not_checked(self) -> str | None:
-        if not self.target.runtime_checked:
+        if not self.target.kernels.runtime_checked:
             return f"target {self.target.name} runs on {self.target.execution_provider}"
         if not same_arch(self.target.arch, platform.machine()):
             return f"target {self.target.name} runs on {self.target.arch}, this host is not one"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import operator
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
@@ -124,11 +125,16 @@ def build_pipeline(
 
 TARGET_CAPABILITIES = {
     "lowering_rules": ("qgraph.passes.lowering", "RULE_NAMES", "lowering rule"),
-    "quantizable_ops": ("qgraph.passes.annotate", "WEIGHT_LAYOUTS", "quantizable op"),
-    "dynamic_quantizable_ops": ("qgraph.passes.annotate", "WEIGHT_LAYOUTS", "quantizable op"),
+    "kernels.quantizable_ops": ("qgraph.passes.annotate", "WEIGHT_LAYOUTS", "quantizable op"),
+    "kernels.dynamic_quantizable_ops": (
+        "qgraph.passes.annotate",
+        "WEIGHT_LAYOUTS",
+        "quantizable op",
+    ),
 }
 """Target fields naming what a built-in pass does: field -> (module, what it has, what to
-call an entry). A record asking for more than the passes have would be silently ignored."""
+call an entry). A record asking for more than the passes have would be silently ignored.
+(What a record's fields say of each other is checked when it is made: ``targets.spec``.)"""
 
 
 def target_problems(target: TargetSpec) -> list[str]:
@@ -137,12 +143,10 @@ def target_problems(target: TargetSpec) -> list[str]:
     problems = []
     for field, (module, name, entry) in TARGET_CAPABILITIES.items():
         known = getattr(importlib.import_module(module), name)
-        for value in getattr(target, field):
+        for value in operator.attrgetter(field)(target):
             if value not in known:
                 problems.append(
                     f"{field} names {entry} '{value}', which qgraph has none of "
                     f"(it has: {', '.join(sorted(known))})"
                 )
-    if target.min_opset > target.max_opset:
-        problems.append(f"min_opset {target.min_opset} is above max_opset {target.max_opset}")
     return problems

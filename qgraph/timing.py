@@ -76,8 +76,8 @@ class OpShape:
         text = json.dumps(
             [
                 dataclasses.astuple(self),
-                target.activation_dtype.name,
-                target.weight_dtype.name,
+                target.activations.dtype.name,
+                target.weights.dtype.name,
                 ort.__version__,
                 sorted(host_cpu_flags()),
             ]
@@ -99,7 +99,7 @@ def op_shape(node: ir.Node, shapes: dict[str, tuple[int, ...]], target: TargetSp
         tuple(tuple(shapes[v.name]) for v in data),
         weight,
         attributes,
-        target.quantizes_output(node),
+        target.kernels.quantizes_output(node),
     )
 
 
@@ -146,7 +146,7 @@ class CostModel:
         quantized = sum(math.prod(dims) for dims in shape.inputs)
         if shape.quantized_output:
             quantized += work / _reduction(shape)
-        int8 = work / target.nominal_int8_speedup + QUANTIZE_COST_MACS * quantized
+        int8 = work / target.kernels.nominal_int8_speedup + QUANTIZE_COST_MACS * quantized
         return work / NOMINAL_FP32_MACS_PER_SECOND, int8 / NOMINAL_FP32_MACS_PER_SECOND
 
 
@@ -299,8 +299,8 @@ def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
 
 
 def _quantized_inputs(names: list[str], target: TargetSpec):
-    zero = 0 if target.activation_dtype.is_signed() else 128
-    dtype = np.int8 if target.activation_dtype.is_signed() else np.uint8
+    zero = 0 if target.activations.dtype.is_signed() else 128
+    dtype = np.int8 if target.activations.dtype.is_signed() else np.uint8
     initializers = [
         numpy_helper.from_array(np.array(0.02, np.float32), "s"),
         numpy_helper.from_array(np.array(zero, dtype), "z"),
@@ -314,7 +314,7 @@ def _quantized_inputs(names: list[str], target: TargetSpec):
 
 def _weight_dequantizer(shape, weight, target, initializers):
     axis = 0 if shape.op_type == "Conv" or dict(shape.attributes).get("transB") == "1" else 1
-    signed = target.weight_dtype.is_signed()
+    signed = target.weights.dtype.is_signed()
     values = np.clip(np.rint(weight * 40), -127, 127) + (0 if signed else 128)
     dtype = np.int8 if signed else np.uint8
     channels = weight.shape[axis]

@@ -54,7 +54,7 @@ def is_host_target(spec: TargetSpec) -> bool:
         host = detect_host_target()
     except UnknownTargetError:
         return False
-    return spec.runtime_checked and host.name == spec.name
+    return spec.kernels.runtime_checked and host.name == spec.name
 
 
 def same_arch(arch: str | None, machine: str) -> bool:

@@ -17,7 +17,8 @@ ARM64 = cpu_target(
     arch="aarch64",
     activation_dtype=ir.DataType.INT8,
     weight_dtype=ir.DataType.INT8,
-    qdq_per_consumer=True,
+    per_consumer=True,
+    dynamic_table_projection=False,
     # not measured on ARM hardware: SDOT does 4x the MACs of an fp32 FMLA per instruction,
     # halved for the requantize and layout work
     nominal_int8_speedup=2.0,

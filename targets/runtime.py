@@ -12,12 +12,21 @@ import dataclasses
 import functools
 
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from qgraph.graph.ops import MICROSOFT_DOMAIN, ONNX_DOMAINS, ONNX_ML_DOMAIN
 from qgraph.targets.conformance import LOADABLE_RULES
-from qgraph.targets.spec import OutputChain, QuantFormat, TargetSpec
+from qgraph.targets.spec import (
+    ActivationScheme,
+    KernelProfile,
+    OutputChain,
+    QuantFormat,
+    RuntimeProfile,
+    TargetSpec,
+    WeightScheme,
+)
 
 CPU_DOMAINS = ONNX_DOMAINS | {ONNX_ML_DOMAIN, MICROSOFT_DOMAIN}
 """Operator domains onnxruntime's CPU execution provider runs."""
@@ -123,39 +132,57 @@ MAX_ORT_IR_VERSION = ORT_LIMITS.max_ir_version
 MAX_ORT_OPSET = ORT_LIMITS.max_opset
 
 
-def cpu_target(**own: object) -> TargetSpec:
+def cpu_target(
+    name: str,
+    summary: str,
+    arch: str,
+    activation_dtype: ir.DataType,
+    weight_dtype: ir.DataType,
+    per_consumer: bool,
+    dynamic_table_projection: bool,
+    nominal_int8_speedup: float,
+) -> TargetSpec:
     """A target run by onnxruntime's CPU execution provider: the fields every such target
     shares (Q/DQ written, fused by onnxruntime into the kernels above; symmetric 8-bit
-    weights per channel; int32 biases; the loadable-model rules), with ``own`` (its name,
-    architecture, integer types and measured speed-up) over them."""
-    shared = {
-        "execution_provider": "CPUExecutionProvider",
-        "format": QuantFormat.QDQ,
-        "activation_symmetric": False,
-        "weight_symmetric": True,
-        "weight_bits": 8,
-        "per_channel_weights": True,
-        "int16_activations": True,
-        "int16_kernels": False,
-        "quantizable_ops": CPU_QUANTIZABLE_OPS,
-        "lowering_rules": CPU_LOWERING_RULES,
-        "min_opset": PER_CHANNEL_MIN_OPSET,
-        "max_ir_version": MAX_ORT_IR_VERSION,
-        "max_opset": MAX_ORT_OPSET,
-        "allowed_domains": CPU_DOMAINS,
-        "default_domain_extensions": CPU_DEFAULT_DOMAIN_EXTENSIONS,
-        "matmul_add_as_gemm": True,
-        "conformance_rules": LOADABLE_RULES,
-        "int32_bias": True,
-        "quantize_residual_inputs": False,
-        "activation_products": True,
-        "quantized_embeddings": True,
-        "output_quantized_ops": CPU_OUTPUT_QUANTIZED_OPS,
-        "output_quantized_chains": CPU_OUTPUT_QUANTIZED_CHAINS,
-        "dynamic_quantizable_ops": CPU_DYNAMIC_QUANTIZABLE_OPS,
-        "dynamic_format": QuantFormat.QOPERATOR,
-        "weight_only_format": QuantFormat.QOPERATOR,
-        "dynamic_table_projection": False,
-        "runtime_checked": True,
-    }
-    return TargetSpec(**(shared | own))
+    weights per channel; int32 biases; the loadable-model rules), with its own name,
+    architecture, integer types, Q/DQ sharing and measured speed-up."""
+    return TargetSpec(
+        name=name,
+        summary=summary,
+        arch=arch,
+        execution_provider="CPUExecutionProvider",
+        format=QuantFormat.QDQ,
+        dynamic_format=QuantFormat.QOPERATOR,
+        weight_only_format=QuantFormat.QOPERATOR,
+        activations=ActivationScheme(
+            dtype=activation_dtype,
+            symmetric=False,
+            per_consumer=per_consumer,
+            int16=True,
+            int16_kernels=False,
+        ),
+        weights=WeightScheme(dtype=weight_dtype, symmetric=True, bits=8, per_channel=True),
+        runtime=RuntimeProfile(
+            min_opset=PER_CHANNEL_MIN_OPSET,
+            max_opset=MAX_ORT_OPSET,
+            max_ir_version=MAX_ORT_IR_VERSION,
+            allowed_domains=CPU_DOMAINS,
+            default_domain_extensions=CPU_DEFAULT_DOMAIN_EXTENSIONS,
+        ),
+        kernels=KernelProfile(
+            quantizable_ops=CPU_QUANTIZABLE_OPS,
+            dynamic_quantizable_ops=CPU_DYNAMIC_QUANTIZABLE_OPS,
+            output_quantized_ops=CPU_OUTPUT_QUANTIZED_OPS,
+            output_quantized_chains=CPU_OUTPUT_QUANTIZED_CHAINS,
+            matmul_add_as_gemm=True,
+            int32_bias=True,
+            residual_inputs=False,
+            activation_products=True,
+            embeddings=True,
+            dynamic_table_projection=dynamic_table_projection,
+            nominal_int8_speedup=nominal_int8_speedup,
+            runtime_checked=True,
+        ),
+        lowering_rules=CPU_LOWERING_RULES,
+        conformance_rules=LOADABLE_RULES,
+    )

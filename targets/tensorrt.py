@@ -17,7 +17,14 @@ import onnx_ir as ir
 from qgraph.graph.ops import ONNX_DOMAINS
 from qgraph.targets.conformance import LOADABLE_RULES
 from qgraph.targets.runtime import MAX_ORT_IR_VERSION, MAX_ORT_OPSET, PER_CHANNEL_MIN_OPSET
-from qgraph.targets.spec import QuantFormat, TargetSpec
+from qgraph.targets.spec import (
+    ActivationScheme,
+    KernelProfile,
+    QuantFormat,
+    RuntimeProfile,
+    TargetSpec,
+    WeightScheme,
+)
 from qgraph.targets.tensorrt_rules import TENSORRT_RULES
 
 TENSORRT_QUANTIZABLE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
@@ -28,35 +35,34 @@ TENSORRT = TargetSpec(
     arch=None,
     execution_provider="TensorrtExecutionProvider",
     format=QuantFormat.QDQ,
-    activation_dtype=ir.DataType.INT8,
-    weight_dtype=ir.DataType.INT8,
-    activation_symmetric=True,
-    weight_symmetric=True,
-    weight_bits=8,
-    per_channel_weights=True,
-    qdq_per_consumer=False,
-    int16_activations=False,
-    int16_kernels=False,
-    quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
-    lowering_rules=(),
-    min_opset=PER_CHANNEL_MIN_OPSET,
-    max_ir_version=MAX_ORT_IR_VERSION,
-    max_opset=MAX_ORT_OPSET,
-    default_domain_extensions=frozenset(),
-    matmul_add_as_gemm=False,
-    allowed_domains=ONNX_DOMAINS,
-    conformance_rules=LOADABLE_RULES + TENSORRT_RULES,
-    int32_bias=False,
-    quantize_residual_inputs=True,
-    activation_products=False,
-    quantized_embeddings=False,
-    output_quantized_ops=frozenset(),
-    output_quantized_chains=(),
-    dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
     dynamic_format=QuantFormat.QDQ,
     weight_only_format=QuantFormat.QDQ,
-    dynamic_table_projection=False,
-    # TensorRT's int8 kernels against fp16 ones, a rule of thumb, not measured here
-    nominal_int8_speedup=2.0,
-    runtime_checked=False,
+    activations=ActivationScheme(
+        dtype=ir.DataType.INT8, symmetric=True, per_consumer=False, int16=False, int16_kernels=False
+    ),
+    weights=WeightScheme(dtype=ir.DataType.INT8, symmetric=True, bits=8, per_channel=True),
+    runtime=RuntimeProfile(
+        min_opset=PER_CHANNEL_MIN_OPSET,
+        max_opset=MAX_ORT_OPSET,
+        max_ir_version=MAX_ORT_IR_VERSION,
+        allowed_domains=ONNX_DOMAINS,
+        default_domain_extensions=frozenset(),
+    ),
+    kernels=KernelProfile(
+        quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
+        dynamic_quantizable_ops=TENSORRT_QUANTIZABLE_OPS,
+        output_quantized_ops=frozenset(),
+        output_quantized_chains=(),
+        matmul_add_as_gemm=False,
+        int32_bias=False,
+        residual_inputs=True,
+        activation_products=False,
+        embeddings=False,
+        dynamic_table_projection=False,
+        # TensorRT's int8 kernels against fp16 ones, a rule of thumb, not measured here
+        nominal_int8_speedup=2.0,
+        runtime_checked=False,
+    ),
+    lowering_rules=(),
+    conformance_rules=LOADABLE_RULES + TENSORRT_RULES,
 )

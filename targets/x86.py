@@ -37,7 +37,7 @@ X86_VNNI = cpu_target(
     arch="x86_64",
     activation_dtype=ir.DataType.UINT8,
     weight_dtype=ir.DataType.INT8,
-    qdq_per_consumer=False,
+    per_consumer=False,
     dynamic_table_projection=True,
     # u8 x s8 MatMulInteger ran 3.3-4.0x fp32 on an AVX512-VNNI EPYC
     nominal_int8_speedup=3.5,
@@ -47,8 +47,8 @@ X86_AVX2 = dataclasses.replace(
     X86_VNNI,
     name="x86-avx2",
     summary="x86-64 with AVX2, no VNNI: u8 activations x u8 weights around 128, cannot saturate",
-    weight_dtype=ir.DataType.UINT8,
+    weights=dataclasses.replace(X86_VNNI.weights, dtype=ir.DataType.UINT8),
     # u8 x u8 MatMulInteger ran 1.02-1.07x fp32 on a Zen 1 EPYC (2026-12-06), 2.0x on another
     # AVX2 CPU: the cost model takes the low end, so that it never promises a slowdown
-    nominal_int8_speedup=1.05,
+    kernels=dataclasses.replace(X86_VNNI.kernels, nominal_int8_speedup=1.05),
 )

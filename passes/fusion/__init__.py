@@ -137,13 +137,13 @@ RULES = (
         "matmul-add-to-gemm",
         "2-D MatMul + Add -> Gemm",
         (gemm.MatMulAddToGemm,),
-        wanted=lambda target: target.matmul_add_as_gemm,
+        wanted=lambda target: target.kernels.matmul_add_as_gemm,
     ),
     TableRule(
         "gemm-to-matmul-add",
         "Gemm -> MatMul + Add",
         (gemm.GemmToMatMulAdd,),
-        wanted=lambda target: not target.matmul_add_as_gemm,
+        wanted=lambda target: not target.kernels.matmul_add_as_gemm,
     ),
 )
 ACTIVATION_RULE = "activation"

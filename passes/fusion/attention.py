@@ -146,7 +146,7 @@ class AttentionMatch:
 
 def wanted(target: TargetSpec) -> bool:
     """Whether ``target`` runs the ops this rewrite emits."""
-    return MICROSOFT_DOMAIN in target.allowed_domains
+    return MICROSOFT_DOMAIN in target.runtime.allowed_domains
 
 
 def fuse_attention(model: ir.Model) -> tuple[int, tuple[NearMiss, ...]]:

@@ -60,7 +60,7 @@ class _GeluFusion(TargetRule):
             return "a constant has more dimensions than x, so the product broadcasts x"
         if (
             model_opset(context) < GELU_OPSET
-            and MICROSOFT_DOMAIN not in self.target.allowed_domains
+            and MICROSOFT_DOMAIN not in self.target.runtime.allowed_domains
         ):
             return (
                 f"opset {model_opset(context)} has no Gelu (from 20) and target "

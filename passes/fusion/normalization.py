@@ -130,7 +130,7 @@ class LayerNormFusion(TargetRule):
 
     def check(self, context, x, mean, variance, eps, gamma, two=None, one=None, **_) -> MatchResult:
         opset = model_opset(context)
-        added = LAYER_NORM in self.target.default_domain_extensions
+        added = LAYER_NORM in self.target.runtime.default_domain_extensions
         if opset < LAYER_NORM_OPSET and not added:
             return fail(
                 f"opset {opset} has no LayerNormalization (from 17) and target "
@@ -189,9 +189,9 @@ class RMSNormFusion(TargetRule):
         return MatchResult() if problem is None else fail(problem, x)
 
     def _available_op(self, opset: int) -> str | None:
-        if opset >= RMS_NORM_OPSET and self.target.max_opset >= RMS_NORM_OPSET:
+        if opset >= RMS_NORM_OPSET and self.target.runtime.max_opset >= RMS_NORM_OPSET:
             return "RMSNormalization"
-        if RUNTIME_RMS_NORM in self.target.default_domain_extensions:
+        if RUNTIME_RMS_NORM in self.target.runtime.default_domain_extensions:
             return RUNTIME_RMS_NORM
         return None
 

@@ -33,7 +33,7 @@ RANKS = (2, 3)
 
 def wanted(target: TargetSpec) -> bool:
     """Whether ``target`` runs the op this rewrite emits."""
-    return MICROSOFT_DOMAIN in target.allowed_domains
+    return MICROSOFT_DOMAIN in target.runtime.allowed_domains
 
 
 def fuse_skip_norms(model: ir.Model) -> tuple[int, tuple[NearMiss, ...]]:

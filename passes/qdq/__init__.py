@@ -20,10 +20,10 @@ For every annotated op (see ``passes/annotate.py``):
 - its bias ``b`` becomes int32 with scale ``s_x * s_w`` and zero point 0 (static mode).
 
 An activation read by several annotated ops is quantized once (one pair shared by all), unless
-the target wants one pair per consumer (``qdq_per_consumer``). Readers that are not annotated
-keep reading the float tensor. An activation whose calibrated range is not finite stays in
-float, and so does the op that reads it. So does one too noisy for 8 bits: where the expected
-SQNR ``10 log10(E[x^2] / (s_x^2 / 12))`` (uniform rounding noise, from the calibration
+the target wants one pair per consumer (``activations.per_consumer``). Readers that are not
+annotated keep reading the float tensor. An activation whose calibrated range is not finite
+stays in float, and so does the op that reads it. So does one too noisy for 8 bits: where the
+expected SQNR ``10 log10(E[x^2] / (s_x^2 / 12))`` (uniform rounding noise, from the calibration
 histogram) is under ``min_sqnr_db``, it goes to 16 bits on a target with 16-bit kernels
 (``int16_kernels``), and its readers stay in float on any other. The skip input of an
 annotated residual ``Add`` is quantized the same way (static mode), sharing the pair of an op
@@ -149,7 +149,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         calibration = calibrator.run(model, annotated, residuals)
         report.promoted, report.kept_float = calibration.promoted, calibration.kept_float
         ranges = calibration.ranges
-        builder = QDQBuilder(model, self.target.qdq_per_consumer, calibration.grams)
+        builder = QDQBuilder(model, self.target.activations.per_consumer, calibration.grams)
         static = self.options.mode is Mode.STATIC
         for node, annotation in annotated.items():
             reason = self._quantize(node, annotation, ranges, builder)

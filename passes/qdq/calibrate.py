@@ -165,7 +165,7 @@ class Calibrator:
             scale, zero_point = scale_and_zero_point(lo, hi, spec)
             if self._user_dtype(name) is None and promote > 0:
                 sqnr = estimated_sqnr_db(stats, lo, hi, float(scale))
-                if sqnr < promote and not self.target.int16_kernels:
+                if sqnr < promote and not self.target.activations.int16_kernels:
                     calibration.kept_float[name] = sqnr
                     ranges[name] = KeepFloat(
                         f"8 bits would give '{name}' an SQNR of {sqnr:.1f} dB, under "
@@ -196,7 +196,7 @@ class Calibrator:
 
     def _wide_dtype(self) -> ir.DataType:
         """The 16-bit type of the target's activation signedness."""
-        signed = self.target.activation_dtype.is_signed()
+        signed = self.target.activations.dtype.is_signed()
         return ir.DataType.INT16 if signed else ir.DataType.UINT16
 
 

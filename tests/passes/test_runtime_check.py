@@ -87,8 +87,9 @@ def test_every_conv_gets_a_q_on_its_output_and_runs_as_qlinearconv():
 
 @host_only
 def test_ops_the_runtime_would_run_in_float_go_back_to_their_float_weights():
+    vnni = qgraph.get_target("x86-vnni")
     no_output_q = dataclasses.replace(
-        qgraph.get_target("x86-vnni"), output_quantized_ops=frozenset()
+        vnni, kernels=dataclasses.replace(vnni.kernels, output_quantized_ops=frozenset())
     )
     result = compiled(no_output_q)
     check = details(result, "runtime-check")
@@ -286,7 +287,10 @@ def test_putting_an_op_back_in_float_asks_the_runtime_again_about_its_neighbours
     # Without the Q after the second Relu, the second Gemm runs as a float FusedGemm; putting
     # it back drops the Q/DQ between the layers, so the first Gemm's Relu then feeds a float
     # op and the first Gemm turns into a FusedGemm too: a second round puts it back.
-    unaware = dataclasses.replace(qgraph.get_target("x86-vnni"), output_quantized_chains=())
+    vnni = qgraph.get_target("x86-vnni")
+    unaware = dataclasses.replace(
+        vnni, kernels=dataclasses.replace(vnni.kernels, output_quantized_chains=())
+    )
     result = compiled_chain(unaware)
     check = details(result, "runtime-check")
     assert sorted(op.name for op in check.reverted) == ["node_Gemm_0", "node_Gemm_1"]

@@ -74,8 +74,10 @@ def test_the_cost_model_pays_for_what_it_quantizes():
     float_seconds, int8_seconds = model.seconds(wide, vnni)
     work = 128 * 384 * 384
     assert float_seconds * timing.NOMINAL_FP32_MACS_PER_SECOND == work
-    expected = work / vnni.nominal_int8_speedup + timing.QUANTIZE_COST_MACS * 128 * 384
+    expected = work / vnni.kernels.nominal_int8_speedup + timing.QUANTIZE_COST_MACS * 128 * 384
     assert int8_seconds * timing.NOMINAL_FP32_MACS_PER_SECOND == expected
     assert model.seconds(narrow, vnni)[1] > model.seconds(narrow, vnni)[0]
-    slowest = dataclasses.replace(avx2, nominal_int8_speedup=1.0)
+    slowest = dataclasses.replace(
+        avx2, kernels=dataclasses.replace(avx2.kernels, nominal_int8_speedup=1.0)
+    )
     assert model.seconds(wide, slowest)[1] > model.seconds(wide, slowest)[0]

@@ -62,19 +62,34 @@ def test_cpu_flags_are_read_from_x86_and_arm_cpuinfo(tmp_path):
 def test_targets_are_frozen_records_that_differ_where_the_hardware_does():
     vnni, avx2 = TARGETS["x86-vnni"], TARGETS["x86-avx2"]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        vnni.weight_bits = 7
-    differing = {
-        f.name for f in dataclasses.fields(vnni) if getattr(vnni, f.name) != getattr(avx2, f.name)
+        vnni.weights.bits = 7
+    assert _differing(vnni, avx2) == {
+        "name",
+        "summary",
+        "weights.dtype",
+        "kernels.nominal_int8_speedup",
     }
-    assert differing == {"name", "summary", "weight_dtype", "nominal_int8_speedup"}
-    assert avx2.weight_dtype.name == "UINT8" and vnni.weight_dtype.name == "INT8"
-    assert TARGETS["arm64"].activation_dtype.name == "INT8" and TARGETS["arm64"].qdq_per_consumer
+    assert avx2.weights.dtype.name == "UINT8" and vnni.weights.dtype.name == "INT8"
+    arm = TARGETS["arm64"]
+    assert arm.activations.dtype.name == "INT8" and arm.activations.per_consumer
     trt = TARGETS["tensorrt"]
     assert (
-        trt.activation_symmetric
-        and trt.weight_symmetric
-        and "com.microsoft" not in trt.allowed_domains
+        trt.activations.symmetric
+        and trt.weights.symmetric
+        and "com.microsoft" not in trt.runtime.allowed_domains
     )
+
+
+def _differing(one, other, prefix: str = "") -> set[str]:
+    """The (dotted) fields where two records differ, groups looked into."""
+    found = set()
+    for field in dataclasses.fields(one):
+        mine, theirs = getattr(one, field.name), getattr(other, field.name)
+        if dataclasses.is_dataclass(mine):
+            found |= _differing(mine, theirs, f"{prefix}{field.name}.")
+        elif mine != theirs:
+            found.add(prefix + field.name)
+    return found
 
 
 def _model(make_model, *, opset=17, domain="", op="Relu", functions=()):
@@ -92,7 +107,7 @@ def _model(make_model, *, opset=17, domain="", op="Relu", functions=()):
 def test_rule_ir_version_loadable(make_model, monkeypatch):
     trt = TARGETS["tensorrt"]
     assert list(ir_version_loadable(_model(make_model, opset=21), trt)) == []
-    strict = dataclasses.replace(trt, max_ir_version=9)
+    strict = dataclasses.replace(trt, runtime=dataclasses.replace(trt.runtime, max_ir_version=9))
     assert [v.rule for v in ir_version_loadable(_model(make_model, opset=21), strict)] == [
         "ir_version_loadable"
     ]
@@ -160,6 +175,6 @@ def test_a_gemm_needs_a_q_on_its_output_only_on_the_chain_the_runtime_fuses_in_f
     gemm = ir.Node("", "Gemm", [x, x], name="gemm")
     act = ir.Node("", activation, [gemm.outputs[0]], name="act")
     ir.Node("", reader, [act.outputs[0], x], name="reader")
-    assert get_target("x86-avx2").quantizes_output(gemm) is needs_q
-    assert get_target("tensorrt").quantizes_output(gemm) is False
-    assert get_target("x86-avx2").quantizes_output(act) is False
+    assert get_target("x86-avx2").kernels.quantizes_output(gemm) is needs_q
+    assert get_target("tensorrt").kernels.quantizes_output(gemm) is False
+    assert get_target("x86-avx2").kernels.quantizes_output(act) is False

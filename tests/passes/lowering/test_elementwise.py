@@ -126,7 +126,7 @@ GROUPS = (
 
 
 def numpy_type(target: str) -> type[np.integer]:
-    return qgraph.get_target(target).activation_dtype.numpy().type
+    return qgraph.get_target(target).activations.dtype.numpy().type
 
 
 def zero_point(dtype: type[np.integer], index: int) -> np.ndarray:

@@ -150,7 +150,10 @@ def test_conv_integer_needs_uint8_activations_and_says_so():
     """arm64's int8 activations: onnxruntime's ConvInteger reads uint8 only, so the float-output
     Convs stay in Q/DQ form with that reason, while QLinearConv takes int8."""
     zoo = models.fetch("reference-cnn")
-    arm64 = dataclasses.replace(qgraph.get_target("arm64"), output_quantized_ops=frozenset())
+    arm = qgraph.get_target("arm64")
+    arm64 = dataclasses.replace(
+        arm, kernels=dataclasses.replace(arm.kernels, output_quantized_ops=frozenset())
+    )
     qdq = compile_qdq(zoo.model, arm64, calib=zoo.calibration)
     lowered, applied = lower(qdq, arm64)
     assert applied["qlinear-conv"] == 2 and applied["conv-integer"] == 0

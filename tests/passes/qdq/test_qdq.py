@@ -163,7 +163,10 @@ def test_one_pair_per_consumer_where_the_target_wants_it():
     shared = compile_quantized(proto)
     x_pairs = [n for n in shared.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"]
     assert len(x_pairs) == 1
-    per_consumer = dataclasses.replace(qgraph.get_target("x86-avx2"), qdq_per_consumer=True)
+    avx2 = qgraph.get_target("x86-avx2")
+    per_consumer = dataclasses.replace(
+        avx2, activations=dataclasses.replace(avx2.activations, per_consumer=True)
+    )
     split = compile_quantized(proto, target=per_consumer)
     x_pairs = [n for n in split.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"]
     assert len(x_pairs) == 2
@@ -256,7 +259,7 @@ def test_computed_weights_are_quantized_per_tensor_where_the_target_multiplies_t
     result = qgraph.compile_model(proto, target, options=options)
     annotate = next(r for r in result.records if r.name == "annotate").details
     matmul = next(n for n in result.model.graph if n.name == "mm")
-    if qgraph.get_target(target).activation_products:
+    if qgraph.get_target(target).kernels.activation_products:
         assert "mm" not in annotate.float_reasons
         weight_dq = matmul.inputs[1].producer()
         assert weight_dq.op_type == "DequantizeLinear"
@@ -274,7 +277,10 @@ def heavy_tailed_batches() -> list[dict[str, np.ndarray]]:
 
 
 def test_a_heavy_tailed_activation_goes_to_16_bits_on_a_target_with_16_bit_kernels():
-    target = dataclasses.replace(qgraph.get_target("x86-avx2"), int16_kernels=True)
+    avx2 = qgraph.get_target("x86-avx2")
+    target = dataclasses.replace(
+        avx2, activations=dataclasses.replace(avx2.activations, int16_kernels=True)
+    )
     model = compile_quantized(
         mlp(), target, calib=heavy_tailed_batches(), min_sqnr_db=30, runtime_check=False
     )

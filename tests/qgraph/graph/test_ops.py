@@ -38,8 +38,8 @@ def test_a_model_importing_no_onnx_opset_has_the_default():
 
 def test_cpu_targets_run_the_default_domain_and_contrib_ops_tensorrt_only_the_default():
     for name in ("x86-avx2", "x86-vnni", "arm64"):
-        assert ONNX_DOMAINS | {MICROSOFT_DOMAIN} <= get_target(name).allowed_domains
-    assert get_target("tensorrt").allowed_domains == ONNX_DOMAINS
+        assert ONNX_DOMAINS | {MICROSOFT_DOMAIN} <= get_target(name).runtime.allowed_domains
+    assert get_target("tensorrt").runtime.allowed_domains == ONNX_DOMAINS
 
 
 @pytest.mark.parametrize("op", ["QLinearConv", "QLinearAdd", "MatMulInteger", "QGemm"])
