@@ -23,11 +23,12 @@ within ``e^(+-2 eps)``, so an output moves by at most ``(e^(2 eps) - 1) max|v| +
 (the tests hold the kernel to this bound). Entries beyond the calibrated range saturate.
 
 What it buys is memory, not speed. On SmolLM2-135M (int4 GPTQ weights, one thread, AVX2
-without VNNI, onnxruntime 1.32) the int8 cache kept the perplexity ratio (1.162 against 1.167
-with a float cache; 1.003 with float weights) and decoded at the float cache's speed (50.2
-against 51.0 tokens/s at 128 tokens of context, 25.6 against 25.7 at 2048), but prefilled a
-2048-token prompt at 35 against 77 tokens/s: one such layer's kernel alone took 1.24 s against
-0.20 s, the quantized path dequantizing as it goes where the float one multiplies matrices.
+without VNNI, onnxruntime 1.32; ``benchmarks/generation.md``) the int8 cache kept the
+perplexity ratio (1.162 against 1.167 with a float cache; 1.003 with float weights) and decoded
+at the float cache's speed (51.5 against 51.9 tokens/s at 128 tokens of context, 25.7 against
+25.4 at 2048, peak RSS 960 against 1033 MB), but prefilled a 2048-token prompt at 34.8 against
+75.9 tokens/s: one such layer's kernel alone took 1.24 s against 0.20 s, the quantized path
+dequantizing as it goes where the float one multiplies matrices.
 
 The model's interface changes with it: each ``past_key_values`` input and ``present`` output
 the kernels read and write becomes int8. ``qgraph.generation.CacheCodec`` reads the scales
