@@ -50,7 +50,6 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qgraph.graph.traversal import KEEP_FLOAT_KEY
-from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import (
     AnnotationKind,
     EmbeddingAnnotation,
@@ -64,14 +63,14 @@ from qgraph.passes.annotate import (
 from qgraph.passes.qdq.build import QDQBuilder
 from qgraph.passes.qdq.calibrate import (
     ActivationQuantization,
+    CalibratingPass,
     Calibrator,
     counting_batches,
 )
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.spec import INT32_LIMIT, bias_levels
-from qgraph.recipe import Mode, QuantOptions
+from qgraph.recipe import Mode
 from qgraph.sections import QuantizationOutcome
-from qgraph.targets import TargetSpec
 
 logger = logging.getLogger(__name__)
 
@@ -124,19 +123,8 @@ class QDQReport:
         return line
 
 
-class InsertQDQPass(ir.passes.InPlacePass):
+class InsertQDQPass(CalibratingPass):
     """Quantize the weights, activations and biases the annotate pass chose."""
-
-    def __init__(
-        self,
-        target: TargetSpec,
-        options: QuantOptions,
-        progress: CalibrationProgress | None = None,
-    ) -> None:
-        super().__init__()
-        self.target = target
-        self.options = options
-        self.progress = progress
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         common.NameFixPass()(model)

@@ -69,6 +69,22 @@ class Calibration:
     """Activations whose readers stayed in float instead, with that SQNR (dB)."""
 
 
+class CalibratingPass(ir.passes.InPlacePass):
+    """A pass that runs the model over the calibration data: its target, the user's options,
+    and whom to tell of each batch."""
+
+    def __init__(
+        self,
+        target: TargetSpec,
+        options: QuantOptions,
+        progress: CalibrationProgress | None = None,
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.options = options
+        self.progress = progress
+
+
 class Calibrator:
     """Calibrates what the annotations of one model quantize, for a target and options."""
 

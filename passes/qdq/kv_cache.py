@@ -48,13 +48,11 @@ import onnx_ir as ir
 from qgraph.errors import QGraphError
 from qgraph.generation import GQA_SCALE_SLOTS, attention_caches
 from qgraph.graph.ops import MICROSOFT_DOMAIN
-from qgraph.options import CalibrationProgress
 from qgraph.passes.fusion import attention
-from qgraph.passes.qdq.calibrate import calibration_data, counting_batches
+from qgraph.passes.qdq.calibrate import CalibratingPass, calibration_data, counting_batches
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.calibration import collect
-from qgraph.recipe import KvCache, QuantOptions
-from qgraph.targets import TargetSpec
+from qgraph.recipe import KvCache
 
 INT8_LEVELS = 127
 """The kernel's symmetric int8: ``|k_q| <= 127`` within the calibrated range."""
@@ -123,16 +121,8 @@ class KvCacheReport:
         )
 
 
-class QuantizeKvCachePass(ir.passes.InPlacePass):
+class QuantizeKvCachePass(CalibratingPass):
     """Store every ``GroupQueryAttention`` cache of the model as int8, scales calibrated."""
-
-    def __init__(
-        self, target: TargetSpec, options: QuantOptions, progress: CalibrationProgress | None
-    ) -> None:
-        super().__init__()
-        self.target = target
-        self.options = options
-        self.progress = progress
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         kernels = self._kernels(model.graph)
