@@ -255,10 +255,15 @@ class ModelSession:
         return self.run_fitted(self.fitted(feeds))
 
 
-def evaluation_session(path: str | os.PathLike, threads: int = INTRA_OP_THREADS) -> ModelSession:
-    """A model's session as deployed: all optimizations, one intra-op thread unless asked."""
+def evaluation_session(
+    path: str | os.PathLike, threads: int = INTRA_OP_THREADS, codec: CacheCodec | None = None
+) -> ModelSession:
+    """A model's session as deployed: all optimizations, one intra-op thread unless asked
+    (``codec``: the model's, where the caller has read it already)."""
     ort_session = session(Path(path), optimize=True, threads=threads)
-    return ModelSession(ort_session, CacheCodec.of(load(path).graph))
+    return ModelSession(
+        ort_session, codec if codec is not None else CacheCodec.of(load(path).graph)
+    )
 
 
 def evaluate(
@@ -278,8 +283,12 @@ def evaluate(
     if name not in METRICS:
         raise EvaluationError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
     accumulator = METRICS[name]()
-    interfaces = [_interface(reference), _interface(candidate)]
-    sessions = (evaluation_session(reference), evaluation_session(candidate))
+    paths = (reference, candidate)
+    views = [_view(path) for path in paths]
+    interfaces = [interface for interface, _ in views]
+    sessions = tuple(
+        evaluation_session(path, codec=codec) for path, (_, codec) in zip(paths, views, strict=True)
+    )
     first: Feeds | None = None
     count = 0
     for count, feeds in enumerate(checked_batches(interfaces, data, "batch"), start=1):
@@ -303,8 +312,9 @@ def evaluate(
 def reference_run(reference: str | os.PathLike, data: DataSource) -> list[Outputs]:
     """``reference``'s outputs on each batch of ``data``, for ``evaluate``'s
     ``reference_outputs``."""
-    sess = evaluation_session(reference)
-    return [sess.run(feeds) for feeds in checked_batches([_interface(reference)], data, "batch")]
+    interface, codec = _view(reference)
+    sess = evaluation_session(reference, codec=codec)
+    return [sess.run(feeds) for feeds in checked_batches([interface], data, "batch")]
 
 
 def _expected(stored: list[Outputs] | None, batch: int) -> Outputs | None:
@@ -313,11 +323,13 @@ def _expected(stored: list[Outputs] | None, batch: int) -> Outputs | None:
     return stored[batch - 1]
 
 
-def _interface(path: str | os.PathLike) -> ir.Graph:
-    """The graph inputs of the model at ``path`` as its data fills them (float caches), alone:
-    what its data is checked against, without keeping its weights in memory."""
+def _view(path: str | os.PathLike) -> tuple[ir.Graph, CacheCodec]:
+    """The graph inputs of the model at ``path`` as its data fills them (float caches), alone,
+    and its cache codec: what its data is checked against and converted with, read in one
+    load without keeping the weights in memory."""
     graph = load(path).graph
-    return ir.Graph(CacheCodec.of(graph).data_view(graph.inputs), [], nodes=[])
+    codec = CacheCodec.of(graph)
+    return ir.Graph(codec.data_view(graph.inputs), [], nodes=[]), codec
 
 
 def measure_latency(
