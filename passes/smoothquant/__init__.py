@@ -34,7 +34,7 @@ from rich.console import RenderableType
 from qgraph.data import DataSource
 from qgraph.options import CalibrationProgress
 from qgraph.passes.annotate import AnnotatePass, NodeAnnotation
-from qgraph.passes.qdq.calibrate import calibration_data, counting_batches
+from qgraph.passes.qdq.calibrate import CalibratingPass, calibration_data, counting_batches
 from qgraph.passes.smoothquant.folding import (
     Channels,
     Rescale,
@@ -133,7 +133,7 @@ class _Candidate:
         return len(self.readers) == len(self.value.uses()) and not self.value.is_graph_output()
 
 
-class SmoothQuantPass(ir.passes.InPlacePass):
+class SmoothQuantPass(CalibratingPass):
     """Smooth every activation the target quantizes, with a fixed or searched alpha."""
 
     def __init__(
@@ -142,10 +142,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         options: QuantOptions,
         progress: CalibrationProgress | None = None,
     ) -> None:
-        super().__init__()
-        self.options = options
+        super().__init__(target, options, progress)
         self.annotate = AnnotatePass(target, options)
-        self.progress = progress
 
     @property
     def searching(self) -> bool:
