@@ -210,7 +210,7 @@ def _planned_run(
     if quantization.measure and timer is not None:
         logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)
     speeds = speed_gains(probe.run(_copy(model)).model, sample.batches[0], spec, timer)
-    slow = [op for op in speeds if op.gain_seconds <= 0]
+    slow = [op for op in speeds if op.slower]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
     pristine = ir.to_proto(model) if quantization.smoothquant is not None else None

@@ -1,5 +1,5 @@
-"""The accuracy plan: quantize all the target runs faster in 8 bits, then keep in float the
-fewest ops, by speed lost per accuracy bought, that the budget needs.
+"""The accuracy plan: quantize all that 8 bits do not slow down on the target, then keep in
+float the fewest ops, by speed lost per accuracy bought, that the budget needs.
 
 Accuracy is the budget's figure (``qgraph.budget``: output SQNR, top-1 agreement, mean cosine
 or perplexity ratio) of the compiled model against the float model on the plan's batches
@@ -8,10 +8,13 @@ op's own cost is measured as an output SQNR whatever the budget:
 
     SQNR = 10 log10(S / N),    S = sum y^2,    N = sum (y - y')^2
 
-1. Each candidate's speed value ``v_i`` is what 8 bits save on it, measured on this host at
+1. Each candidate's value ``v_i`` is what 8 bits save on it, measured on this host at
    its own shapes (``qgraph.timing``: the op alone in float and as qgraph quantizes it, timed
    in onnxruntime, cached), or with ``--no-measure`` estimated from its work
-   (``timing.CostModel``). An op that int8 makes slower stays float whatever the budget.
+   (``timing.CostModel``). An op that int8 makes slower stays float whatever the budget. One
+   whose 8-bit time is within ``SAME_SPEED`` of its float time (the timings' noise) is a
+   candidate too, for its weights' size (4x smaller): ``v_i`` is at least ``SIZE_WORTH`` of
+   the op's float time.
 2. Compile with every other candidate quantized. If its SQNR meets the budget ``B``, that is
    the model.
 3. Measure each quantized op's error alone at the outputs (``qgraph.analysis.debugging``, on
@@ -67,6 +70,16 @@ IMPACT_ROWS = 2
 of the first batch only: on SmolLM2 (271 candidates) 8 rows of 128 tokens took 20 minutes."""
 MAX_ROUNDS = 9
 """Compiles in all, the all-8-bit one included."""
+SAME_SPEED = 0.03
+"""An op whose 8-bit time exceeds its float time by less than this share runs at the same
+speed: medians of 15 alternating runs of one op moved by 1-3% between timings of the same
+shape (AVX2 host, 2026-12-07), where u8 kernels run at 0.97-1.08x of fp32."""
+SIZE_WORTH = 0.01
+"""What quantizing an op is worth at least, as a share of its float time: an op that 8 bits
+leave at the same speed still shrinks 4x. Keeping in float the ops of most error per worth
+first, such an op goes before one that int8 speeds up by 30% only if its error is over 30x
+smaller; among ops that all run at the same speed (an AVX2 host), the noisiest per unit of
+work go first."""
 
 Compile = Callable[[dict[str, str]], ir.Model]
 """Compiles the model with the given ops (node name -> reason) kept in float."""
@@ -83,8 +96,15 @@ class OpCost:
     gain_seconds: float
     """What 8 bits save on it per run of the first calibration batch; negative where int8 is
     slower."""
+    float_seconds: float
+    """Its time in float on the same batch."""
     measured: bool = True
     """The gain was timed on this host, not estimated (``--no-measure``)."""
+
+    @property
+    def slower(self) -> bool:
+        """8 bits make it slower here, beyond the timings' noise: it stays float."""
+        return self.gain_seconds < -SAME_SPEED * self.float_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +115,7 @@ class PlanReport:
     sample: str
     """What the budget was measured on, e.g. ``2 calibration batches``."""
     all_quantized: float
-    """The budget's figure with every op faster in 8 bits quantized."""
+    """The budget's figure with every op 8 bits do not slow down quantized."""
     final: float
     kept_float: tuple[OpCost, ...]
     gain_share: float
@@ -110,19 +130,19 @@ class PlanReport:
         return kept_reasons(self.kept_float, self.budget)
 
     def summary(self) -> str:
-        slow = [op for op in self.kept_float if op.gain_seconds <= 0]
+        slow = [op for op in self.kept_float if op.slower]
         kept = len(self.kept_float) - len(slow)
         slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
         if not self.gains_measured:
             slower += " (int8 gains estimated, not timed: see --measure)"
         if not kept:
-            every = "every op faster in 8 bits" if slow else "every candidate in 8 bits"
+            every = "every op 8 bits do not slow down" if slow else "every candidate in 8 bits"
             return (
                 f"accuracy budget {self.budget} met with {every} "
                 f"({self.budget.show(self.all_quantized)} on {self.sample}){slower}"
             )
         return (
-            f"accuracy budget {self.budget}: the ops faster in 8 bits gave "
+            f"accuracy budget {self.budget}: the ops 8 bits do not slow down gave "
             f"{self.budget.show(self.all_quantized)} on {self.sample}; {kept} of them kept in "
             f"float ({1 - self.gain_share:.0%} of the int8 gain) give "
             f"{self.budget.show(self.final)} ({self.rounds} rounds, {self.seconds:.0f} s){slower}"
@@ -210,8 +230,8 @@ def plan(
     progress: Callable[[str], None] = lambda step: None,
 ) -> tuple[ir.Model, PlanReport]:
     """The compiled model meeting ``budget`` with the fewest ops kept in float, from each
-    candidate's measured speed (``speed_gains``); ops that int8 makes slower here are kept in
-    float whatever the budget."""
+    candidate's measured speed (``speed_gains``); ops that int8 makes slower here
+    (``OpCost.slower``) are kept in float whatever the budget."""
     start = time.perf_counter()
     batches = sample.batches
     expected = reference_outputs(float_model, batches)
@@ -219,8 +239,8 @@ def plan(
     def report(all_quantized: float, final: float, kept: tuple[OpCost, ...], rounds: int):
         return _report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
 
-    slow = [op for op in speeds if op.gain_seconds <= 0]
-    progress("plan: every op faster in 8 bits quantized")
+    slow = [op for op in speeds if op.slower]
+    progress("plan: every op 8 bits do not slow down quantized")
     candidate = compile_with(kept_reasons(slow, budget))
     measured = budget_score(budget, expected, candidate, batches)
     if budget.met(measured):
@@ -232,7 +252,7 @@ def plan(
     costs = [
         dataclasses.replace(op, alone_sqnr_db=impacts[op.node])
         for op in speeds
-        if op.gain_seconds > 0 and op.node in impacts
+        if not op.slower and op.node in impacts
     ]
     order = sorted(costs, key=_error_per_gain, reverse=True)
 
@@ -400,7 +420,7 @@ def kept_reasons(ops: tuple[OpCost, ...] | list[OpCost], budget: Budget) -> dict
 
 
 def _reason(op: OpCost, budget: Budget) -> str:
-    if op.gain_seconds <= 0:
+    if op.slower:
         how = "ran" if op.measured else "would run"
         source = "measured" if op.measured else "estimated"
         return (
@@ -419,7 +439,7 @@ def _noise(sqnr_db: float) -> float:
 
 
 def _error_per_gain(op: OpCost) -> float:
-    return _noise(op.alone_sqnr_db) / op.gain_seconds
+    return _noise(op.alone_sqnr_db) / max(op.gain_seconds, SIZE_WORTH * op.float_seconds)
 
 
 def _impacts(float_model: ir.Model, candidate: ir.Model, batches: list[Feeds]) -> dict[str, float]:
@@ -459,7 +479,9 @@ def speed_gains(
         }
         float_seconds, int8_seconds = timer.seconds(op_shape(node, read, target), target)
         gain = float_seconds - int8_seconds
-        speeds.append(OpCost(node.name, node.op_type, math.inf, gain, timer.measured))
+        speeds.append(
+            OpCost(node.name, node.op_type, math.inf, gain, float_seconds, timer.measured)
+        )
     return speeds
 
 

@@ -157,7 +157,7 @@ class QuantOptions:
             default) turns this off.
         budget: Static mode: what the compiled model keeps of the float model's outputs on
             the plan's sample (``qgraph.budget``: output SQNR, top-1 agreement, mean cosine
-            or perplexity ratio). Every op the target runs faster in 8 bits is quantized,
+            or perplexity ratio). Every op 8 bits do not slow down on the target is quantized,
             then the plan (``qgraph.planning``) keeps in float the ops costing the most
             accuracy per unit of work until the budget holds. None: no plan. Left unsaid,
             the default of the metric the plan's data names (``budget.DEFAULT_BUDGETS``).

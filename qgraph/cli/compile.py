@@ -189,8 +189,8 @@ Examples:
     metavar="BOUND|DB|none",
     help="The accuracy budget (static mode): what the compiled model keeps of the float "
     "model's outputs, as top1>=AGREEMENT, cosine>=MEAN, ppl-ratio<=RATIO (quoted in a "
-    "shell: --budget 'cosine>=0.99') or an output SQNR in dB (sqnr>=DB or DB). Every op the "
-    "target runs faster in 8 bits is quantized, then "
+    "shell: --budget 'cosine>=0.99') or an output SQNR in dB (sqnr>=DB or DB). Every op that "
+    "8 bits do not slow down on the target is quantized (at the same speed, for size), then "
     "the ops that cost the most accuracy per unit of work saved stay float until the budget "
     "holds (a few compiles and one run per op). 'none': quantize them all [default: by the "
     f"metric the data's dataset.json names: {defaults_text()}; else {DEFAULT_SQNR_DB:g} "

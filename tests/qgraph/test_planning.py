@@ -200,8 +200,8 @@ def test_a_budget_not_met_with_every_candidate_float_is_an_error():
 
 def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
     speeds = [
-        planning.OpCost("quiet", "MatMul", np.inf, -1e-4),
-        planning.OpCost("loud", "MatMul", np.inf, 2e-3),
+        planning.OpCost("quiet", "MatMul", np.inf, -1e-4, 1e-3),
+        planning.OpCost("loud", "MatMul", np.inf, 2e-3, 3e-3),
     ]
     monkeypatch.setattr(compiler, "speed_gains", lambda *args: speeds)
     result = compiled(0)
@@ -211,6 +211,34 @@ def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
         "in 8 bits it ran slower here (0.100 ms more, measured)"
         in annotate.float_reasons["quiet"][1]
     )
+
+
+def test_an_op_at_the_same_speed_in_8_bits_is_quantized_for_its_size(monkeypatch):
+    """1% slower is the timings' noise (``SAME_SPEED``): 4x smaller weights for nothing."""
+    speeds = [
+        planning.OpCost("quiet", "MatMul", np.inf, -1e-5, 1e-3),
+        planning.OpCost("loud", "MatMul", np.inf, -1e-4, 1e-3),
+    ]
+    monkeypatch.setattr(compiler, "speed_gains", lambda *args: speeds)
+    result = compiled(0)
+    assert [op.node for op in result.plan.kept_float] == ["loud"]
+    inserted = next(r.details for r in result.records if r.name == "insert-qdq")
+    assert inserted.quantized["MatMul"] == 1
+
+
+def test_an_op_at_the_same_speed_goes_float_first_only_if_far_noisier(monkeypatch):
+    """``quiet`` runs as fast in 8 bits, ``loud`` 30% faster: the budget that needs ``loud``
+    float (its error alone is ~1000x ``quiet``'s, over the 30x their worths differ) keeps it,
+    and leaves ``quiet`` quantized; with the worths the other way round, the same."""
+    everything = measured_sqnr(compiled("none").model)
+    for quiet_gain, loud_gain in ((0.0, 3e-4), (3e-4, 0.0)):
+        speeds = [
+            planning.OpCost("quiet", "MatMul", np.inf, quiet_gain, 1e-3),
+            planning.OpCost("loud", "MatMul", np.inf, loud_gain, 1e-3),
+        ]
+        monkeypatch.setattr(compiler, "speed_gains", lambda *args, speeds=speeds: speeds)
+        report = compiled(everything + 8).plan
+        assert [op.node for op in report.kept_float] == ["loud"], (quiet_gain, loud_gain)
 
 
 def test_without_measuring_the_plan_estimates_and_says_so(monkeypatch):
