@@ -26,18 +26,32 @@ from qgraph.graph.model_io import (
     save,
 )
 from qgraph.graph.patterns import full_match
-from qgraph.graph.traversal import all_nodes, source_names
+from qgraph.graph.traversal import KEEP_FLOAT_KEY, all_nodes, source_names
 from qgraph.inspection import ModelSummary, summarize
 from qgraph.kernels import is_qdq_group
 from qgraph.options import CompileOptions
 from qgraph.outputs import Inputs, check_output, dataset_inputs
+from qgraph.passes.rotation import RotationReport
+from qgraph.passes.rotation.online import KEEP_FLOAT_REASON as ONLINE_REASON
 from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
-from qgraph.planning import PlanReport, kept_reasons, plan, plan_sample, speed_gains
-from qgraph.recipe import KvCache
+from qgraph.planning import (
+    OpCost,
+    PlanReport,
+    PlanSample,
+    budget_score,
+    float_seconds,
+    kept_reasons,
+    plan,
+    plan_report,
+    plan_sample,
+    reference_outputs,
+    speed_gains,
+)
+from qgraph.recipe import AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
-from qgraph.timing import CostModel
+from qgraph.timing import CostModel, Timer
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +114,9 @@ def compile_model(
     total = len(pipeline.names())
 
     def on_pass(phase: Phase, name: str) -> None:
-        done = pipeline.names().index(name)
-        tell(f"pass {done + 1}/{total}: {phase.value} / {name}")
+        names = pipeline.names()  # the plan's trials may run a pass it leaves out (rotation)
+        done = f" {names.index(name) + 1}/{total}" if name in names else ""
+        tell(f"pass{done}: {phase.value} / {name}")
 
     plan_report = None
     if _planned(options, custom_pipeline):
@@ -185,9 +200,12 @@ def _planned_run(
        host is the target's CPU, else estimated (``timing.CostModel``).
     2. The float rewrites, once, in place: SmoothQuant leaves alone the activations whose
        readers 8 bits make slower (they stay float, and its ``X / s`` would only cost time).
-    3. The plan's rounds, each a Q/DQ compile from a copy of the rewritten model; the chosen
-       one compiled again in the asked format where that is not Q/DQ.
-    4. Where the plan kept in float every reader of a tensor SmoothQuant scaled (magika's
+    3. With ``rotate = "auto"``, where every candidate in 8 bits misses the budget, the same
+       rewrites with rotation (``_rotation_trial``): if every candidate in 8 bits then meets
+       it, and int8's gain exceeds what the rotation's float ops cost, that is the model.
+    4. Else the plan's rounds, each a Q/DQ compile from a copy of the rewritten model; the
+       chosen one compiled again in the asked format where that is not Q/DQ.
+    5. Where the plan kept in float every reader of a tensor SmoothQuant scaled (magika's
        Conv), the float rewrites run again told so, and the chosen round is compiled from
        them: its float ops read their own weights, with no ``X / s`` before them.
 
@@ -196,8 +214,12 @@ def _planned_run(
     """
     full_options = options
     asked_cache = options.quantization.kv_cache
+    auto_rotation = options.quantization.rotate == AUTO_ROTATION
     options = dataclasses.replace(
-        options, quantization=dataclasses.replace(options.quantization, kv_cache=KvCache.FLOAT)
+        options,
+        quantization=dataclasses.replace(
+            options.quantization, kv_cache=KvCache.FLOAT, rotate=options.quantization.rotate is True
+        ),
     )
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
@@ -213,33 +235,24 @@ def _planned_run(
     slow = [op for op in speeds if op.slower]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
-    pristine = ir.to_proto(model) if quantization.smoothquant is not None else None
-    prepared = _float_rewrites(
-        model, spec, dataclasses.replace(options, quantization=informed), on_pass
-    )
+    pristine = ir.to_proto(model) if quantization.smoothquant or auto_rotation else None
+    rewrite_options = dataclasses.replace(options, quantization=informed)
+    prepared = _float_rewrites(model, spec, rewrite_options, on_pass)
     options = _without_float_rewrites(options, spec)
-    original = ir.to_proto(prepared.model)
-    quantization = options.quantization
-    rounds: dict[frozenset[str], PipelineResult] = {}
-
-    def compile_with(
-        kept: dict[str, str], format: QuantFormat | None, cache: KvCache = KvCache.FLOAT
-    ) -> PipelineResult:
-        round_quantization = dataclasses.replace(
-            quantization, keep_float=tuple(kept.items()), kv_cache=cache
-        )
-        round_options = dataclasses.replace(options, quantization=round_quantization, format=format)
-        pipeline = build_pipeline(spec, round_options)
-        return pipeline.run(ir.from_proto(original), listener=on_pass)
-
-    def qdq_round(kept: dict[str, str]) -> ir.Model:
-        rounds[frozenset(kept)] = compile_with(kept, QuantFormat.QDQ)
-        return rounds[frozenset(kept)].model
-
-    _, report = plan(reference, qdq_round, sample, quantization.budget, speeds, tell)
+    rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
+    trial = None
+    if auto_rotation:
+        context = _PlanContext(spec, sample, reference, speeds, timer, on_pass, tell)
+        trial = _rotation_trial(context, pristine, rewrite_options, rounds)
+    if trial is not None and trial.report is not None:
+        rounds, records, report = trial.rounds, trial.records, trial.report
+    else:
+        _, report = plan(reference, rounds.qdq, sample, quantization.budget, speeds, tell)
+        report = dataclasses.replace(report, rotation=trial.verdict if trial else "")
+        records = prepared.records
     kept = report.kept_reasons()
-    chosen = rounds[frozenset(kept)]
-    wasted = smoothed_for_float_readers(prepared.records, chosen.model)
+    chosen = rounds.done[frozenset(kept)]
+    wasted = smoothed_for_float_readers(records, chosen.model)
     if wasted:
         tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
         final = dataclasses.replace(informed, keep_float=tuple(kept.items()))
@@ -249,11 +262,123 @@ def _planned_run(
             dataclasses.replace(full_options, quantization=final),
             on_pass,
         )
-        original = ir.to_proto(prepared.model)
+        records = prepared.records
+        rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
     if wasted or other_format or asked_cache is not KvCache.FLOAT:
-        chosen = compile_with(kept, options.format, asked_cache)
-    return PipelineResult(chosen.model, prepared.records + chosen.records), report
+        chosen = rounds.compile(kept, options.format, asked_cache)
+    return PipelineResult(chosen.model, records + chosen.records), report
+
+
+class _Rounds:
+    """The plan's compiles, each from a fresh copy of one float-rewritten model."""
+
+    def __init__(
+        self, spec: TargetSpec, options: CompileOptions, original: onnx.ModelProto, on_pass
+    ) -> None:
+        self.spec, self.options, self.original, self.on_pass = spec, options, original, on_pass
+        self.done: dict[frozenset[str], PipelineResult] = {}
+
+    def compile(
+        self, kept: dict[str, str], format: QuantFormat | None, cache: KvCache = KvCache.FLOAT
+    ) -> PipelineResult:
+        quantization = dataclasses.replace(
+            self.options.quantization, keep_float=tuple(kept.items()), kv_cache=cache
+        )
+        options = dataclasses.replace(self.options, quantization=quantization, format=format)
+        pipeline = build_pipeline(self.spec, options)
+        return pipeline.run(ir.from_proto(self.original), listener=self.on_pass)
+
+    def qdq(self, kept: dict[str, str]) -> ir.Model:
+        """The Q/DQ model with ``kept`` in float, compiled once."""
+        key = frozenset(kept)
+        if key not in self.done:
+            self.done[key] = self.compile(kept, QuantFormat.QDQ)
+        return self.done[key].model
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlanContext:
+    """What the plan's trials share: the target, the plan's data and reference model, each
+    candidate's speed, and where to report."""
+
+    spec: TargetSpec
+    sample: PlanSample
+    reference: ir.Model
+    speeds: list[OpCost]
+    timer: Timer | None
+    on_pass: Callable[[Phase, str], None]
+    tell: Progress
+
+
+@dataclasses.dataclass
+class _RotationTrial:
+    verdict: str
+    """What the plan found, for its report."""
+    rounds: _Rounds | None = None
+    """The rotated model's rounds, its float rewrites' records and the plan's report, if it
+    won."""
+    records: list[PassRecord] = dataclasses.field(default_factory=list)
+    report: PlanReport | None = None
+
+
+def _rotation_trial(
+    context: _PlanContext,
+    pristine: onnx.ModelProto,
+    rewrite_options: CompileOptions,
+    unrotated: _Rounds,
+) -> _RotationTrial:
+    """Rotate where 8 bits everywhere miss the budget unrotated and meet it rotated, and the
+    rotation's float ops cost less than int8 saves (``rewrite_options``: the float rewrites',
+    told which ops 8 bits make slower)."""
+    start = time.perf_counter()
+    budget, batches = rewrite_options.quantization.budget, context.sample.batches
+    slow = [op for op in context.speeds if op.slower]
+    kept = kept_reasons(slow, budget)
+    expected = reference_outputs(context.reference, batches)
+    plain = budget_score(budget, expected, unrotated.qdq(kept), batches)
+    if budget.met(plain):
+        return _RotationTrial("not rotated: every op in 8 bits meets the budget unrotated")
+    context.tell("plan: trying the model rotated")
+    rotated_options = dataclasses.replace(
+        rewrite_options,
+        quantization=dataclasses.replace(rewrite_options.quantization, rotate=True),
+    )
+    prepared = _float_rewrites(
+        ir.from_proto(pristine), context.spec, rotated_options, context.on_pass
+    )
+    if not any(
+        isinstance(r.details, RotationReport) and r.details.applied for r in prepared.records
+    ):
+        return _RotationTrial("not rotated: no rotation applies to this model")
+    online = [
+        node
+        for node in prepared.model.graph
+        if node.metadata_props.get(KEEP_FLOAT_KEY) == ONLINE_REASON
+    ]
+    cost = float_seconds(prepared.model, batches[0], online, context.spec, context.timer)
+    gain = sum(max(op.gain_seconds, 0.0) for op in context.speeds if not op.slower)
+    if cost >= gain:
+        return _RotationTrial(
+            f"not rotated: its float ops would take {cost * 1e3:.1f} ms, more than the "
+            f"{gain * 1e3:.1f} ms int8 saves here"
+        )
+    rounds = _Rounds(context.spec, unrotated.options, ir.to_proto(prepared.model), context.on_pass)
+    figure = budget_score(budget, expected, rounds.qdq(kept), batches)
+    if not budget.met(figure):
+        return _RotationTrial(
+            f"not rotated: rotated, every op in 8 bits gave {budget.show(figure)}, short of it"
+        )
+    verdict = (
+        f"rotated: every op in 8 bits gave {budget.show(plain)} unrotated, "
+        f"{budget.show(figure)} rotated, whose float ops take {cost * 1e3:.1f} ms of the "
+        f"{gain * 1e3:.1f} ms int8 saves"
+    )
+    figures = (plain, figure)
+    report = plan_report(budget, context.sample, figures, tuple(slow), context.speeds, 2, start)
+    return _RotationTrial(
+        verdict, rounds, prepared.records, dataclasses.replace(report, rotation=verdict)
+    )
 
 
 def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:

@@ -124,12 +124,18 @@ class PlanReport:
     seconds: float
     gains_measured: bool = True
     """The int8 gains were timed on this host, not estimated by ``timing.CostModel``."""
+    rotation: str = ""
+    """What the plan decided about rotating the model (``rotate = "auto"``), or empty."""
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
         return kept_reasons(self.kept_float, self.budget)
 
     def summary(self) -> str:
+        rotation = f"; {self.rotation}" if self.rotation else ""
+        return self._budget_summary() + rotation
+
+    def _budget_summary(self) -> str:
         slow = [op for op in self.kept_float if op.slower]
         kept = len(self.kept_float) - len(slow)
         slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
@@ -237,7 +243,7 @@ def plan(
     expected = reference_outputs(float_model, batches)
 
     def report(all_quantized: float, final: float, kept: tuple[OpCost, ...], rounds: int):
-        return _report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
+        return plan_report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
 
     slow = [op for op in speeds if op.slower]
     progress("plan: every op 8 bits do not slow down quantized")
@@ -379,7 +385,7 @@ class CountSearch:
         return bisect.bisect_left(self.cumulative, alone)
 
 
-def _report(
+def plan_report(
     budget: Budget,
     sample: PlanSample,
     figures: tuple[float, float],
@@ -463,11 +469,8 @@ def speed_gains(
     seconds at the op's shapes, measured on this host by default (``qgraph.timing``)."""
     timer = timer or default_cache()
     ops = [node for node in candidate.graph if is_qdq_group(node) and node.op_type in TIMED_OPS]
-    probe = ir.from_proto(ir.to_proto(candidate))  # its float values have the float shapes
     sources = {v.name: _float_source(v).name for n in ops for v in n.inputs[:2] if v is not None}
-    expose_values(probe, set(sources.values()))
-    shapes = {name: np.shape(array) for name, array in feeds.items()}
-    shapes |= {name: np.shape(a) for name, a in run(probe, feeds, optimize=True).items()}
+    shapes = _value_shapes(candidate, feeds, set(sources.values()))
     speeds = []
     for node in ops:
         if sources[node.inputs[0].name] not in shapes:
@@ -483,6 +486,37 @@ def speed_gains(
             OpCost(node.name, node.op_type, math.inf, gain, float_seconds, timer.measured)
         )
     return speeds
+
+
+def float_seconds(
+    model: ir.Model, feeds: Feeds, nodes: list[ir.Node], target: TargetSpec, timer: Timer | None
+) -> float:
+    """The seconds the float ``nodes`` of ``model`` (an online rotation's MatMuls) take on
+    ``feeds``, by ``timer`` (this host's timings by default); ops of other types count 0."""
+    timer = timer or default_cache()
+    timed = [node for node in nodes if node.op_type in TIMED_OPS]
+    data = {v.name for node in timed for v in node.inputs[:2] if v.const_value is None}
+    shapes = _value_shapes(model, feeds, data)
+
+    def shape(value: ir.Value) -> tuple[int, ...]:
+        return (
+            tuple(value.const_value.shape) if value.const_value is not None else shapes[value.name]
+        )
+
+    return sum(
+        timer.seconds(op_shape(node, {v.name: shape(v) for v in node.inputs[:2]}, target), target)[
+            0
+        ]
+        for node in timed
+    )
+
+
+def _value_shapes(model: ir.Model, feeds: Feeds, names: set[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the values ``names`` of ``model`` (and of its inputs) on ``feeds``."""
+    probe = ir.from_proto(ir.to_proto(model))  # its float values have the float shapes
+    expose_values(probe, names)
+    shapes = {name: np.shape(array) for name, array in feeds.items()}
+    return shapes | {name: np.shape(a) for name, a in run(probe, feeds, optimize=True).items()}
 
 
 def _float_source(value: ir.Value) -> ir.Value:

@@ -19,7 +19,7 @@ become underscores); flags given on the command line override it, and list flags
     measure = true                  # false: the plan estimates int8 gains (timing.CostModel)
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
     smoothquant = 0.5               # SmoothQuant's alpha, "auto", or "none" [static: auto]
-    rotate = true                   # Hadamard rotations (QuaRot-style) before quantizing
+    rotate = true                   # Hadamard rotations (QuaRot-style), or "auto" [static: auto]
     rotate_seed = 0                 # the rotations' random signs
     kv_cache = "int8"               # float | int8: a decoder's KV cache, a scale per channel
 
@@ -76,6 +76,12 @@ PLANNED_SMOOTHING = "default"
 the search picks an alpha per tensor, or none, by its readers' SQNR), else off."""
 DEFAULT_ALPHA = 0.5
 """SmoothQuant's migration strength where none is given (``--smoothquant`` alone)."""
+AUTO_ROTATION = "auto"
+"""``rotate = "auto"``: the accuracy plan rotates where every op in 8 bits then meets a budget
+it missed unrotated, and int8's gain pays for the rotations' float ops
+(``qgraph.compiler``)."""
+PLANNED_ROTATION = "default"
+"""``rotate`` left unsaid: ``auto`` under the accuracy plan, else off."""
 
 
 class RecipeError(QGraphError):
@@ -172,7 +178,9 @@ class QuantOptions:
             unsaid, ``"auto"`` under the accuracy plan (static, a budget, calibration data),
             else None.
         rotate: Rotate the residual stream, attention heads and MLP inputs by orthogonal
-            (Hadamard) matrices first (any mode), spreading outlier channels.
+            (Hadamard) matrices first (any mode), spreading outlier channels; ``"auto"``:
+            where the accuracy plan finds it pays. Left unsaid, ``"auto"`` under the plan,
+            else False.
         rotate_seed: Seed of the rotations' random signs (the same seed, the same model).
         kv_cache: A decoder's KV cache kept float, or int8 with calibrated scales (needs
             calibration data, and attention fused into onnxruntime's GroupQueryAttention).
@@ -195,7 +203,7 @@ class QuantOptions:
     measure: bool = True
     keep_float: tuple[tuple[str, str], ...] = ()
     smoothquant: float | str | None = PLANNED_SMOOTHING
-    rotate: bool = False
+    rotate: bool | str = PLANNED_ROTATION
     rotate_seed: int = 0
     kv_cache: KvCache = KvCache.FLOAT
     calib: DataSource | None = dataclasses.field(default=None, compare=False)
@@ -226,6 +234,13 @@ class QuantOptions:
             )
         if self.smoothquant == PLANNED_SMOOTHING:
             object.__setattr__(self, "smoothquant", AUTO_ALPHA if self.planned else None)
+        if self.rotate == PLANNED_ROTATION:
+            object.__setattr__(self, "rotate", AUTO_ROTATION if self.planned else False)
+        if self.rotate == AUTO_ROTATION and not self.planned:
+            raise RecipeError(
+                "rotate = auto lets the accuracy plan decide, and no plan runs here: it needs "
+                "static mode, a budget and --calib data (or say true or false)"
+            )
         if not self.measure and not self.planned:
             raise RecipeError(
                 "measure = false (--no-measure) changes how the accuracy plan weighs speed, "
@@ -424,6 +439,12 @@ def _flag(key: str):
     return convert
 
 
+def _rotate(value: object) -> bool | str:
+    if value == AUTO_ROTATION or isinstance(value, bool):
+        return value
+    raise RecipeError(f"rotate = {value!r}: expected true, false or 'auto'")
+
+
 def _smoothquant(value: object) -> float | str | None:
     """An alpha in [0, 1] (a number, or its text from the command line), ``"auto"``, or
     ``"none"`` for no SmoothQuant."""
@@ -526,7 +547,7 @@ _FIELDS = {
     "budget": _budget,
     "measure": _flag("measure"),
     "smoothquant": _smoothquant,
-    "rotate": _flag("rotate"),
+    "rotate": _rotate,
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),
     "kv_cache": lambda value: KvCache(_choice("kv_cache", value, [k.value for k in KvCache])),
     "calib": _data("calib"),

@@ -138,7 +138,7 @@ SPACE: tuple[Dimension, ...] = (
     Dimension("percentile", (99.9, 99.99, 99.999), when=("calib_method", "percentile")),
     Dimension("smoothquant", ("none", "auto", FIXED_ALPHA)),
     Dimension("alpha", (0.3, 0.5, 0.7, 0.85), when=("smoothquant", FIXED_ALPHA)),
-    Dimension("rotate", (False, True)),
+    Dimension("rotate", (COMPILE_DEFAULT, False, True)),
     Dimension("weight_dtype", ("int8", "int4")),
     Dimension("block_size", (32, 64, 128), when=("weight_dtype", "int4")),
     Dimension("weight_rounding", ("nearest", "gptq")),
@@ -150,7 +150,7 @@ SPACE: tuple[Dimension, ...] = (
 DEFAULT_POINT: dict[str, object] = {
     "calib_method": "minmax",
     "smoothquant": "auto",
-    "rotate": False,
+    "rotate": COMPILE_DEFAULT,
     "weight_dtype": "int8",
     "weight_rounding": "nearest",
     "budget": COMPILE_DEFAULT,
@@ -176,7 +176,8 @@ def recipe_of(point: Mapping[str, object], ranking: Sequence[str], calib: Path) 
         recipe["percentile"] = point["percentile"]
     smoothing = point["smoothquant"]
     recipe["smoothquant"] = point["alpha"] if smoothing == FIXED_ALPHA else smoothing
-    recipe["rotate"] = point["rotate"]
+    if point["rotate"] != COMPILE_DEFAULT:
+        recipe["rotate"] = point["rotate"]
     if point["weight_dtype"] != "int8":
         recipe["weight_dtype"] = point["weight_dtype"]
         recipe["block_size"] = point["block_size"]
@@ -1018,8 +1019,8 @@ def recipe_summary(recipe: Mapping[str, object]) -> str:
     if "percentile" in recipe:
         parts[-1] += f"@{recipe['percentile']}"
     parts.append(f"sq={recipe['smoothquant']}")
-    if recipe["rotate"]:
-        parts.append("rotate")
+    if "rotate" in recipe:
+        parts.append("rotate" if recipe["rotate"] else "no-rotate")
     if "weight_dtype" in recipe:
         parts.append(f"{recipe['weight_dtype']}/{recipe['block_size']}")
     if recipe["weight_rounding"] != "nearest":

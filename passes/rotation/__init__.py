@@ -385,7 +385,7 @@ def _rotate_input_online(
 
 def _build(ctx) -> RotationPass | None:
     quantization = ctx.options.quantization
-    if quantization is None or not quantization.rotate:
+    if quantization is None or quantization.rotate is not True:  # "auto": the plan decides
         return None
     return RotationPass(quantization.rotate_seed)
 

@@ -232,7 +232,9 @@ Examples:
     help="Rotate first (QuaRot-style): the residual stream, each attention head's values and "
     "each MLP down projection's input by orthogonal Hadamard matrices folded into the weights "
     "(the last one applied online, in float), so no channel stands out; the float function "
-    "is unchanged. Any mode; pairs well with 4-bit weights [default: off].",
+    "is unchanged. Any mode; pairs well with 4-bit weights [default: under the accuracy plan, "
+    "where every op in 8 bits meets the budget only rotated and int8 saves more time than the "
+    "online rotations take (the plan's summary says which); else off].",
 )
 @click.option(
     "--rotate-seed",

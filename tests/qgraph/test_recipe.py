@@ -107,7 +107,7 @@ def test_rotation_is_a_flag_with_a_seed():
         ('exclude_node = ["("]', "is not a regular expression"),
         ('[tensor."x"]\ndtype = "float8"', "tensor 'x' dtype = 'float8': choose one of"),
         ("mode = ", "not valid TOML"),
-        ('rotate = "yes"', "rotate = 'yes': expected true or false"),
+        ('rotate = "yes"', "rotate = 'yes': expected true, false or 'auto'"),
         ("rotate_seed = -1", "expected a value in [0, 4294967295]"),
         ('weight_rounding = "best"', "weight_rounding = 'best': choose one of nearest, gptq"),
     ],
