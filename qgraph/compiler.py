@@ -235,7 +235,8 @@ def _planned_run(
     slow = [op for op in speeds if op.slower]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
-    pristine = ir.to_proto(model) if quantization.smoothquant or auto_rotation else None
+    smoothing = quantization.smoothquant is not None
+    pristine = ir.to_proto(model) if smoothing or auto_rotation else None
     rewrite_options = dataclasses.replace(options, quantization=informed)
     prepared = _float_rewrites(model, spec, rewrite_options, on_pass)
     options = _without_float_rewrites(options, spec)
@@ -244,7 +245,8 @@ def _planned_run(
     if auto_rotation:
         context = _PlanContext(spec, sample, reference, speeds, timer, on_pass, tell)
         trial = _rotation_trial(context, pristine, rewrite_options, rounds)
-    if trial is not None and trial.report is not None:
+    rotated = trial is not None and trial.report is not None
+    if rotated:
         rounds, records, report = trial.rounds, trial.records, trial.report
     else:
         _, report = plan(reference, rounds.qdq, sample, quantization.budget, speeds, tell)
@@ -255,7 +257,7 @@ def _planned_run(
     wasted = smoothed_for_float_readers(records, chosen.model)
     if wasted:
         tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
-        final = dataclasses.replace(informed, keep_float=tuple(kept.items()))
+        final = dataclasses.replace(informed, keep_float=tuple(kept.items()), rotate=rotated)
         prepared = _float_rewrites(
             ir.from_proto(pristine),
             spec,
