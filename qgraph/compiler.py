@@ -241,15 +241,16 @@ def _planned_run(
     prepared = _float_rewrites(model, spec, rewrite_options, on_pass)
     options = _without_float_rewrites(options, spec)
     rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
+    expected = reference_outputs(reference, sample.batches)
     trial = None
     if auto_rotation:
-        context = _PlanContext(spec, sample, reference, speeds, timer, on_pass, tell)
+        context = _PlanContext(spec, sample, expected, speeds, timer, on_pass, tell)
         trial = _rotation_trial(context, pristine, rewrite_options, rounds)
     rotated = trial is not None and trial.report is not None
     if rotated:
         rounds, records, report = trial.rounds, trial.records, trial.report
     else:
-        _, report = plan(reference, rounds.qdq, sample, quantization.budget, speeds, tell)
+        _, report = plan(reference, rounds.qdq, sample, quantization.budget, speeds, tell, expected)
         report = dataclasses.replace(report, rotation=trial.verdict if trial else "")
         records = prepared.records
     kept = report.kept_reasons()
@@ -301,12 +302,13 @@ class _Rounds:
 
 @dataclasses.dataclass(frozen=True)
 class _PlanContext:
-    """What the plan's trials share: the target, the plan's data and reference model, each
-    candidate's speed, and where to report."""
+    """What the plan's trials share: the target, the plan's data and the float model's
+    outputs on it, each candidate's speed, and where to report."""
 
     spec: TargetSpec
     sample: PlanSample
-    reference: ir.Model
+    expected: list[dict]
+    """The float model's outputs on the sample."""
     speeds: list[OpCost]
     timer: Timer | None
     on_pass: Callable[[Phase, str], None]
@@ -337,8 +339,7 @@ def _rotation_trial(
     budget, batches = rewrite_options.quantization.budget, context.sample.batches
     slow = [op for op in context.speeds if op.slower]
     kept = kept_reasons(slow, budget)
-    expected = reference_outputs(context.reference, batches)
-    plain = budget_score(budget, expected, unrotated.qdq(kept), batches)
+    plain = budget_score(budget, context.expected, unrotated.qdq(kept), batches)
     if budget.met(plain):
         return _RotationTrial("not rotated: every op in 8 bits meets the budget unrotated")
     context.tell("plan: trying the model rotated")
@@ -366,7 +367,7 @@ def _rotation_trial(
             f"{gain * 1e3:.1f} ms int8 saves here"
         )
     rounds = _Rounds(context.spec, unrotated.options, ir.to_proto(prepared.model), context.on_pass)
-    figure = budget_score(budget, expected, rounds.qdq(kept), batches)
+    figure = budget_score(budget, context.expected, rounds.qdq(kept), batches)
     if not budget.met(figure):
         return _RotationTrial(
             f"not rotated: rotated, every op in 8 bits gave {budget.show(figure)}, short of it"

@@ -235,13 +235,16 @@ def plan(
     budget: Budget,
     speeds: list[OpCost],
     progress: Callable[[str], None] = lambda step: None,
+    expected: list[dict] | None = None,
 ) -> tuple[ir.Model, PlanReport]:
     """The compiled model meeting ``budget`` with the fewest ops kept in float, from each
     candidate's measured speed (``speed_gains``); ops that int8 makes slower here
-    (``OpCost.slower``) are kept in float whatever the budget."""
+    (``OpCost.slower``) are kept in float whatever the budget. ``expected``: the float
+    model's outputs on the sample, where the caller has them already."""
     start = time.perf_counter()
     batches = sample.batches
-    expected = reference_outputs(float_model, batches)
+    if expected is None:
+        expected = reference_outputs(float_model, batches)
 
     def report(all_quantized: float, final: float, kept: tuple[OpCost, ...], rounds: int):
         return plan_report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
