@@ -2,10 +2,10 @@
 
     python benchmarks/fusion.py [--models NAME ...] [--runs 20] [--out benchmarks/fusion.md]
 
-For each zoo model, ``qgraph compile --target x86-avx2`` (canonicalize, fusion, finalize; no
-quantization yet) and then:
+For each zoo model, ``qgraph compile --target x86-avx2`` (canonicalize, fusion, runtime fusion,
+finalize; no quantization yet) and then:
 
-- node counts before and after, and what each fusion rule did;
+- node counts before and after, and what each fusion rule of both passes did;
 - the largest relative error of any output over the evaluation set, both models run by
   onnxruntime with graph optimizations disabled (so the error is the rewrite's own), as
   ``max|after - before| / max|before|`` per output (target: <= 1e-4);
@@ -31,6 +31,7 @@ from qgraph.targets import host_description
 
 ZOO = ("minilm", "smollm2", "reference-cnn", "reference-encoder", "reference-decoder")
 TOLERANCE = 1e-4
+FUSION_PASSES = ("fusion", "runtime-fusion")
 
 
 def measure(name: str, runs: int, folder: Path) -> dict[str, object]:
@@ -38,6 +39,13 @@ def measure(name: str, runs: int, folder: Path) -> dict[str, object]:
     compiled = folder / f"{name}.onnx"
     result = qgraph.compile_model(zoo_model.model, "x86-avx2", output=compiled)
     fusion = next(r for r in result.records if r.name == "fusion").details
+    applied = {
+        rule: count
+        for record in result.records
+        if record.name in FUSION_PASSES
+        for rule, count in record.details.applied.items()
+        if count
+    }
     worst = 0.0
     batches = list(read_batches(zoo_model.evaluation))
     for feeds in batches:
@@ -46,12 +54,12 @@ def measure(name: str, runs: int, folder: Path) -> dict[str, object]:
         worst = max([worst, *(verify.relative_error(before[k], after[k]) for k in before)])
     sessions = (evaluation_session(zoo_model.model), evaluation_session(compiled))
     latency = measure_latency(sessions, batches[0], runs)
-    applied = ", ".join(f"{k} {v}" for k, v in fusion.applied.items() if v) or "-"
+    rules = ", ".join(f"{k} {v}" for k, v in applied.items()) or "-"
     marked = ", ".join(f"{k} {v}" for k, v in fusion.activations.items()) or "-"
     return {
         "model": name,
         "nodes": f"{result.before.nodes} -> {result.after.nodes}",
-        "rules": applied,
+        "rules": rules,
         "activations": marked,
         "error": worst,
         "before_ms": 1e3 * latency.reference,

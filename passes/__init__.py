@@ -133,9 +133,11 @@ PIPELINE: tuple[PassInfo, ...] = (
         "runtime-fusion",
         Phase.FLOAT_REWRITES,
         "fuse a decoder's attention over its KV cache into GroupQueryAttention and residual "
-        "Add + RMSNorm into SkipSimplifiedLayerNormalization, where the runtime has them",
+        "Add + RMSNorm into SkipSimplifiedLayerNormalization, where the runtime has them; "
+        "keep residual Add + LayerNorm from the runtime's slower SkipLayerNormalization",
         "fusion",
-        why="one kernel where the export has dozens of small ops (a decode step runs ~40 a layer)",
+        why="one kernel where the export has dozens of small ops (a decode step runs ~40 a "
+        "layer), two where the runtime's one is slower",
         requires=frozenset({Fact.NORMS_FUSED}),
     ),
     PassInfo(

@@ -35,6 +35,12 @@ CPU_DEFAULT_DOMAIN_EXTENSIONS = frozenset({"SimplifiedLayerNormalization", "Laye
 """Ops onnxruntime registers in the default ONNX domain itself: RMSNorm before opset 23, and
 LayerNorm before opset 17 (onnxruntime 1.32 ran it at opsets 11-16, exact to float rounding)."""
 
+CPU_SLOWER_FUSIONS = frozenset({"SkipLayerNormalization"})
+"""onnxruntime fuses a residual ``Add`` and the ``LayerNormalization`` reading it into
+``SkipLayerNormalization`` (level 2 optimizations), whose CPU kernel is a scalar loop with a
+division per element: 5.0-5.3x slower than the two ops left apart at MiniLM's and SmolLM2's
+shapes (``benchmarks/slower_fusions.md``; onnxruntime 1.32, one thread)."""
+
 CPU_QUANTIZABLE_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 """Ops with integer CPU kernels that beat fp32; quantizing more mostly costs accuracy."""
 
@@ -168,6 +174,7 @@ def cpu_target(
             max_ir_version=MAX_ORT_IR_VERSION,
             allowed_domains=CPU_DOMAINS,
             default_domain_extensions=CPU_DEFAULT_DOMAIN_EXTENSIONS,
+            slower_fusions=CPU_SLOWER_FUSIONS,
         ),
         kernels=KernelProfile(
             quantizable_ops=CPU_QUANTIZABLE_OPS,

@@ -119,6 +119,9 @@ class RuntimeProfile:
         allowed_domains: Operator domains the runtime executes.
         default_domain_extensions: Ops the runtime adds to the default ONNX domain (not in the
             ONNX standard, so the ONNX checker does not know them).
+        slower_fusions: Ops the runtime fuses out of standard ones by itself whose kernels run
+            slower than the ops they replace; the compiled graph is written so that the
+            runtime does not form them.
     """
 
     min_opset: int
@@ -126,6 +129,7 @@ class RuntimeProfile:
     max_ir_version: int
     allowed_domains: frozenset[str]
     default_domain_extensions: frozenset[str]
+    slower_fusions: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         _require(
@@ -273,6 +277,7 @@ class TargetSpec:
             "max_opset": runtime.max_opset,
             "allowed_domains": sorted({d or "ai.onnx" for d in runtime.allowed_domains}),
             "default_domain_extensions": sorted(runtime.default_domain_extensions),
+            "slower_fusions": sorted(runtime.slower_fusions),
             "matmul_add_as_gemm": kernels.matmul_add_as_gemm,
             "conformance_rules": [rule.__name__ for rule in self.conformance_rules],
             "int32_bias": kernels.int32_bias,

@@ -14,13 +14,15 @@ module states its math:
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
 A second pass (``runtime-fusion``, after SmoothQuant and rotation, which find norms and
-attention heads as the exporter wrote them) runs, where the target runs onnxruntime's contrib
-ops, the graph rewrites of ``GRAPH_REWRITES`` (matched by walking the graph: they replace
+attention heads as the exporter wrote them) runs, where the target wants them, the graph
+rewrites of ``GRAPH_REWRITES`` (matched by walking the graph: they replace
 values that are read on):
 
 - ``attention``: a decoder's attention over its KV cache (rotary embedding, cache Concat,
   grouped heads, softmax) to one GroupQueryAttention
-- ``residual``: a residual Add and the RMSNorm after it to SkipSimplifiedLayerNormalization
+- ``residual``: a residual Add and the RMSNorm after it to SkipSimplifiedLayerNormalization;
+  a residual Add before a LayerNorm to Sum, where the runtime would fuse the two into a slower
+  kernel (that rewrite is the target's ``slower_fusions``, not its contrib ops)
 
 A third (``pack-projections``, the last float rewrite, weight-only mode) packs the MatMuls
 that read one activation into one MatMul and a Split (``packing``).
@@ -165,6 +167,12 @@ GRAPH_REWRITES = (
         attention.RULE_NAME, attention.SUMMARY, attention.wanted, attention.fuse_attention
     ),
     GraphRewrite(residual.RULE_NAME, residual.SUMMARY, residual.wanted, residual.fuse_skip_norms),
+    GraphRewrite(
+        residual.UNFUSED_RULE,
+        residual.UNFUSED_SUMMARY,
+        residual.keeps_layer_norms_unfused,
+        residual.unfuse_layer_norms,
+    ),
 )
 
 

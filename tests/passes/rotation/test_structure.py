@@ -8,21 +8,28 @@ import pytest
 
 import qgraph
 from qgraph import models
+from qgraph.options import CompileOptions
 from qgraph.passes.rotation.structure import head_regions, mlp_inputs, residual_streams
 
 HIDDEN, HEAD_DIM = 256, 64
+BEFORE_ROTATION = CompileOptions(skip_passes=frozenset({"runtime-fusion"}))
+"""The float rewrites rotation sees: the runtime's fused and unfused forms come after it."""
+
+
+def _as_rotation_sees_it(name: str) -> ir.Model:
+    return qgraph.compile_model(models.fetch(name).model, "x86-avx2", options=BEFORE_ROTATION).model
 
 
 @pytest.fixture(scope="module")
 def decoder() -> ir.Model:
     """The reference decoder (pre-RMS-norm, SwiGLU), compiled in float as rotation sees it."""
-    return qgraph.compile_model(models.fetch("reference-decoder").model, "x86-avx2").model
+    return _as_rotation_sees_it("reference-decoder")
 
 
 @pytest.fixture(scope="module")
 def encoder() -> ir.Model:
-    """The reference encoder (post-LayerNorm), compiled in float."""
-    return qgraph.compile_model(models.fetch("reference-encoder").model, "x86-avx2").model
+    """The reference encoder (post-LayerNorm), compiled in float as rotation sees it."""
+    return _as_rotation_sees_it("reference-encoder")
 
 
 def test_the_decoders_residual_stream_has_its_two_norms_and_two_adds(decoder):
