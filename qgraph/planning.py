@@ -125,6 +125,8 @@ class PlanReport:
     seconds: float
     gains_measured: bool = True
     """The int8 gains were timed on this host, not estimated by ``timing.CostModel``."""
+    smoothing: str = ""
+    """What the plan decided about SmoothQuant (``smoothquant = "auto"``), or empty."""
     rotation: str = ""
     """What the plan decided about rotating the model (``rotate = "auto"``), or empty."""
 
@@ -133,8 +135,9 @@ class PlanReport:
         return kept_reasons(self.kept_float, self.budget)
 
     def summary(self) -> str:
-        rotation = f"; {self.rotation}" if self.rotation else ""
-        return self._budget_summary() + rotation
+        return "; ".join(
+            part for part in (self._budget_summary(), self.smoothing, self.rotation) if part
+        )
 
     def _budget_summary(self) -> str:
         slow = [op for op in self.kept_float if op.slower]

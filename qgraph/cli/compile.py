@@ -224,7 +224,8 @@ Examples:
     f"(transformers). ALPHA in [0, 1] ({DEFAULT_ALPHA} when left out, the paper's), or 'auto' "
     "to search it per tensor (best on SmolLM2 and MiniLM). Needs calibration data, also in "
     "dynamic mode [default: auto under the accuracy plan (static mode with a budget), "
-    "else off; 'none' turns it off].",
+    "dropped where every op in 8 bits meets the budget without it; else off; 'none' turns "
+    "it off].",
 )
 @click.option(
     "--rotate/--no-rotate",

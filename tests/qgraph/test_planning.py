@@ -408,3 +408,27 @@ def test_rotate_auto_without_a_plan_is_an_error():
     with pytest.raises(RecipeError, match="rotate = auto lets the accuracy plan decide"):
         quant_options(calib=batches(), budget="none", rotate="auto")
     assert quant_options(calib=batches(), budget="none").rotate is False
+
+
+@pytest.mark.parametrize(
+    ("name", "verdict", "smoothed"),
+    [
+        ("reference-encoder", "not smoothed: without it every op in 8 bits gave", False),
+        ("reference-decoder", "smoothed: without it every op in 8 bits gave", True),
+    ],
+)
+def test_the_plan_smooths_only_where_8_bits_miss_the_budget_without_it(name, verdict, smoothed):
+    """``smoothquant = auto`` under the plan (the default): the encoder meets 26 dB with every
+    MatMul in 8 bits unsmoothed, so SmoothQuant's inserted Muls stay out; the decoder's outlier
+    channels give about 5 dB unsmoothed, so it is smoothed."""
+    from qgraph import models
+
+    zoo = models.fetch(name)
+    options = CompileOptions(quantization=quant_options(calib=str(zoo.calibration), measure=False))
+    assert options.quantization.smoothquant == "auto"
+    result = qgraph.compile_model(zoo.model, "x86-vnni", options=options)
+    assert result.plan.smoothing.startswith(verdict), result.plan.smoothing
+    assert result.plan.smoothing in result.plan.summary()
+    assert result.plan.budget.met(result.plan.final)
+    modified = [record.name for record in result.records if record.modified]
+    assert ("smoothquant" in modified) is smoothed
