@@ -413,7 +413,7 @@ def _rotation_trial(
         f"{budget.show(figure)} rotated, whose float ops take {cost * 1e3:.1f} ms of the "
         f"{gain * 1e3:.1f} ms int8 saves"
     )
-    figures = (plain, figure)
+    figures = (figure, figure)  # the model is the rotated one; the verdict gives both figures
     report = plan_report(budget, context.sample, figures, tuple(slow), context.speeds, 2, start)
     return _Trial(verdict, prepared, rounds, dataclasses.replace(report, rotation=verdict))
 
