@@ -14,6 +14,10 @@ LLAMA_VENV=${LLAMA_VENV:-/work/llama-venv}
 [ -x "$GENAI_VENV/bin/python" ] || python3 -m venv "$GENAI_VENV"
 "$GENAI_VENV/bin/pip" install -q onnxruntime-genai torch==2.13.0 transformers onnx onnx-ir
 
+# On a KVM Xeon with AMX (2026-12-07) this native build died with SIGILL on AMX's tilezero
+# (Q8_0, Q4_0); there, build it without AMX: add
+#   -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' (and the same CMAKE_CXX_FLAGS)
+# to CMAKE_ARGS, with pip install --no-cache-dir (benchmarks/generation.md).
 [ -x "$LLAMA_VENV/bin/python" ] || python3 -m venv "$LLAMA_VENV"
 CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     "$LLAMA_VENV/bin/pip" install -q llama-cpp-python numpy
