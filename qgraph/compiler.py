@@ -323,6 +323,11 @@ class _PlanContext:
     on_pass: Callable[[Phase, str], None]
     tell: Progress
 
+    @property
+    def slow(self) -> tuple[OpCost, ...]:
+        """The candidates 8 bits make slower here: float in every trial."""
+        return tuple(op for op in self.speeds if op.slower)
+
 
 @dataclasses.dataclass
 class _Trial:
@@ -348,7 +353,7 @@ def _smoothing_trial(
     that only costs time, and smoothing does not always help (the reference encoder's default
     compile, held out: 37.6 dB of output SQNR unsmoothed, 34.5 smoothed)."""
     budget, batches = rewrite_options.quantization.budget, context.sample.batches
-    kept = kept_reasons([op for op in context.speeds if op.slower], budget)
+    kept = kept_reasons(context.slow, budget)
     unsmoothed = dataclasses.replace(
         rewrite_options,
         quantization=dataclasses.replace(rewrite_options.quantization, smoothquant=None),
@@ -373,8 +378,7 @@ def _rotation_trial(
     told which ops 8 bits make slower)."""
     start = time.perf_counter()
     budget, batches = rewrite_options.quantization.budget, context.sample.batches
-    slow = [op for op in context.speeds if op.slower]
-    kept = kept_reasons(slow, budget)
+    kept = kept_reasons(context.slow, budget)
     plain = budget_score(budget, context.expected, unrotated.qdq(kept), batches)
     if budget.met(plain):
         return _Trial("not rotated: every op in 8 bits meets the budget unrotated")
@@ -414,7 +418,7 @@ def _rotation_trial(
         f"{gain * 1e3:.1f} ms int8 saves"
     )
     figures = (figure, figure)  # the model is the rotated one; the verdict gives both figures
-    report = plan_report(budget, context.sample, figures, tuple(slow), context.speeds, 2, start)
+    report = plan_report(budget, context.sample, figures, context.slow, context.speeds, 2, start)
     return _Trial(verdict, prepared, rounds, dataclasses.replace(report, rotation=verdict))
 
 
