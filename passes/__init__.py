@@ -176,6 +176,15 @@ PIPELINE: tuple[PassInfo, ...] = (
         why="a long context's cache outgrows the weights; the kernel reads int8 itself",
     ),
     PassInfo(
+        "lower-16-bit",
+        Phase.LOWER,
+        "write a MatMul, Gemm or Conv reading a 16-bit activation as two products of its 8-bit "
+        "digits (MatMulIntegerToFloat), in either format",
+        "lowering",
+        why="the runtime has no 16-bit kernels: in Q/DQ form the op would run in float",
+        requires=frozenset({Fact.QUANTIZED}),
+    ),
+    PassInfo(
         "lower",
         Phase.LOWER,
         "rewrite Q/DQ groups to QLinearConv, QGemm, MatMulIntegerToFloat, MatMulNBits... "

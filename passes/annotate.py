@@ -295,13 +295,14 @@ class AnnotatePass(ir.passes.InPlacePass):
             return KeepFloat(reason)
         activation = _input(node, layout.activation)
         weight_only = self.options.mode is Mode.WEIGHT_ONLY and not self._dynamic_projection(node)
+        activation_spec = None if weight_only else self._activation_spec(activation)
         return NodeAnnotation(
             activation=None if weight_only else layout.activation,
-            activation_spec=None if weight_only else self._activation_spec(activation),
+            activation_spec=activation_spec,
             weight=layout.weight,
             weight_spec=self._weight_spec(node, layout),
             bias=self._bias(node, layout),
-            output_spec=self._output_spec(node),
+            output_spec=self._output_spec(node, activation_spec),
             own_weight_copy=self._tied(node, layout) and self._own_projection_copies,
         )
 
@@ -324,9 +325,12 @@ class AnnotatePass(ir.passes.InPlacePass):
             computed_weight=True,
         )
 
-    def _output_spec(self, node: ir.Node) -> QuantSpec | None:
-        """The spec of the op's output where the target fuses the op only behind a Q."""
+    def _output_spec(self, node: ir.Node, activation: QuantSpec | None) -> QuantSpec | None:
+        """The spec of the op's output where the target fuses the op only behind a Q; none
+        where a 16-bit activation runs as 8-bit digits, whose products give float."""
         if not self.target.kernels.quantizes_output(node):
+            return None
+        if activation is not None and self.target.activations.as_digits(activation.width):
             return None
         if self.options.mode is not Mode.STATIC or node.outputs[0].is_graph_output():
             return None
@@ -368,8 +372,11 @@ class AnnotatePass(ir.passes.InPlacePass):
             raise RecipeError(
                 f"tensor '{value.name}': target {self.target.name} has no 16-bit activations"
             )
+        dtype = override.dtype or self.target.activations.dtype
+        if value.name in self.options.sixteen_bit:
+            dtype = self.target.activations.sixteen_bit_type
         return QuantSpec(
-            dtype=override.dtype or self.target.activations.dtype,
+            dtype=dtype,
             symmetric=self.target.activations.symmetric,
             method=override.method or self.options.calib_method,
         )

@@ -166,6 +166,7 @@ def cpu_target(
             per_consumer=per_consumer,
             int16=True,
             int16_kernels=False,
+            int16_digits=True,
         ),
         weights=WeightScheme(dtype=weight_dtype, symmetric=True, bits=8, per_channel=True),
         runtime=RuntimeProfile(

@@ -73,6 +73,11 @@ class ActivationScheme:
         int16_kernels: The runtime computes with 16-bit activations in integer arithmetic, so
             an activation too noisy in 8 bits goes to 16; without such kernels its readers
             stay in float instead (a 16-bit Q/DQ in front of a float op only adds rounding).
+        int16_digits: Without 16-bit kernels, the runtime's u8 x s8 product with a float
+            output and per-column weight scales (``MatMulIntegerToFloat``) runs a 16-bit
+            activation of a MatMul, Gemm or Conv with 8-bit weights as two 8-bit digits
+            (``passes/lowering/digits.py``): the accuracy plan may ask for one where 8 bits
+            are too coarse and two 8-bit products still beat float.
     """
 
     dtype: ir.DataType
@@ -80,10 +85,21 @@ class ActivationScheme:
     per_consumer: bool
     int16: bool
     int16_kernels: bool
+    int16_digits: bool
 
     def __post_init__(self) -> None:
         _require(self.dtype in _INT8_TYPES, f"activation dtype {self.dtype.name} is not 8-bit")
         _require(self.int16 or not self.int16_kernels, "16-bit kernels without 16-bit Q/DQ")
+        _require(self.int16 or not self.int16_digits, "16-bit digits without 16-bit Q/DQ")
+
+    @property
+    def sixteen_bit_type(self) -> ir.DataType:
+        """The 16-bit type of the activations' signedness."""
+        return ir.DataType.INT16 if self.dtype.is_signed() else ir.DataType.UINT16
+
+    def as_digits(self, bits: int) -> bool:
+        """An activation of ``bits`` runs as two 8-bit digits on this target."""
+        return bits == 16 and self.int16_digits and not self.int16_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +286,7 @@ class TargetSpec:
             "qdq_per_consumer": self.activations.per_consumer,
             "int16_activations": self.activations.int16,
             "int16_kernels": self.activations.int16_kernels,
+            "int16_digits": self.activations.int16_digits,
             "quantizable_ops": sorted(kernels.quantizable_ops),
             "lowering_rules": list(self.lowering_rules),
             "min_opset": runtime.min_opset,

@@ -38,7 +38,12 @@ TENSORRT = TargetSpec(
     dynamic_format=QuantFormat.QDQ,
     weight_only_format=QuantFormat.QDQ,
     activations=ActivationScheme(
-        dtype=ir.DataType.INT8, symmetric=True, per_consumer=False, int16=False, int16_kernels=False
+        dtype=ir.DataType.INT8,
+        symmetric=True,
+        per_consumer=False,
+        int16=False,
+        int16_kernels=False,
+        int16_digits=False,
     ),
     weights=WeightScheme(dtype=ir.DataType.INT8, symmetric=True, bits=8, per_channel=True),
     runtime=RuntimeProfile(

@@ -8,6 +8,11 @@ quantized becomes one ``QLinear*`` op before the op alone can become a float-out
 math of each rule is in its module: ``weighted`` (Conv, MatMul, Gemm) and ``nbits`` (4-bit
 weight-only MatMul).
 
+One lowering runs in either format: ``lower-16-bit`` (``digits``) writes an op reading a 16-bit
+activation as two 8-bit digit products on a target whose runtime has no 16-bit kernels but
+does have those products (``ActivationScheme.int16_digits``); left in Q/DQ form it would run
+in float.
+
 onnxruntime fuses the Q/DQ form into the same kernels itself when its graph optimizations are
 on (level extended or above), so the QOperator format is for runtimes and sessions that do not.
 """
@@ -23,7 +28,7 @@ from rich.console import RenderableType
 
 from qgraph.errors import QGraphError
 from qgraph.graph.ops import MICROSOFT_DOMAIN
-from qgraph.passes.lowering import elementwise, nbits, weighted
+from qgraph.passes.lowering import digits, elementwise, nbits, weighted
 from qgraph.passes.rule_table import (
     CompiledTable,
     NearMiss,
@@ -79,6 +84,14 @@ RULES = tuple(
     )
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)
+DIGIT_RULES = (
+    TableRule(
+        "sixteen-bit-digits",
+        "op(DQ16(x), DQ(w)) -> two MatMulIntegerToFloat over x's 8-bit digits",
+        (digits.DigitMatMul, digits.DigitGemm, digits.DigitConv),
+        wanted=lambda target: target.activations.int16_digits,
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +111,12 @@ def compiled_rules(target: TargetSpec) -> CompiledTable:
     return compile_table(RULES, target)
 
 
-class LowerPass(ir.passes.InPlacePass):
-    """Rewrite Q/DQ groups to the target runtime's integer operators."""
+class _RulePass(ir.passes.InPlacePass):
+    """Apply a compiled rule table until it changes nothing."""
 
-    def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
+    def __init__(self, rules: CompiledTable, *, explain: bool = False) -> None:
         super().__init__()
-        if not target.lowering_rules:
-            raise LoweringUnavailableError(
-                f"target {target.name} has no QOperator kernels; its runtime reads Q/DQ only "
-                "(drop --format qoperator)"
-            )
-        self.rules = compiled_rules(target)
+        self.rules = rules
         self.explain = explain
 
     def call(self, model: ir.Model) -> ReportingPassResult:
@@ -121,6 +129,25 @@ class LowerPass(ir.passes.InPlacePass):
             del model.opset_imports[MICROSOFT_DOMAIN]
         misses = near_misses(model, self.rules) if self.explain else ()
         return ReportingPassResult(model, any(applied.values()), LoweringReport(applied, misses))
+
+
+class LowerPass(_RulePass):
+    """Rewrite Q/DQ groups to the target runtime's integer operators."""
+
+    def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
+        if not target.lowering_rules:
+            raise LoweringUnavailableError(
+                f"target {target.name} has no QOperator kernels; its runtime reads Q/DQ only "
+                "(drop --format qoperator)"
+            )
+        super().__init__(compiled_rules(target), explain=explain)
+
+
+class DigitLoweringPass(_RulePass):
+    """Rewrite ops reading a 16-bit activation to two 8-bit digit products."""
+
+    def __init__(self, target: TargetSpec, *, explain: bool = False) -> None:
+        super().__init__(compile_table(DIGIT_RULES, target), explain=explain)
 
 
 def _build(ctx) -> LowerPass | None:
@@ -137,7 +164,14 @@ def _build(ctx) -> LowerPass | None:
     return LowerPass(ctx.target, explain=ctx.options.explain)
 
 
+def _build_digits(ctx) -> DigitLoweringPass | None:
+    if ctx.options.quantization is None or not ctx.target.activations.int16_digits:
+        return None
+    return DigitLoweringPass(ctx.target, explain=ctx.options.explain)
+
+
 BUILDERS: dict[str, PassBuilder] = {
+    "lower-16-bit": _build_digits,
     "lower": _build,
 }
 """What makes each of this module's passes (rows of ``qgraph.passes.PIPELINE``)."""

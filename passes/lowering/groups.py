@@ -96,6 +96,31 @@ def eight_bit_problem(operand: QuantizedOperand, role: str) -> str | None:
     return None
 
 
+def quantized_weight_problem(
+    weight: QuantizedOperand | None, channel_axis: int, rank: int
+) -> str | None:
+    """Why ``weight`` is not a constant 8-bit tensor with one scale, or one per channel."""
+    if weight is None:
+        return "its weight is not dequantized"
+    if weight.dtype not in EIGHT_BIT:
+        return f"its weight is {weight.dtype}, not 8-bit"
+    values = constant(weight.values)
+    if values is None or values.ndim != rank:
+        return f"its weight is not a constant of rank {rank}"
+    if not (weight.per_tensor() or weight.per_axis(channel_axis, rank)):
+        return f"its weight scales are neither one nor one per channel (axis {channel_axis})"
+    return None
+
+
+def dequantized_constant(operand: QuantizedOperand) -> np.ndarray | None:
+    """``(q - z) * s`` of a constant per-tensor or 1-D operand, in float32 like the DQ."""
+    values, scale = constant(operand.values), constant(operand.scale)
+    zero_point = operand.zero_point_array()
+    if values is None or scale is None or zero_point is None:
+        return None
+    return ((values.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
+
+
 def bias_problem(
     bias: QuantizedOperand, input_scale: ir.Value, weight_scale: ir.Value
 ) -> str | None:

@@ -33,31 +33,18 @@ from qgraph.passes.fusion.rules import (
     not_a_candidate,
 )
 from qgraph.passes.lowering.groups import (
-    EIGHT_BIT,
     QuantizedOperand,
     bias_problem,
     dequantized,
+    dequantized_constant,
     eight_bit_problem,
     new_initializer,
     quantize_operands,
+    quantized_weight_problem,
 )
 
 MATMUL_WEIGHT_AXIS = 1
 """A MatMul weight [K, N] has its output channels on axis 1; Conv and transB Gemm on axis 0."""
-
-
-def _weight_problem(weight: QuantizedOperand | None, channel_axis: int, rank: int) -> str | None:
-    """Why ``weight`` is not a constant 8-bit tensor with one scale, or one per channel."""
-    if weight is None:
-        return "its weight is not dequantized"
-    if weight.dtype not in EIGHT_BIT:
-        return f"its weight is {weight.dtype}, not 8-bit"
-    values = constant(weight.values)
-    if values is None or values.ndim != rank:
-        return f"its weight is not a constant of rank {rank}"
-    if not (weight.per_tensor() or weight.per_axis(channel_axis, rank)):
-        return f"its weight scales are neither one nor one per channel (axis {channel_axis})"
-    return None
 
 
 def _operands(node: ir.Node, channel_axis: int, rank: int):
@@ -66,7 +53,7 @@ def _operands(node: ir.Node, channel_axis: int, rank: int):
     weight = dequantized(node.inputs[1]) if len(node.inputs) > 1 else None
     if activation is None:
         return None, None, "its activation is not dequantized"
-    problem = eight_bit_problem(activation, "activation") or _weight_problem(
+    problem = eight_bit_problem(activation, "activation") or quantized_weight_problem(
         weight, channel_axis, rank
     )
     return activation, weight, problem
@@ -276,7 +263,7 @@ class ConvToConvInteger(TargetRule):
 
     def _bias_problem(self, bias: ir.Value) -> str | None:
         operand = dequantized(bias)
-        self._bias_array = constant(bias) if operand is None else _dequantize(operand)
+        self._bias_array = constant(bias) if operand is None else dequantized_constant(operand)
         return None if self._bias_array is not None else f"its bias '{bias.name}' is not a constant"
 
     def rewrite(self, op, x, w, out, **_):
@@ -293,12 +280,3 @@ class ConvToConvInteger(TargetRule):
             return result
         bias = self._bias_array.astype(np.float32).reshape(channel_shape)
         return op.Add(result, new_initializer(op, conv, "bias", bias))
-
-
-def _dequantize(operand: QuantizedOperand) -> np.ndarray | None:
-    """``(q - z) * s`` of a constant per-tensor or 1-D operand, in float32 like the DQ."""
-    values, scale = constant(operand.values), constant(operand.scale)
-    zero_point = operand.zero_point_array()
-    if values is None or scale is None or zero_point is None:
-        return None
-    return ((values.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)

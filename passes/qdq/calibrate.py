@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -111,13 +110,21 @@ class Calibrator:
             self._activation_ranges(specs, statistics, calibration)
         return calibration
 
-    def _gptq_inputs(self, annotated: Iterable[ir.Node]) -> dict[str, str]:
+    def _gptq_inputs(self, annotated: dict[ir.Node, NodeAnnotation]) -> dict[str, str]:
         """Node name -> the input whose ``X^T X`` GPTQ reads, for the annotated ops whose
-        weights it rounds (none unless asked for)."""
-        if self.options.weight_rounding is not WeightRounding.GPTQ:
-            return {}
-        inputs = {node.name: _gptq_input(node) for node in annotated}
+        weights it rounds: all where asked for, else those whose activation runs as 16-bit
+        digits (the weight's rounding is then nearly all of the op's error)."""
+        everywhere = self.options.weight_rounding is WeightRounding.GPTQ
+        inputs = {
+            node.name: _gptq_input(node)
+            for node, annotation in annotated.items()
+            if everywhere or self._as_digits(annotation)
+        }
         return {name: source for name, source in inputs.items() if source is not None}
+
+    def _as_digits(self, annotation: NodeAnnotation) -> bool:
+        spec = annotation.activation_spec
+        return spec is not None and self.target.activations.as_digits(spec.width)
 
     def _collect(
         self, model: ir.Model, specs: dict[str, QuantSpec], rounded_by_gptq: dict[str, str]
@@ -189,7 +196,7 @@ class Calibrator:
                     )
                     continue
                 if sqnr < promote:
-                    spec = dataclasses.replace(spec, dtype=self._wide_dtype())
+                    spec = dataclasses.replace(spec, dtype=self.target.activations.sixteen_bit_type)
                     scale, zero_point = scale_and_zero_point(lo, hi, spec)
                     calibration.promoted[name] = sqnr
             ranges[name] = ActivationQuantization(spec, scale, zero_point)
@@ -209,11 +216,6 @@ class Calibrator:
 
     def _user_dtype(self, name: str) -> ir.DataType | None:
         return self.options.override(name).dtype
-
-    def _wide_dtype(self) -> ir.DataType:
-        """The 16-bit type of the target's activation signedness."""
-        signed = self.target.activations.dtype.is_signed()
-        return ir.DataType.INT16 if signed else ir.DataType.UINT16
 
 
 def calibration_data(

@@ -62,7 +62,8 @@ def compile_quantized(proto, target="x86-avx2", *, runtime_check=True, **flags) 
     insert-qdq wrote it, before groups onnxruntime would run in float go back to float."""
     flags.setdefault("calib", batches())
     flags.setdefault("budget", "none")  # the plan's own tests are in tests/qgraph
-    skipped = frozenset() if runtime_check else frozenset({"lower", "runtime-check"})
+    lowering = {"lower-16-bit", "lower", "runtime-check"}
+    skipped = frozenset() if runtime_check else frozenset(lowering)
     options = CompileOptions(quantization=quant_options(**flags), skip_passes=skipped)
     return qgraph.compile_model(proto, target, options=options).model
 
@@ -205,7 +206,7 @@ def test_weight_only_int4_is_per_block_at_opset_21():
 
 
 def test_int16_override_raises_the_opset_and_the_width():
-    # onnxruntime has no 16-bit integer Gemm: the runtime check would put it back in float
+    # as insert-qdq writes it: lowering then turns the Gemm into two 8-bit digit products
     model = compile_quantized(mlp(), tensor={"r": {"dtype": "int16"}}, runtime_check=False)
     assert model.opset_imports[""] == 21
     assert initializer(model, "r_zero_point").dtype == np.int16
