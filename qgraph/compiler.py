@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from qgraph.budget import Budget
 from qgraph.data import input_specs
 from qgraph.errors import ModelLoadError, one_line
 from qgraph.generation import CACHE_LAYOUT_KEY, CacheLayout, writes_cache_in_place
@@ -41,11 +42,13 @@ from qgraph.planning import (
     PlanSample,
     budget_score,
     float_seconds,
+    gain_share,
     kept_reasons,
     plan,
     plan_report,
     plan_sample,
     reference_outputs,
+    sixteen_bit_costs,
     speed_gains,
 )
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
@@ -263,7 +266,7 @@ def _planned_run(
         records = prepared.records
     report = dataclasses.replace(report, smoothing=smoothing_trial.verdict)
     kept = report.kept_reasons()
-    chosen = rounds.done[frozenset(kept)]
+    chosen = rounds.done[(frozenset(kept), frozenset())]
     wasted = smoothed_for_float_readers(records, chosen.model)
     if wasted:
         tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
@@ -276,9 +279,13 @@ def _planned_run(
         )
         records = prepared.records
         rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
+    report, wide = _sixteen_bit_trial(context, rounds, report, quantization.budget)
+    kept = report.kept_reasons()
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
     if wasted or other_format or asked_cache is not KvCache.FLOAT:
-        chosen = rounds.compile(kept, options.format, asked_cache)
+        chosen = rounds.compile(kept, options.format, asked_cache, wide)
+    else:
+        chosen = rounds.done[(frozenset(kept), frozenset(wide))]
     return PipelineResult(chosen.model, records + chosen.records), report
 
 
@@ -289,23 +296,31 @@ class _Rounds:
         self, spec: TargetSpec, options: CompileOptions, original: onnx.ModelProto, on_pass
     ) -> None:
         self.spec, self.options, self.original, self.on_pass = spec, options, original, on_pass
-        self.done: dict[frozenset[str], PipelineResult] = {}
+        self.done: dict[tuple[frozenset[str], frozenset[str]], PipelineResult] = {}
 
     def compile(
-        self, kept: dict[str, str], format: QuantFormat | None, cache: KvCache = KvCache.FLOAT
+        self,
+        kept: dict[str, str],
+        format: QuantFormat | None,
+        cache: KvCache = KvCache.FLOAT,
+        wide: tuple[str, ...] = (),
     ) -> PipelineResult:
+        """The model with ``kept`` in float and the activations ``wide`` in 16 bits."""
         quantization = dataclasses.replace(
-            self.options.quantization, keep_float=tuple(kept.items()), kv_cache=cache
+            self.options.quantization,
+            keep_float=tuple(kept.items()),
+            kv_cache=cache,
+            sixteen_bit=wide,
         )
         options = dataclasses.replace(self.options, quantization=quantization, format=format)
         pipeline = build_pipeline(self.spec, options)
         return pipeline.run(ir.from_proto(self.original), listener=self.on_pass)
 
-    def qdq(self, kept: dict[str, str]) -> ir.Model:
-        """The Q/DQ model with ``kept`` in float, compiled once."""
-        key = frozenset(kept)
+    def qdq(self, kept: dict[str, str], wide: tuple[str, ...] = ()) -> ir.Model:
+        """The Q/DQ model with ``kept`` in float and ``wide`` in 16 bits, compiled once."""
+        key = (frozenset(kept), frozenset(wide))
         if key not in self.done:
-            self.done[key] = self.compile(kept, QuantFormat.QDQ)
+            self.done[key] = self.compile(kept, QuantFormat.QDQ, wide=wide)
         return self.done[key].model
 
 
@@ -420,6 +435,37 @@ def _rotation_trial(
     figures = (figure, figure)  # the model is the rotated one; the verdict gives both figures
     report = plan_report(budget, context.sample, figures, context.slow, context.speeds, 2, start)
     return _Trial(verdict, prepared, rounds, dataclasses.replace(report, rotation=verdict))
+
+
+def _sixteen_bit_trial(
+    context: _PlanContext, rounds: _Rounds, report: PlanReport, budget: Budget
+) -> tuple[PlanReport, tuple[str, ...]]:
+    """Give the ops the plan kept in float for accuracy 16-bit activations (8-bit weights),
+    where the target runs them as two 8-bit digits no slower than float here
+    (``planning.sixteen_bit_costs``), if the budget still holds: their error is then nearly
+    their weights' alone. Returns the report and the activations put in 16 bits."""
+    costs = sixteen_bit_costs(report.kept_float, context.spec, context.timer)
+    if not costs:
+        return report, ()
+    context.tell("plan: trying 16-bit activations for the ops kept in float")
+    names = {op.node for op in costs}
+    kept_ops = tuple(op for op in report.kept_float if op.node not in names)
+    wide = tuple(dict.fromkeys(op.activation for op in costs))
+    candidate = rounds.qdq(kept_reasons(kept_ops, budget), wide)
+    figure = budget_score(budget, context.expected, candidate, context.sample.batches)
+    if not budget.met(figure):
+        ops = ", ".join(op.node for op in costs)
+        verdict = f"16-bit activations for {ops} gave {budget.show(figure)}: kept in float"
+        return dataclasses.replace(report, sixteen_bit=verdict), ()
+    report = dataclasses.replace(
+        report,
+        kept_float=kept_ops,
+        wide=tuple(costs),
+        final=figure,
+        gain_share=gain_share(kept_ops, context.speeds, tuple(costs)),
+        rounds=report.rounds + 1,
+    )
+    return report, wide
 
 
 def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:

@@ -53,7 +53,7 @@ from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group
 from qgraph.targets import TargetSpec
-from qgraph.timing import TIMED_OPS, Timer, default_cache, op_shape
+from qgraph.timing import TIMED_OPS, OpShape, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ class OpCost:
     """Its time in float on the same batch."""
     measured: bool = True
     """The gain was timed on this host, not estimated (``--no-measure``)."""
+    shape: OpShape | None = None
+    """What its timing depended on (None where not timed)."""
+    activation: str = ""
+    """The float tensor its (first) quantized input reads."""
 
     @property
     def slower(self) -> bool:
@@ -129,6 +133,10 @@ class PlanReport:
     """What the plan decided about SmoothQuant (``smoothquant = "auto"``), or empty."""
     rotation: str = ""
     """What the plan decided about rotating the model (``rotate = "auto"``), or empty."""
+    wide: tuple[OpCost, ...] = ()
+    """Ops out of 8 bits whose activations went to 16 (two 8-bit digits), with their gain."""
+    sixteen_bit: str = ""
+    """Why the ops kept in float did not go to 16-bit activations, where that was tried."""
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
@@ -136,7 +144,9 @@ class PlanReport:
 
     def summary(self) -> str:
         return "; ".join(
-            part for part in (self._budget_summary(), self.smoothing, self.rotation) if part
+            part
+            for part in (self._budget_summary(), self.sixteen_bit, self.smoothing, self.rotation)
+            if part
         )
 
     def _budget_summary(self) -> str:
@@ -145,16 +155,23 @@ class PlanReport:
         slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
         if not self.gains_measured:
             slower += " (int8 gains estimated, not timed: see --measure)"
-        if not kept:
+        if not kept and not self.wide:
             every = "every op 8 bits do not slow down" if slow else "every candidate in 8 bits"
             return (
                 f"accuracy budget {self.budget} met with {every} "
                 f"({self.budget.show(self.all_quantized)} on {self.sample}){slower}"
             )
+        wide = ""
+        if self.wide:
+            saved = sum(op.gain_seconds for op in self.wide)
+            wide = (
+                f"{len(self.wide)} of them with 16-bit activations (two 8-bit digits, "
+                f"{saved * 1e3:.1f} ms faster than float here) and "
+            )
         return (
             f"accuracy budget {self.budget}: the ops 8 bits do not slow down gave "
-            f"{self.budget.show(self.all_quantized)} on {self.sample}; {kept} of them kept in "
-            f"float ({1 - self.gain_share:.0%} of the int8 gain) give "
+            f"{self.budget.show(self.all_quantized)} on {self.sample}; {wide}{kept} of them kept "
+            f"in float ({1 - self.gain_share:.0%} of the int8 gain) give "
             f"{self.budget.show(self.final)} ({self.rounds} rounds, {self.seconds:.0f} s){slower}"
         )
 
@@ -402,18 +419,57 @@ def plan_report(
     start: float,
 ) -> PlanReport:
     """``figures``: the budget's figure with every faster op quantized, and at the end."""
-    faster = sum(op.gain_seconds for op in speeds if op.gain_seconds > 0) or 1.0
-    lost = sum(op.gain_seconds for op in kept if op.gain_seconds > 0)
     return PlanReport(
         budget,
         sample.description,
         *figures,
         kept,
-        1 - lost / faster,
+        gain_share(kept, speeds),
         rounds,
         time.perf_counter() - start,
         gains_measured=all(op.measured for op in speeds),
     )
+
+
+def gain_share(
+    kept: tuple[OpCost, ...], speeds: list[OpCost], wide: tuple[OpCost, ...] = ()
+) -> float:
+    """The share of the int8 gain of all faster candidates left after keeping ``kept`` in
+    float and giving ``wide`` (their 16-bit gains) 16-bit activations."""
+    int8 = {op.node: max(op.gain_seconds, 0.0) for op in speeds}
+    faster = sum(int8.values()) or 1.0
+    lost = sum(int8.get(op.node, 0.0) for op in kept)
+    lost += sum(max(int8.get(op.node, 0.0) - op.gain_seconds, 0.0) for op in wide)
+    return 1 - lost / faster
+
+
+SIXTEEN_BIT_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+"""The ops whose activation a target with ``int16_digits`` runs as two 8-bit digits."""
+
+
+def sixteen_bit_costs(
+    kept: tuple[OpCost, ...], target: TargetSpec, timer: Timer | None = None
+) -> list[OpCost]:
+    """Of the ops ``kept`` in float for accuracy, those whose activation could go to 16 bits
+    (two 8-bit digits, ``passes/lowering/digits.py``) without running slower than float here,
+    each with its 16-bit gain: ``timer``'s seconds of the op with a 16-bit activation."""
+    if not target.activations.as_digits(16):
+        return []
+    timer = timer or default_cache()
+    found = []
+    for op in kept:
+        if op.slower or op.op_type not in SIXTEEN_BIT_OPS or op.shape is None:
+            continue
+        if op.shape.weight is None:
+            continue
+        wide = dataclasses.replace(op.shape, activation_bits=16, quantized_output=False)
+        float_time, wide_time = timer.seconds(wide, target)
+        cost = dataclasses.replace(
+            op, gain_seconds=float_time - wide_time, float_seconds=float_time, shape=wide
+        )
+        if not cost.slower:
+            found.append(cost)
+    return found
 
 
 class BudgetError(QGraphError):
@@ -487,10 +543,21 @@ def speed_gains(
             for v in node.inputs[:2]
             if v is not None and sources[v.name] in shapes
         }
-        float_seconds, int8_seconds = timer.seconds(op_shape(node, read, target), target)
+        shape = op_shape(node, read, target)
+        float_seconds, int8_seconds = timer.seconds(shape, target)
         gain = float_seconds - int8_seconds
+        activation = sources[node.inputs[0].name]
         speeds.append(
-            OpCost(node.name, node.op_type, math.inf, gain, float_seconds, timer.measured)
+            OpCost(
+                node.name,
+                node.op_type,
+                math.inf,
+                gain,
+                float_seconds,
+                timer.measured,
+                shape,
+                activation,
+            )
         )
     return speeds
 

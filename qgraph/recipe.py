@@ -173,6 +173,10 @@ class QuantOptions:
             (``qgraph.timing``, cached); False: it estimates both from the op's work and the
             target's ``nominal_int8_speedup`` instead (``timing.CostModel``).
         keep_float: Node name -> reason, for ops the plan keeps in float.
+        sixteen_bit: Activations the plan quantizes to 16 bits (as two 8-bit digits on a
+            target without 16-bit kernels, ``ActivationScheme.int16_digits``); unlike a
+            ``tensor`` override they leave the opset alone (onnxruntime's ``com.microsoft``
+            Q/DQ carry 16 bits below opset 21).
         smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
             strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none. Left
             unsaid, ``"auto"`` under the accuracy plan (static, a budget, calibration data),
@@ -202,6 +206,7 @@ class QuantOptions:
     budget: Budget | str | None = DATA_BUDGET
     measure: bool = True
     keep_float: tuple[tuple[str, str], ...] = ()
+    sixteen_bit: tuple[str, ...] = ()
     smoothquant: float | str | None = PLANNED_SMOOTHING
     rotate: bool | str = PLANNED_ROTATION
     rotate_seed: int = 0

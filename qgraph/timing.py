@@ -18,7 +18,8 @@ Without measuring (``--no-measure``), ``CostModel`` estimates the two times from
 
     t_float = macs,    t_int8 = macs / r + Q (quantized inputs + quantized outputs)
 
-with ``r`` the target's ``nominal_int8_speedup`` and ``Q = QUANTIZE_COST_MACS``. int8 then
+with ``r`` the target's ``nominal_int8_speedup`` and ``Q = QUANTIZE_COST_MACS``; twice that for
+a 16-bit activation, written as two 8-bit digits. int8 then
 pays where ``macs (1 - 1/r) > Q elements``: for a MatMul ``[M, K] x [K, N]`` whose input
 alone is quantized, where ``N (1 - 1/r) > Q``.
 """
@@ -42,6 +43,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.models import cache_dir
+from qgraph.passes.lowering import DigitLoweringPass
 from qgraph.targets import TargetSpec, host_cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -71,11 +73,17 @@ class OpShape:
     """Shape of a constant weight, None for a product of two computed tensors."""
     attributes: tuple[tuple[str, str], ...]
     quantized_output: bool
+    activation_bits: int = 8
+    """16: the activation as two 8-bit digits (``passes/lowering/digits.py``), the weight in
+    8 bits, no output Q."""
 
     def key(self, target: TargetSpec) -> str:
+        fields = dataclasses.astuple(self)
+        if self.activation_bits == 8:  # the keys timings had before 16-bit ones existed
+            fields = fields[:-1]
         text = json.dumps(
             [
-                dataclasses.astuple(self),
+                fields,
                 target.activations.dtype.name,
                 target.weights.dtype.name,
                 ort.__version__,
@@ -147,6 +155,7 @@ class CostModel:
         if shape.quantized_output:
             quantized += work / _reduction(shape)
         int8 = work / target.kernels.nominal_int8_speedup + QUANTIZE_COST_MACS * quantized
+        int8 *= shape.activation_bits // 8  # a 16-bit activation: two 8-bit digit products
         return work / NOMINAL_FP32_MACS_PER_SECOND, int8 / NOMINAL_FP32_MACS_PER_SECOND
 
 
@@ -265,7 +274,8 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
-    """(float model, 8-bit model, feeds) of one op at ``shape``."""
+    """(float model, quantized model, feeds) of one op at ``shape``: 8-bit, or with a 16-bit
+    activation lowered to digits as the compile would."""
     names = [f"x{i}" for i in range(len(shape.inputs))]
     feeds = {
         name: rng.standard_normal(dims).astype(np.float32)
@@ -279,7 +289,7 @@ def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
         operands.append("W")
         float_initializers.append(numpy_helper.from_array(weight.astype(np.float32), "W"))
     float_nodes = [helper.make_node(shape.op_type, operands, ["y"], **attributes)]
-    int8_nodes, int8_initializers = _quantized_inputs(names, target)
+    int8_nodes, int8_initializers = _quantized_inputs(names, target, shape.activation_bits)
     operands = [f"{name}_dq" for name in names]
     if weight is not None:
         operands.append("W_dq")
@@ -291,18 +301,27 @@ def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
             helper.make_node("QuantizeLinear", ["y_float", "s", "z"], ["y_q"]),
             helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"]),
         ]
-    return (
-        _model(float_nodes, float_initializers, names, shape),
-        _model(int8_nodes, int8_initializers, names, shape),
-        feeds,
+    quantized = _model(int8_nodes, int8_initializers, names, shape)
+    if shape.activation_bits == 16:
+        quantized = _digits_lowered(quantized, target)
+    return _model(float_nodes, float_initializers, names, shape), quantized, feeds
+
+
+def _digits_lowered(model: onnx.ModelProto, target: TargetSpec) -> onnx.ModelProto:
+    """``model``'s 16-bit activation written as 8-bit digit products, as the compile does."""
+    lowered = ir.from_proto(model)
+    DigitLoweringPass(target)(lowered)
+    return ir.to_proto(lowered)
+
+
+def _quantized_inputs(names: list[str], target: TargetSpec, bits: int = 8):
+    signed = target.activations.dtype.is_signed()
+    zero = 0 if signed else 2 ** (bits - 1)
+    dtype = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16}.get(
+        (bits, signed), np.uint16
     )
-
-
-def _quantized_inputs(names: list[str], target: TargetSpec):
-    zero = 0 if target.activations.dtype.is_signed() else 128
-    dtype = np.int8 if target.activations.dtype.is_signed() else np.uint8
     initializers = [
-        numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+        numpy_helper.from_array(np.array(0.02 / 2 ** (bits - 8), np.float32), "s"),
         numpy_helper.from_array(np.array(zero, dtype), "z"),
     ]
     nodes = []
@@ -337,7 +356,10 @@ def _model(nodes, initializers, names, shape) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializers,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opset, ir_version = (21, 10) if shape.activation_bits == 16 else (17, 8)  # 16-bit Q/DQ
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version
+    )
 
 
 def _attribute_text(value: object) -> str:

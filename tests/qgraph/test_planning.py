@@ -60,12 +60,20 @@ def batches(count: int = 3, seed: int = 1) -> list[dict[str, np.ndarray]]:
     ]
 
 
-def compiled(budget, measure: bool = False) -> qgraph.CompileResult:
+VNNI = qgraph.get_target("x86-vnni")
+FLOAT_ONLY = dataclasses.replace(
+    VNNI, activations=dataclasses.replace(VNNI.activations, int16_digits=False)
+)
+"""x86-vnni without 16-bit activations as digits: what the plan keeps out of 8 bits stays
+float (the 16-bit rung has its own tests)."""
+
+
+def compiled(budget, measure: bool = False, target=FLOAT_ONLY) -> qgraph.CompileResult:
     flags = {"calib": batches(), "budget": budget, "smoothquant": "none"}
     if budget != "none":
         flags["measure"] = measure
     options = CompileOptions(quantization=quant_options(**flags))
-    return qgraph.compile_model(two_branches(), "x86-vnni", options=options)
+    return qgraph.compile_model(two_branches(), target, options=options)
 
 
 def measured_sqnr(model) -> float:
@@ -93,6 +101,32 @@ def test_the_plan_keeps_only_the_noisy_op_in_float_and_meets_the_budget():
     op, reason = annotate.float_reasons["loud"]
     assert op == "MatMul" and reason.startswith("kept in float by the accuracy plan")
     assert "quiet" not in annotate.float_reasons
+
+
+def test_an_op_kept_out_of_8_bits_gets_a_16_bit_activation_where_that_meets_the_budget():
+    """On a target that runs 16-bit activations as two 8-bit digits, the loud MatMul's
+    activation goes to 16 bits instead of float: its error is then its weight's alone, and it
+    runs as two integer products (the cost model: two 8-bit products beat float at K = 256)."""
+    everything = measured_sqnr(compiled("none").model)
+    float_kept = compiled(everything + 8)
+    result = compiled(everything + 8, target=VNNI)
+    report = result.plan
+    assert report.kept_float == () and [op.node for op in report.wide] == ["loud"]
+    assert report.budget.met(report.final)
+    assert measured_sqnr(result.model) == pytest.approx(report.final, abs=0.01)
+    assert "1 of them with 16-bit activations (two 8-bit digits" in report.summary()
+    ops = [node.op_type for node in result.model.graph]
+    assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("MatMul") == 1
+    kernels = qgraph.kernels.runtime_kernels(result.model)
+    assert kernels.complete, kernels.summary()
+    assert report.gain_share > float_kept.plan.gain_share
+
+
+def test_the_16_bit_rung_is_not_taken_where_it_misses_the_budget():
+    result = compiled(100, target=VNNI)
+    assert sorted(op.node for op in result.plan.kept_float) == ["loud", "quiet"]
+    assert result.plan.wide == ()
+    assert "16-bit activations for" in result.plan.sixteen_bit
 
 
 def test_a_budget_the_quantized_model_meets_changes_nothing():
@@ -287,7 +321,7 @@ def joined_result(**flags) -> qgraph.CompileResult:
     if flags.get("budget") != "none":
         flags["measure"] = False
     options = CompileOptions(quantization=quant_options(**flags))
-    return qgraph.compile_model(joined(), "x86-vnni", options=options)
+    return qgraph.compile_model(joined(), FLOAT_ONLY, options=options)
 
 
 def mean_cosine(model, data: list[dict[str, np.ndarray]]) -> float:
