@@ -23,9 +23,10 @@ is linear in its activation, so
     op(x, w) = 257 s s_w op(h - z_h, w_q - z_w) + s s_w op(l - 128, w_q - z_w) + b
 
 two integer products summed in float (the bias rides on the first). A MatMul or Gemm reads
-the digits directly; a 2-D Conv (one group) reads them as im2col rows: each digit padded
-with its own zero point (the digit form of 0), moved channels-last, and the ``kh kw`` taps
-sliced (start ``i d``, stride ``st``) and concatenated, so that row ``(n, y, x)`` holds
+the digits directly; a 2-D Conv (one group) reads them as im2col rows: the input taken
+channels-last (the tensor behind an exporter's NHWC -> NCHW Transpose, else transposed), each
+digit padded with its own zero point (the digit form of 0), and the ``kh kw`` taps sliced
+(start ``i d``, stride ``st``) and concatenated, so that row ``(n, y, x)`` holds
 ``x_{c, y st + i d, x st + j d}`` at column ``(i kw + j) C + c`` and the weight reshaped to
 ``[kh kw C, O]`` multiplies it; the ``[N, Ho, Wo, O]`` sum is moved back to ``[N, O, Ho, Wo]``.
 
@@ -291,9 +292,10 @@ class DigitConv(_DigitRule):
         columns = values.transpose(2, 3, 1, 0).reshape(-1, values.shape[0])  # [kh kw C, O]
         weight_columns = new_initializer(op, node, "weight_columns", columns)
         tap_bounds = self._tap_bounds(op)
+        channels_last = dataclasses.replace(self._input, source=_channels_last(op, self._input))
         pair = tuple(
             dataclasses.replace(d, values=self._rows(op, d, f"digit{index}", tap_bounds))
-            for index, d in enumerate(digits(op, node, self._input))
+            for index, d in enumerate(digits(op, node, channels_last))
         )
         bias = None if self._bias is None else new_initializer(op, node, "bias", self._bias)
         product = digit_products(op, pair, weight, weight_columns, bias)
@@ -321,17 +323,30 @@ class DigitConv(_DigitRule):
         return bounds
 
     def _rows(self, op, digit: Digit, name: str, tap_bounds) -> ir.Value:
-        """The im2col rows ``[N, Ho, Wo, kh kw C]`` of one digit ``[N, C, H, W]``."""
+        """The im2col rows ``[N, Ho, Wo, kh kw C]`` of one digit ``[N, H, W, C]``."""
         values = digit.values
         if any(self._geometry.pads):
             top, left, bottom, right = self._geometry.pads
-            pads = np.array([0, 0, top, left, 0, 0, bottom, right], np.int64)
+            pads = np.array([0, top, left, 0, 0, bottom, right, 0], np.int64)
             values = op.Pad(
                 values, new_initializer(op, self._node, f"{name}_pads", pads), digit.zero_point
             )
-        channels_last = op.Transpose(values, perm=[0, 2, 3, 1])
-        taps = [op.Slice(channels_last, *bounds) for bounds in tap_bounds]
+        taps = [op.Slice(values, *bounds) for bounds in tap_bounds]
         return taps[0] if len(taps) == 1 else op.Concat(*taps, axis=-1)
+
+
+TO_CHANNELS_FIRST = (0, 3, 1, 2)
+
+
+def _channels_last(op, found: SixteenBitInput) -> ir.Value:
+    """The Conv's float input as ``[N, H, W, C]``: the tensor a channels-first Transpose read
+    (an NHWC exporter's, whose pair then cancels), else the input transposed."""
+    producer = found.source.producer()
+    if producer is not None and producer.op_type == "Transpose":
+        perm = producer.attributes.get("perm")
+        if perm is not None and tuple(perm.as_ints()) == TO_CHANNELS_FIRST:
+            return producer.inputs[0]
+    return op.Transpose(found.source, perm=[0, 2, 3, 1])
 
 
 def _end(short: int) -> int:

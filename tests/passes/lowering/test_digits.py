@@ -125,6 +125,36 @@ def test_the_digits_compute_what_the_16_bit_model_does(case):
         assert np.all(np.abs(actual - expected) <= bound), case
 
 
+def test_a_conv_behind_an_nhwc_transpose_reads_the_digits_of_the_tensor_before_it():
+    """An exporter's NHWC -> NCHW Transpose in front of the Conv and the im2col's move back to
+    channels-last cancel: the digits are taken of the Transpose's input."""
+    weights = {"W": RNG.standard_normal((6, 4, 3, 1)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["x_nchw", "W"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nhwc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 9, 1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+        [numpy_helper.from_array(array, name) for name, array in weights.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = batches((2, 9, 1, 4))
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(
+            calib=data, budget="none", smoothquant=None, tensor={"x_nchw": {"dtype": "uint16"}}
+        )
+    )
+    compiled = qgraph.compile_model(ir.from_proto(proto), "x86-avx2", options=options).model
+    transposes = [n for n in compiled.graph if n.op_type == "Transpose"]
+    assert len(transposes) == 1 and transposes[0].inputs[0].producer().op_type == "Add"
+    expected = verify.run(verify.session(ir.from_proto(proto)), data[0])["y"]
+    actual = verify.run(verify.session(compiled), data[0])["y"]
+    assert verify.relative_error(expected, actual) < 0.01
+
+
 def test_a_16_bit_activation_runs_as_integer_products_in_the_compiled_model():
     node, shape, weights = CASES["conv-strided-padded"]
     data = batches(shape)
