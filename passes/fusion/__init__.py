@@ -10,6 +10,7 @@ module states its math:
 - ``batchnorm``: BatchNormalization folded into Conv / ConvTranspose / Gemm / MatMul
 - ``normalization``: decomposed LayerNorm and RMSNorm to single ops
 - ``gelu``: GELU (erf and tanh forms) to Gelu
+- ``tables``: an elementwise op on rows looked up from a constant table folded into the table
 - ``activations``: ``x * HardSigmoid(x)`` to HardSwish; activations after weighted ops recorded
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
@@ -56,6 +57,7 @@ from qgraph.passes.fusion import (
     packing,
     residual,
     scales,
+    tables,
 )
 from qgraph.passes.rule_table import (
     CompiledTable,
@@ -133,6 +135,11 @@ RULES = (
         "gelu-tanh",
         "tanh-approximated GELU -> Gelu(approximate=tanh) / FastGelu",
         gelu.TANH_RULES,
+    ),
+    TableRule(
+        "table-fold",
+        "f(Gather(T, ids)[, c]) -> Gather(f(T[, c]), ids) for an elementwise f",
+        tables.RULES,
     ),
     TableRule("hard-swish", "x * HardSigmoid(x) -> HardSwish", (activations.HardSwishFusion,)),
     TableRule(
