@@ -91,6 +91,8 @@ class QDQReport:
     """Activations quantized to 16 bits, with the SQNR (dB) 8 bits would have had."""
     kept_float: dict[str, float] = dataclasses.field(default_factory=dict)
     """Activations whose readers stayed in float instead, with that SQNR (dB)."""
+    asked_16_bit: int = 0
+    """Activations in 16 bits because the user or the accuracy plan asked."""
     gptq_weights: int = 0
     """Weights rounded by GPTQ (the others: to nearest)."""
     embeddings: int = 0
@@ -114,6 +116,8 @@ class QDQReport:
             line += f" ({self.gptq_weights} weights rounded by GPTQ)"
         if self.calibration_batches:
             line += f", calibrated on {self.calibration_batches} batches"
+        if self.asked_16_bit:
+            line += f"; {self.asked_16_bit} activations in 16 bits as asked"
         if self.promoted:
             worst = min(self.promoted.values())
             line += (
@@ -136,6 +140,12 @@ class InsertQDQPass(CalibratingPass):
         calibrator = Calibrator(self.target, self.options, counting_batches(report, self.progress))
         calibration = calibrator.run(model, annotated, residuals)
         report.promoted, report.kept_float = calibration.promoted, calibration.kept_float
+        report.asked_16_bit = sum(
+            isinstance(found, ActivationQuantization)
+            and found.spec.width == 16
+            and name not in calibration.promoted
+            for name, found in calibration.ranges.items()
+        )
         ranges = calibration.ranges
         builder = QDQBuilder(model, self.target.activations.per_consumer, calibration.grams)
         static = self.options.mode is Mode.STATIC

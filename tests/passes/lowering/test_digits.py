@@ -147,7 +147,10 @@ def test_a_conv_behind_an_nhwc_transpose_reads_the_digits_of_the_tensor_before_i
             calib=data, budget="none", smoothquant=None, tensor={"x_nchw": {"dtype": "uint16"}}
         )
     )
-    compiled = qgraph.compile_model(ir.from_proto(proto), "x86-avx2", options=options).model
+    result = qgraph.compile_model(ir.from_proto(proto), "x86-avx2", options=options)
+    inserted = next(r.details for r in result.records if r.name == "insert-qdq")
+    assert "1 activations in 16 bits as asked" in inserted.summary()
+    compiled = result.model
     transposes = [n for n in compiled.graph if n.op_type == "Transpose"]
     assert len(transposes) == 1 and transposes[0].inputs[0].producer().op_type == "Add"
     expected = verify.run(verify.session(ir.from_proto(proto)), data[0])["y"]
