@@ -50,11 +50,12 @@ from qgraph.planning import (
     reference_outputs,
     sixteen_bit_costs,
     speed_gains,
+    table_costs,
 )
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
-from qgraph.timing import CostModel, Timer
+from qgraph.timing import CostModel, Timer, default_cache
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,12 @@ def _planned_run(
     quantization = options.quantization
     float_options = dataclasses.replace(options, quantization=None)
     reference = build_pipeline(spec, float_options).run(_copy(model)).model
-    sample = plan_sample(quantization.calib, quantization.plan_data, input_specs(model.graph))
+    sample = plan_sample(
+        quantization.calib,
+        quantization.plan_data,
+        input_specs(model.graph),
+        quantization.budget.rows_to_resolve(),
+    )
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
     probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
@@ -237,6 +243,7 @@ def _planned_run(
     if quantization.measure and timer is not None:
         logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)
     speeds = speed_gains(probe.run(_copy(model)).model, sample.batches[0], spec, timer)
+    speeds += table_costs(reference, sample.batches[0], speeds, spec, timer or default_cache())
     slow = [op for op in speeds if op.slower]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)

@@ -31,6 +31,13 @@ op's own cost is measured as an output SQNR whatever the budget:
    with a bisection step whenever the line keeps landing on one side), in all at most
    ``MAX_ROUNDS`` compiles. If none passed, every candidate stays float, which meets any
    budget the float model can.
+5. The ops kept in float for accuracy then get 16-bit activations where the target runs them
+   as two 8-bit digits (``passes/lowering/digits.py``) no slower than float here
+   (``sixteen_bit_costs``), if the budget still holds (``compiler._sixteen_bit_trial``).
+
+Embedding tables are not candidates: 8 bits save their size and cost the dequantization of
+the rows a run gathers. One stays float where that costs a larger share of the model's time
+than the share of its size it saves (``table_costs``).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from qgraph.data import ArraySpec, DataSource, Feeds, read_batches
 from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group
+from qgraph.passes.annotate import embedding_table
 from qgraph.targets import TargetSpec
 from qgraph.timing import TIMED_OPS, OpShape, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
@@ -188,17 +196,18 @@ def plan_sample(
     calib: DataSource,
     held_out: DataSource | None = None,
     inputs: Mapping[str, ArraySpec] | None = None,
+    rows: int = 0,
 ) -> PlanSample:
     """Every batch of ``held_out`` data, else the first ``PLAN_BATCHES`` of ``calib`` (more, up
-    to ``PLAN_MAX_BATCHES``, until they hold ``PLAN_ROWS`` rows), checked against the model's
-    ``inputs`` (``data.read_batches``)."""
+    to ``PLAN_MAX_BATCHES``, until they hold ``PLAN_ROWS`` rows, and ``rows``: the budget's
+    ``rows_to_resolve``), checked against the model's ``inputs`` (``data.read_batches``)."""
     if held_out is not None:
         batches = list(read_batches(held_out, inputs))
         return PlanSample(batches, f"{len(batches)} batches of the --eval data")
     batches = []
     for feeds in itertools.islice(read_batches(calib, inputs), PLAN_MAX_BATCHES):
         batches.append(feeds)
-        if len(batches) >= PLAN_BATCHES and _rows(batches) >= PLAN_ROWS:
+        if len(batches) >= PLAN_BATCHES and _rows(batches) >= max(PLAN_ROWS, rows):
             break
     return PlanSample(batches, f"{len(batches)} calibration batches")
 
@@ -560,6 +569,37 @@ def speed_gains(
             )
         )
     return speeds
+
+
+def table_costs(
+    float_model: ir.Model, feeds: Feeds, speeds: list[OpCost], target: TargetSpec, timer: Timer
+) -> list[OpCost]:
+    """The embedding tables to keep in float: those whose 8-bit rows' dequantization costs a
+    larger share of the model's time (the float time of ``speeds``, its timed ops) than the
+    share of its weight bytes their 8 bits save. A language model gathers a few rows of a
+    large table per run and keeps it in 8 bits; magika gathers 2048 rows of a 258-row byte
+    table per sample, whose dequantization took 6% of its time to save 1.6% of its size.
+    Each comes back as an ``OpCost`` that 8 bits make slower, kept float in every round."""
+    if not target.kernels.embeddings:
+        return []
+    tables = [node for node in float_model.graph if embedding_table(node) is not None]
+    if not tables:
+        return []
+    shapes = _value_shapes(float_model, feeds, {node.inputs[1].name for node in tables})
+    model_seconds = sum(op.float_seconds for op in speeds) or math.inf
+    model_bytes = sum(v.const_value.nbytes for v in float_model.graph.initializers.values())
+    kept = []
+    for node in tables:
+        table = node.inputs[0].const_value
+        shape = OpShape("Gather", (shapes[node.inputs[1].name],), tuple(table.shape), (), False)
+        float_time, int8_time = timer.seconds(shape, target)
+        time_share = (int8_time - float_time) / model_seconds
+        cost = OpCost(
+            node.name, node.op_type, math.inf, float_time - int8_time, float_time, timer.measured
+        )
+        if cost.slower and time_share > 0.75 * table.nbytes / model_bytes:  # 8 bits: a quarter
+            kept.append(cost)
+    return kept
 
 
 def float_seconds(

@@ -19,7 +19,9 @@ Without measuring (``--no-measure``), ``CostModel`` estimates the two times from
     t_float = macs,    t_int8 = macs / r + Q (quantized inputs + quantized outputs)
 
 with ``r`` the target's ``nominal_int8_speedup`` and ``Q = QUANTIZE_COST_MACS``; twice that for
-a 16-bit activation, written as two 8-bit digits. int8 then
+a 16-bit activation, written as two 8-bit digits. A row lookup (``Gather``) from a table moves
+its rows' elements, ``t_float = rows x columns``, and an 8-bit table dequantizes them too,
+``t_int8 = t_float (1 + Q / 2)``. int8 then
 pays where ``macs (1 - 1/r) > Q elements``: for a MatMul ``[M, K] x [K, N]`` whose input
 alone is quantized, where ``N (1 - 1/r) > Q``.
 """
@@ -150,6 +152,10 @@ class CostModel:
     measured = False
 
     def seconds(self, shape: OpShape, target: TargetSpec) -> tuple[float, float]:
+        if shape.op_type == "Gather":  # rows moved; 8-bit ones dequantized, half a Q/DQ pair
+            moved = float(math.prod(shape.inputs[0]) * shape.weight[1])
+            int8 = moved * (1 + QUANTIZE_COST_MACS / 2)
+            return moved / NOMINAL_FP32_MACS_PER_SECOND, int8 / NOMINAL_FP32_MACS_PER_SECOND
         work = float(macs(shape))
         quantized = sum(math.prod(dims) for dims in shape.inputs)
         if shape.quantized_output:
@@ -276,6 +282,8 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
     """(float model, quantized model, feeds) of one op at ``shape``: 8-bit, or with a 16-bit
     activation lowered to digits as the compile would."""
+    if shape.op_type == "Gather":
+        return _lookup_twins(shape, rng)
     names = [f"x{i}" for i in range(len(shape.inputs))]
     feeds = {
         name: rng.standard_normal(dims).astype(np.float32)
@@ -305,6 +313,38 @@ def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):
     if shape.activation_bits == 16:
         quantized = _digits_lowered(quantized, target)
     return _model(float_nodes, float_initializers, names, shape), quantized, feeds
+
+
+def _lookup_twins(shape: OpShape, rng: np.random.Generator):
+    """A row lookup from a float table, and from an 8-bit one as insert-qdq writes it: the
+    int8 rows and their scales gathered, the rows cast to float and scaled."""
+    rows, columns = shape.weight
+    table = rng.standard_normal((rows, columns)).astype(np.float32)
+    feeds = {"x0": rng.integers(0, rows, shape.inputs[0]).astype(np.int64)}
+    float_nodes = [helper.make_node("Gather", ["T", "x0"], ["y"], axis=0)]
+    int8_nodes = [
+        helper.make_node("Gather", ["T_q", "x0"], ["rows"], axis=0),
+        helper.make_node("Gather", ["T_s", "x0"], ["scales"], axis=0),
+        helper.make_node("Cast", ["rows"], ["rows_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["rows_float", "scales"], ["y"]),
+    ]
+    scales = np.abs(table).max(axis=1, keepdims=True) / 127
+    int8_initializers = [
+        numpy_helper.from_array(np.rint(table / scales).astype(np.int8), "T_q"),
+        numpy_helper.from_array(scales.astype(np.float32), "T_s"),
+    ]
+    float_initializers = [numpy_helper.from_array(table, "T")]
+    ids = [helper.make_tensor_value_info("x0", TensorProto.INT64, shape.inputs[0])]
+    output = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    models = [
+        helper.make_graph(nodes, "op", ids, output, initializers)
+        for nodes, initializers in (
+            (float_nodes, float_initializers),
+            (int8_nodes, int8_initializers),
+        )
+    ]
+    opsets = [helper.make_opsetid("", 17)]
+    return (*(helper.make_model(g, opset_imports=opsets, ir_version=8) for g in models), feeds)
 
 
 def _digits_lowered(model: onnx.ModelProto, target: TargetSpec) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from qgraph import planning
 from qgraph.budget import (
     COSINE,
     DEFAULT_BUDGETS,
@@ -107,3 +108,14 @@ def test_data_that_names_no_metric_keeps_an_output_sqnr(tmp_path):
     assert default_budget([{"x": np.zeros(2)}]) == Budget(SQNR, 26.0)
     (tmp_path / "dataset.json").write_text(json.dumps({"metric": "generic"}))
     assert default_budget(tmp_path) == Budget(SQNR, 26.0)
+
+
+def test_a_share_of_samples_budget_asks_for_rows_that_resolve_it():
+    """A top-1 budget of 99.5% on 128 rows allows no flip, so a model at 98.7% passes one
+    time in five; on 400 rows a model at the bound shows two."""
+    assert Budget(TOP1, 0.995).rows_to_resolve() == 400
+    assert Budget(TOP1, 0.9).rows_to_resolve() == 20
+    assert Budget(COSINE, 0.995).rows_to_resolve() == 0
+    sample = planning.plan_sample([{"x": np.zeros((64, 3), np.float32)}] * 12, rows=400)
+    assert len(sample.batches) == 7 and sample.description == "7 calibration batches"
+    assert len(planning.plan_sample([{"x": np.zeros((64, 3), np.float32)}] * 12).batches) == 2

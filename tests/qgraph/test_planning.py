@@ -467,3 +467,47 @@ def test_the_plan_smooths_only_where_8_bits_miss_the_budget_without_it(name, ver
     assert result.plan.budget.met(result.plan.final)
     modified = [record.name for record in result.records if record.modified]
     assert ("smoothquant" in modified) is smoothed
+
+
+def lookup_then_matmul(rows: int, ids_shape: tuple[int, int]) -> onnx.ModelProto:
+    """``Gather(T [rows, 64], ids) @ W [64, 64]``."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["T", "ids"], ["e"], name="lookup"),
+            helper.make_node("MatMul", ["e", "W"], ["y"], name="project"),
+        ],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*ids_shape, 64])],
+        [
+            numpy_helper.from_array(rng.standard_normal((rows, 64)).astype(np.float32), "T"),
+            numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("rows", "ids_shape", "kept"),
+    [(8, (16, 512), True), (4096, (1, 8), False)],
+    ids=["many rows of a small table", "few rows of a large table"],
+)
+def test_a_table_stays_float_where_its_rows_cost_more_time_than_its_bytes_save(
+    rows, ids_shape, kept
+):
+    """Cost model: 8192 lookups of a 2 KB table add 4.2 M multiply-add equivalents of
+    dequantization to the MatMul's 33.5 M (12.5% of the time, for 8% of the bytes); 8 lookups
+    of a 1 MB table add 4096."""
+    model = qgraph.load(lookup_then_matmul(rows, ids_shape))
+    feeds = {"ids": np.random.default_rng(0).integers(0, rows, ids_shape)}
+    macs = int(np.prod(ids_shape)) * 64 * 64
+    speeds = [planning.OpCost("project", "MatMul", np.inf, 0.0, macs / 16e9)]
+    costs = planning.table_costs(model, feeds, speeds, VNNI, timing.CostModel())
+    assert [op.node for op in costs] == (["lookup"] if kept else [])
+    assert all(op.slower for op in costs)
+    data = [{"ids": np.random.default_rng(s).integers(0, rows, ids_shape)} for s in range(2)]
+    options = CompileOptions(quantization=quant_options(calib=data, measure=False))
+    result = qgraph.compile_model(lookup_then_matmul(rows, ids_shape), VNNI, options=options)
+    annotate = next(r.details for r in result.records if r.name == "annotate")
+    assert ("lookup" in annotate.float_reasons) == kept

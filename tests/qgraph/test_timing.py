@@ -81,3 +81,26 @@ def test_the_cost_model_pays_for_what_it_quantizes():
         avx2, kernels=dataclasses.replace(avx2.kernels, nominal_int8_speedup=1.0)
     )
     assert model.seconds(wide, slowest)[1] > model.seconds(wide, slowest)[0]
+
+
+def test_a_16_bit_activation_is_timed_as_its_digit_products_under_its_own_key():
+    """The 16-bit twin is the compile's: two MatMulIntegerToFloat over the activation's 8-bit
+    digits; its key differs from the 8-bit one's, which kept the key it had before."""
+    wide = dataclasses.replace(SHAPE, activation_bits=16)
+    assert wide.key(TARGET) != SHAPE.key(TARGET)
+    legacy = json.dumps(
+        [
+            dataclasses.astuple(SHAPE)[:-1],
+            TARGET.activations.dtype.name,
+            TARGET.weights.dtype.name,
+            timing.ort.__version__,
+            sorted(timing.host_cpu_flags()),
+        ]
+    )
+    assert SHAPE.key(TARGET) == timing.hashlib.sha256(legacy.encode()).hexdigest()[:24]
+    _, quantized, _ = timing._twins(wide, TARGET, timing.np.random.default_rng(0))
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops
+    assert all(seconds > 0 for seconds in timing.measure(wide, TARGET))
+    model = timing.CostModel()
+    assert model.seconds(wide, TARGET)[1] == 2 * model.seconds(SHAPE, TARGET)[1]
