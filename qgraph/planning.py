@@ -176,10 +176,11 @@ class PlanReport:
                 f"{len(self.wide)} of them with 16-bit activations (two 8-bit digits, "
                 f"{saved * 1e3:.1f} ms faster than float here) and "
             )
+        given_up = "of the int8 gain, with the 16-bit ones'" if self.wide else "of the int8 gain"
         return (
             f"accuracy budget {self.budget}: the ops 8 bits do not slow down gave "
             f"{self.budget.show(self.all_quantized)} on {self.sample}; {wide}{kept} of them kept "
-            f"in float ({1 - self.gain_share:.0%} of the int8 gain) give "
+            f"in float ({1 - self.gain_share:.0%} {given_up}) give "
             f"{self.budget.show(self.final)} ({self.rounds} rounds, {self.seconds:.0f} s){slower}"
         )
 
