@@ -37,6 +37,7 @@ from qgraph.passes.rotation.online import KEEP_FLOAT_REASON as ONLINE_REASON
 from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import (
+    BudgetError,
     OpCost,
     PlanReport,
     PlanSample,
@@ -244,7 +245,7 @@ def _planned_run(
         logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)
     speeds = speed_gains(probe.run(_copy(model)).model, sample.batches[0], spec, timer)
     speeds += table_costs(reference, sample.batches[0], speeds, spec, timer or default_cache())
-    slow = [op for op in speeds if op.slower]
+    slow = [op for op in speeds if op.always_float]
     slow_kept = tuple(kept_reasons(slow, quantization.budget).items())
     informed = dataclasses.replace(quantization, keep_float=slow_kept)
     smoothing = quantization.smoothquant is not None
@@ -268,7 +269,7 @@ def _planned_run(
     if rotated:
         rounds, records, report = trial.rounds, trial.prepared.records, trial.report
     else:
-        _, report = plan(reference, rounds.qdq, sample, quantization.budget, speeds, tell, expected)
+        report = _plan_with_float_tables_if_needed(context, reference, rounds, quantization.budget)
         report = dataclasses.replace(report, rotation=trial.verdict)
         records = prepared.records
     report = dataclasses.replace(report, smoothing=smoothing_trial.verdict)
@@ -294,6 +295,28 @@ def _planned_run(
     else:
         chosen = rounds.done[(frozenset(kept), frozenset(wide))]
     return PipelineResult(chosen.model, records + chosen.records), report
+
+
+def _plan_with_float_tables_if_needed(
+    context: _PlanContext, reference: ir.Model, rounds: _Rounds, budget: Budget
+) -> PlanReport:
+    """The plan's rounds; where the budget is out of reach even with every candidate float,
+    again with the embedding tables in float too (``planning.table_costs(every=True)``)."""
+    batches, speeds = context.sample.batches, context.speeds
+    try:
+        return plan(
+            reference, rounds.qdq, context.sample, budget, speeds, context.tell, context.expected
+        )[1]
+    except BudgetError:
+        timer = context.timer or default_cache()
+        tables = table_costs(reference, batches[0], speeds, context.spec, timer, every=True)
+        if not tables:
+            raise
+    context.tell("plan: out of reach with the tables in 8 bits; again with them in float")
+    speeds = speeds + tables
+    return plan(
+        reference, rounds.qdq, context.sample, budget, speeds, context.tell, context.expected
+    )[1]
 
 
 class _Rounds:
@@ -348,7 +371,7 @@ class _PlanContext:
     @property
     def slow(self) -> tuple[OpCost, ...]:
         """The candidates 8 bits make slower here: float in every trial."""
-        return tuple(op for op in self.speeds if op.slower)
+        return tuple(op for op in self.speeds if op.always_float)
 
 
 @dataclasses.dataclass
@@ -422,7 +445,7 @@ def _rotation_trial(
         if node.metadata_props.get(KEEP_FLOAT_KEY) == ONLINE_REASON
     ]
     cost = float_seconds(prepared.model, batches[0], online, context.spec, context.timer)
-    gain = sum(max(op.gain_seconds, 0.0) for op in context.speeds if not op.slower)
+    gain = sum(max(op.gain_seconds, 0.0) for op in context.speeds if not op.always_float)
     if cost >= gain:
         return _Trial(
             f"not rotated: its float ops would take {cost * 1e3:.1f} ms, more than the "

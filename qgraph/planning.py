@@ -113,11 +113,19 @@ class OpCost:
     """What its timing depended on (None where not timed)."""
     activation: str = ""
     """The float tensor its (first) quantized input reads."""
+    fixed: str = ""
+    """Why it stays float whatever the budget, other than its speed (an embedding table the
+    budget needs in float)."""
 
     @property
     def slower(self) -> bool:
         """8 bits make it slower here, beyond the timings' noise: it stays float."""
         return self.gain_seconds < -SAME_SPEED * self.float_seconds
+
+    @property
+    def always_float(self) -> bool:
+        """It stays float in every round: slower in 8 bits, or ``fixed``."""
+        return self.slower or bool(self.fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +166,7 @@ class PlanReport:
         )
 
     def _budget_summary(self) -> str:
-        slow = [op for op in self.kept_float if op.slower]
+        slow = [op for op in self.kept_float if op.slower and not op.fixed]
         kept = len(self.kept_float) - len(slow)
         slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
         if not self.gains_measured:
@@ -279,7 +287,7 @@ def plan(
     def report(all_quantized: float, final: float, kept: tuple[OpCost, ...], rounds: int):
         return plan_report(budget, sample, (all_quantized, final), kept, speeds, rounds, start)
 
-    slow = [op for op in speeds if op.slower]
+    slow = [op for op in speeds if op.always_float]
     progress("plan: every op 8 bits do not slow down quantized")
     candidate = compile_with(kept_reasons(slow, budget))
     measured = budget_score(budget, expected, candidate, batches)
@@ -292,7 +300,7 @@ def plan(
     costs = [
         dataclasses.replace(op, alone_sqnr_db=impacts[op.node])
         for op in speeds
-        if not op.slower and op.node in impacts
+        if not op.always_float and op.node in impacts
     ]
     order = sorted(costs, key=_error_per_gain, reverse=True)
 
@@ -468,7 +476,7 @@ def sixteen_bit_costs(
     timer = timer or default_cache()
     found = []
     for op in kept:
-        if op.slower or op.op_type not in SIXTEEN_BIT_OPS or op.shape is None:
+        if op.always_float or op.op_type not in SIXTEEN_BIT_OPS or op.shape is None:
             continue
         if op.shape.weight is None:
             continue
@@ -499,6 +507,8 @@ def kept_reasons(ops: tuple[OpCost, ...] | list[OpCost], budget: Budget) -> dict
 
 
 def _reason(op: OpCost, budget: Budget) -> str:
+    if op.fixed:
+        return op.fixed
     if op.slower:
         how = "ran" if op.measured else "would run"
         source = "measured" if op.measured else "estimated"
@@ -572,15 +582,29 @@ def speed_gains(
     return speeds
 
 
+TABLE_FOR_BUDGET = (
+    "kept in float by the accuracy plan: with the embedding tables in 8 bits the budget is out "
+    "of reach even with every candidate in float"
+)
+
+
 def table_costs(
-    float_model: ir.Model, feeds: Feeds, speeds: list[OpCost], target: TargetSpec, timer: Timer
+    float_model: ir.Model,
+    feeds: Feeds,
+    speeds: list[OpCost],
+    target: TargetSpec,
+    timer: Timer,
+    every: bool = False,
 ) -> list[OpCost]:
     """The embedding tables to keep in float: those whose 8-bit rows' dequantization costs a
     larger share of the model's time (the float time of ``speeds``, its timed ops) than the
     share of its weight bytes their 8 bits save. A language model gathers a few rows of a
     large table per run and keeps it in 8 bits; magika gathers 2048 rows of a 258-row byte
     table per sample, whose dequantization took 6% of its time to save 1.6% of its size.
-    Each comes back as an ``OpCost`` that 8 bits make slower, kept float in every round."""
+    Each comes back as an ``OpCost`` that 8 bits make slower, kept float in every round.
+    ``every``: all the tables not in ``speeds`` yet, ``fixed`` float (``TABLE_FOR_BUDGET``):
+    the plan's fallback where the budget is out of reach with them in 8 bits (magika's byte
+    table, its bias and GELU folded in, costs 1% of top-1 agreement in 8 bits)."""
     if not target.kernels.embeddings:
         return []
     tables = [node for node in float_model.graph if embedding_table(node) is not None]
@@ -591,6 +615,8 @@ def table_costs(
     model_bytes = sum(v.const_value.nbytes for v in float_model.graph.initializers.values())
     kept = []
     for node in tables:
+        if any(op.node == node.name for op in speeds):
+            continue
         table = node.inputs[0].const_value
         shape = OpShape("Gather", (shapes[node.inputs[1].name],), tuple(table.shape), (), False)
         float_time, int8_time = timer.seconds(shape, target)
@@ -598,7 +624,9 @@ def table_costs(
         cost = OpCost(
             node.name, node.op_type, math.inf, float_time - int8_time, float_time, timer.measured
         )
-        if cost.slower and time_share > 0.75 * table.nbytes / model_bytes:  # 8 bits: a quarter
+        if every:
+            kept.append(dataclasses.replace(cost, fixed=TABLE_FOR_BUDGET))
+        elif cost.slower and time_share > 0.75 * table.nbytes / model_bytes:  # 8 bits: 1/4
             kept.append(cost)
     return kept
 

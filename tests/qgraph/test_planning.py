@@ -211,8 +211,9 @@ def test_budgets_read_from_flags_and_recipes():
         quant_options(budget="loose")
 
 
-def test_a_budget_not_met_with_every_candidate_float_is_an_error():
-    """The embedding table stays 8-bit (it is no candidate), so 100 dB is out of reach."""
+def test_a_budget_out_of_reach_with_the_tables_in_8_bits_keeps_them_float():
+    """The embedding table is no candidate, so with it in 8 bits 100 dB is out of reach even
+    with every candidate float: the plan runs again with the table float, and says why."""
     table = RNG.standard_normal((64, K)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -228,8 +229,10 @@ def test_a_budget_not_met_with_every_candidate_float_is_an_error():
     rng = np.random.default_rng(2)
     data = [{"ids": rng.integers(0, 64, 8).astype(np.int64)} for _ in range(3)]
     options = CompileOptions(quantization=quant_options(calib=data, budget=100))
-    with pytest.raises(planning.BudgetError, match=r"budget \(output SQNR >= 100.0 dB\) cannot"):
-        qgraph.compile_model(proto, "x86-vnni", options=options)
+    result = qgraph.compile_model(proto, "x86-vnni", options=options)
+    annotate = next(r.details for r in result.records if r.name == "annotate")
+    assert annotate.float_reasons["embed"] == ("Gather", planning.TABLE_FOR_BUDGET)
+    assert result.plan.budget.met(result.plan.final)
 
 
 def test_an_op_int8_makes_slower_stays_float_whatever_the_budget(monkeypatch):
