@@ -239,7 +239,8 @@ def _planned_run(
     )
     tell("plan: timing each op in float and in 8 bits")
     unsmoothed = dataclasses.replace(quantization, smoothquant=None)
-    probe = build_pipeline(spec, dataclasses.replace(options, quantization=unsmoothed))
+    probe_options = dataclasses.replace(options, quantization=unsmoothed, format=QuantFormat.QDQ)
+    probe = build_pipeline(spec, probe_options)  # Q/DQ, like the rounds: the same node names
     timer = None if quantization.measure and is_host_target(spec) else CostModel()
     if quantization.measure and timer is not None:
         logger.info("target %s is not this host's CPU: int8 gains estimated, not timed", spec.name)

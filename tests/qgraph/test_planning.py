@@ -16,6 +16,7 @@ from qgraph import compiler, evaluation, planning, timing
 from qgraph.budget import COSINE, DEFAULT_BUDGETS, DEFAULT_SQNR_DB, SQNR, Budget
 from qgraph.options import CompileOptions
 from qgraph.recipe import RecipeError, quant_options
+from qgraph.targets import QuantFormat
 from qgraph.verify import run
 
 K = 256  # int8 pays at this width by the cost model (``measure=False``: the same on any host)
@@ -514,3 +515,18 @@ def test_a_table_stays_float_where_its_rows_cost_more_time_than_its_bytes_save(
     result = qgraph.compile_model(lookup_then_matmul(rows, ids_shape), VNNI, options=options)
     annotate = next(r.details for r in result.records if r.name == "annotate")
     assert ("lookup" in annotate.float_reasons) == kept
+
+
+def test_the_plan_keeps_the_same_ops_float_when_the_output_is_qoperator():
+    """The plan times a Q/DQ probe whatever the asked format, so its node names are the
+    rounds' and an op it keeps float is found (a QOperator probe renamed them: every op
+    stayed quantized and the budget was 'out of reach')."""
+    everything = measured_sqnr(compiled("none").model)
+    flags = {"calib": batches(), "budget": everything + 8, "smoothquant": "none"}
+    options = CompileOptions(
+        quantization=quant_options(**flags, measure=False), format=QuantFormat.QOPERATOR
+    )
+    result = qgraph.compile_model(two_branches(), FLOAT_ONLY, options=options)
+    assert [op.node for op in result.plan.kept_float] == ["loud"]
+    ops = {node.name: node.op_type for node in result.model.graph}
+    assert ops["loud"] == "MatMul" and "MatMulIntegerToFloat" in ops.values()
