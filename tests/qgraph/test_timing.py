@@ -104,3 +104,13 @@ def test_a_16_bit_activation_is_timed_as_its_digit_products_under_its_own_key():
     assert all(seconds > 0 for seconds in timing.measure(wide, TARGET))
     model = timing.CostModel()
     assert model.seconds(wide, TARGET)[1] == 2 * model.seconds(SHAPE, TARGET)[1]
+
+
+def test_a_row_lookup_is_timed_from_a_float_and_an_8_bit_table():
+    lookup = timing.OpShape("Gather", ((4, 256),), (300, 64), (), False)
+    _, quantized, feeds = timing._twins(lookup, TARGET, timing.np.random.default_rng(0))
+    assert [node.op_type for node in quantized.graph.node] == ["Gather", "Gather", "Cast", "Mul"]
+    assert feeds["x0"].max() < 300
+    assert all(seconds > 0 for seconds in timing.measure(lookup, TARGET))
+    moved, dequantized = timing.CostModel().seconds(lookup, TARGET)
+    assert dequantized == moved * (1 + timing.QUANTIZE_COST_MACS / 2)
