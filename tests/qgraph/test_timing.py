@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
+
 import qgraph
 from qgraph import timing
 
@@ -113,4 +115,4 @@ def test_a_row_lookup_is_timed_from_a_float_and_an_8_bit_table():
     assert feeds["x0"].max() < 300
     assert all(seconds > 0 for seconds in timing.measure(lookup, TARGET))
     moved, dequantized = timing.CostModel().seconds(lookup, TARGET)
-    assert dequantized == moved * (1 + timing.QUANTIZE_COST_MACS / 2)
+    assert dequantized == pytest.approx(moved * (1 + timing.QUANTIZE_COST_MACS / 2))
