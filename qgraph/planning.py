@@ -476,9 +476,9 @@ def sixteen_bit_costs(
     timer = timer or default_cache()
     found = []
     for op in kept:
-        if op.always_float or op.op_type not in SIXTEEN_BIT_OPS or op.shape is None:
+        if op.always_float or op.op_type not in SIXTEEN_BIT_OPS:
             continue
-        if op.shape.weight is None:
+        if op.shape is None or op.shape.weight is None:  # a product of two computed tensors
             continue
         wide = dataclasses.replace(op.shape, activation_bits=16, quantized_output=False)
         float_time, wide_time = timer.seconds(wide, target)

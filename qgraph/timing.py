@@ -354,12 +354,19 @@ def _digits_lowered(model: onnx.ModelProto, target: TargetSpec) -> onnx.ModelPro
     return ir.to_proto(lowered)
 
 
+ACTIVATION_TYPES = {
+    (8, True): np.int8,
+    (8, False): np.uint8,
+    (16, True): np.int16,
+    (16, False): np.uint16,
+}
+"""(bits, signed) -> the activation's numpy type in a quantized twin."""
+
+
 def _quantized_inputs(names: list[str], target: TargetSpec, bits: int = 8):
     signed = target.activations.dtype.is_signed()
     zero = 0 if signed else 2 ** (bits - 1)
-    dtype = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16}.get(
-        (bits, signed), np.uint16
-    )
+    dtype = ACTIVATION_TYPES[bits, signed]
     initializers = [
         numpy_helper.from_array(np.array(0.02 / 2 ** (bits - 8), np.float32), "s"),
         numpy_helper.from_array(np.array(zero, dtype), "z"),

@@ -47,8 +47,8 @@ from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.passes.fusion.rules import MatchResult, TargetRule, constant, fail, not_a_candidate
 from qgraph.passes.lowering.groups import (
     QuantizedOperand,
+    constant_or_dequantized,
     dequantized,
-    dequantized_constant,
     new_initializer,
     quantize_operands,
     quantized_weight_problem,
@@ -153,8 +153,7 @@ def float_bias(node: ir.Node, index: int, channels: int) -> tuple[np.ndarray | N
     if len(node.inputs) <= index or node.inputs[index] is None:
         return None, None
     value = node.inputs[index]
-    operand = dequantized(value)
-    array = constant(value) if operand is None else dequantized_constant(operand)
+    array = constant_or_dequantized(value)
     if array is None:
         return None, f"its bias '{value.name}' is not a constant"
     if array.size not in (1, channels):

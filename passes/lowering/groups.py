@@ -121,6 +121,12 @@ def dequantized_constant(operand: QuantizedOperand) -> np.ndarray | None:
     return ((values.astype(np.int64) - zero_point).astype(np.float32) * scale).astype(np.float32)
 
 
+def constant_or_dequantized(value: ir.Value) -> np.ndarray | None:
+    """The array of a constant, or of a ``DequantizeLinear`` of one (float32), else None."""
+    operand = dequantized(value)
+    return constant(value) if operand is None else dequantized_constant(operand)
+
+
 def bias_problem(
     bias: QuantizedOperand, input_scale: ir.Value, weight_scale: ir.Value
 ) -> str | None:

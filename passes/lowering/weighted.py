@@ -35,8 +35,8 @@ from qgraph.passes.fusion.rules import (
 from qgraph.passes.lowering.groups import (
     QuantizedOperand,
     bias_problem,
+    constant_or_dequantized,
     dequantized,
-    dequantized_constant,
     eight_bit_problem,
     new_initializer,
     quantize_operands,
@@ -262,8 +262,7 @@ class ConvToConvInteger(TargetRule):
         return None
 
     def _bias_problem(self, bias: ir.Value) -> str | None:
-        operand = dequantized(bias)
-        self._bias_array = constant(bias) if operand is None else dequantized_constant(operand)
+        self._bias_array = constant_or_dequantized(bias)
         return None if self._bias_array is not None else f"its bias '{bias.name}' is not a constant"
 
     def rewrite(self, op, x, w, out, **_):
