@@ -15,7 +15,8 @@ The passes (they run in the order of ``qgraph.passes.PIPELINE``):
 - ``constant-folding``: a node whose inputs are all constant is evaluated (by the ONNX
   reference implementation) and replaced by its result, ``f(c1, ..., cn) -> c``. Quantize and
   dequantize nodes are never folded: they carry the quantization itself.
-- ``identity-elimination``: ``Identity(x) -> x``.
+- ``identity-elimination``: ``Identity(x) -> x``, and so for a ``Slice`` that keeps every
+  element and a ``Transpose`` that keeps every axis in place.
 - ``common-subexpression-elimination``: two deterministic nodes with the same op, attributes
   and input values compute the same outputs; the second's uses move to the first.
 - ``dead-code-elimination``: nodes and initializers nothing reaches from the outputs go.
@@ -211,7 +212,8 @@ def _merge_type(value: ir.Value, inferred: tuple[ir.TypeProtocol | None, ir.Shap
 
 
 class IdentityEliminationPass(ir.passes.InPlacePass):
-    """``y = Identity(x)`` removed, in every graph and function, where that is safe.
+    """``y = Identity(x)`` (or an op of ``IDENTITY_FORMS`` that keeps ``x`` whole) removed, in
+    every graph and function, where that is safe.
 
     - ``y`` not a graph output: every use of ``y`` reads ``x`` instead.
     - ``y`` a graph output: ``x`` takes ``y``'s name and place, but only if ``x`` is made by
@@ -230,13 +232,55 @@ class IdentityEliminationPass(ir.passes.InPlacePass):
 
 
 def _is_identity(node: ir.Node) -> bool:
-    return (
-        node.op_type == "Identity"
-        and node.domain in ONNX_DOMAINS
-        and len(node.inputs) == 1
-        and len(node.outputs) == 1
-        and node.inputs[0] is not None
-    )
+    if node.domain not in ONNX_DOMAINS or len(node.outputs) != 1:
+        return False
+    if not node.inputs or node.inputs[0] is None:
+        return False
+    keeps_everything = IDENTITY_FORMS.get(node.op_type)
+    return keeps_everything is not None and keeps_everything(node)
+
+
+def _int_constants(value: ir.Value | None) -> list[int] | None:
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy().reshape(-1).tolist()
+
+
+def _slices_nothing(node: ir.Node) -> bool:
+    """Whether a Slice (inputs form) starts every axis it names at 0 and ends it at its end."""
+    shape = node.inputs[0].shape
+    inputs = [*node.inputs, None, None, None][1:5]
+    starts, ends = _int_constants(inputs[0]), _int_constants(inputs[1])
+    if shape is None or starts is None or ends is None:
+        return False
+    axes = _int_constants(inputs[2]) if inputs[2] is not None else list(range(len(starts)))
+    steps = _int_constants(inputs[3]) if inputs[3] is not None else [1] * len(starts)
+    if axes is None or steps is None:
+        return False
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        dim = shape[axis % len(shape)]
+        static = isinstance(dim, int)
+        if step != 1 or not (start == 0 or (static and start <= -dim)):
+            return False
+        if not (end >= UNBOUNDED_END or (static and end >= dim)):
+            return False
+    return True
+
+
+def _keeps_axes_in_place(node: ir.Node) -> bool:
+    perm = node.attributes.get_ints("perm", None)
+    return perm is not None and list(perm) == sorted(perm)
+
+
+UNBOUNDED_END = 10**9
+"""A Slice end this large reaches past any axis a model here holds (a billion elements on
+one axis); tf2onnx writes it for "to the end"."""
+
+IDENTITY_FORMS = {
+    "Identity": lambda node: len(node.inputs) == 1,
+    "Slice": _slices_nothing,
+    "Transpose": _keeps_axes_in_place,
+}
+"""Ops that return their input unchanged, and the test that they do here."""
 
 
 def _eliminate_identity(graph: ir.Graph, node: ir.Node) -> bool:

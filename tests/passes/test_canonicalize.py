@@ -163,6 +163,41 @@ def test_identity_inside_the_graph_is_removed(make_model):
     ]
 
 
+@pytest.mark.parametrize(
+    "starts, ends, axes, kept",
+    [
+        (
+            [0, 0],
+            [4, 10**9],
+            [1, 0],
+            False,
+        ),  # every element: the second end is tf2onnx's "to the end"
+        ([0, -4], [2**63 - 1, 4], [0, 1], False),  # -4 is the start of an axis of 4
+        ([0, 1], [10**9, 4], [0, 1], True),  # drops a column
+        ([0, 0], [10**9, 3], [0, 1], True),  # drops the last column
+    ],
+)
+def test_a_slice_that_keeps_every_element_is_removed(make_model, starts, ends, axes, kept):
+    arrays = {"starts": starts, "ends": ends, "axes": axes}
+    proto = make_model(
+        [
+            helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["a"]),
+            helper.make_node("Transpose", ["a"], ["b"], perm=[0, 1]),
+            helper.make_node("Neg", ["b"], ["y"]),
+        ],
+        {"x": ["n", 4]},
+        {"y": None},
+        {name: np.array(values, np.int64) for name, values in arrays.items()},
+    )
+    feeds = {"x": RNG_FEEDS.standard_normal((3, 4)).astype(np.float32)}
+    model = canonicalize.ShapeInferencePass()(qgraph.load(proto)).model
+    model = rewrite_and_check(ir.to_proto(model), feeds, canonicalize.IdentityEliminationPass())
+    assert ops(model) == (["Slice", "Neg"] if kept else ["Neg"]), "the Transpose keeps its axes"
+
+
+RNG_FEEDS = np.random.default_rng(4)
+
+
 def test_identity_to_an_output_hands_its_name_to_the_producer(make_model):
     proto = make_model(
         [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["y"])],
