@@ -12,6 +12,8 @@ module states its math:
 - ``gelu``: GELU (erf and tanh forms) to Gelu
 - ``tables``: an elementwise op on rows looked up from a constant table folded into the table
 - ``activations``: ``x * HardSigmoid(x)`` to HardSwish; activations after weighted ops recorded
+- ``reductions``: a max over axes of a monotone or quasiconvex activation (and a bias before
+  it) to the activation of the extremes
 - ``gemm``: 2-D MatMul + Add to Gemm, or Gemm to MatMul + Add, as the target prefers
 
 A second pass (``runtime-fusion``, after SmoothQuant and rotation, which find norms and
@@ -55,6 +57,7 @@ from qgraph.passes.fusion import (
     normalization,
     onehot,
     packing,
+    reductions,
     residual,
     scales,
     tables,
@@ -142,6 +145,11 @@ RULES = (
         tables.RULES,
     ),
     TableRule("hard-swish", "x * HardSigmoid(x) -> HardSwish", (activations.HardSwishFusion,)),
+    TableRule(
+        "max-of-activation",
+        "max over axes of f(y [+ c]) -> f of y's extremes [+ c] for a monotone or quasiconvex f",
+        reductions.RULES,
+    ),
     TableRule(
         "matmul-add-to-gemm",
         "2-D MatMul + Add -> Gemm",
