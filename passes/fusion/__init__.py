@@ -100,6 +100,11 @@ RULES = (
         "layer-norm", "decomposed LayerNorm -> LayerNormalization", (normalization.LayerNormFusion,)
     ),
     TableRule(
+        "moments-layer-norm",
+        "LayerNorm from E[x^2] - E[x]^2 over one axis -> LayerNormalization (axis moved last)",
+        (normalization.MomentsLayerNormFusion,),
+    ),
+    TableRule(
         "layer-norm-bias",
         "LayerNormalization + beta -> LayerNormalization(.., beta)",
         (normalization.LayerNormBiasFusion,),

@@ -7,6 +7,21 @@ LayerNorm over the last axis, as exporters write it out::
       -> LayerNormalization(x, gamma[, beta], axis=-1, epsilon=eps)          (opset >= 17,
                                                or earlier where the target's runtime adds it)
 
+LayerNorm from its moments over any one axis ``a``, as jax2tf writes flax's (magika's, over
+positions)::
+
+    m = ReduceSum(x, a) * (1/n); v = Max(0, ReduceSum(x * x, a) * (1/n) - m * m)
+    y = (x - B(m)) * (Reciprocal(Sqrt(B(v) + eps)) * gamma) + beta
+      -> Transpose(LayerNormalization(Transpose(x, a last), gamma, beta, axis=-1), back)
+
+where ``B`` is a Reshape then an Expand putting the statistics back as axis ``a`` of size 1
+(checked on the inferred shapes) and ``gamma`` and ``beta`` vary along ``a`` at most. The
+moments form loses digits to cancellation where the variance is small beside the squared
+mean; LayerNormalization subtracts the mean first, so the rewrite computes the same function
+a little more exactly (it differs by the original's own rounding, relative
+``~ eps32 E[x^2] / (v + eps)`` in the scale). Two transposes and one kernel cost less than the
+moments' six passes over ``x`` in onnxruntime (magika: 10 ms less a batch of 64, one thread).
+
 RMSNorm (Llama) over the last axis::
 
     y = x / Sqrt(ReduceMean(x^2) + eps) * gamma      (or x * Reciprocal(Sqrt(..)), x * (1 / Sqrt))
@@ -30,6 +45,7 @@ from qgraph.passes.fusion.rules import (
     FLOAT_TYPES,
     MatchResult,
     TargetRule,
+    close_to,
     constant,
     fail,
     fresh_weight,
@@ -165,6 +181,108 @@ class LayerNormBiasFusion(TargetRule):
     def rewrite(self, op, x, gamma, beta, normalized, **_):
         attributes = normalized.producer().attributes
         return op.LayerNormalization(x, gamma, _as_vector(op, beta, x), **attributes)
+
+
+class MomentsLayerNormFusion(TargetRule):
+    """LayerNorm from its moments over one axis -> ``LayerNormalization``, transposed to put
+    that axis last (module docstring)."""
+
+    root_ops = frozenset({"Add"})
+    required_ops = frozenset({"ReduceSum", "Sqrt", "Expand"})
+
+    def pattern(self, op, x, inv_count, floor, eps, gamma, beta, shapes):
+        mean = op.Mul(_sum(op, x, "sum"), inv_count)
+        mean_square = op.Mul(_sum(op, op.Mul(x, x), "sum_of_squares"), inv_count)
+        variance = op.Max(floor, op.Sub(mean_square, op.Mul(mean, mean)))
+        spread = _broadcast(op, variance, shapes, "spread")
+        inverse_std = op.Reciprocal(op.Sqrt(op.Add(spread, eps)))
+        centered = op.Sub(x, _broadcast(op, mean, shapes, "centre"))
+        return op.Add(op.Mul(centered, op.Mul(inverse_std, gamma)), beta)
+
+    def check(self, context, x, inv_count, floor, eps, gamma, beta, **values) -> MatchResult:
+        if x.dtype not in FLOAT_TYPES or x.shape is None:
+            return fail("the input's type or shape is unknown", x)
+        axis = _summed_axis(values["sum"].producer(), values["sum_of_squares"].producer())
+        if axis is None:
+            return fail("the sums do not reduce one and the same constant axis", x)
+        axis %= len(x.shape)
+        problem = self._problem(context, x, axis, inv_count, floor, eps, values)
+        if problem is None:
+            problem = _along_axis_problem(gamma, x, axis) or _along_axis_problem(beta, x, axis)
+        if problem:
+            return fail(problem, x)
+        self._axis = axis
+        return MatchResult()
+
+    def _problem(self, context, x, axis, inv_count, floor, eps, values) -> str | None:
+        if model_opset(context) < LAYER_NORM_OPSET and (
+            LAYER_NORM not in self.target.runtime.default_domain_extensions
+        ):
+            return f"opset {model_opset(context)} has no LayerNormalization (from 17)"
+        size = x.shape[axis]
+        if not isinstance(size, int) or not close_to(scalar(inv_count), 1.0 / size):
+            return f"the sums are not divided by the axis size {size}"
+        if scalar(floor) != 0.0 or scalar(eps) is None:
+            return "the variance is not floored at 0, or epsilon is not a constant scalar"
+        kept = [1 if a == axis else d for a, d in enumerate(x.shape)]
+        for name in ("spread", "centre"):
+            shape = values[name].shape
+            if shape is None or list(shape) != kept:
+                return f"the statistics are not broadcast back as axis {axis}"
+        return None
+
+    def rewrite(self, op, x, eps, gamma, beta, **_):
+        rank, axis = len(x.shape), self._axis
+        size = x.shape[axis]
+        gamma, beta = (_along_axis(op, v, size) for v in (gamma, beta))
+        epsilon = scalar(eps)
+        if axis == rank - 1:
+            return op.LayerNormalization(x, gamma, beta, axis=-1, epsilon=epsilon)
+        order = [a for a in range(rank) if a != axis] + [axis]
+        moved = op.Transpose(x, perm=order)
+        normalized = op.LayerNormalization(moved, gamma, beta, axis=-1, epsilon=epsilon)
+        return op.Transpose(normalized, perm=np.argsort(order).tolist())
+
+
+def _sum(op, x, name: str):
+    return op.ReduceSum(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=[name])
+
+
+def _broadcast(op, statistics, shapes, name: str):
+    return op.Expand(op.Reshape(statistics, shapes), shapes, _outputs=[name])
+
+
+def _summed_axis(*sums: ir.Node) -> int | None:
+    """The one constant axis both ReduceSums reduce, else None."""
+    found = set()
+    for node in sums:
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = constant(node.inputs[1])
+            axes = None if axes is None else axes.reshape(-1).tolist()
+        else:
+            axes = node.attributes.get_ints("axes", None)
+        if axes is None or len(axes) != 1:
+            return None
+        found.add(axes[0])
+    return found.pop() if len(found) == 1 else None
+
+
+def _along_axis_problem(vector: ir.Value, x: ir.Value, axis: int) -> str | None:
+    """Why ``vector`` is not a constant that varies along ``axis`` of ``x`` at most."""
+    array = constant(vector)
+    rank = len(x.shape)
+    if array is None or array.ndim > rank:
+        return f"'{vector.name}' is not a constant of rank {rank} or less"
+    full = array.reshape((1,) * (rank - array.ndim) + array.shape)
+    if any(d != 1 for a, d in enumerate(full.shape) if a != axis):
+        return f"'{vector.name}' varies along another axis than the normalized one"
+    return None
+
+
+def _along_axis(op, vector: ir.Value, size: int) -> ir.Value:
+    """``vector`` as shape ``[size]``."""
+    array = np.broadcast_to(constant(vector).reshape(-1), (size,))
+    return fresh_weight(op, vector, array, "vector")
 
 
 class RMSNormFusion(TargetRule):

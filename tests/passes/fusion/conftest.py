@@ -17,6 +17,7 @@ from qgraph.passes.canonicalize import ShapeInferencePass
 from qgraph.passes.fusion import FusionPass, FusionReport, RuntimeFusionPass
 
 Fused = tuple[ir.Model, FusionReport]
+MAGIKA_SCOPE = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/"
 
 
 def random_inputs(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,3 +73,32 @@ def ops() -> Callable[[ir.Model], list[str]]:
 def reasons() -> Callable[[FusionReport, str], list[str]]:
     """The near-miss reasons a report gives for one rule."""
     return lambda report, rule: [m.reason for m in report.near_misses if m.rule == rule]
+
+
+@pytest.fixture(scope="module")
+def magika_values() -> Callable[[list[str]], tuple[dict, dict]]:
+    """``magika_values(names)``: the values ``MagikaV2/<name>`` of the zoo's magika and of its
+    float compile (the fusion rules), on its first evaluation batch, keyed by ``name``."""
+    from qgraph import models
+    from qgraph.data import read_batches
+
+    zoo = models.fetch("magika")
+    compiled = qgraph.compile_model(str(zoo.model), "x86-avx2", options=qgraph.CompileOptions())
+    feeds = next(iter(read_batches(zoo.evaluation)))
+    models_ = (onnx.load(zoo.model), ir.to_proto(compiled.model))
+
+    def values(names: list[str]) -> tuple[dict, dict]:
+        scoped = [MAGIKA_SCOPE + name for name in names]
+        original, fused = (_with_outputs(proto, scoped) for proto in models_)
+        runs = tuple(verify.run(proto.SerializeToString(), feeds) for proto in (original, fused))
+        return tuple({name[len(MAGIKA_SCOPE) :]: v for name, v in run.items()} for run in runs)
+
+    return values
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.output[:]
+    copy.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return copy

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
+from qgraph import verify
 from qgraph.targets.runtime import ORT_LIMITS
 
 RNG = np.random.default_rng(2)
@@ -111,6 +112,98 @@ def test_before_opset_17_a_layer_norm_is_the_runtimes_layer_norm(make_model, fus
     model, report = fuse(old)
     assert ops(model) == ["LayerNormalization"]
     assert report.applied["layer-norm"] == 1 and report.applied["rms-norm"] == 0
+
+
+def _moments_layer_norm() -> list[helper.NodeProto]:
+    """flax's LayerNorm as jax2tf writes it: sums without keepdims, ``E[x^2] - E[x]^2`` floored
+    at 0, the statistics reshaped and expanded back, ``gamma`` applied to the inverse std."""
+    node = helper.make_node
+    return [
+        node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0),
+        node("Mul", ["sum", "inv_count"], ["mean"]),
+        node("Mul", ["x", "x"], ["x_sq"]),
+        node("ReduceSum", ["x_sq", "axes"], ["sum_sq"], keepdims=0),
+        node("Mul", ["sum_sq", "inv_count"], ["mean_sq"]),
+        node("Mul", ["mean", "mean"], ["mean_2"]),
+        node("Sub", ["mean_sq", "mean_2"], ["raw_var"]),
+        node("Max", ["zero", "raw_var"], ["var"]),
+        node("Reshape", ["var", "kept"], ["var_r"]),
+        node("Expand", ["var_r", "kept"], ["var_b"]),
+        node("Add", ["var_b", "eps"], ["var_eps"]),
+        node("Sqrt", ["var_eps"], ["std"]),
+        node("Reciprocal", ["std"], ["inv_std"]),
+        node("Mul", ["inv_std", "gamma"], ["scale"]),
+        node("Reshape", ["mean", "kept"], ["mean_r"]),
+        node("Expand", ["mean_r", "kept"], ["mean_b"]),
+        node("Sub", ["x", "mean_b"], ["centred"]),
+        node("Mul", ["centred", "scale"], ["scaled"]),
+        node("Add", ["scaled", "beta"], ["y"]),
+    ]
+
+
+MOMENTS_SHAPE = (2, 6, 5, 3)
+
+
+def _moments_constants(axis: int, gamma_axis: int | None = None) -> dict[str, np.ndarray]:
+    along = [1] * len(MOMENTS_SHAPE)
+    gamma_axis = axis if gamma_axis is None else gamma_axis
+    along[gamma_axis] = MOMENTS_SHAPE[gamma_axis]
+    kept = list(MOMENTS_SHAPE)
+    kept[axis] = 1
+    return {
+        "axes": np.array([axis], np.int64),
+        "inv_count": np.array(1.0 / MOMENTS_SHAPE[axis], np.float32),
+        "zero": np.array(0.0, np.float32),
+        "eps": np.array(1e-6, np.float32),
+        "kept": np.array(kept, np.int64),
+        "gamma": RNG.uniform(0.5, 2.0, along).astype(np.float32),
+        "beta": RNG.normal(size=along).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("axis", [1, 3])
+def test_a_layer_norm_from_moments_over_any_axis(make_model, fuse, ops, axis):
+    """Over a middle axis the op reads the axis moved last and moves it back. The inputs sit
+    at 3 +- 1, so the moments form cancels digits: the two differ by its rounding,
+    ``eps32 E[x^2] / (v + eps)`` relative in the scale (a few such roundings: 8 of them)."""
+    proto = make_model(
+        _moments_layer_norm(),
+        {"x": list(MOMENTS_SHAPE)},
+        {"y": list(MOMENTS_SHAPE)},
+        _moments_constants(axis),
+    )
+    x = (RNG.normal(size=MOMENTS_SHAPE) + 3).astype(np.float32)
+    moments = x.astype(np.float64)
+    cancellation = (moments**2).mean(axis) / (moments.var(axis) + 1e-6)
+    model, report = fuse(proto, feeds={"x": x}, rtol=8 * 2.0**-24 * cancellation.max())
+    assert report.applied["moments-layer-norm"] == 1
+    moved = ["Transpose", "LayerNormalization", "Transpose"]
+    assert ops(model) == (["LayerNormalization"] if axis == 3 else moved)
+
+
+def test_moments_whose_gamma_varies_along_another_axis_stay(make_model, fuse, ops, reasons):
+    proto = make_model(
+        _moments_layer_norm(),
+        {"x": list(MOMENTS_SHAPE)},
+        {"y": list(MOMENTS_SHAPE)},
+        _moments_constants(1, gamma_axis=2),
+    )
+    model, report = fuse(proto)
+    assert "LayerNormalization" not in ops(model)
+    assert reasons(report, "moments-layer-norm") == [
+        "'gamma' varies along another axis than the normalized one"
+    ]
+
+
+def test_magikas_layer_norm_over_positions_moves_by_its_own_rounding(magika_values):
+    """magika's LayerNorm over its 512 positions (mostly padding: a small variance beside the
+    squared mean) becomes LayerNormalization; its output moves by the cancellation bound."""
+    original, fused = magika_values(["Reshape:0", "LayerNorm_0/AddV2_1:0"])
+    x = original["Reshape:0"].astype(np.float64)
+    cancellation = (x**2).mean(axis=1) / (x.var(axis=1) + 1e-6)
+    normalized = original["LayerNorm_0/AddV2_1:0"]
+    assert not verify.compare(original, fused, rtol=8 * 2.0**-24 * cancellation.max())
+    assert np.abs(fused["LayerNorm_0/AddV2_1:0"] - normalized).max() > 0, "a different rounding"
 
 
 def _rms_norm(opset: int):

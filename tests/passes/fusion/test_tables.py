@@ -75,18 +75,9 @@ def test_rows_read_by_another_op_are_not_folded(fuse, ops):
     assert report.applied["table-fold"] == 0 and "Relu" in ops(model)
 
 
-def test_the_fold_keeps_magikas_outputs_exact():
-    """magika's byte table, bias and GELU become one lookup; the classifier's outputs do not
-    move beyond float32 rounding."""
-    import qgraph
-    from qgraph import models
-    from qgraph.data import read_batches
-
-    zoo = models.fetch("magika")
-    options = qgraph.CompileOptions()
-    result = qgraph.compile_model(str(zoo.model), "x86-avx2", options=options)
-    fusion = next(r.details for r in result.records if r.name == "fusion")
-    assert fusion.applied["table-fold"] == 2
-    feeds = next(iter(read_batches(zoo.evaluation)))
-    expected = verify.run(str(zoo.model), feeds)
-    assert not verify.compare(expected, verify.run(result.model, feeds))
+def test_the_fold_keeps_magikas_rows(magika_values):
+    """magika's byte table, bias and GELU become one lookup; the rows it gathers are the
+    values the written-out GELU gave, to float32 rounding (fused, it is onnxruntime's
+    FastGelu kernel, run on the table)."""
+    original, fused = magika_values(["ApplyActivation_0/Mul_5:0"])
+    assert not verify.compare(original, fused)
