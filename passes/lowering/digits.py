@@ -25,8 +25,9 @@ is linear in its activation, so
 two integer products summed in float (the bias rides on the first). A MatMul or Gemm reads
 the digits directly; a 2-D Conv (one group) reads them as im2col rows: the input taken
 channels-last (the tensor behind an exporter's NHWC -> NCHW Transpose, else transposed), each
-digit padded with its own zero point (the digit form of 0), and the ``kh kw`` taps sliced
-(start ``i d``, stride ``st``) and concatenated, so that row ``(n, y, x)`` holds
+digit padded with its own zero point (the digit form of 0), and the ``kh kw`` taps gathered
+(one Gather of flat positions where the height and width are known, else sliced, start ``i d``
+and stride ``st``, and concatenated), so that row ``(n, y, x)`` holds
 ``x_{c, y st + i d, x st + j d}`` at column ``(i kw + j) C + c`` and the weight reshaped to
 ``[kh kw C, O]`` multiplies it; the ``[N, Ho, Wo, O]`` sum is moved back to ``[N, O, Ho, Wo]``.
 
@@ -259,6 +260,21 @@ class _ConvGeometry:
         """How far the last tap lies past the first along ``axis``."""
         return self.dilations[axis] * (self.kernel[axis] - 1)
 
+    def padded(self, height: int, width: int) -> tuple[int, int]:
+        top, left, bottom, right = self.pads
+        return height + top + bottom, width + left + right
+
+    def positions(self, height: int, width: int) -> np.ndarray:
+        """``[Ho, Wo, kh kw]``: the flat position ``y W + x`` in the padded ``height x width``
+        input that each output position's taps read."""
+        size = [
+            (n - self.reach(a) - 1) // self.strides[a] + 1 for a, n in enumerate([height, width])
+        ]
+        rows = np.arange(size[0])[:, None] * self.strides[0]
+        columns = np.arange(size[1])[None, :] * self.strides[1]
+        taps = [(rows + i) * width + columns + j for i, j in self.taps()]
+        return np.stack(taps, axis=-1).astype(np.int32)
+
 
 INT64_MAX = np.iinfo(np.int64).max
 
@@ -283,6 +299,9 @@ class DigitConv(_DigitRule):
             shape = constant(self._weight.values).shape
             self._geometry = _ConvGeometry.of(conv, (shape[2], shape[3]))
             self._bias, problem = float_bias(conv, 2, shape[0])
+            spatial = () if x.shape is None else tuple(x.shape[2:])
+            static = len(spatial) == 2 and all(isinstance(d, int) for d in spatial)
+            self._padded = self._geometry.padded(*spatial) if static else None
         return self._result(problem)
 
     def rewrite(self, op, x, w, out, **_):
@@ -290,10 +309,14 @@ class DigitConv(_DigitRule):
         values = constant(weight.values)
         columns = values.transpose(2, 3, 1, 0).reshape(-1, values.shape[0])  # [kh kw C, O]
         weight_columns = new_initializer(op, node, "weight_columns", columns)
-        tap_bounds = self._tap_bounds(op)
         channels_last = dataclasses.replace(self._input, source=_channels_last(op, self._input))
+        if self._padded is not None:
+            array = self._geometry.positions(*self._padded)
+            taps = new_initializer(op, node, "tap_positions", array)
+        else:
+            taps = self._tap_bounds(op)
         pair = tuple(
-            dataclasses.replace(d, values=self._rows(op, d, f"digit{index}", tap_bounds))
+            dataclasses.replace(d, values=self._rows(op, d, f"digit{index}", taps))
             for index, d in enumerate(digits(op, node, channels_last))
         )
         bias = None if self._bias is None else new_initializer(op, node, "bias", self._bias)
@@ -321,8 +344,10 @@ class DigitConv(_DigitRule):
             )
         return bounds
 
-    def _rows(self, op, digit: Digit, name: str, tap_bounds) -> ir.Value:
-        """The im2col rows ``[N, Ho, Wo, kh kw C]`` of one digit ``[N, H, W, C]``."""
+    def _rows(self, op, digit: Digit, name: str, taps: ir.Value | list[tuple]) -> ir.Value:
+        """The im2col rows ``[N, Ho, Wo, kh kw C]`` of one digit ``[N, H, W, C]``: one Gather
+        of the taps' positions where the input's height and width are known, else a Slice per
+        tap's bounds."""
         values = digit.values
         if any(self._geometry.pads):
             top, left, bottom, right = self._geometry.pads
@@ -330,8 +355,14 @@ class DigitConv(_DigitRule):
             values = op.Pad(
                 values, new_initializer(op, self._node, f"{name}_pads", pads), digit.zero_point
             )
-        taps = [op.Slice(values, *bounds) for bounds in tap_bounds]
-        return taps[0] if len(taps) == 1 else op.Concat(*taps, axis=-1)
+        if isinstance(taps, list):
+            sliced = [op.Slice(values, *bounds) for bounds in taps]
+            return sliced[0] if len(sliced) == 1 else op.Concat(*sliced, axis=-1)
+        height, width = self._padded
+        flat = op.Reshape(values, op.Constant(value_ints=[0, height * width, -1]))
+        rows = op.Gather(flat, taps, axis=1)
+        output = taps.const_value.shape[:2]
+        return op.Reshape(rows, op.Constant(value_ints=[0, *output, -1]))
 
 
 TO_CHANNELS_FIRST = (0, 3, 1, 2)

@@ -104,8 +104,25 @@ def step_and_weights(qdq: ir.Model) -> tuple[float, np.ndarray]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_digits_compute_what_the_16_bit_model_does(case):
     node, shape, weights = CASES[case]
+    lowered = digits_within_their_bound(node, shape, shape, weights)
+    if node.op_type == "Conv":
+        ops = collections.Counter(n.op_type for n in lowered.graph)
+        assert ops["Gather"] == 2 and not ops["Slice"], "known sizes: one Gather of taps a digit"
+
+
+def test_a_conv_of_unknown_height_and_width_slices_its_taps():
+    node, shape, weights = CASES["conv-strided-padded"]
+    lowered = digits_within_their_bound(node, [*shape[:2], "h", "w"], shape, weights)
+    ops = collections.Counter(n.op_type for n in lowered.graph)
+    assert ops["Slice"] == 2 * 6 and not ops["Gather"], "a Slice per tap (3 x 2) a digit"
+
+
+def digits_within_their_bound(node, declared_shape, shape, weights) -> ir.Model:
+    """The lowered model of ``node``, checked against the 16-bit Q/DQ model within the bound
+    of the module docstring."""
     data = batches(shape)
-    qdq = compile_16_bit(model_of(node, shape, weights), data, passes=frozenset({"lower-16-bit"}))
+    model = model_of(node, declared_shape, weights)
+    qdq = compile_16_bit(model, data, passes=frozenset({"lower-16-bit"}))
     lowered = ir.from_proto(ir.to_proto(qdq))
     result = DigitLoweringPass(qgraph.get_target("x86-avx2"))(lowered)
     assert result.details.applied == {"sixteen-bit-digits": 1}
@@ -122,7 +139,8 @@ def test_the_digits_compute_what_the_16_bit_model_does(case):
         actual = verify.run(candidate, feeds)["y"]
         bound = step * reach + FLOAT32_RTOL * np.abs(expected).max()
         bound = bound.reshape((1, -1, 1, 1) if node.op_type == "Conv" else (1, -1))
-        assert np.all(np.abs(actual - expected) <= bound), case
+        assert np.all(np.abs(actual - expected) <= bound), node.op_type
+    return lowered
 
 
 def test_a_conv_behind_an_nhwc_transpose_reads_the_digits_of_the_tensor_before_it():
