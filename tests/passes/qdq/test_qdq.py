@@ -382,3 +382,14 @@ def test_cpu_targets_leave_residual_inputs_float():
         model = compile_quantized(residual_block(), target=target)
         residual = next(n for n in model.graph if n.name == "residual")
         assert "x" in [v.name for v in residual.inputs], target
+
+
+@pytest.mark.parametrize("count", [4, 8 * K])
+def test_a_16_bit_gemm_takes_gptq_only_from_enough_calibration_rows(count):
+    """Where its activation runs as 16-bit digits, GPTQ rounds the Gemm's weight unless asked
+    otherwise, but only from 32 rows per input (4 a batch): fewer fit the calibration set."""
+    flags = {"calib": batches(count), "budget": "none", "tensor": {"r": {"dtype": "int16"}}}
+    options = CompileOptions(quantization=quant_options(**flags))
+    result = qgraph.compile_model(mlp(), "x86-avx2", options=options)
+    inserted = next(r.details for r in result.records if r.name == "insert-qdq")
+    assert inserted.gptq_weights == (1 if 4 * count >= 32 * K else 0)
