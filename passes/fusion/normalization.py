@@ -50,6 +50,7 @@ from qgraph.passes.fusion.rules import (
     fail,
     fresh_weight,
     model_opset,
+    reduction_axes,
     scalar,
 )
 
@@ -83,11 +84,7 @@ def _reduces_last_axis(mean: ir.Value, rank: int | None) -> bool:
     node = mean.producer()
     if node.attributes.get_int("keepdims", 1) != 1:
         return False
-    if len(node.inputs) > 1:
-        axes = constant(node.inputs[1])
-        axes = None if axes is None else axes.tolist()
-    else:
-        axes = node.attributes.get_ints("axes", None)
+    axes = reduction_axes(node)
     return axes is not None and len(axes) == 1 and (axes[0] == -1 or axes[0] == (rank or 0) - 1)
 
 
@@ -256,11 +253,7 @@ def _summed_axis(*sums: ir.Node) -> int | None:
     """The one constant axis both ReduceSums reduce, else None."""
     found = set()
     for node in sums:
-        if len(node.inputs) > 1 and node.inputs[1] is not None:
-            axes = constant(node.inputs[1])
-            axes = None if axes is None else axes.reshape(-1).tolist()
-        else:
-            axes = node.attributes.get_ints("axes", None)
+        axes = reduction_axes(node)
         if axes is None or len(axes) != 1:
             return None
         found.add(axes[0])

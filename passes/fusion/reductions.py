@@ -36,6 +36,7 @@ from qgraph.passes.fusion.rules import (
     fresh_weight,
     model_opset,
     not_a_candidate,
+    reduction_axes,
 )
 
 AXES_AS_INPUT_OPSET = 18
@@ -129,13 +130,9 @@ def _reduced_axes(reduce: ir.Node, rank: int) -> tuple[tuple[int, ...], str | No
     """(the axes ``reduce`` takes the max over, nonnegative; why they are not known)."""
     if reduce.op_type == "GlobalMaxPool":
         return tuple(range(2, rank)), None if rank > 2 else "it has no spatial axes"
-    if len(reduce.inputs) > 1 and reduce.inputs[1] is not None:
-        array = constant(reduce.inputs[1])
-        if array is None:
-            return (), f"its axes '{reduce.inputs[1].name}' are not a constant"
-        axes = array.reshape(-1).tolist()
-    else:
-        axes = reduce.attributes.get_ints("axes", [])
+    axes = reduction_axes(reduce)
+    if axes is None:
+        return (), f"its axes '{reduce.inputs[1].name}' are not a constant"
     if not axes:
         if reduce.attributes.get_int("noop_with_empty_axes", 0):
             return (), "it reduces nothing (noop_with_empty_axes)"

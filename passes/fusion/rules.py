@@ -78,6 +78,15 @@ def fresh_weight(op, like: ir.Value, array: np.ndarray, suffix: str) -> ir.Value
     return op.initializer(ir.tensor(array.astype(dtype.numpy()), name=name), name=name)
 
 
+def reduction_axes(node: ir.Node) -> list[int] | None:
+    """The axes a Reduce op names: its ``axes`` input (from opset 13 or 18, by op) or attribute;
+    ``[]`` where it names none, None where the input is not a constant."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        array = constant(node.inputs[1])
+        return None if array is None else array.reshape(-1).tolist()
+    return list(node.attributes.get_ints("axes", []))
+
+
 def model_opset(context) -> int:
     """The ai.onnx opset of the model being rewritten."""
     return onnx_opset(context.model.opset_imports, 1)
