@@ -285,7 +285,9 @@ from few rows describes the calibration set more than the data (its relative err
 704 rows for 512 inputs: GPTQ flipped 11 of 2176 held-out top-1 labels, nearest 9."""
 
 
-def _with_enough_rows(rounded_by_gptq: dict[str, str], grams: dict[str, InputGram]) -> dict:
+def _with_enough_rows(
+    rounded_by_gptq: dict[str, str], grams: dict[str, InputGram]
+) -> dict[str, str]:
     """``rounded_by_gptq`` without the ops whose input gave fewer than ``GPTQ_ROWS_PER_INPUT``
     rows per input; their weights go to nearest."""
     return {
