@@ -18,12 +18,14 @@ serve every step. With ``H = c I`` there is nothing to absorb (``U`` is diagonal
 round-to-nearest.
 
 The grid follows the weight's ``QuantSpec``: per block of ``g`` inputs, a block's scale and zero
-point are set from its min/max at the moment its first input is reached (after the updates of
-the blocks before it), as in the paper's grouped variant; per channel, from each output's
-original min/max; per tensor, from the whole original weight's. ``H`` gets a damping of
-``DAMPING`` times its mean diagonal (inputs that were never nonzero get a diagonal of 1 and
-weights of 0, since they never reach the output). Columns are processed ``LAZY_COLUMNS`` at a
-time, the paper's lazy batch update: the same arithmetic, with most of it in matrix products.
+point are set at the moment its first input is reached (after the updates of the blocks before
+it), as in the paper's grouped variant, from its searched range (``qgraph.quant.spec``: the
+clipped range with the least rounding error, each input weighted by ``H_kk``, the output error
+of rounding that input alone); per channel, from each output's original min/max; per tensor,
+from the whole original weight's. ``H`` gets a damping of ``DAMPING`` times its mean diagonal
+(inputs that were never nonzero get a diagonal of 1 and weights of 0, since they never reach
+the output). Columns are processed ``LAZY_COLUMNS`` at a time, the paper's lazy batch update:
+the same arithmetic, with most of it in matrix products.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from qgraph.quant.spec import (
     QuantSpec,
     quantize,
     scale_and_zero_point,
+    searched_range,
 )
 
 DAMPING = 0.01
@@ -93,6 +96,7 @@ def _round_columns(
     scales = np.zeros((count, -(-inputs // group)), np.float32)
     zero_points = np.zeros(scales.shape, np.int64)
     whole = scale_and_zero_point(rows.min(), rows.max(), spec) if spec.axis is None else None
+    importance = np.diag(gram)
     for start in range(0, inputs, lazy):
         stop = min(start + lazy, inputs)
         block = rows[:, start:stop].copy()
@@ -101,7 +105,7 @@ def _round_columns(
             column = start + i
             if column % group == 0:
                 window = block[:, i : i + group]
-                found = whole if whole else scale_and_zero_point(window.min(1), window.max(1), spec)
+                found = whole if whole else _group_range(window, importance[column:], spec)
                 scale = np.broadcast_to(found[0], (count,))
                 zero_point = np.broadcast_to(found[1], (count,))
                 scales[:, column // group], zero_points[:, column // group] = scale, zero_point
@@ -113,6 +117,17 @@ def _round_columns(
         rows[:, stop:] -= errors @ factor[start:stop, stop:]
     dtype = INTEGER_DTYPES[spec.dtype]
     return values.astype(dtype), scales, zero_points.astype(dtype)
+
+
+def _group_range(
+    window: np.ndarray, importance: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each row of ``window`` [N, group]: a block's searched range
+    (its inputs weighted by ``importance``, ``diag(H)`` from the block's first input on), a
+    channel's min/max."""
+    if spec.block_size is None:
+        return scale_and_zero_point(window.min(1), window.max(1), spec)
+    return searched_range(window, 1, spec, importance[: window.shape[1]])
 
 
 def _inverse_cholesky(gram: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -15,7 +15,14 @@ import qgraph
 from qgraph.options import CompileOptions
 from qgraph.passes.gptq import DAMPING, InputGram, gptq_quantize
 from qgraph.passes.qdq.calibrate import CalibrationMissingError
-from qgraph.quant.spec import QuantSpec, dequantize, quantize, quantize_weight, scale_and_zero_point
+from qgraph.quant.spec import (
+    QuantSpec,
+    dequantize,
+    quantize,
+    quantize_weight,
+    scale_and_zero_point,
+    searched_range,
+)
 from qgraph.recipe import quant_options
 
 INT4_BLOCKS = QuantSpec(ir.DataType.INT4, symmetric=True, axis=0, block_size=4)
@@ -45,12 +52,8 @@ def reference_gptq(weight: np.ndarray, gram: np.ndarray, spec: QuantSpec) -> np.
     group = spec.block_size or inputs
     for k in range(inputs):
         if k % group == 0:
-            window = current[k : k + group] if spec.axis is not None else original
-            scale, zero_point = scale_and_zero_point(
-                window.min(axis=0 if spec.axis is not None else None),
-                window.max(axis=0 if spec.axis is not None else None),
-                spec,
-            )
+            importance = np.diag(gram)[k : k + group, None]
+            scale, zero_point = reference_range(current[k : k + group], original, spec, importance)
         values[k] = quantize(current[k], scale, zero_point, spec)
         rounded[k] = dequantize(values[k], scale, zero_point)
         after = slice(k + 1, inputs)
@@ -59,6 +62,18 @@ def reference_gptq(weight: np.ndarray, gram: np.ndarray, spec: QuantSpec) -> np.
             hessian[after, after], hessian[after, : k + 1] @ done
         )
     return values
+
+
+def reference_range(
+    window: np.ndarray, original: np.ndarray, spec: QuantSpec, importance: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """A group's scale and zero point: a block's searched range, its inputs [k, N] weighted by
+    ``importance``; a channel's min/max; the whole original weight's min/max."""
+    if spec.axis is None:
+        return scale_and_zero_point(original.min(), original.max(), spec)
+    if spec.block_size is None:
+        return scale_and_zero_point(window.min(axis=0), window.max(axis=0), spec)
+    return searched_range(window, 0, spec, importance)
 
 
 def dequantized(quantized, spec: QuantSpec) -> np.ndarray:
