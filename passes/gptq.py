@@ -19,13 +19,21 @@ round-to-nearest.
 
 The grid follows the weight's ``QuantSpec``: per block of ``g`` inputs, a block's scale and zero
 point are set at the moment its first input is reached (after the updates of the blocks before
-it), as in the paper's grouped variant, from its searched range (``qgraph.quant.spec``: the
-clipped range with the least rounding error, each input weighted by ``H_kk``, the output error
-of rounding that input alone); per channel, from each output's original min/max; per tensor,
-from the whole original weight's. ``H`` gets a damping of ``DAMPING`` times its mean diagonal
-(inputs that were never nonzero get a diagonal of 1 and weights of 0, since they never reach
-the output). Columns are processed ``LAZY_COLUMNS`` at a time, the paper's lazy batch update:
-the same arithmetic, with most of it in matrix products.
+it), as in the paper's grouped variant; per channel, from each output's original min/max; per
+tensor, from the whole original weight's. ``H`` gets a damping of ``DAMPING`` times its mean
+diagonal (inputs that were never nonzero get a diagonal of 1 and weights of 0, since they never
+reach the output). Columns are processed ``LAZY_COLUMNS`` at a time, the paper's lazy batch
+update: the same arithmetic, with most of it in matrix products.
+
+A block's range is searched. Its 16 levels (4 bits) spent on its min/max round every input
+coarsely to keep one or two extremes exact; the range ``[r lo, r hi]`` clips those and rounds
+the rest on a finer step. Each block takes the ``r`` in ``CLIP_RATIOS`` whose rounding error
+``sum_k H_kk (w_k - w'_k)^2`` is least: ``H_kk (w_k - w'_k)^2`` is the output error of rounding
+input ``k`` alone, before the updates absorb part of it. On SmolLM2's decoder it took the
+perplexity ratio over FP32 from 1.179 to 1.124 (int4, blocks of 32) and from 1.208 to 1.125
+(uint4, blocks of 64). Only GPTQ searches: without ``H``, the same search weighting every input
+alike made round-to-nearest worse (int4 MatMuls, blocks of 32: 1.357 -> 1.392; a uint4
+embedding table: 1.118 -> 1.141), since it clips whichever values are rare, important or not.
 """
 
 from __future__ import annotations
@@ -36,9 +44,9 @@ from qgraph.quant.spec import (
     INTEGER_DTYPES,
     QuantizedTensor,
     QuantSpec,
+    dequantize,
     quantize,
     scale_and_zero_point,
-    searched_range,
 )
 
 DAMPING = 0.01
@@ -46,6 +54,8 @@ DAMPING = 0.01
 of a near-singular H (few samples, correlated inputs) stable; the paper's value."""
 LAZY_COLUMNS = 128
 """Inputs rounded between two updates of the rest of the weight (a multiple of the block)."""
+CLIP_RATIOS = np.linspace(1.0, 0.7, 16)
+"""The shrinks of a block's min/max range that ``searched_range`` tries, 1 (min/max) first."""
 
 
 class InputGram:
@@ -123,11 +133,35 @@ def _group_range(
     window: np.ndarray, importance: np.ndarray, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of each row of ``window`` [N, group]: a block's searched range
-    (its inputs weighted by ``importance``, ``diag(H)`` from the block's first input on), a
-    channel's min/max."""
+    (``importance`` is ``diag(H)`` from the block's first input on), a channel's min/max."""
     if spec.block_size is None:
         return scale_and_zero_point(window.min(1), window.max(1), spec)
-    return searched_range(window, 1, spec, importance[: window.shape[1]])
+    return searched_range(window, importance[: window.shape[1]], spec)
+
+
+def searched_range(
+    rows: np.ndarray, importance: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each row of ``rows`` [N, g] (a block of each output): those of
+    the range ``[r lo, r hi]``, ``r`` in ``CLIP_RATIOS``, with the least rounding error, each
+    input ``k`` weighted by ``importance[k]``."""
+    lo, hi = rows.min(1), rows.max(1)
+
+    def error(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+        grid = scale[:, None], zero_point[:, None]
+        rounded = dequantize(quantize(rows, *grid, spec), *grid).astype(np.float64)
+        return (rows - rounded) ** 2 @ importance
+
+    scale, zero_point = scale_and_zero_point(lo, hi, spec)
+    least = error(scale, zero_point)
+    for ratio in CLIP_RATIOS[1:]:
+        trial_scale, trial_zero_point = scale_and_zero_point(lo * ratio, hi * ratio, spec)
+        trial = error(trial_scale, trial_zero_point)
+        better = trial < least
+        scale = np.where(better, trial_scale, scale)
+        zero_point = np.where(better, trial_zero_point, zero_point)
+        least = np.minimum(trial, least)
+    return scale, zero_point
 
 
 def _inverse_cholesky(gram: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -17,16 +17,6 @@ along ``axis`` its own range; per-block specs give every ``block_size`` run alon
 A bias is stored as int32 with scale ``s_x * s_w`` (per output channel) and zero point 0, so the
 integer accumulator of a quantized Conv or Gemm adds it directly.
 
-Block ranges are searched. A block of 4-bit weights has 16 levels, so its min/max range spends
-them on its extremes: shrinking the range to ``[r lo, r hi]`` clips the few largest values and
-rounds all the others on a finer step. ``searched_range`` picks, per block, the ``r`` in
-``CLIP_RATIOS`` with the least rounding error ``sum_k c_k (x_k - x'_k)^2``, where ``c_k`` is the
-importance of position ``k`` in the block: 1 for round-to-nearest, and the diagonal of the
-input's Gram matrix ``X^T X`` for GPTQ (the output error of rounding the block's input ``k``
-alone). ``r = 1`` is among the candidates, so the error is never above min/max's. On SmolLM2's
-4-bit decoder with GPTQ it took the perplexity ratio over FP32 from 1.208 to 1.125 at blocks of
-64 (``benchmarks/generation.md``).
-
 Degenerate ranges. Every scale is at least ``SCALE_FLOOR = 2^-63``: then the product of any two
 scales, the bias scale ``s_x * s_w``, is at least ``2^-126``, float32's smallest normal number,
 so no scale and no bias scale is a denormal (a range of denormals, ``|x| ~ 1e-40``, gave
@@ -140,36 +130,6 @@ def scale_and_zero_point(
     return scale.astype(np.float32), zero_point.astype(INTEGER_DTYPES[spec.dtype])
 
 
-CLIP_RATIOS = np.linspace(1.0, 0.7, 16)
-"""The shrinks of a block's range ``searched_range`` tries, 1 (min/max) first."""
-
-
-def searched_range(
-    values: np.ndarray, axis: int, spec: QuantSpec, importance: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of each run of ``values`` along ``axis`` (a block): those of the
-    range ``[r lo, r hi]``, ``r`` in ``CLIP_RATIOS``, whose rounding error weighted by
-    ``importance`` (broadcast to ``values``; uniform when None) is least."""
-    lo, hi = values.min(axis), values.max(axis)
-    weight = 1.0 if importance is None else importance
-
-    def error(scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-        kept = np.expand_dims(scale, axis), np.expand_dims(zero_point, axis)
-        rounded = dequantize(quantize(values, *kept, spec), *kept).astype(np.float64)
-        return np.sum(weight * (values - rounded) ** 2, axis=axis)
-
-    scale, zero_point = scale_and_zero_point(lo, hi, spec)
-    least = error(scale, zero_point)
-    for ratio in CLIP_RATIOS[1:]:
-        trial_scale, trial_zero_point = scale_and_zero_point(lo * ratio, hi * ratio, spec)
-        trial = error(trial_scale, trial_zero_point)
-        better = trial < least
-        scale = np.where(better, trial_scale, scale)
-        zero_point = np.where(better, trial_zero_point, zero_point)
-        least = np.minimum(trial, least)
-    return scale, zero_point
-
-
 def natural_scale(lo: np.ndarray | float, hi: np.ndarray | float, spec: QuantSpec) -> np.ndarray:
     """The scale that maps ``[lo, hi]`` (widened to hold 0) onto the spec's integers, before
     the floor: below ``SCALE_FLOOR`` it says the range is degenerate."""
@@ -209,8 +169,7 @@ class QuantizedTensor:
 
 
 def quantize_weight(weight: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
-    """``weight`` quantized to ``spec`` from its own min/max (per tensor or channel) or from
-    each block's searched range."""
+    """``weight`` quantized to ``spec`` from its own min/max (per tensor, channel or block)."""
     if spec.axis is None:
         scale, zero_point = scale_and_zero_point(weight.min(), weight.max(), spec)
         return QuantizedTensor(quantize(weight, scale, zero_point, spec), scale, zero_point)
@@ -225,7 +184,9 @@ def quantize_weight(weight: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
         values = quantize(weight, scale.reshape(shape), zero_point.reshape(shape), spec)
         return QuantizedTensor(values, scale, zero_point)
     blocks = _split_blocks(weight, axis, spec.block_size)
-    scale, zero_point = searched_range(blocks, axis + 1, spec)
+    scale, zero_point = scale_and_zero_point(
+        blocks.min(axis=axis + 1), blocks.max(axis=axis + 1), spec
+    )
     values = quantize(
         blocks, np.expand_dims(scale, axis + 1), np.expand_dims(zero_point, axis + 1), spec
     )

@@ -13,15 +13,16 @@ from onnx import helper, numpy_helper
 
 import qgraph
 from qgraph.options import CompileOptions
-from qgraph.passes.gptq import DAMPING, InputGram, gptq_quantize
+from qgraph.passes import gptq
+from qgraph.passes.gptq import CLIP_RATIOS, DAMPING, InputGram, gptq_quantize, searched_range
 from qgraph.passes.qdq.calibrate import CalibrationMissingError
 from qgraph.quant.spec import (
+    QuantizedTensor,
     QuantSpec,
     dequantize,
     quantize,
     quantize_weight,
     scale_and_zero_point,
-    searched_range,
 )
 from qgraph.recipe import quant_options
 
@@ -73,7 +74,7 @@ def reference_range(
         return scale_and_zero_point(original.min(), original.max(), spec)
     if spec.block_size is None:
         return scale_and_zero_point(window.min(axis=0), window.max(axis=0), spec)
-    return searched_range(window, 0, spec, importance)
+    return searched_range(window.T, importance[:, 0], spec)
 
 
 def dequantized(quantized, spec: QuantSpec) -> np.ndarray:
@@ -95,9 +96,20 @@ def test_gptq_matches_the_step_by_step_least_squares_reference(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
 def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(spec):
+    """With ``H`` diagonal GPTQ absorbs nothing: it rounds to nearest, on min/max grids for
+    channels and tensors and on the searched ranges (weighted by ``H``'s diagonal) for blocks."""
     weight = np.random.default_rng(2).standard_normal((16, 6)).astype(np.float32)
-    found = gptq_quantize(weight, np.eye(16) * 3.0, spec, reduction_axis=0)
+    importance = np.random.default_rng(3).uniform(0.5, 5.0, 16)
+    found = gptq_quantize(weight, np.diag(importance), spec, reduction_axis=0)
     expected = quantize_weight(weight, spec)
+    if spec.block_size is not None:
+        blocks = [slice(start, start + spec.block_size) for start in range(0, 16, spec.block_size)]
+        grids = [searched_range(weight[block].T, importance[block], spec) for block in blocks]
+        scale, zero_point = (np.stack(parts) for parts in zip(*grids, strict=True))
+        rounded = quantize(
+            weight, *(np.repeat(part, spec.block_size, 0) for part in (scale, zero_point)), spec
+        )
+        expected = QuantizedTensor(rounded, scale, zero_point)
     np.testing.assert_array_equal(found.values, expected.values)
     np.testing.assert_array_equal(found.scale, expected.scale)
     np.testing.assert_array_equal(found.zero_point, expected.zero_point)
@@ -131,6 +143,65 @@ def test_gptq_cuts_the_output_error_of_round_to_nearest_by_a_third_on_correlated
         )
     }
     assert error["gptq"] < 2 / 3 * error["nearest"]
+
+
+def reference_block_range(block: np.ndarray, spec: QuantSpec, importance: np.ndarray):
+    """The scale and zero point of one block, by trying every clip ratio in turn."""
+    errors = []
+    for ratio in CLIP_RATIOS:
+        scale, zero_point = scale_and_zero_point(block.min() * ratio, block.max() * ratio, spec)
+        rounded = dequantize(quantize(block, scale, zero_point, spec), scale, zero_point)
+        errors.append((np.sum(importance * (block - rounded) ** 2), scale, zero_point))
+    return min(errors, key=lambda found: found[0])[1:]
+
+
+@pytest.mark.parametrize("spec", [INT4_BLOCKS, UINT4_BLOCKS], ids=QuantSpec.describe)
+def test_a_searched_range_is_the_clip_with_the_least_weighted_rounding_error(spec):
+    rng = np.random.default_rng(6)
+    blocks = rng.standard_t(4, (40, 16))  # heavy tails: min/max is seldom the best range
+    importance = rng.uniform(0.1, 10.0, 16)
+    scale, zero_point = searched_range(blocks, importance, spec)
+    expected = [reference_block_range(block, spec, importance) for block in blocks]
+    np.testing.assert_array_equal(scale, [found[0] for found in expected])
+    np.testing.assert_array_equal(zero_point, [found[1] for found in expected])
+    assert np.mean(scale < scale_and_zero_point(blocks.min(1), blocks.max(1), spec)[0]) > 0.5
+
+
+def test_the_range_search_weighs_rounding_errors_by_importance():
+    """With all the importance on one input of a block, that input is rounded more exactly
+    than with the importance spread evenly, for most of the block's inputs."""
+    block = np.random.default_rng(7).standard_normal((1, 16))
+
+    def error_at(position: int, scale: np.ndarray, zero_point: np.ndarray) -> float:
+        value = block[0, position]
+        grid = scale[0], zero_point[0]
+        return abs(dequantize(quantize(value, *grid, UINT4_BLOCKS), *grid) - value)
+
+    even = searched_range(block, np.ones(16), UINT4_BLOCKS)
+    better = 0
+    for position in range(16):
+        weighted = searched_range(block, np.eye(16)[position], UINT4_BLOCKS)
+        assert error_at(position, *weighted) <= error_at(position, *even) + 1e-7
+        better += error_at(position, *weighted) < error_at(position, *even) - 1e-7
+    assert better >= 8
+
+
+def test_with_uncorrelated_inputs_the_range_search_cuts_the_output_error(monkeypatch):
+    """With ``H = diag(d)`` the output error is ``sum_k d_k (w_k - w'_k)^2``, what the search
+    minimizes per block: heavy-tailed 4-bit weights lose a tenth of it against min/max ranges
+    (measured: 0.91 of it)."""
+    rng = np.random.default_rng(8)
+    weight = rng.standard_t(4, (64, 32)).astype(np.float32)
+    importance = rng.uniform(0.1, 10.0, 64)
+    spec = dataclasses.replace(INT4_BLOCKS, block_size=16)
+
+    def output_error() -> float:
+        quantized = gptq_quantize(weight, np.diag(importance), spec, reduction_axis=0)
+        return float(importance @ (weight - dequantized(quantized, spec)) ** 2 @ np.ones(32))
+
+    searched = output_error()
+    monkeypatch.setattr(gptq, "CLIP_RATIOS", CLIP_RATIOS[:1])
+    assert searched < 0.95 * output_error()
 
 
 def test_an_input_that_is_always_zero_gets_weight_zero():

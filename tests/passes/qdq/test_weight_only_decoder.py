@@ -4,15 +4,13 @@ projection ``MatMul(h, Transpose(E))`` store ``E`` once (8 bits per row, or 4 in
 (``MatMulNBits``, ``GatherBlockQuantized``, and on x86 ``DynamicQuantizeMatMul`` for the
 projection of an 8-bit table) without dequantizing any weight on a run.
 
-The bounds are the quantization steps: an 8-bit row dequantizes within ``s_w / 2`` of its float
-value (``s_w`` = the row's max ``|w|`` / 127). A 4-bit table is stored in uint4 blocks whose
-range is searched (``qgraph.quant.spec.searched_range``: the clip of min/max with the least
-rounding error), so an element dequantizes within ``s_w / 2`` of its value clipped to its block's
-range: within ``e_w = |w - clip(w)| + s_w / 2`` of ``w``.
+The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` of its float value
+(``s_w`` = block or row max ``|w|`` over 7 or 127; a 4-bit table is asymmetric, uint4 over a
+range holding 0, whose step (max - min) / 15 <= max ``|w|`` / 7.5 the int4 one bounds).
 onnxruntime fuses ``DQ -> MatMul`` into ``MatMulNBits(accuracy_level=4)``, which also rounds
 its input per block of ``B`` along ``K``, to int8 within ``s_x / 2`` (``s_x`` at most the
 block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a
-product is within ``sum_k |x_k| e_w + s_x / 2 (|w_k| + e_w)`` of ``x w`` in float.
+product is within ``sum_k |x_k| s_w / 2 + s_x / 2 (|w_k| + s_w / 2)`` of ``x w`` in float.
 The projection of an 8-bit table on x86 (``dynamic_table_projection``) rounds its input per
 tensor instead: ``DynamicQuantizeLinear``'s uint8 over the range of ``x`` and 0, so ``s_x`` is
 (max(x, 0) - min(x, 0)) / 255, the same bound with that step.
@@ -31,7 +29,6 @@ from onnx import TensorProto, helper, numpy_helper
 import qgraph
 from qgraph import verify
 from qgraph.kernels import optimized_graph, runtime_kernels
-from qgraph.quant.spec import QuantSpec, quantize_weight
 from qgraph.targets import QuantFormat
 
 V, H, F, S = 512, 64, 128, 6  # V * H above canonicalize.FOLD_INPUT_LIMIT: Transpose(E) stays
@@ -91,25 +88,16 @@ def with_outputs(model: ir.Model, names: tuple[str, ...]) -> ir.Model:
     return copy
 
 
-TABLE_BLOCKS = QuantSpec(ir.DataType.UINT4, symmetric=False, axis=1, block_size=BLOCK)
-"""A 4-bit table's format: uint4 blocks of ``BLOCK`` along each row."""
+def row_steps(levels: int) -> np.ndarray:
+    """Each row of ``E``'s step, symmetric over ``levels`` (127 for int8)."""
+    return np.abs(E).max(axis=1, keepdims=True) / levels
 
 
-def row_errors(levels: int) -> np.ndarray:
-    """Each element of ``E``'s bound, half its row's step symmetric over ``levels`` (127 for
-    int8)."""
-    return np.broadcast_to(np.abs(E).max(axis=1, keepdims=True) / levels / 2, E.shape)
-
-
-def block_errors() -> np.ndarray:
-    """Each element of ``E``'s bound in ``TABLE_BLOCKS``: its distance to its block's range,
-    plus half the block's step."""
-    stored = quantize_weight(E, TABLE_BLOCKS)
-    qmin, qmax = TABLE_BLOCKS.integer_range()
-    scale = np.repeat(stored.scale, BLOCK, axis=1).astype(np.float64)
-    zero_point = np.repeat(stored.zero_point, BLOCK, axis=1).astype(np.float64)
-    clipped = np.clip(E, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
-    return np.abs(E - clipped) + scale / 2
+def block_steps(levels: int) -> np.ndarray:
+    """The step of each element of ``E``, its block of ``BLOCK`` along the row shared, over
+    ``levels`` (7 for int4)."""
+    blocks = np.abs(E).reshape(V, H // BLOCK, BLOCK).max(axis=2) / levels
+    return np.repeat(blocks, BLOCK, axis=1)
 
 
 def dynamic_step(x: np.ndarray) -> float:
@@ -125,16 +113,16 @@ def dynamically_rounded(x: np.ndarray) -> np.ndarray:
 
 
 def product_bound(
-    x: np.ndarray, weight: np.ndarray, errors: np.ndarray, per_tensor: bool = False
+    x: np.ndarray, weight: np.ndarray, steps: np.ndarray, per_tensor: bool = False
 ) -> np.ndarray:
-    """The bound of the module docstring on ``x weight`` [.., N], ``errors`` [K, N] the
-    weight's ``e_w``, the input rounded per block of ``BLOCK`` along K (or per tensor)."""
+    """The bound of the module docstring on ``x weight`` [.., N], ``steps`` [K, N] the
+    weight's, the input rounded per block of ``BLOCK`` along K (or per tensor)."""
     if per_tensor:
         x_steps = np.full_like(x, dynamic_step(x))
     else:
         blocks = np.abs(x).reshape(*x.shape[:-1], -1, BLOCK).max(axis=-1) / 127
         x_steps = np.repeat(blocks, BLOCK, axis=-1)
-    return (np.abs(x) @ errors + x_steps @ (np.abs(weight) + errors) / 2) * ROUNDING + 1e-6
+    return (np.abs(x) @ steps + x_steps @ (np.abs(weight) + steps / 2)) / 2 * ROUNDING + 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +152,9 @@ def dynamic_projection(variant: str) -> bool:
     return variant != "int4_tables"
 
 
-def table_errors(variant: str) -> np.ndarray:
-    """The bound on each element of ``E`` as ``variant`` stores it."""
-    return block_errors() if variant == "int4_tables" else row_errors(127)
+def table_steps(variant: str) -> np.ndarray:
+    """The step of each element of ``E`` as ``variant`` stores it."""
+    return block_steps(7) if variant == "int4_tables" else np.broadcast_to(row_steps(127), E.shape)
 
 
 def runtime_nbits(model: ir.Model) -> dict[int, int]:
@@ -216,7 +204,7 @@ def test_embedding_rows_are_within_half_a_step(compiled, request):
     ids = batches(1)[0]["ids"]
     rows = verify.run(probe, {"ids": ids}, optimize=True)["x"]
     error = np.abs(rows - E[ids])
-    assert np.all(error <= table_errors(variant)[ids] * ROUNDING)
+    assert np.all(error <= table_steps(variant)[ids] / 2 * ROUNDING)
     assert np.any(error > 0), "the rows were rounded"
 
 
@@ -224,14 +212,14 @@ def test_embedding_rows_are_within_half_a_step(compiled, request):
 def test_the_tied_projection_is_within_the_quantization_bound(compiled, request):
     """The logits against ``h E^T`` in float, ``h`` the compiled model's own."""
     variant = request.node.callspec.params["compiled"]
-    errors, per_tensor = table_errors(variant), dynamic_projection(variant)
+    steps, per_tensor = table_steps(variant), dynamic_projection(variant)
     probe = with_outputs(compiled.model, ("h",))
     for feeds in batches():
         outputs = verify.run(probe, feeds, optimize=True)
         h, logits = outputs["h"], outputs["logits"]
         expected = h @ E.T
         error = np.abs(logits - expected)
-        assert np.all(error <= product_bound(h, E.T, errors.T, per_tensor)), error.max()
+        assert np.all(error <= product_bound(h, E.T, steps.T, per_tensor)), error.max()
         assert np.any(error > 1e-4 * np.abs(expected).max()), "the projection was quantized"
 
 
@@ -262,7 +250,8 @@ def test_the_qdq_model_is_the_float_model_on_dequantized_weights(compiled, reque
     table = weights["E_transposed_dequantized"].T
     up, down = weights["W_up_dequantized"], weights["W_down_dequantized"]
     variant = request.node.callspec.params["compiled"]
-    assert np.all(np.abs(table - E) <= table_errors(variant) * ROUNDING)
+    steps = table_steps(variant)
+    assert np.all(np.abs(table - E) <= steps / 2 * ROUNDING)
     for feeds in batches():
         x = table[feeds["ids"]]
         u = x @ up
@@ -293,7 +282,7 @@ def test_gptq_gives_a_4_bit_tied_projection_its_own_copy_and_keeps_the_table_nea
     probe = with_outputs(result.model, ("x",))
     ids = batches(1)[0]["ids"]
     rows = verify.run(probe, {"ids": ids}, optimize=True)["x"]
-    assert np.all(np.abs(rows - E[ids]) <= block_errors()[ids] * ROUNDING)
+    assert np.all(np.abs(rows - E[ids]) <= block_steps(7)[ids] / 2 * ROUNDING)
     assert runtime_kernels(result.model).complete
     assert runtime_nbits(result.model) == {4: 3}
     errors = {}
@@ -329,7 +318,7 @@ def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized():
     assert "GatherBlockQuantized" in {node.op_type for node in model.graph}
     ids = batches(1)[0]["ids"]
     rows = verify.run(with_outputs(model, ("x",)), {"ids": ids}, optimize=True)["x"]
-    assert np.all(np.abs(rows - E[ids]) <= block_errors()[ids] * ROUNDING)
+    assert np.all(np.abs(rows - E[ids]) <= block_steps(7)[ids] / 2 * ROUNDING)
 
 
 def test_gptq_with_8_bit_weights_keeps_one_4_bit_table():
