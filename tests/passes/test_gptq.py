@@ -53,7 +53,7 @@ def reference_gptq(weight: np.ndarray, gram: np.ndarray, spec: QuantSpec) -> np.
     group = spec.block_size or inputs
     for k in range(inputs):
         if k % group == 0:
-            importance = np.diag(gram)[k : k + group, None]
+            importance = np.diag(gram)[k : k + group]
             scale, zero_point = reference_range(current[k : k + group], original, spec, importance)
         values[k] = quantize(current[k], scale, zero_point, spec)
         rounded[k] = dequantize(values[k], scale, zero_point)
@@ -68,13 +68,13 @@ def reference_gptq(weight: np.ndarray, gram: np.ndarray, spec: QuantSpec) -> np.
 def reference_range(
     window: np.ndarray, original: np.ndarray, spec: QuantSpec, importance: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A group's scale and zero point: a block's searched range, its inputs [k, N] weighted by
-    ``importance``; a channel's min/max; the whole original weight's min/max."""
+    """A group's scale and zero point: a block's searched range, its inputs (``window``'s rows)
+    weighted by ``importance``; a channel's min/max; the whole original weight's min/max."""
     if spec.axis is None:
         return scale_and_zero_point(original.min(), original.max(), spec)
     if spec.block_size is None:
         return scale_and_zero_point(window.min(axis=0), window.max(axis=0), spec)
-    return searched_range(window.T, importance[:, 0], spec)
+    return searched_range(window.T, importance, spec)
 
 
 def dequantized(quantized, spec: QuantSpec) -> np.ndarray:
@@ -188,7 +188,7 @@ def test_the_range_search_weighs_rounding_errors_by_importance():
 
 def test_with_uncorrelated_inputs_the_range_search_cuts_the_output_error(monkeypatch):
     """With ``H = diag(d)`` the output error is ``sum_k d_k (w_k - w'_k)^2``, what the search
-    minimizes per block: heavy-tailed 4-bit weights lose a tenth of it against min/max ranges
+    minimizes per block: on heavy-tailed 4-bit weights it is at least 5% below min/max ranges'
     (measured: 0.91 of it)."""
     rng = np.random.default_rng(8)
     weight = rng.standard_t(4, (64, 32)).astype(np.float32)
