@@ -93,11 +93,15 @@ def row_steps(levels: int) -> np.ndarray:
     return np.abs(E).max(axis=1, keepdims=True) / levels
 
 
-def block_steps(levels: int) -> np.ndarray:
-    """The step of each element of ``E``, its block of ``BLOCK`` along the row shared, over
-    ``levels`` (7 for int4)."""
-    blocks = np.abs(E).reshape(V, H // BLOCK, BLOCK).max(axis=2) / levels
-    return np.repeat(blocks, BLOCK, axis=1)
+def block_steps(levels: int, table: np.ndarray = E) -> np.ndarray:
+    """The step of each element of ``table``, its block of ``BLOCK`` along the row (the last
+    one possibly shorter) shared, over ``levels`` (7 for int4)."""
+    blocks = [table[:, start : start + BLOCK] for start in range(0, table.shape[1], BLOCK)]
+    steps = [np.abs(block).max(axis=1, keepdims=True) / levels for block in blocks]
+    return np.concatenate(
+        [np.broadcast_to(step, block.shape) for step, block in zip(steps, blocks, strict=True)],
+        axis=1,
+    )
 
 
 def dynamic_step(x: np.ndarray) -> float:
@@ -293,9 +297,14 @@ def test_gptq_gives_a_4_bit_tied_projection_its_own_copy_and_keeps_the_table_nea
     assert errors["gptq"] < 0.9 * errors["nearest"], errors
 
 
-def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized():
+@pytest.mark.parametrize("width", [H, H + BLOCK // 2], ids=["whole-blocks", "partial-block"])
+def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized(width):
     """A table no projection shares is stored in 4-bit blocks by its Gather (it once went to
-    the per-row gather, which onnxruntime refuses for uint4), within half a step a row."""
+    the per-row gather, which onnxruntime refuses for uint4), within half a step a row, a row
+    that ends in a partial block too (SmolLM2's 576 in blocks of 128)."""
+    rng = np.random.default_rng(9)
+    table = (rng.standard_normal((V, width)) * 0.5).astype(np.float32)
+    up = (rng.standard_normal((width, F)) / np.sqrt(width)).astype(np.float32)
     nodes = [
         helper.make_node("Gather", ["E", "ids"], ["x"]),
         helper.make_node("MatMul", ["x", "W_up"], ["y"]),
@@ -305,7 +314,7 @@ def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized():
         "embedding",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", S])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", S, F])],
-        [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W_UP, "W_up")],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(up, "W_up")],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     options = qgraph.CompileOptions(
@@ -318,7 +327,7 @@ def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized():
     assert "GatherBlockQuantized" in {node.op_type for node in model.graph}
     ids = batches(1)[0]["ids"]
     rows = verify.run(with_outputs(model, ("x",)), {"ids": ids}, optimize=True)["x"]
-    assert np.all(np.abs(rows - E[ids]) <= block_steps(7)[ids] / 2 * ROUNDING)
+    assert np.all(np.abs(rows - table[ids]) <= block_steps(7, table)[ids] / 2 * ROUNDING)
 
 
 def test_gptq_with_8_bit_weights_keeps_one_4_bit_table():
