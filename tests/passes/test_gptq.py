@@ -85,7 +85,11 @@ def dequantized(quantized, spec: QuantSpec) -> np.ndarray:
     return dequantize(quantized.values, scale, zero_point)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=QuantSpec.describe)
+UINT4_PARTIAL_BLOCKS = dataclasses.replace(UINT4_BLOCKS, block_size=5)
+"""Blocks of 5 over 12 inputs: the last one holds 2."""
+
+
+@pytest.mark.parametrize("spec", [*SPECS, UINT4_PARTIAL_BLOCKS], ids=QuantSpec.describe)
 def test_gptq_matches_the_step_by_step_least_squares_reference(spec):
     x = correlated_inputs(256, 12)
     weight = np.random.default_rng(1).standard_normal((12, 5)).astype(np.float32)
