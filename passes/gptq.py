@@ -17,13 +17,19 @@ the inverse Hessian restricted to the inputs after ``k``, which is what makes on
 serve every step. With ``H = c I`` there is nothing to absorb (``U`` is diagonal) and GPTQ is
 round-to-nearest.
 
-The grid follows the weight's ``QuantSpec``: per block of ``g`` inputs, a block's scale and zero
-point are set at the moment its first input is reached (after the updates of the blocks before
-it), as in the paper's grouped variant; per channel, from each output's original min/max; per
-tensor, from the whole original weight's. ``H`` gets a damping of ``DAMPING`` times its mean
-diagonal (inputs that were never nonzero get a diagonal of 1 and weights of 0, since they never
-reach the output). Columns are processed ``LAZY_COLUMNS`` at a time, the paper's lazy batch
-update: the same arithmetic, with most of it in matrix products.
+The grid follows the weight's ``QuantSpec`` and is fixed before any input is rounded, from the
+weight as given: per block of ``g`` inputs, from the block's searched range (below); per
+channel, from each output's min/max; per tensor, from the whole weight's. ``H`` gets a damping
+of ``DAMPING`` times its mean diagonal (inputs that were never nonzero get a diagonal of 1 and
+weights of 0, since they never reach the output). Columns are processed ``LAZY_COLUMNS`` at a
+time, the paper's lazy batch update: the same arithmetic, with most of it in matrix products.
+
+Order. Per-block weights are rounded in order of decreasing ``H_kk`` (the paper's "act-order"):
+the inputs that carry the most signal are rounded first, while the most weights are left to
+absorb their error. A block's inputs are then no longer rounded together, which is why its grid
+is fixed up front ("static groups") rather than when its first input is reached. On SmolLM2's
+decoder with blocks of 128 it took the perplexity ratio over FP32 from 1.186 to 1.119 (int4)
+and from 1.118 to 1.099 (uint4). Per-channel and per-tensor weights keep the natural order.
 
 A block's range is searched. Its 16 levels (4 bits) spent on its min/max round every input
 coarsely to keep one or two extremes exact; the range ``[r lo, r hi]`` clips those and rounds
@@ -53,7 +59,7 @@ DAMPING = 0.01
 """Added to H's diagonal, as a fraction of its mean diagonal: keeps the Cholesky factorization
 of a near-singular H (few samples, correlated inputs) stable; the paper's value."""
 LAZY_COLUMNS = 128
-"""Inputs rounded between two updates of the rest of the weight (a multiple of the block)."""
+"""Inputs rounded between two updates of the rest of the weight."""
 CLIP_RATIOS = np.linspace(1.0, 0.7, 16)
 """The shrinks of a block's min/max range that ``searched_range`` tries, 1 (min/max) first."""
 
@@ -98,45 +104,59 @@ def _round_columns(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ over the columns of ``rows`` [N, K]: the integers [N, K], and the scales and zero
     points [N, groups] (one group of ``K`` for per-channel and per-tensor specs)."""
-    count, inputs = rows.shape
-    group = spec.block_size or inputs
-    factor = _inverse_cholesky(gram, rows)
-    lazy = group if group >= LAZY_COLUMNS else group * (LAZY_COLUMNS // group)
+    inputs = rows.shape[1]
+    order = rounding_order(gram, spec)
+    permuted = rows[:, order]
+    factor = _inverse_cholesky(gram[np.ix_(order, order)], permuted)
+    given = np.empty_like(permuted)
+    given[:, order] = permuted
+    scales, zero_points = _grids(given, np.diag(gram), spec)
+    group_of = order // (spec.block_size or inputs)
     values = np.zeros(rows.shape, np.int64)
-    scales = np.zeros((count, -(-inputs // group)), np.float32)
-    zero_points = np.zeros(scales.shape, np.int64)
-    whole = scale_and_zero_point(rows.min(), rows.max(), spec) if spec.axis is None else None
-    importance = np.diag(gram)
-    for start in range(0, inputs, lazy):
-        stop = min(start + lazy, inputs)
-        block = rows[:, start:stop].copy()
+    for start in range(0, inputs, LAZY_COLUMNS):
+        stop = min(start + LAZY_COLUMNS, inputs)
+        block = permuted[:, start:stop].copy()
         errors = np.zeros(block.shape)
         for i in range(stop - start):
             column = start + i
-            if column % group == 0:
-                window = block[:, i : i + group]
-                found = whole if whole else _group_range(window, importance[column:], spec)
-                scale = np.broadcast_to(found[0], (count,))
-                zero_point = np.broadcast_to(found[1], (count,))
-                scales[:, column // group], zero_points[:, column // group] = scale, zero_point
+            scale = scales[:, group_of[column]].astype(np.float64)
+            zero_point = zero_points[:, group_of[column]]
             q = quantize(block[:, i], scale, zero_point, spec)
             rounded = (q.astype(np.float64) - zero_point) * scale
-            values[:, column] = q
+            values[:, order[column]] = q
             errors[:, i] = (block[:, i] - rounded) / factor[column, column]
             block[:, i + 1 :] -= np.outer(errors[:, i], factor[column, column + 1 : stop])
-        rows[:, stop:] -= errors @ factor[start:stop, stop:]
+        permuted[:, stop:] -= errors @ factor[start:stop, stop:]
     dtype = INTEGER_DTYPES[spec.dtype]
     return values.astype(dtype), scales, zero_points.astype(dtype)
 
 
-def _group_range(
-    window: np.ndarray, importance: np.ndarray, spec: QuantSpec
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of each row of ``window`` [N, group]: a block's searched range
-    (``importance`` is ``diag(H)`` from the block's first input on), a channel's min/max."""
+def rounding_order(gram: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """The order GPTQ rounds the inputs in: decreasing ``H_kk`` for per-block weights (ties in
+    input order), the natural order otherwise."""
     if spec.block_size is None:
-        return scale_and_zero_point(window.min(1), window.max(1), spec)
-    return searched_range(window, importance[: window.shape[1]], spec)
+        return np.arange(gram.shape[0])
+    return np.argsort(-np.diag(gram), kind="stable")
+
+
+def _grids(
+    rows: np.ndarray, importance: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's scale and zero point [N, groups] from the weight as given ``rows`` [N, K]:
+    the whole weight's min/max, each channel's, or each block's searched range."""
+    count, inputs = rows.shape
+    if spec.axis is None:
+        scale, zero_point = scale_and_zero_point(rows.min(), rows.max(), spec)
+        return np.full((count, 1), scale), np.full((count, 1), zero_point)
+    if spec.block_size is None:
+        scale, zero_point = scale_and_zero_point(rows.min(1), rows.max(1), spec)
+        return scale[:, None], zero_point[:, None]
+    starts = range(0, inputs, spec.block_size)
+    found = [
+        searched_range(rows[:, s : s + spec.block_size], importance[s : s + spec.block_size], spec)
+        for s in starts
+    ]
+    return np.stack([f[0] for f in found], 1), np.stack([f[1] for f in found], 1)
 
 
 def searched_range(

@@ -41,40 +41,44 @@ def correlated_inputs(rows: int, inputs: int, seed: int = 0) -> np.ndarray:
 
 
 def reference_gptq(weight: np.ndarray, gram: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """GPTQ's integers for ``weight`` [K, N], step by step from its definition: round input k,
-    then set the inputs after it to the minimizer of (w - w')^T H (w - w') given those rounded,
-    ``w_after = w0_after + H_aa^-1 H_ab (w0 - w')_before`` (one solve per step, O(K^4))."""
+    """GPTQ's integers for ``weight`` [K, N], step by step from its definition: round the inputs
+    one at a time (per-block weights in order of decreasing ``H_kk``, on grids fixed from the
+    weight as given), each time setting the inputs not yet rounded to the minimizer of
+    (w - w')^T H (w - w') given those rounded, ``w_after = w0_after + H_aa^-1 H_ab (w0 -
+    w')_before`` in the rounding order (one solve per step, O(K^4))."""
     inputs = weight.shape[0]
-    hessian = gram + DAMPING * np.mean(np.diag(gram)) * np.eye(inputs)
+    order = np.argsort(-np.diag(gram), kind="stable") if spec.block_size else np.arange(inputs)
+    damped = gram + DAMPING * np.mean(np.diag(gram)) * np.eye(inputs)
+    hessian = damped[np.ix_(order, order)]
     original = weight.astype(np.float64)
-    current = original.copy()
+    grids = [reference_grid(original, k, spec, np.diag(gram)) for k in range(inputs)]
+    given = original[order]
+    current = given.copy()
     rounded = np.zeros_like(current)
     values = np.zeros(weight.shape, np.int64)
-    group = spec.block_size or inputs
-    for k in range(inputs):
-        if k % group == 0:
-            importance = np.diag(gram)[k : k + group]
-            scale, zero_point = reference_range(current[k : k + group], original, spec, importance)
-        values[k] = quantize(current[k], scale, zero_point, spec)
-        rounded[k] = dequantize(values[k], scale, zero_point)
-        after = slice(k + 1, inputs)
-        done = original[: k + 1] - rounded[: k + 1]
-        current[after] = original[after] + np.linalg.solve(
-            hessian[after, after], hessian[after, : k + 1] @ done
+    for step, k in enumerate(order):
+        values[k] = quantize(current[step], *grids[k], spec)
+        rounded[step] = dequantize(values[k], *grids[k])
+        after = slice(step + 1, inputs)
+        done = given[: step + 1] - rounded[: step + 1]
+        current[after] = given[after] + np.linalg.solve(
+            hessian[after, after], hessian[after, : step + 1] @ done
         )
     return values
 
 
-def reference_range(
-    window: np.ndarray, original: np.ndarray, spec: QuantSpec, importance: np.ndarray
+def reference_grid(
+    original: np.ndarray, k: int, spec: QuantSpec, importance: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A group's scale and zero point: a block's searched range, its inputs (``window``'s rows)
-    weighted by ``importance``; a channel's min/max; the whole original weight's min/max."""
+    """Input ``k``'s scale and zero point, from the weight as given [K, N]: its block's searched
+    range (the block's inputs weighted by ``importance``), the channels' min/max, or the whole
+    weight's."""
     if spec.axis is None:
         return scale_and_zero_point(original.min(), original.max(), spec)
     if spec.block_size is None:
-        return scale_and_zero_point(window.min(axis=0), window.max(axis=0), spec)
-    return searched_range(window.T, importance, spec)
+        return scale_and_zero_point(original.min(axis=0), original.max(axis=0), spec)
+    block = slice(k - k % spec.block_size, k - k % spec.block_size + spec.block_size)
+    return searched_range(original[block].T, importance[block], spec)
 
 
 def dequantized(quantized, spec: QuantSpec) -> np.ndarray:
@@ -206,6 +210,23 @@ def test_with_uncorrelated_inputs_the_range_search_cuts_the_output_error(monkeyp
     searched = output_error()
     monkeypatch.setattr(gptq, "CLIP_RATIOS", CLIP_RATIOS[:1])
     assert searched < 0.95 * output_error()
+
+
+def test_rounding_blocks_in_decreasing_importance_cuts_the_output_error(monkeypatch):
+    """Inputs of unequal scale: GPTQ rounding the most important first leaves the output error
+    at most 0.85 of rounding them in input order (measured: 0.72)."""
+    x = correlated_inputs(1024, 64) * np.random.default_rng(4).uniform(0.2, 5.0, 64)
+    weight = np.random.default_rng(5).standard_normal((64, 32)).astype(np.float32)
+    gram = x.T.astype(np.float64) @ x
+    spec = dataclasses.replace(INT4_BLOCKS, block_size=16)
+
+    def output_error() -> float:
+        quantized = gptq_quantize(weight, gram, spec, reduction_axis=0)
+        return float(np.sum((x @ weight - x @ dequantized(quantized, spec)) ** 2))
+
+    by_importance = output_error()
+    monkeypatch.setattr(gptq, "rounding_order", lambda gram, spec: np.arange(gram.shape[0]))
+    assert by_importance < 0.85 * output_error()
 
 
 def test_an_input_that_is_always_zero_gets_weight_zero():
