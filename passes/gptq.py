@@ -35,11 +35,12 @@ A block's range is searched. Its 16 levels (4 bits) spent on its min/max round e
 coarsely to keep one or two extremes exact; the range ``[r lo, r hi]`` clips those and rounds
 the rest on a finer step. Each block takes the ``r`` in ``CLIP_RATIOS`` whose rounding error
 ``sum_k H_kk (w_k - w'_k)^2`` is least: ``H_kk (w_k - w'_k)^2`` is the output error of rounding
-input ``k`` alone, before the updates absorb part of it. On SmolLM2's decoder it took the
-perplexity ratio over FP32 from 1.179 to 1.124 (int4, blocks of 32) and from 1.208 to 1.125
-(uint4, blocks of 64). Only GPTQ searches: without ``H``, the same search weighting every input
-alike made round-to-nearest worse (int4 MatMuls, blocks of 32: 1.357 -> 1.392; a uint4
-embedding table: 1.118 -> 1.141), since it clips whichever values are rare, important or not.
+input ``k`` alone, before the updates absorb part of it. On SmolLM2's decoder, in input order
+with each block's grid set when it was reached, it took the perplexity ratio over FP32 from
+1.179 to 1.124 (int4, blocks of 32) and from 1.208 to 1.125 (uint4, blocks of 64). Only GPTQ
+searches: without ``H``, the same search weighting every input alike made round-to-nearest
+worse (int4 MatMuls, blocks of 32: 1.357 -> 1.392; a uint4 embedding table: 1.118 -> 1.141),
+since it clips whichever values are rare, important or not.
 """
 
 from __future__ import annotations
