@@ -143,8 +143,8 @@ Examples:
     "--block-size",
     type=int,
     help="Block length of 4-bit weights: longer blocks carry fewer scales and run faster (with "
-    "--weight-rounding gptq, SmolLM2 in uint4 blocks of 128 decoded 30% faster than in int4 "
-    "blocks of 32, as accurate) [default: 32].",
+    "--weight-rounding gptq, SmolLM2 in uint4 blocks of 128 decoded 28% faster than in int4 "
+    "blocks of 32, perplexity ratio 1.10 against 1.07) [default: 32].",
 )
 @click.option(
     "--embedding-bits",
@@ -159,9 +159,9 @@ Examples:
     type=click.Choice([w.value for w in WeightRounding]),
     help="nearest: round each weight on its own; gptq: round MatMul and Gemm weights one input "
     "at a time, each rounding error absorbed by the weights not yet rounded, so the layer's "
-    "output on the calibration data stays close (GPTQ, each 4-bit block's range clipped "
-    "where that cuts its rounding error; best with 4-bit weights; needs calibration data in "
-    "every mode) [default: nearest].",
+    "output on the calibration data stays close (GPTQ; 4-bit weights are rounded most "
+    "important input first, each block's range clipped where that cuts its rounding error; "
+    "best with 4-bit weights; needs calibration data in every mode) [default: nearest].",
 )
 @click.option(
     "--exclude-node",
