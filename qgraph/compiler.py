@@ -51,6 +51,7 @@ from qgraph.planning import (
     reference_outputs,
     sixteen_bit_costs,
     speed_gains,
+    storable,
     table_costs,
 )
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
@@ -275,7 +276,7 @@ def _planned_run(
         records = prepared.records
     report = dataclasses.replace(report, smoothing=smoothing_trial.verdict)
     kept = report.kept_reasons()
-    chosen = rounds.done[(frozenset(kept), frozenset())]
+    chosen = rounds.qdq_result(kept)
     wasted = smoothed_for_float_readers(records, chosen.model)
     if wasted:
         tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
@@ -289,12 +290,13 @@ def _planned_run(
         records = prepared.records
         rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
     report, wide = _sixteen_bit_trial(context, rounds, report, quantization.budget)
+    report, stored = _storage_trial(context, rounds, report, quantization.budget, wide)
     kept = report.kept_reasons()
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
     if wasted or other_format or asked_cache is not KvCache.FLOAT:
-        chosen = rounds.compile(kept, options.format, asked_cache, wide)
+        chosen = rounds.compile(kept, options.format, asked_cache, wide, stored)
     else:
-        chosen = rounds.done[(frozenset(kept), frozenset(wide))]
+        chosen = rounds.qdq_result(kept, wide, stored)
     return PipelineResult(chosen.model, records + chosen.records), report
 
 
@@ -327,7 +329,7 @@ class _Rounds:
         self, spec: TargetSpec, options: CompileOptions, original: onnx.ModelProto, on_pass
     ) -> None:
         self.spec, self.options, self.original, self.on_pass = spec, options, original, on_pass
-        self.done: dict[tuple[frozenset[str], frozenset[str]], PipelineResult] = {}
+        self.done: dict[tuple[frozenset[str], ...], PipelineResult] = {}
 
     def compile(
         self,
@@ -335,24 +337,33 @@ class _Rounds:
         format: QuantFormat | None,
         cache: KvCache = KvCache.FLOAT,
         wide: tuple[str, ...] = (),
+        stored: tuple[str, ...] = (),
     ) -> PipelineResult:
-        """The model with ``kept`` in float and the activations ``wide`` in 16 bits."""
+        """The model with ``kept`` in float, the activations ``wide`` in 16 bits and the
+        weights of the float ops ``stored`` in 8 bits."""
         quantization = dataclasses.replace(
             self.options.quantization,
             keep_float=tuple(kept.items()),
             kv_cache=cache,
             sixteen_bit=wide,
+            stored_weights=stored,
         )
         options = dataclasses.replace(self.options, quantization=quantization, format=format)
         pipeline = build_pipeline(self.spec, options)
         return pipeline.run(ir.from_proto(self.original), listener=self.on_pass)
 
+    def qdq_result(
+        self, kept: dict[str, str], wide: tuple[str, ...] = (), stored: tuple[str, ...] = ()
+    ) -> PipelineResult:
+        """The Q/DQ compile of ``compile``'s arguments, run once."""
+        key = (frozenset(kept), frozenset(wide), frozenset(stored))
+        if key not in self.done:
+            self.done[key] = self.compile(kept, QuantFormat.QDQ, wide=wide, stored=stored)
+        return self.done[key]
+
     def qdq(self, kept: dict[str, str], wide: tuple[str, ...] = ()) -> ir.Model:
         """The Q/DQ model with ``kept`` in float and ``wide`` in 16 bits, compiled once."""
-        key = (frozenset(kept), frozenset(wide))
-        if key not in self.done:
-            self.done[key] = self.compile(kept, QuantFormat.QDQ, wide=wide)
-        return self.done[key].model
+        return self.qdq_result(kept, wide).model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +508,40 @@ def _sixteen_bit_trial(
         rounds=report.rounds + 1,
     )
     return report, wide
+
+
+def _storage_trial(
+    context: _PlanContext,
+    rounds: _Rounds,
+    report: PlanReport,
+    budget: Budget,
+    wide: tuple[str, ...],
+) -> tuple[PlanReport, tuple[str, ...]]:
+    """Store in 8 bits the weights of the ops the plan keeps in float (``planning.storable``),
+    where the budget still holds: first all of them, else those kept for speed only. They
+    still compute in float, as fast as before (``passes/stored_weights.py``). Returns the
+    report and the ops whose weights are stored."""
+    candidates = storable(report.kept_float)
+    tiers = (candidates, [op for op in candidates if op.slower])
+    kept, tried = report.kept_reasons(), []
+    for ops in dict.fromkeys(tuple(op.node for op in tier) for tier in tiers if tier):
+        context.tell(f"plan: trying 8-bit stored weights for {len(ops)} ops kept in float")
+        result = rounds.qdq_result(kept, wide, ops)
+        figure = budget_score(budget, context.expected, result.model, context.sample.batches)
+        if budget.met(figure):
+            verdict = (
+                f"the weights of {len(ops)} ops kept in float stored in 8 bits (float compute, "
+                f"expanded at load) give {budget.show(figure)}"
+            )
+            report = dataclasses.replace(
+                report, final=figure, rounds=report.rounds + 1, storage=verdict
+            )
+            return report, ops
+        tried.append(f"{len(ops)} gave {budget.show(figure)}")
+    if not tried:
+        return report, ()
+    verdict = f"8-bit stored weights for the ops kept in float ({', '.join(tried)}): not stored"
+    return dataclasses.replace(report, storage=verdict, rounds=report.rounds + len(tried)), ()
 
 
 def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:

@@ -34,6 +34,10 @@ op's own cost is measured as an output SQNR whatever the budget:
 5. The ops kept in float for accuracy then get 16-bit activations where the target runs them
    as two 8-bit digits (``passes/lowering/digits.py``) no slower than float here
    (``sixteen_bit_costs``), if the budget still holds (``compiler._sixteen_bit_trial``).
+6. The ops still in float keep computing in float, but their weights are stored in 8 bits
+   and expanded once, at load (``passes/stored_weights.py``: ``storable``), if the budget
+   still holds: first all of them, else only those kept for speed, whose activations never
+   cost the budget anything (``compiler._storage_trial``).
 
 Embedding tables are not candidates: 8 bits save their size and cost the dequantization of
 the rows a run gathers. One stays float where that costs a larger share of the model's time
@@ -60,6 +64,7 @@ from qgraph.errors import QGraphError
 from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group
 from qgraph.passes.annotate import embedding_table
+from qgraph.passes.stored_weights import STORED_OPS
 from qgraph.targets import TargetSpec
 from qgraph.timing import TIMED_OPS, OpShape, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
@@ -153,6 +158,8 @@ class PlanReport:
     """Ops out of 8 bits whose activations went to 16 (two 8-bit digits), with their gain."""
     sixteen_bit: str = ""
     """Why the ops kept in float did not go to 16-bit activations, where that was tried."""
+    storage: str = ""
+    """What the plan found storing the weights of the ops kept in float in 8 bits, if tried."""
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
@@ -161,7 +168,13 @@ class PlanReport:
     def summary(self) -> str:
         return "; ".join(
             part
-            for part in (self._budget_summary(), self.sixteen_bit, self.smoothing, self.rotation)
+            for part in (
+                self._budget_summary(),
+                self.sixteen_bit,
+                self.storage,
+                self.smoothing,
+                self.rotation,
+            )
             if part
         )
 
@@ -488,6 +501,16 @@ def sixteen_bit_costs(
         if not cost.slower:
             found.append(cost)
     return found
+
+
+def storable(kept: tuple[OpCost, ...]) -> list[OpCost]:
+    """Of the ops ``kept`` in float, those whose constant weight could be stored in 8 bits and
+    expanded at load (``passes/stored_weights.py``): as fast as float, 4x smaller."""
+    return [
+        op
+        for op in kept
+        if op.op_type in STORED_OPS and op.shape is not None and op.shape.weight is not None
+    ]
 
 
 class BudgetError(QGraphError):

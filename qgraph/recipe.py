@@ -177,6 +177,9 @@ class QuantOptions:
             target without 16-bit kernels, ``ActivationScheme.int16_digits``); unlike a
             ``tensor`` override they leave the opset alone (onnxruntime's ``com.microsoft``
             Q/DQ carry 16 bits below opset 21).
+        stored_weights: Ops the plan keeps in float whose weights are stored in 8 bits,
+            expanded to float once when onnxruntime loads the model
+            (``passes/stored_weights.py``).
         smoothquant: SmoothQuant before quantizing (static and dynamic modes): the migration
             strength alpha in [0, 1], ``"auto"`` to search it per tensor, None for none. Left
             unsaid, ``"auto"`` under the accuracy plan (static, a budget, calibration data),
@@ -207,6 +210,7 @@ class QuantOptions:
     measure: bool = True
     keep_float: tuple[tuple[str, str], ...] = ()
     sixteen_bit: tuple[str, ...] = ()
+    stored_weights: tuple[str, ...] = ()
     smoothquant: float | str | None = PLANNED_SMOOTHING
     rotate: bool | str = PLANNED_ROTATION
     rotate_seed: int = 0

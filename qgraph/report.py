@@ -25,22 +25,11 @@ from qgraph.sections import (
     QuantizationOutcome,
     Summarized,
     float_reasons_table,
+    format_bytes,
     printable,
 )
 from qgraph.sections import table as _table
 from qgraph.targets import TargetSpec, Violation
-
-BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
-
-
-def format_bytes(count: int) -> str:
-    """``1536 -> '1.5 KB'`` (powers of 1024)."""
-    value = float(count)
-    for unit in BYTE_UNITS:
-        if abs(value) < 1024 or unit == BYTE_UNITS[-1]:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_count(count: int) -> str:

@@ -33,6 +33,19 @@ _UNPRINTABLE = {
 """C0 and C1 control characters (escape sequences, newlines) and bidirectional overrides."""
 
 
+BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
+
+
+def format_bytes(count: int) -> str:
+    """``1536 -> '1.5 KB'`` (powers of 1024)."""
+    value = float(count)
+    for unit in BYTE_UNITS:
+        if abs(value) < 1024 or unit == BYTE_UNITS[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters written out (``\\x1b``): a name read from a
     model can then neither drive the terminal nor forge a line of qgraph's output."""

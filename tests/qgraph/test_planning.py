@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -128,6 +129,34 @@ def test_the_16_bit_rung_is_not_taken_where_it_misses_the_budget():
     assert sorted(op.node for op in result.plan.kept_float) == ["loud", "quiet"]
     assert result.plan.wide == ()
     assert "16-bit activations for" in result.plan.sixteen_bit
+
+
+def test_the_ops_kept_in_float_store_their_weights_in_8_bits_where_the_budget_holds():
+    """The loud MatMul stays float for its activation; its weight alone in 8 bits costs the
+    outputs little, so it is stored in 8 bits and expanded once, at load: float compute, a
+    4x smaller weight (``passes/stored_weights.py``)."""
+    everything = measured_sqnr(compiled("none").model)
+    result = compiled(everything + 8)
+    report = result.plan
+    assert [op.node for op in report.kept_float] == ["loud"]
+    assert "the weights of 1 ops kept in float stored in 8 bits" in report.summary()
+    assert report.budget.met(report.final)
+    assert measured_sqnr(result.model) == pytest.approx(report.final, abs=0.01)
+    loud = next(node for node in result.model.graph if node.name == "loud")
+    expansion = loud.inputs[1].producer()
+    assert expansion.op_type == "Mul"
+    assert expansion.inputs[0].producer().inputs[0].dtype == ir.DataType.INT8
+    stored = next(r.details for r in result.records if r.name == "store-float-weights")
+    assert stored.stored == ("loud",)
+
+
+def test_weights_stay_float_where_8_bits_miss_the_budget():
+    result = compiled(100)
+    assert sorted(op.node for op in result.plan.kept_float) == ["loud", "quiet"]
+    assert "8-bit stored weights for the ops kept in float (2 gave" in result.plan.storage
+    assert "not stored" in result.plan.storage
+    assert "Cast" not in [node.op_type for node in result.model.graph]
+    assert measured_sqnr(result.model) == float("inf")
 
 
 def test_a_budget_the_quantized_model_meets_changes_nothing():

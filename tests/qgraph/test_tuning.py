@@ -379,9 +379,23 @@ def test_a_folder_of_models_is_one_study_each_with_the_data_beside_each(zoo, tmp
         _dataset(models / f"{name}.evaluation", 2, seed=2, metric="top1")
     study = tmp_path / "study.db"
     result = CliRunner().invoke(
-        cli, ["tune", str(models), "--max-drop", "0.05", "--trials", "1", "--runs", "2",
-              "-t", TARGET, "--study", str(study), "--json"],
-    )  # fmt: skip
+        cli,
+        [
+            "tune",
+            str(models),
+            "--max-drop",
+            "0.1",
+            "--trials",
+            "1",
+            "--runs",
+            "2",
+            "-t",
+            TARGET,
+            "--study",
+            str(study),
+            "--json",
+        ],
+    )  # fmt: skip  (0.1: one of the 16 held-out samples may flip, 0.0625, and fail 0.05)
     assert result.exit_code == 0, result.output
     assert [Path(r["model"]).name for r in json.loads(result.stdout)] == ["a.onnx", "b.onnx"]
     names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{study}")]
