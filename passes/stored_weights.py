@@ -14,6 +14,12 @@ does not. A ``DequantizeLinear`` would not do: onnxruntime does not fold one (it
 for its fusions), so the op would dequantize its weight on every run (a Conv of magika's
 shape ran 47% slower so, one thread).
 
+A weight read through a ``Transpose`` is stored as the constant the ``Transpose`` reads, per
+slice of the axis that becomes the op's output channels. A ``Gather`` may read the same
+constant as its table (an output projection tied to the embedding, ``E^T``): stored per row of
+``E``, which is per output channel of the projection, its rows are rounded alike. Any other
+reader keeps the weight float.
+
 Each weight moves by at most half a step, ``|W - W'| <= s_c / 2``, so an output of a MatMul,
 Gemm or Conv moves by at most ``(s_c / 2) sum_k |x_k|`` over the inputs ``x_k`` it sums.
 
@@ -60,6 +66,8 @@ class StoredWeightsReport:
     """Node name -> why its weight stays float."""
     checked: bool = False
     """onnxruntime was asked whether it folds every expansion at load."""
+    tables: tuple[str, ...] = ()
+    """Gathers reading a stored weight as their table (tied to a projection)."""
 
     def summary(self) -> str:
         if not self.stored:
@@ -69,8 +77,10 @@ class StoredWeightsReport:
             if self.checked
             else "expanded by constant folding at load (not checked on this host)"
         )
+        tables = f", and the embedding tables of {len(self.tables)} Gather" if self.tables else ""
+        tables += "s" if len(self.tables) > 1 else ""
         return (
-            f"the weights of {len(self.stored)} float ops stored in 8 bits "
+            f"the weights of {len(self.stored)} float ops stored in 8 bits{tables} "
             f"({format_bytes(self.float_bytes)} -> {format_bytes(self.stored_bytes)}): "
             f"{folded}{self._declined()}"
         )
@@ -82,14 +92,26 @@ class StoredWeightsReport:
         return f"; {len(self.declined)} declined (e.g. '{name}': {why})"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """The float constant behind an op's weight (the weight itself, or what a ``Transpose``
+    reads) and the constant's axis that holds the op's output channels."""
+
+    value: ir.Value
+    axis: int
+
+
 @dataclasses.dataclass
 class _Stored:
-    """One weight stored in 8 bits: its float tensor, its expansion, the ops reading it."""
+    """One constant stored in 8 bits: its float tensor, its expansion, what reads it."""
 
     original: ir.Value
     expanded: ir.Value
     quantized: ir.Value
-    readers: list[ir.Node]
+    readers: list[str]
+    """The named ops whose weight it is."""
+    tables: list[str]
+    """Gathers reading it as their table (a projection's weight tied to an embedding)."""
 
 
 class StoredWeightsPass(ir.passes.InPlacePass):
@@ -101,32 +123,30 @@ class StoredWeightsPass(ir.passes.InPlacePass):
         self.target = target
 
     def call(self, model: ir.Model) -> ReportingPassResult:
-        graph = model.graph
-        by_name = {node.name: node for node in graph}
+        by_name = {node.name: node for node in model.graph}
+        asked = set(self.nodes)
         declined: dict[str, str] = {}
-        weights: dict[str, _Stored] = {}
+        sources: dict[str, tuple[_Source, list[str]]] = {}
         for name in self.nodes:
-            node = by_name.get(name)
-            problem = _problem(node, set(self.nodes)) if node is not None else "not in the graph"
-            if problem is not None:
-                declined[name] = problem
-                continue
-            index = WEIGHT_LAYOUTS[node.op_type].weight
-            value = node.inputs[index]
-            if value.name not in weights:
-                weights[value.name] = _store(graph, node, value)
-            weights[value.name].readers.append(node)
-            node.replace_input_with(index, weights[value.name].expanded)
+            found = _source(by_name[name], asked) if name in by_name else "not in the graph"
+            if isinstance(found, str):
+                declined[name] = found
+            elif sources.setdefault(found.value.name, (found, []))[0].axis != found.axis:
+                declined[name] = "another op reads its weight with other output channels"
+            else:
+                sources[found.value.name][1].append(name)
+        weights = [_store(model.graph, source, readers) for source, readers in sources.values()]
         checked = self._can_ask_runtime() and bool(weights)
         if checked:
             declined.update(_unfolded(model, weights))
-        stored = [w for w in weights.values() if w.readers]
+        stored = [w for w in weights if w.readers]
         report = StoredWeightsReport(
-            tuple(node.name for w in stored for node in w.readers),
+            tuple(name for w in stored for name in w.readers),
             sum(4 * w.original.const_value.size for w in stored),
             sum(_stored_bytes(w) for w in stored),
             declined,
             checked,
+            tuple(name for w in stored for name in w.tables),
         )
         return ReportingPassResult(model, bool(stored), report)
 
@@ -136,28 +156,59 @@ class StoredWeightsPass(ir.passes.InPlacePass):
         )
 
 
-def _problem(node: ir.Node, asked: set[str]) -> str | None:
-    """Why ``node``'s weight cannot be stored in 8 bits, or None."""
+def _source(node: ir.Node, asked: set[str]) -> _Source | str:
+    """The constant behind ``node``'s weight, or why it cannot be stored in 8 bits."""
     if node.op_type not in STORED_OPS or node.domain != "":
         return f"{node.op_type} has no output-channel axis qgraph stores by"
     value = node.inputs[WEIGHT_LAYOUTS[node.op_type].weight]
+    axis = WEIGHT_LAYOUTS[node.op_type].channel_axis(node)
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Transpose" and producer.domain == "":
+        if not _read_only_by(producer.outputs[0], asked):
+            return "its transposed weight is read by another op too"
+        rank = len(producer.inputs[0].shape or ())
+        axis = producer.attributes.get_ints("perm", list(range(rank))[::-1])[axis]
+        value = producer.inputs[0]
     if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
         return "its weight is not a float32 constant"
     if node.op_type != "Conv" and len(value.const_value.shape) != 2:
         return "its weight is not a matrix"
-    others = [use.node.name for use in value.uses() if use.node.name not in asked]
-    if others:
-        return f"'{others[0]}' reads the same weight in float"
-    return None
+    for use in value.uses():
+        if not _may_read(use.node, use.idx, axis, asked):
+            return f"'{use.node.name}' reads the same weight in float"
+    return _Source(value, axis)
 
 
-def _store(graph: ir.Graph, node: ir.Node, value: ir.Value) -> _Stored:
-    """``value`` as ``Mul(Cast(W_q), s)``, per output channel of ``node``, inserted before it."""
-    array = value.const_value.numpy()
-    axis = WEIGHT_LAYOUTS[node.op_type].channel_axis(node)
-    quantized = quantize_weight(array, dataclasses.replace(STORAGE, axis=axis))
+def _read_only_by(value: ir.Value, asked: set[str]) -> bool:
+    return all(use.node.name in asked for use in value.uses())
+
+
+def _may_read(reader: ir.Node, index: int, axis: int, asked: set[str]) -> bool:
+    """``reader`` may read the constant stored per slice of ``axis``: a named op, a
+    ``Transpose`` only named ops read, or a ``Gather`` of rows stored per row."""
+    if reader.name in asked:
+        return True
+    if reader.op_type == "Transpose" and reader.domain == "":
+        return _read_only_by(reader.outputs[0], asked)
+    return _is_table_read(reader, index) and axis == 0
+
+
+def _is_table_read(reader: ir.Node, index: int) -> bool:
+    return (
+        reader.op_type == "Gather"
+        and reader.domain == ""
+        and index == 0
+        and reader.attributes.get_int("axis", 0) == 0
+    )
+
+
+def _store(graph: ir.Graph, source: _Source, readers: list[str]) -> _Stored:
+    """``source``'s constant as ``Mul(Cast(W_q), s)``, per slice of its axis, read instead
+    of it everywhere; the two nodes go first in the graph (they read constants only)."""
+    value, array = source.value, source.value.const_value.numpy()
+    quantized = quantize_weight(array, dataclasses.replace(STORAGE, axis=source.axis))
     shape = [1] * array.ndim
-    shape[axis] = -1
+    shape[source.axis] = -1
     values = _initializer(graph, f"{value.name}_stored", quantized.values, ir.DataType.INT8)
     scale = _initializer(
         graph, f"{value.name}_stored_scale", quantized.scale.astype(np.float32).reshape(shape)
@@ -172,8 +223,15 @@ def _store(graph: ir.Graph, node: ir.Node, value: ir.Value) -> _Stored:
     for output in (cast.outputs[0], expanded):
         output.dtype = ir.DataType.FLOAT
         output.shape = ir.Shape(array.shape)
-    graph.insert_before(node, [cast, multiply])
-    return _Stored(value, expanded, values, [])
+    tables = [use.node.name for use in value.uses() if _is_table_read(use.node, use.idx)]
+    _read_instead(value, expanded)
+    graph.insert_before(graph.node(0), [cast, multiply])
+    return _Stored(value, expanded, values, readers, tables)
+
+
+def _read_instead(value: ir.Value, replacement: ir.Value) -> None:
+    for use in list(value.uses()):
+        use.node.replace_input_with(use.idx, replacement)
 
 
 def _initializer(
@@ -186,20 +244,20 @@ def _initializer(
     return value
 
 
-def _unfolded(model: ir.Model, weights: dict[str, _Stored]) -> dict[str, str]:
-    """Give back the float weight wherever onnxruntime's graph still casts the 8-bit one (it
+def _unfolded(model: ir.Model, weights: list[_Stored]) -> dict[str, str]:
+    """Give back the float constant wherever onnxruntime's graph still casts the 8-bit one (it
     would expand it on every run); node name -> why, for those."""
     cast = {n.input[0] for n in optimized_graph(model).node if n.op_type == "Cast"}
     declined = {}
-    for stored in weights.values():
+    for stored in weights:
         if stored.quantized.name not in cast:
             continue
-        for reader in stored.readers:
-            index = WEIGHT_LAYOUTS[reader.op_type].weight
-            reader.replace_input_with(index, stored.original)
-            declined[reader.name] = "onnxruntime would expand its 8-bit weight on every run"
-            logger.info("'%s': its 8-bit weight is not folded at load; float kept", reader.name)
+        _read_instead(stored.expanded, stored.original)
+        for name in stored.readers:
+            declined[name] = "onnxruntime would expand its 8-bit weight on every run"
+            logger.info("'%s': its 8-bit weight is not folded at load; float kept", name)
         stored.readers.clear()
+        stored.tables.clear()
     return declined
 
 

@@ -192,3 +192,55 @@ def test_an_expansion_the_runtime_keeps_gets_its_float_weight_back(monkeypatch):
     np.testing.assert_array_equal(
         outputs(rewritten, {"x": x})["y"], outputs(only_gemm, {"x": x})["y"]
     )
+
+
+TABLE = (RNG.standard_normal((20, 6)) * 0.4).astype(np.float32)
+
+
+def tied(gather_axis: int = 0) -> onnx.ModelProto:
+    """h = Gather(E, ids) + x; logits = h E^T: an output projection tied to the embedding."""
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["e"], name="embedding", axis=gather_axis),
+        helper.make_node("Add", ["e", "x"], ["h"], name="add"),
+        helper.make_node("Transpose", ["E"], ["Et"], name="transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Et"], ["logits"], name="projection"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [4]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 20])],
+        [numpy_helper.from_array(TABLE, "E")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_projection_tied_to_an_embedding_stores_the_table_per_row_for_both():
+    feeds = {
+        "ids": np.array([0, 3, 19, 7], np.int64),
+        "x": RNG.standard_normal((4, 6)).astype(np.float32),
+    }
+    rewritten, report = stored(tied(), ("projection",))
+    assert report.stored == ("projection",) and report.tables == ("embedding",)
+    assert [node.op_type for node in rewritten.graph].count("Cast") == 1
+    rounded = tied()
+    q = quantize_weight(TABLE, QuantSpec(ir.DataType.INT8, symmetric=True, axis=0))
+    dequantized = (q.values.astype(np.float32) * q.scale.reshape(-1, 1)).astype(np.float32)
+    rounded.graph.initializer[0].CopyFrom(numpy_helper.from_array(dequantized, "E"))
+    np.testing.assert_allclose(
+        outputs(rewritten, feeds)["logits"], outputs(rounded, feeds)["logits"], rtol=1e-6
+    )
+    assert not np.allclose(
+        outputs(rewritten, feeds)["logits"], outputs(tied(), feeds)["logits"], rtol=1e-6
+    )
+    if report.checked:
+        ops = [node.op_type for node in optimized_graph(rewritten).node]
+        assert "Cast" not in ops and "Transpose" not in ops
+
+
+def test_a_table_gathered_along_another_axis_keeps_the_weight_float():
+    _, report = stored(tied(gather_axis=1), ("projection",))
+    assert report.declined == {"projection": "'embedding' reads the same weight in float"}
