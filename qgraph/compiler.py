@@ -35,6 +35,7 @@ from qgraph.outputs import Inputs, check_output, dataset_inputs
 from qgraph.passes.rotation import RotationReport
 from qgraph.passes.rotation.online import KEEP_FLOAT_REASON as ONLINE_REASON
 from qgraph.passes.smoothquant import SmoothQuantReport
+from qgraph.passes.stored_weights import StoredWeightsReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import (
     BudgetError,
@@ -529,19 +530,25 @@ def _storage_trial(
         result = rounds.qdq_result(kept, wide, ops)
         figure = budget_score(budget, context.expected, result.model, context.sample.batches)
         if budget.met(figure):
+            stored = _stored_weights(result)
             verdict = (
-                f"the weights of {len(ops)} ops kept in float stored in 8 bits (float compute, "
-                f"expanded at load) give {budget.show(figure)}"
+                f"the weights of {len(stored)} ops kept in float stored in 8 bits (float "
+                f"compute, expanded at load) give {budget.show(figure)}"
             )
-            report = dataclasses.replace(
-                report, final=figure, rounds=report.rounds + 1, storage=verdict
-            )
+            rounds_run = report.rounds + len(tried) + 1
+            report = dataclasses.replace(report, final=figure, rounds=rounds_run, storage=verdict)
             return report, ops
         tried.append(f"{len(ops)} gave {budget.show(figure)}")
     if not tried:
         return report, ()
     verdict = f"8-bit stored weights for the ops kept in float ({', '.join(tried)}): not stored"
     return dataclasses.replace(report, storage=verdict, rounds=report.rounds + len(tried)), ()
+
+
+def _stored_weights(result: PipelineResult) -> tuple[str, ...]:
+    """The ops whose weights the compile's store-float-weights pass stored in 8 bits."""
+    reports = [r.details for r in result.records if isinstance(r.details, StoredWeightsReport)]
+    return tuple(name for report in reports for name in report.stored)
 
 
 def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:
