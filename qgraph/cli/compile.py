@@ -201,8 +201,11 @@ Examples:
     "shell: --budget 'cosine>=0.99') or an output SQNR in dB (sqnr>=DB or DB). Every op that "
     "8 bits do not slow down on the target is quantized (at the same speed, for size), then "
     "the ops that cost the most accuracy per unit of work saved stay float until the budget "
-    "holds (a few compiles and one run per op). 'none': no bound, every op 8 bits do not slow "
-    "down is quantized; the ones they do stay float whatever the budget [default: by the "
+    "holds (a few compiles and one run per op); those computing in float then read 8-bit "
+    "stored weights, expanded once at load, where the budget still holds. 'none': no bound "
+    "and no timing, every candidate is quantized, the ones 8 bits slow down too (the runtime "
+    "check still keeps float any op onnxruntime would not run as an integer kernel) "
+    "[default: by the "
     f"metric the data's dataset.json names: {defaults_text()}; else {DEFAULT_SQNR_DB:g} "
     "dB].",
 )
