@@ -534,11 +534,12 @@ def _storage_trial(
             verdict = (
                 f"the weights of {len(stored)} ops kept in float stored in 8 bits (float "
                 f"compute, expanded at load) give {budget.show(figure)}"
+                + "".join(f" ({attempt})" for attempt in tried)
             )
             rounds_run = report.rounds + len(tried) + 1
             report = dataclasses.replace(report, final=figure, rounds=rounds_run, storage=verdict)
             return report, ops
-        tried.append(f"{len(ops)} gave {budget.show(figure)}")
+        tried.append(f"with {len(ops)}: {budget.show(figure)}")
     if not tried:
         return report, ()
     verdict = f"8-bit stored weights for the ops kept in float ({', '.join(tried)}): not stored"

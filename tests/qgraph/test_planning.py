@@ -153,10 +153,54 @@ def test_the_ops_kept_in_float_store_their_weights_in_8_bits_where_the_budget_ho
 def test_weights_stay_float_where_8_bits_miss_the_budget():
     result = compiled(100)
     assert sorted(op.node for op in result.plan.kept_float) == ["loud", "quiet"]
-    assert "8-bit stored weights for the ops kept in float (2 gave" in result.plan.storage
+    assert "8-bit stored weights for the ops kept in float (with 2: " in result.plan.storage
     assert "not stored" in result.plan.storage
     assert "Cast" not in [node.op_type for node in result.model.graph]
     assert measured_sqnr(result.model) == float("inf")
+
+
+S = 8
+"""The width of a MatMul too small for int8 to pay by the cost model: ``N (1 - 1/r) < 16``."""
+
+
+def three_ops() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """``two_branches`` with ``W_loud`` 400x larger in its second row, so that 8 bits per output
+    channel round the rest of each column coarsely, and a third MatMul of width ``S``, kept
+    float for speed; and its batches."""
+    model = two_branches()
+    loud = W_LOUD.copy()
+    loud[1] *= 400
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(loud, "W_loud"))
+    small = (RNG.standard_normal((S, S)) / np.sqrt(S)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(small, "W_small"))
+    model.graph.node.append(helper.make_node("MatMul", ["s", "W_small"], ["c"], name="small"))
+    model.graph.input.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, [ROWS, S]))
+    model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [ROWS, S]))
+    rng = np.random.default_rng(2)
+    data = [{**b, "s": 20 * rng.standard_normal((ROWS, S)).astype(np.float32)} for b in batches()]
+    return model, data
+
+
+def test_where_every_float_op_s_weight_in_8_bits_misses_the_budget_those_kept_for_speed_go():
+    """The loud MatMul, float for its activation, has a weight 8 bits cannot hold; the small
+    one, float for its speed, has one they can: the second tier stores the small one only."""
+    model, data = three_ops()
+    options = CompileOptions(
+        quantization=quant_options(calib=data, budget=40, smoothquant="none", measure=False)
+    )
+    report = qgraph.compile_model(model, FLOAT_ONLY, options=options)
+    kept = {op.node: op.slower for op in report.plan.kept_float}
+    assert kept == {"loud": False, "small": True}
+    assert report.plan.storage.startswith("the weights of 1 ops kept in float stored in 8 bits")
+    assert "(with 2: " in report.plan.storage
+    stored = next(r.details for r in report.records if r.name == "store-float-weights")
+    assert stored.stored == ("small",)
+    sample = planning.plan_sample(data).batches
+    expected = planning.reference_outputs(qgraph.load(model), sample)
+    assert planning.output_sqnr_db(expected, report.model, sample) == pytest.approx(
+        report.plan.final, abs=0.01
+    )
+    assert report.plan.budget.met(report.plan.final)
 
 
 def test_a_budget_the_quantized_model_meets_changes_nothing():
