@@ -100,14 +100,26 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
             return ReportingPassResult(model, False, RuntimeCheckReport(None, skipped=reason))
         first = kernels = runtime_kernels(model)
         reverted: list[FloatOp] = []
+        four_bit: list[str] = []
         while new := [op for op in kernels.float_ops if op not in reverted]:
             by_name = {node.name: node for node in model.graph}
             for op in new:
                 logger.info("'%s' (%s): %s; kept in float", op.name, op.op_type, op.reason)
+                if _reads_four_bit_weight(by_name[op.name]):
+                    four_bit.append(op.name)
                 restore_float_inputs(by_name[op.name])
             reverted += new
             common.RemoveUnusedNodesPass()(model)
             kernels = runtime_kernels(model)
+        if four_bit:
+            logger.warning(
+                "%d ops asked for 4-bit weights stay float (e.g. '%s'): onnxruntime has no "
+                "integer kernel for 4-bit weights with quantized activations on this target; "
+                "--mode weight-only runs them in MatMulNBits, which quantizes the activation "
+                "itself at run time",
+                len(four_bit),
+                four_bit[0],
+            )
         report = RuntimeCheckReport(first, tuple(reverted))
         return ReportingPassResult(model, bool(reverted), report)
 
@@ -167,6 +179,18 @@ def _constant_shape(value: ir.Value) -> tuple[int, ...] | None:
         return None
     perm = producer.attributes.get_ints("perm", list(range(len(source)))[::-1])
     return tuple(source[i] for i in perm)
+
+
+def _reads_four_bit_weight(node: ir.Node) -> bool:
+    """``node`` reads a dequantized 4-bit constant."""
+    return any(
+        value is not None
+        and (producer := value.producer()) is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.inputs[0].dtype is not None
+        and producer.inputs[0].dtype.bitwidth == 4
+        for value in node.inputs
+    )
 
 
 def restore_float_inputs(node: ir.Node) -> None:

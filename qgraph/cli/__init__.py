@@ -37,6 +37,29 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+class _OnceEachWarning(logging.Filter):
+    """Drops a warning already shown: the accuracy plan compiles a model several times, and
+    each round would repeat what calibration or the runtime check found."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.shown:
+            return False
+        self.shown.add(key)
+        return True
+
+
+_ONCE_EACH_WARNING = _OnceEachWarning()
+"""One per process: ``logging.basicConfig`` keeps the first command's handler; each command
+clears what it has shown."""
+
+
 class QGraphGroup(click.Group):
     """Turns qgraph's errors into one line and a non-zero exit, and Ctrl-C into "interrupted"
     and exit 130 (``qgraph.entry``), unless ``--debug``."""
@@ -80,6 +103,8 @@ def cli(debug: bool) -> None:
     """
     handler = logging.StreamHandler()
     handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    _ONCE_EACH_WARNING.shown.clear()
+    handler.addFilter(_ONCE_EACH_WARNING)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     if not debug:
         for name in QUIET_LIBRARIES:

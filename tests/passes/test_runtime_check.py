@@ -4,6 +4,7 @@ weights, exactly; those it fuses stay; dynamic mode is lowered so that its group
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import numpy as np
@@ -109,6 +110,23 @@ def test_ops_the_runtime_would_run_in_float_go_back_to_their_float_weights():
     fc_only = compiled(exclude_op=["Conv"])
     fc_only_y = verify.run(fc_only.model, feeds)["y"]
     np.testing.assert_allclose(actual, fc_only_y, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+@host_only
+def test_4_bit_weights_the_runtime_has_no_kernel_for_are_a_warning(caplog):
+    """A MatMul with 4-bit block weights and a static 8-bit activation matches no integer
+    kernel: it goes back to float, and the user who asked for 4 bits is told, with the mode
+    that runs them."""
+    with caplog.at_level(logging.WARNING, logger="qgraph.passes.runtime_check"):
+        result = compiled(weight_dtype="int4", block_size=16, exclude_op=["Conv"])
+    assert [op.name for op in details(result, "runtime-check").reverted] == ["fc"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("1 ops asked for 4-bit weights")
+    assert "'fc'" in warnings[0] and "--mode weight-only" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qgraph.passes.runtime_check"):
+        compiled(exclude_op=["Conv"])
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 @host_only

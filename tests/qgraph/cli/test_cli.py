@@ -594,3 +594,32 @@ def test_calibration_data_declaring_a_huge_array_is_one_line(model_file, tmp_pat
     result = invoke("compile", model_file, "--calib", path, "-o", out)
     assert_one_line_error(result, "huge.npz", "array 'x'", "input 'x'", "[1000000000000]")
     assert not out.exists()
+
+
+def test_a_warning_the_plan_s_rounds_repeat_is_shown_once(tmp_path):
+    """The plan compiles the model once per round; each round's runtime check finds the same
+    4-bit MatMul without a kernel, and the command says so once."""
+    model = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(), model)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32))
+    args = ["compile", str(model), "--calib", str(data), "--weight-dtype", "int4"]
+    args += ["--block-size", "16", "-o", str(tmp_path / "q.onnx")]
+    # a process of its own: under pytest, log records go to pytest's handler, not the CLI's
+    result = subprocess.run(
+        [sys.executable, "-m", "qgraph", *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("asked for 4-bit weights stay float") == 1, result.stderr
+
+
+def _matmul_model() -> onnx.ModelProto:
+    weight = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+        "fc",
+        [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
