@@ -171,6 +171,8 @@ def _source(node: ir.Node, asked: set[str]) -> _Source | str:
         value = producer.inputs[0]
     if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
         return "its weight is not a float32 constant"
+    if value.is_graph_input() or value.is_graph_output():
+        return "its weight is also a graph input or output"
     if node.op_type != "Conv" and len(value.const_value.shape) != 2:
         return "its weight is not a matrix"
     for use in value.uses():

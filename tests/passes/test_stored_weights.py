@@ -169,6 +169,13 @@ def test_a_computed_weight_is_declined():
     assert report.declined == {"matmul": "its weight is not a float32 constant"}
 
 
+def test_a_weight_a_caller_may_feed_is_declined():
+    model = network()
+    model.graph.input.append(helper.make_tensor_value_info("Wm", TensorProto.FLOAT, [10, 6]))
+    _, report = stored(model, ("matmul",))
+    assert report.declined == {"matmul": "its weight is also a graph input or output"}
+
+
 def test_an_expansion_the_runtime_keeps_gets_its_float_weight_back(monkeypatch):
     """Where onnxruntime's graph still casts the 8-bit weight, the op would expand it on every
     run: the float weight comes back, exactly."""
