@@ -60,7 +60,7 @@ Examples:
   qgraph compile model.onnx --mode weight-only --weight-dtype int4 --block-size 32
   qgraph compile model.onnx --calib calib/ --exclude-node '/lm_head/.*' --recipe r.toml
   qgraph compile model.onnx --calib calib/ --smoothquant auto     # transformers
-  qgraph compile model.onnx --calib calib/ --rotate --weight-dtype int4   # LLMs, W4A8
+  qgraph compile model.onnx --calib calib/ --rotate               # LLMs: rotated W8A8
   qgraph compile decoder.onnx --calib calib/ --mode weight-only --weight-dtype uint4 \
     --block-size 128 --embedding-bits 4 --weight-rounding gptq    # LLM decoding, 4-bit
 """
@@ -136,8 +136,10 @@ Examples:
 @click.option(
     "--weight-dtype",
     type=click.Choice(WEIGHT_ONLY_DTYPES),
-    help="Weight type: int4/uint4 are per-block, in any mode (static: W4A8); int8 is per "
-    "channel, weight-only mode [default: int8 weight-only, the target's otherwise].",
+    help="Weight type: int4/uint4 are per-block, in any mode (static: W4A8, which onnxruntime's "
+    "CPU kernels do not run: those ops stay float, with a warning; weight-only mode runs "
+    "them); int8 is per channel, weight-only mode [default: int8 weight-only, the target's "
+    "otherwise].",
 )
 @click.option(
     "--block-size",
