@@ -237,8 +237,13 @@ def _read_instead(value: ir.Value, replacement: ir.Value) -> None:
 
 
 def _initializer(
-    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
+    graph: ir.Graph, stem: str, array: np.ndarray, dtype: ir.DataType | None = None
 ) -> ir.Value:
+    """A new initializer named ``stem``, or ``stem_2``, ``stem_3``... whichever is free."""
+    name, count = stem, 1
+    while name in graph.initializers:
+        count += 1
+        name = f"{stem}_{count}"
     tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor

@@ -169,6 +169,15 @@ def test_a_computed_weight_is_declined():
     assert report.declined == {"matmul": "its weight is not a float32 constant"}
 
 
+def test_a_name_the_model_already_has_is_not_reused():
+    model = network()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "Wm_stored"))
+    rewritten, report = stored(model, ("matmul",))
+    assert report.stored == ("matmul",)
+    assert "Wm_stored_2" in rewritten.graph.initializers
+    assert rewritten.graph.initializers["Wm_stored"].const_value.numpy().tolist() == [0.0]
+
+
 def test_a_weight_a_caller_may_feed_is_declined():
     model = network()
     model.graph.input.append(helper.make_tensor_value_info("Wm", TensorProto.FLOAT, [10, 6]))
