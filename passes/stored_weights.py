@@ -37,6 +37,7 @@ import platform
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.graph.building import fresh_initializer
 from qgraph.kernels import optimized_graph
 from qgraph.passes.annotate import WEIGHT_LAYOUTS
 from qgraph.pipeline import PassBuilder, ReportingPassResult
@@ -211,8 +212,8 @@ def _store(graph: ir.Graph, source: _Source, readers: list[str]) -> _Stored:
     quantized = quantize_weight(array, dataclasses.replace(STORAGE, axis=source.axis))
     shape = [1] * array.ndim
     shape[source.axis] = -1
-    values = _initializer(graph, f"{value.name}_stored", quantized.values, ir.DataType.INT8)
-    scale = _initializer(
+    values = fresh_initializer(graph, f"{value.name}_stored", quantized.values, ir.DataType.INT8)
+    scale = fresh_initializer(
         graph, f"{value.name}_stored_scale", quantized.scale.astype(np.float32).reshape(shape)
     )
     cast = ir.Node(
@@ -234,21 +235,6 @@ def _store(graph: ir.Graph, source: _Source, readers: list[str]) -> _Stored:
 def _read_instead(value: ir.Value, replacement: ir.Value) -> None:
     for use in list(value.uses()):
         use.node.replace_input_with(use.idx, replacement)
-
-
-def _initializer(
-    graph: ir.Graph, stem: str, array: np.ndarray, dtype: ir.DataType | None = None
-) -> ir.Value:
-    """A new initializer named ``stem``, or ``stem_2``, ``stem_3``... whichever is free."""
-    name, count = stem, 1
-    while name in graph.initializers:
-        count += 1
-        name = f"{stem}_{count}"
-    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
 
 
 def _unfolded(model: ir.Model, weights: list[_Stored]) -> dict[str, str]:

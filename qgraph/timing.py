@@ -258,18 +258,28 @@ def measure(shape: OpShape, target: TargetSpec) -> tuple[float, float]:
     """Median seconds of the op in float and in 8 bits, alternating run by run."""
     rng = np.random.default_rng(0)
     float_model, int8_model, feeds = _twins(shape, target, rng)
-    sessions = [_session(float_model), _session(int8_model)]
-    times: list[list[float]] = [[], []]
-    for run in range(2 + RUNS):  # the first runs pack the weights
+    float_seconds, int8_seconds = alternating_medians([float_model, int8_model], feeds)
+    return float_seconds, int8_seconds
+
+
+def alternating_medians(
+    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = RUNS
+) -> list[float]:
+    """Median seconds of each model on ``feeds``, one intra-op thread, every optimization, the
+    models run in turn ``runs`` times after two untimed rounds (the first runs pack weights)."""
+    sessions = [one_thread_session(model) for model in models]
+    times: list[list[float]] = [[] for _ in sessions]
+    for run in range(2 + runs):
         for sess, record in zip(sessions, times, strict=True):
             start = time.perf_counter()
             sess.run(None, feeds)
             if run >= 2:
                 record.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(record) for record in times]
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime CPU session of ``model`` at one intra-op thread, every optimization."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
