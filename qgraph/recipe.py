@@ -171,7 +171,9 @@ class QuantOptions:
             first calibration batches.
         measure: The plan times each candidate op in float and in 8 bits on this host
             (``qgraph.timing``, cached); False: it estimates both from the op's work and the
-            target's ``nominal_int8_speedup`` instead (``timing.CostModel``).
+            target's ``nominal_int8_speedup`` instead (``timing.CostModel``). The Softmax
+            floor (``qgraph.passes.softmax_floor``) is timed likewise, or decided from the
+            share of far-below logits.
         keep_float: Node name -> reason, for ops the plan keeps in float.
         sixteen_bit: Activations the plan quantizes to 16 bits (as two 8-bit digits on a
             target without 16-bit kernels, ``ActivationScheme.int16_digits``); unlike a

@@ -22,4 +22,7 @@ ARM64 = cpu_target(
     # not measured on ARM hardware: SDOT does 4x the MACs of an fp32 FMLA per instruction,
     # halved for the requantize and layout work
     nominal_int8_speedup=2.0,
+    # Arm cores compute with subnormal numbers in hardware, without x86's microcode assists
+    # (not measured on ARM hardware)
+    slow_subnormals=False,
 )

@@ -147,11 +147,12 @@ def cpu_target(
     per_consumer: bool,
     dynamic_table_projection: bool,
     nominal_int8_speedup: float,
+    slow_subnormals: bool,
 ) -> TargetSpec:
     """A target run by onnxruntime's CPU execution provider: the fields every such target
     shares (Q/DQ written, fused by onnxruntime into the kernels above; symmetric 8-bit
     weights per channel; int32 biases; the loadable-model rules), with its own name,
-    architecture, integer types, Q/DQ sharing and measured speed-up."""
+    architecture, integer types, Q/DQ sharing, measured speed-up and cost of subnormals."""
     return TargetSpec(
         name=name,
         summary=summary,
@@ -176,6 +177,7 @@ def cpu_target(
             allowed_domains=CPU_DOMAINS,
             default_domain_extensions=CPU_DEFAULT_DOMAIN_EXTENSIONS,
             slower_fusions=CPU_SLOWER_FUSIONS,
+            slow_subnormals=slow_subnormals,
         ),
         kernels=KernelProfile(
             quantizable_ops=CPU_QUANTIZABLE_OPS,

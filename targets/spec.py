@@ -138,6 +138,10 @@ class RuntimeProfile:
         slower_fusions: Ops the runtime fuses out of standard ones by itself whose kernels run
             slower than the ops they replace; the compiled graph is written so that the
             runtime does not form them.
+        slow_subnormals: The runtime's ``Softmax`` makes a subnormal number of every logit
+            more than 87 below its row's maximum (a masked attention position), and the CPU
+            takes a microcode assist for each (x86 without FTZ/DAZ): the compile floors such
+            logits where that is faster (``qgraph.passes.softmax_floor``).
     """
 
     min_opset: int
@@ -146,6 +150,7 @@ class RuntimeProfile:
     allowed_domains: frozenset[str]
     default_domain_extensions: frozenset[str]
     slower_fusions: frozenset[str] = frozenset()
+    slow_subnormals: bool = False
 
     def __post_init__(self) -> None:
         _require(

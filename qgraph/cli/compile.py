@@ -226,8 +226,10 @@ Examples:
     help="How the budget's plan learns what 8 bits save on each op: timed alone at its own "
     "shapes in float and in 8 bits on this host (cached in $QGRAPH_CACHE/timings.json), or, "
     "with --no-measure, estimated from its multiply-accumulates and the target's nominal int8 "
-    "speed-up (faster to compile, blind to this CPU). A target that is not this host's CPU "
-    "(another x86 kind, arm64, tensorrt) is always estimated [default: measure].",
+    "speed-up (faster to compile, blind to this CPU). The same goes for the Softmax floor "
+    "(timed on the calibration data's logits, or applied where a tenth of them are masked). "
+    "A target that is not this host's CPU (another x86 kind, arm64, tensorrt) is always "
+    "estimated [default: measure].",
 )
 @click.option(
     "--smoothquant",
