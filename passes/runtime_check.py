@@ -42,7 +42,7 @@ from qgraph.kernels import FloatOp, KernelReport, runtime_kernels
 from qgraph.passes.qdq.build import FLOAT_SOURCE_KEY
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.spec import dequantize
-from qgraph.sections import QuantizationOutcome
+from qgraph.sections import QuantizationOutcome, counted
 from qgraph.targets import TargetSpec, same_arch
 
 logger = logging.getLogger(__name__)
@@ -113,11 +113,11 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
             kernels = runtime_kernels(model)
         if four_bit:
             logger.warning(
-                "%d ops asked for 4-bit weights stay float (e.g. '%s'): onnxruntime has no "
+                "%s asked for 4-bit weights stay float (e.g. '%s'): onnxruntime has no "
                 "integer kernel for 4-bit weights with quantized activations on this target; "
                 "--mode weight-only runs them in MatMulNBits, which quantizes the activation "
                 "itself at run time",
-                len(four_bit),
+                counted(len(four_bit), "op"),
                 four_bit[0],
             )
         report = RuntimeCheckReport(first, tuple(reverted))

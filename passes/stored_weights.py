@@ -42,7 +42,7 @@ from qgraph.kernels import optimized_graph
 from qgraph.passes.annotate import WEIGHT_LAYOUTS
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.spec import QuantSpec, quantize_weight
-from qgraph.sections import format_bytes
+from qgraph.sections import counted, format_bytes
 from qgraph.targets import TargetSpec, same_arch
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class StoredWeightsReport:
         tables = f", and the embedding tables of {len(self.tables)} Gather" if self.tables else ""
         tables += "s" if len(self.tables) > 1 else ""
         return (
-            f"the weights of {len(self.stored)} float ops stored in 8 bits{tables} "
+            f"the weights of {counted(len(self.stored), 'float op')} stored in 8 bits{tables} "
             f"({format_bytes(self.float_bytes)} -> {format_bytes(self.stored_bytes)}): "
             f"{folded}{self._declined()}"
         )

@@ -57,6 +57,7 @@ from qgraph.planning import (
 )
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
+from qgraph.sections import counted
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel, Timer, default_cache
 
@@ -526,14 +527,15 @@ def _storage_trial(
     tiers = (candidates, [op for op in candidates if op.slower])
     kept, tried = report.kept_reasons(), []
     for ops in dict.fromkeys(tuple(op.node for op in tier) for tier in tiers if tier):
-        context.tell(f"plan: trying 8-bit stored weights for {len(ops)} ops kept in float")
+        trying = counted(len(ops), "op")
+        context.tell(f"plan: trying 8-bit stored weights for {trying} kept in float")
         result = rounds.qdq_result(kept, wide, ops)
         figure = budget_score(budget, context.expected, result.model, context.sample.batches)
         if budget.met(figure):
             stored = _stored_weights(result)
             verdict = (
-                f"the weights of {len(stored)} ops kept in float stored in 8 bits (float "
-                f"compute, expanded at load) give {budget.show(figure)}"
+                f"the weights of {counted(len(stored), 'op')} kept in float stored in 8 bits "
+                f"(float compute, expanded at load) give {budget.show(figure)}"
                 + "".join(f" ({attempt})" for attempt in tried)
             )
             rounds_run = report.rounds + len(tried) + 1

@@ -65,6 +65,7 @@ from qgraph.evaluation import METRICS
 from qgraph.kernels import is_qdq_group
 from qgraph.passes.annotate import embedding_table
 from qgraph.passes.stored_weights import STORED_OPS
+from qgraph.sections import counted
 from qgraph.targets import TargetSpec
 from qgraph.timing import TIMED_OPS, OpShape, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
@@ -181,7 +182,7 @@ class PlanReport:
     def _budget_summary(self) -> str:
         slow = [op for op in self.kept_float if op.slower and not op.fixed]
         kept = len(self.kept_float) - len(slow)
-        slower = f"; {len(slow)} ops stay float, slower in 8 bits here" if slow else ""
+        slower = f"; {counted(len(slow), 'op')} stay float, slower in 8 bits here" if slow else ""
         if not self.gains_measured:
             slower += " (int8 gains estimated, not timed: see --measure)"
         if not kept and not self.wide:

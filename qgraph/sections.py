@@ -36,6 +36,11 @@ _UNPRINTABLE = {
 BYTE_UNITS = ("B", "KB", "MB", "GB", "TB")
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural (an added s) unless it is one: "1 op", "3 ops"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_bytes(count: int) -> str:
     """``1536 -> '1.5 KB'`` (powers of 1024)."""
     value = float(count)

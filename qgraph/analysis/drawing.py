@@ -39,6 +39,7 @@ from qgraph.errors import QGraphError
 from qgraph.graph.ops import QDQ_OPS
 from qgraph.inspection import is_quantized_op, op_key, torch_name_scopes
 from qgraph.pipeline import PROVENANCE_KEY
+from qgraph.sections import counted
 
 FORMATS = ("html", "svg", "dot")
 COLLAPSE_ABOVE = 400
@@ -193,7 +194,7 @@ def _block_box(key: str, block: str, nodes: list[ir.Node]) -> Box:
     quantized = sum(is_quantized_op(node) for node in nodes)
     return Box(
         key,
-        f"{block} ({len(nodes)} ops)",
+        f"{block} ({counted(len(nodes), 'op')})",
         "block",
         {"block": block, "ops": str(len(nodes)), "quantized ops": str(quantized)},
     )

@@ -12,6 +12,7 @@ from qgraph.cli.common import OUTPUT, OUTPUT_POLICY, echo_json, err, note_replac
 from qgraph.graph.model_io import load, model_inputs
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.report import debug_report, printable
+from qgraph.sections import counted
 
 
 @click.command(name="debug")
@@ -103,7 +104,8 @@ def debug_command(
         chosen = write_exclusions(report, exclusions, Path(path), note)
         err.print(
             printable(
-                f"wrote {path}: {len(chosen)} ops kept in float; recompile with --recipe {path}"
+                f"wrote {path}: {counted(len(chosen), 'op')} kept in float; recompile with "
+                f"--recipe {path}"
             )
         )
         note_replaced(path, replaced)

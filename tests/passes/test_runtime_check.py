@@ -121,7 +121,7 @@ def test_4_bit_weights_the_runtime_has_no_kernel_for_are_a_warning(caplog):
         result = compiled(weight_dtype="int4", block_size=16, exclude_op=["Conv"])
     assert [op.name for op in details(result, "runtime-check").reverted] == ["fc"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("1 ops asked for 4-bit weights")
+    assert len(warnings) == 1 and warnings[0].startswith("1 op asked for 4-bit weights")
     assert "'fc'" in warnings[0] and "--mode weight-only" in warnings[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qgraph.passes.runtime_check"):

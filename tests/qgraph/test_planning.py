@@ -139,7 +139,7 @@ def test_the_ops_kept_in_float_store_their_weights_in_8_bits_where_the_budget_ho
     result = compiled(everything + 8)
     report = result.plan
     assert [op.node for op in report.kept_float] == ["loud"]
-    assert "the weights of 1 ops kept in float stored in 8 bits" in report.summary()
+    assert "the weights of 1 op kept in float stored in 8 bits" in report.summary()
     assert report.budget.met(report.final)
     assert measured_sqnr(result.model) == pytest.approx(report.final, abs=0.01)
     loud = next(node for node in result.model.graph if node.name == "loud")
@@ -191,7 +191,7 @@ def test_where_every_float_op_s_weight_in_8_bits_misses_the_budget_those_kept_fo
     report = qgraph.compile_model(model, FLOAT_ONLY, options=options)
     kept = {op.node: op.slower for op in report.plan.kept_float}
     assert kept == {"loud": False, "small": True}
-    assert report.plan.storage.startswith("the weights of 1 ops kept in float stored in 8 bits")
+    assert report.plan.storage.startswith("the weights of 1 op kept in float stored in 8 bits")
     assert "(with 2: " in report.plan.storage
     stored = next(r.details for r in report.records if r.name == "store-float-weights")
     assert stored.stored == ("small",)

@@ -20,7 +20,7 @@ from qgraph.report import (
     quantization_counts,
     quantization_report,
 )
-from qgraph.sections import QuantizationOutcome
+from qgraph.sections import QuantizationOutcome, counted
 
 
 def _rendered(renderable) -> str:
@@ -43,6 +43,11 @@ def _compiled(model, **flags) -> qgraph.CompileResult:
 )
 def test_format_bytes(count, text):
     assert format_bytes(count) == text
+
+
+@pytest.mark.parametrize(("count", "text"), [(0, "0 ops"), (1, "1 op"), (2, "2 ops")])
+def test_counted_says_one_op_and_two_ops(count, text):
+    assert counted(count, "op") == text
 
 
 @pytest.mark.parametrize(("count", "text"), [(999, "999"), (1234567, "1.23M"), (2e9, "2.00G")])
