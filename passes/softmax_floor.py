@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qgraph.data import input_specs, read_batches
+from qgraph.data import DataSource, input_specs, read_batches
 from qgraph.graph.building import fresh_initializer
 from qgraph.graph.ops import onnx_opset
 from qgraph.pipeline import PassBuilder, ReportingPassResult
@@ -63,6 +63,10 @@ MIN_GAIN = 0.1
 """Timed: the floored Softmax must take at most 90% of the time of the Softmax as it was."""
 SAMPLE_ELEMENTS = 1 << 22
 """At most this many logits (16 MB), in whole rows, are kept for timing."""
+READ_BYTES = 1 << 30
+"""At most about this many bytes of logits are read from one run of the model: attention
+scores grow with the square of the context (32 heads over 2048 positions: 512 MB a layer).
+The first Softmax's are read alone, to learn their size."""
 AXES_AS_INPUT_OPSET = 18
 """From this opset on, ReduceMax takes its axes as an input."""
 
@@ -117,8 +121,10 @@ class _Logits:
         self.axis = axis
         self.share = 0.0
         self.sample = np.zeros((0, 0), np.float32)
+        self.nbytes = 0
 
     def update(self, x: np.ndarray) -> None:
+        self.nbytes = x.nbytes
         if x.size == 0 or x.dtype != np.float32:  # float32 constants could not floor it
             return
         rows = np.moveaxis(x, self.axis, -1)
@@ -141,16 +147,12 @@ class SoftmaxFloorPass(ir.passes.InPlacePass):
         skipped = self._skipped(softmaxes)
         if skipped is not None:
             return ReportingPassResult(model, False, SoftmaxFloorReport(skipped=skipped))
-        first = next(read_batches(self.options.calib, input_specs(model.graph)))
-        axis = {node: node.attributes.get_int("axis", -1) for node in softmaxes}
-        logits = collect(
-            model, {node.inputs[0].name: _Logits(axis[node]) for node in softmaxes}, [first]
-        )
+        logits = _first_batch_logits(model, softmaxes, self.options.calib)
         verdicts = []
         for node in softmaxes:
             verdict = self._verdict(node, logits[node.inputs[0].name], model)
             if verdict.floored:
-                _floor(model.graph, node, axis[node], _opset(model))
+                _floor(model.graph, node, _axis(node), _opset(model))
             verdicts.append(verdict)
         report = SoftmaxFloorReport(tuple(verdicts))
         logger.info("%s", report.summary())
@@ -175,6 +177,27 @@ class SoftmaxFloorPass(ir.passes.InPlacePass):
             return SoftmaxVerdict(name, logits.share, None, logits.share >= BREAK_EVEN_SHARE)
         before, after = _timed(logits.sample, model)
         return SoftmaxVerdict(name, logits.share, (before, after), after <= (1 - MIN_GAIN) * before)
+
+
+def _first_batch_logits(
+    model: ir.Model, softmaxes: list[ir.Node], calib: DataSource
+) -> dict[str, _Logits]:
+    """Each Softmax's ``_Logits`` on the first calibration batch, by input name, read in runs
+    of at most about ``READ_BYTES``."""
+    first = next(read_batches(calib, input_specs(model.graph)))
+    found: dict[str, _Logits] = {}
+    pending, count = list(softmaxes), 1
+    while pending:
+        group, pending = pending[:count], pending[count:]
+        wanted = {node.inputs[0].name: _Logits(_axis(node)) for node in group}
+        found.update(collect(model, wanted, [first]))
+        largest = max(logits.nbytes for logits in wanted.values())
+        count = max(1, READ_BYTES // max(largest, 1))
+    return found
+
+
+def _axis(node: ir.Node) -> int:
+    return node.attributes.get_int("axis", -1)
 
 
 def _is_float_softmax(node: ir.Node) -> bool:

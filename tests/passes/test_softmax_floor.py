@@ -152,6 +152,27 @@ def test_untimed_floor_follows_the_share_of_far_below_logits():
     assert not report.verdicts[0].floored
 
 
+def test_logits_read_in_runs_of_bounded_size(monkeypatch):
+    """Two Softmax whose logits together exceed ``READ_BYTES``: one run of the model each."""
+    model = attention_scores()
+    doubled = helper.make_node("Add", ["logits", "logits"], ["doubled"])
+    second = helper.make_node("Softmax", ["doubled"], ["second"], name="second", axis=-1)
+    model.graph.node.extend([doubled, second])
+    model.graph.output.append(helper.make_tensor_value_info("second", TensorProto.FLOAT, None))
+    runs = []
+    real_collect = softmax_floor.collect
+
+    def counting(model, accumulators, data):
+        runs.append(sorted(accumulators))
+        return real_collect(model, accumulators, data)
+
+    monkeypatch.setattr(softmax_floor, "collect", counting)
+    monkeypatch.setattr(softmax_floor, "READ_BYTES", BATCH * HEADS * LENGTH * LENGTH * 4)
+    _, report = floored(model, [batch(0)])
+    assert runs == [["logits"], ["doubled"]]
+    assert [v.floored for v in report.verdicts] == [True, True]
+
+
 def test_timing_runs_both_forms_in_onnxruntime():
     rows = np.where(np.arange(64) < 32, 0.0, -1e4).astype(np.float32) * np.ones((8, 1))
     before, after = softmax_floor._timed(rows.astype(np.float32), ir.from_proto(attention_scores()))
