@@ -144,7 +144,9 @@ class SoftmaxFloorPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ReportingPassResult:
         softmaxes = [n for n in model.graph if _is_float_softmax(n)]
-        skipped = self._skipped(softmaxes)
+        if not softmaxes:  # nothing to say in the report
+            return ReportingPassResult(model, False)
+        skipped = self._skipped()
         if skipped is not None:
             return ReportingPassResult(model, False, SoftmaxFloorReport(skipped=skipped))
         logits = _first_batch_logits(model, softmaxes, self.options.calib)
@@ -158,11 +160,9 @@ class SoftmaxFloorPass(ir.passes.InPlacePass):
         logger.info("%s", report.summary())
         return ReportingPassResult(model, any(v.floored for v in verdicts), report)
 
-    def _skipped(self, softmaxes: list[ir.Node]) -> str | None:
-        """Why the pass examines no Softmax (None if it does)."""
+    def _skipped(self) -> str | None:
+        """Why the pass examines none of the model's Softmax (None if it does)."""
         calib = self.options.calib
-        if not softmaxes:
-            return "the model has no float Softmax"
         if calib is None:
             return "no calibration data to find masked logits in"
         if not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:

@@ -182,7 +182,8 @@ class PlanReport:
     def _budget_summary(self) -> str:
         slow = [op for op in self.kept_float if op.slower and not op.fixed]
         kept = len(self.kept_float) - len(slow)
-        slower = f"; {counted(len(slow), 'op')} stay float, slower in 8 bits here" if slow else ""
+        verb = "stays" if len(slow) == 1 else "stay"
+        slower = f"; {counted(len(slow), 'op')} {verb} float, slower in 8 bits here" if slow else ""
         if not self.gains_measured:
             slower += " (int8 gains estimated, not timed: see --measure)"
         if not kept and not self.wide:

@@ -191,6 +191,13 @@ def test_skipped_with_the_reason(calib, reason):
     assert reason in report.summary()
 
 
+def test_a_model_without_softmax_gets_no_report_line():
+    model = attention_scores()
+    model.graph.node[-1].CopyFrom(helper.make_node("Relu", ["logits"], ["probabilities"]))
+    result = SoftmaxFloorPass(QuantOptions(calib=[batch(0)]), False)(ir.from_proto(model))
+    assert not result.modified and result.details is None
+
+
 def test_only_targets_that_pay_for_subnormals_get_the_pass():
     options = qgraph.CompileOptions(quantization=QuantOptions(calib=[batch(0)]))
     names = {
