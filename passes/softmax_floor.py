@@ -129,7 +129,9 @@ class _Logits:
             return
         rows = np.moveaxis(x, self.axis, -1)
         rows = rows.reshape(-1, rows.shape[-1])
-        self.share = float(np.mean(rows - rows.max(axis=1, keepdims=True) < -SUBNORMAL_GAP))
+        with np.errstate(invalid="ignore"):  # a row of -inf: -inf - -inf is nan, not below
+            gaps = rows - rows.max(axis=1, keepdims=True)
+        self.share = float(np.mean(gaps < -SUBNORMAL_GAP))
         kept = max(1, SAMPLE_ELEMENTS // rows.shape[1])
         self.sample = np.ascontiguousarray(rows[:kept], dtype=np.float32)
 

@@ -5,6 +5,7 @@ holds far-below logits and flooring is faster (timed) or they are common enough 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import onnx
@@ -101,6 +102,14 @@ def test_the_bound_is_tight_enough_to_catch_a_lower_floor(monkeypatch):
     feeds = batch(1)
     gap = np.abs(outputs(result, feeds) - outputs(model, feeds)).max()
     assert gap > bound(LENGTH)
+
+
+def test_rows_of_minus_infinity_are_counted_without_warnings():
+    logits = softmax_floor._Logits(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits.update(np.array([[-np.inf, -np.inf], [0.0, -np.inf]], np.float32))
+    assert logits.share == 0.25
 
 
 def test_rows_masked_whole_are_left_as_they_were():
