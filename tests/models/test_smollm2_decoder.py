@@ -7,6 +7,7 @@ building it into a temporary folder on every run would repeat that.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -164,7 +165,8 @@ def empty(session, batch: int = 1) -> list[np.ndarray]:
 @pytest.mark.slow
 def test_a_static_compile_keeps_the_cache_interface_and_generates(built, tmp_path):
     """Minutes: a W8A8 compile on the recipe's calibration data (prefill batches with an empty
-    cache, decode steps after cached prefixes), then generation through it."""
+    cache, decode steps after cached prefixes) keeps the cache's inputs and outputs, now
+    written in place by GroupQueryAttention; then generation through it."""
     compiled = tmp_path / "w8a8.onnx"
     result = CliRunner().invoke(
         cli, ["compile", str(built.model), "--calib", str(built.calibration), "--budget",
@@ -176,5 +178,7 @@ def test_a_static_compile_keeps_the_cache_interface_and_generates(built, tmp_pat
         expected = [(v.name, v.type, v.shape) for v in getattr(float_session, side)()]
         assert [(v.name, v.type, v.shape) for v in getattr(quantized, side)()] == expected
     decoder = generation.Decoder(compiled)
-    assert decoder.interface == generation.Decoder(built.model).interface
+    fused = generation.CacheLayout.IN_PLACE  # the attention fused into GroupQueryAttention
+    float_interface = generation.Decoder(built.model).interface
+    assert decoder.interface == dataclasses.replace(float_interface, cache_layout=fused)
     assert len(generation.generate(decoder, [504, 3464], 8, stop_ids=()).tokens) == 8
