@@ -113,10 +113,9 @@ class RuntimeCheckPass(ir.passes.InPlacePass):
             kernels = runtime_kernels(model)
         if four_bit:
             logger.warning(
-                "%s asked for 4-bit weights stay float (e.g. '%s'): onnxruntime has no "
-                "integer kernel for 4-bit weights with quantized activations on this target; "
-                "--mode weight-only runs them in MatMulNBits, which quantizes the activation "
-                "itself at run time",
+                "%s asked for 4-bit weights stay float (e.g. '%s'): onnxruntime's one 4-bit "
+                "kernel, MatMulNBits, is a MatMul's with a float activation, which it "
+                "quantizes itself at run time (--mode weight-only)",
                 counted(len(four_bit), "op"),
                 four_bit[0],
             )

@@ -76,6 +76,7 @@ CPU_LOWERING_RULES = (
     "matmul-integer-to-float",
     "conv-integer",
     "matmul-nbits",
+    "weight-only-bias-sum",
 )
 """The lowering rules (``qgraph.passes.lowering``) whose ops the CPU provider has kernels for."""
 

@@ -6,7 +6,7 @@ compile asks for the QOperator format, with the rules the target's runtime has k
 (``TargetSpec.lowering_rules``). Rules are tried in table order, so a group whose output is
 quantized becomes one ``QLinear*`` op before the op alone can become a float-output one. The
 math of each rule is in its module: ``weighted`` (Conv, MatMul, Gemm) and ``nbits`` (4-bit
-weight-only MatMul).
+weight-only MatMul, and the bias of an 8-bit one).
 
 One lowering runs in either format: ``lower-16-bit`` (``digits``) writes an op reading a 16-bit
 activation as two 8-bit digit products on a target whose runtime has no 16-bit kernels but
@@ -80,6 +80,11 @@ RULES = tuple(
             "matmul-nbits",
             "MatMul(a, DQ(4-bit w in blocks)) -> MatMulNBits",
             (nbits.MatMulToMatMulNBits,),
+        ),
+        (
+            "weight-only-bias-sum",
+            "Add(MatMul(a, DQ(8-bit w)), bias) -> Sum, which onnxruntime keeps from a float Gemm",
+            (nbits.BiasAsSum,),
         ),
     )
 )

@@ -92,3 +92,56 @@ def test_weight_only_mode_is_lowered_by_default_on_the_cpu_targets():
     model = qgraph.compile_model(matmul(64, 24), "x86-avx2", options=options).model
     (node,) = [node for node in model.graph if node.op_type == "MatMulNBits"]
     assert len(node.inputs) == 3, "no zero points"
+
+
+def layers(width: int = 64) -> ir.Model:
+    """x[2, width] -> (MatMul + bias Add + Relu) -> (MatMul + bias Add): a 2-D MLP, whose
+    MatMul + Add the x86 targets would otherwise write as Gemm."""
+    nodes, inits = [], []
+    for i, relu in enumerate((True, False)):
+        source = "x" if i == 0 else f"a{i - 1}"
+        nodes += [
+            helper.make_node("MatMul", [source, f"W{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}" if relu else "y"]),
+        ]
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"h{i}"], [f"a{i}"]))
+        inits += [
+            numpy_helper.from_array(
+                RNG.standard_normal((width, width)).astype(np.float32), f"W{i}"
+            ),
+            numpy_helper.from_array(RNG.standard_normal(width).astype(np.float32), f"b{i}"),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, width])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize(("dtype", "bias_op"), [("int8", "Sum"), ("int4", "Add")])
+def test_weight_only_mlp_layers_with_biases_all_run_matmul_nbits(dtype, bias_op):
+    """Weight-only mode keeps MatMul + Add (no Gemm, which has no weight-only kernel), and an
+    8-bit MatMul's bias Add is a Sum, so that onnxruntime fuses DQ -> MatMul into MatMulNBits
+    instead of MatMul + Add + Relu into a float FusedGemm (passes/lowering/nbits.py)."""
+    options = qgraph.CompileOptions(
+        quantization=qgraph.quant_options(mode="weight-only", weight_dtype=dtype, block_size=32)
+    )
+    compiled = qgraph.compile_model(layers(), "x86-vnni", options=options).model
+    op_types = [node.op_type for node in compiled.graph]
+    assert "Gemm" not in op_types and op_types.count(bias_op) == 2
+    kernels = qgraph.kernels.runtime_kernels(compiled)
+    assert kernels.complete and kernels.integer == 2, "both layers in MatMulNBits"
+    optimized = {node.op_type for node in qgraph.kernels.optimized_graph(compiled).node}
+    assert "MatMulNBits" in optimized and not optimized & {"Gemm", "FusedGemm"}
+    with_adds = ir.to_proto(compiled)
+    for node in with_adds.graph.node:
+        node.op_type = "Add" if node.op_type == "Sum" else node.op_type
+    feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    exact = [verify.session(m, optimize=False) for m in (compiled, ir.from_proto(with_adds))]
+    got, expected = (verify.run(sess, feeds)["y"] for sess in exact)
+    np.testing.assert_array_equal(got, expected)  # Sum(a, b) is Add(a, b), bit for bit
