@@ -265,30 +265,41 @@ def two_layers(make_model) -> onnx.ModelProto:
     )
 
 
-def test_the_qdq_pass_rounds_matmul_and_gemm_weights_by_gptq_on_their_inputs(two_layers):
+@pytest.mark.parametrize(
+    ("mode", "target", "second"),
+    [
+        # weight-only mode writes the Gemm as a MatMul on W_T^T (MatMulNBits is a MatMul's)
+        ("weight-only", "x86-avx2", ("W_T.transposed", False)),
+        ("static", "x86-vnni", ("W_T", True)),
+    ],
+)
+def test_the_qdq_pass_rounds_matmul_and_gemm_weights_by_gptq_on_their_inputs(
+    two_layers, mode, target, second
+):
     x = correlated_inputs(32, 16)
     calibration = [{"x": rows} for rows in np.split(x, 8)]
-    options = CompileOptions(
-        quantization=quant_options(
-            calib=calibration, mode="weight-only", weight_dtype="int8", weight_rounding="gptq"
-        ),
-        skip_passes=frozenset({"runtime-check"}),  # onnxruntime fuses no weight-only Gemm
+    quantization = quant_options(
+        calib=calibration, mode=mode, weight_dtype="int8", weight_rounding="gptq", budget="none"
     )
-    result = qgraph.compile_model(two_layers, "x86-avx2", options=options)
+    options = CompileOptions(quantization=quantization, skip_passes=frozenset({"runtime-check"}))
+    result = qgraph.compile_model(two_layers, target, options=options)
     inserted = next(r for r in result.records if r.name == "insert-qdq").details
     assert inserted.gptq_weights == 2 and inserted.weights == 2
     weights = {t.name: numpy_helper.to_array(t) for t in two_layers.graph.initializer}
     r = np.maximum(x @ weights["W"], 0)
-    for name, rows, spec, axis in (
-        ("W", x, INT8_CHANNELS, 0),
-        ("W_T", r, dataclasses.replace(INT8_CHANNELS, axis=0), 1),
-    ):
-        expected = gptq_quantize(weights[name], rows.T.astype(np.float64) @ rows, spec, axis)
-        stored = result.model.graph.initializers
+    name, transposed_b = second
+    layers = [("W", weights["W"], x, INT8_CHANNELS, 0)]
+    if transposed_b:  # Gemm(r, W_T, transB): channels on axis 0, reduced along axis 1
+        layers.append((name, weights["W_T"], r, dataclasses.replace(INT8_CHANNELS, axis=0), 1))
+    else:
+        layers.append((name, weights["W_T"].T, r, INT8_CHANNELS, 0))
+    stored = result.model.graph.initializers
+    for stem, weight, rows, spec, axis in layers:
+        expected = gptq_quantize(weight, rows.T.astype(np.float64) @ rows, spec, axis)
         np.testing.assert_array_equal(
-            stored[f"{name}_quantized"].const_value.numpy(), expected.values
+            stored[f"{stem}_quantized"].const_value.numpy(), expected.values
         )
-        np.testing.assert_array_equal(stored[f"{name}_scale"].const_value.numpy(), expected.scale)
+        np.testing.assert_array_equal(stored[f"{stem}_scale"].const_value.numpy(), expected.scale)
 
 
 def test_gptq_without_calibration_data_says_what_to_pass(two_layers):
