@@ -108,7 +108,9 @@ class SoftmaxFloorReport:
     def _timing(self) -> str:
         timed = [v.seconds for v in self.verdicts if v.seconds is not None]
         if not timed:
-            return ""
+            untimed = any(v.share for v in self.verdicts)
+            rule = f"; not timed: floored where {BREAK_EVEN_SHARE:.0%} of them lie that far"
+            return rule if untimed else ""
         before, after = (sum(times) * 1e3 for times in zip(*timed, strict=True))
         return f"; timed here: {before:.2f} ms as they were, {after:.2f} ms floored"
 

@@ -154,6 +154,7 @@ def test_untimed_floor_follows_the_share_of_far_below_logits():
     _, report = floored(attention_scores(), [batch(0)])
     assert report.verdicts[0].share > softmax_floor.BREAK_EVEN_SHARE
     assert report.verdicts[0].floored and report.verdicts[0].seconds is None
+    assert report.summary().endswith("not timed: floored where 10% of them lie that far")
     nearly_whole = batch(0, padded=False)
     nearly_whole["mask"][0, -1] = 0  # 1 logit of 16 in a quarter of the rows
     _, report = floored(attention_scores(), [nearly_whole])
