@@ -26,6 +26,11 @@ mode a tied projection of an 8-bit table has its activation quantized per tensor
 where the target's dynamic kernel beats its 8-bit weight-only one (``dynamic_table_projection``);
 the table is then in the target's weight type.
 
+A MatMul with 4-bit weights in dynamic mode reads its activation in float too, where the
+target's runtime has ``MatMulNBits`` (``reads_float_activations``): at ``accuracy_level`` 4 that
+kernel quantizes the activation to 8 bits per block as it runs, which is what dynamic mode asks
+for, and onnxruntime has no other 4-bit kernel.
+
 Where the target fuses a weighted op with the ``Add`` of a skip connection
 (``kernels.residual_inputs``, static mode), an ``Add`` of an annotated op's output (after its
 bias) and an activation that no weighted op produced gets a ``ResidualAnnotation``: its skip
@@ -294,7 +299,10 @@ class AnnotatePass(ir.passes.InPlacePass):
         if reason:
             return KeepFloat(reason)
         activation = _input(node, layout.activation)
-        weight_only = self.options.mode is Mode.WEIGHT_ONLY and not self._dynamic_projection(node)
+        float_activation = self.options.mode is Mode.WEIGHT_ONLY or (
+            node.op_type == "MatMul" and reads_float_activations(self.target, self.options)
+        )
+        weight_only = float_activation and not self._dynamic_projection(node)
         activation_spec = None if weight_only else self._activation_spec(activation)
         return NodeAnnotation(
             activation=None if weight_only else layout.activation,
@@ -440,6 +448,24 @@ class AnnotatePass(ir.passes.InPlacePass):
         if bias is None or bias.const_value is None or not _is_row(bias.const_value.shape):
             return None
         return layout.bias if bias.dtype == ir.DataType.FLOAT else None
+
+
+NBITS_RULE = "matmul-nbits"
+"""The lowering rule (``qgraph.passes.lowering``) that writes a 4-bit weight-only MatMul as
+``MatMulNBits``; a target lists it where its runtime has that kernel."""
+
+
+def reads_float_activations(target: TargetSpec, options: QuantOptions) -> bool:
+    """Whether the quantized MatMuls read float activations: in weight-only mode, and in
+    dynamic mode with 4-bit weights on a target whose runtime has ``MatMulNBits``, which
+    quantizes the activation itself (module docstring)."""
+    if options.mode is Mode.WEIGHT_ONLY:
+        return True
+    return (
+        options.mode is Mode.DYNAMIC
+        and options.weight_dtype.bitwidth == 4
+        and NBITS_RULE in target.lowering_rules
+    )
 
 
 def _weight_problem(node: ir.Node, layout: WeightedOp) -> str | None:

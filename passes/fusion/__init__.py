@@ -47,6 +47,7 @@ from rich.console import RenderableType
 
 from qgraph.graph.ops import MICROSOFT_DOMAIN
 from qgraph.graph.traversal import all_nodes
+from qgraph.passes.annotate import reads_float_activations
 from qgraph.passes.canonicalize import IdentityEliminationPass
 from qgraph.passes.fusion import (
     activations,
@@ -295,13 +296,14 @@ def _packs(ctx: PassContext) -> PackProjectionsPass | None:
 def _fusion_target(ctx: PassContext) -> TargetSpec:
     """The target as the fusion rules see it. A 2-D MatMul + Add becomes a Gemm where the
     target prefers one (``matmul_add_as_gemm``) for the int32 bias a quantized activation
-    gives it; weight-only mode quantizes no activation, and onnxruntime's weight-only kernel,
+    gives it; weight-only mode (and dynamic mode's 4-bit MatMuls, ``reads_float_activations``)
+    quantizes no activation, and onnxruntime's weight-only kernel,
     ``MatMulNBits`` (which it also fuses ``DQ(w) -> MatMul`` into), is a MatMul's: a Gemm
     reading a dequantized weight runs in float (``FusedGemm``), so there the Gemms become
     MatMul + Add instead (the README's MLP compiled weight-only kept 3 of its 4 layers float
     and its size)."""
     quantization = ctx.options.quantization
-    if quantization is None or quantization.mode is not Mode.WEIGHT_ONLY:
+    if quantization is None or not reads_float_activations(ctx.target, quantization):
         return ctx.target
     kernels = dataclasses.replace(ctx.target.kernels, matmul_add_as_gemm=False)
     return dataclasses.replace(ctx.target, kernels=kernels)

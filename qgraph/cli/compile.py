@@ -137,8 +137,9 @@ Examples:
     "--weight-dtype",
     type=click.Choice(WEIGHT_ONLY_DTYPES),
     help="Weight type: int4/uint4 are per-block, in any mode (static: W4A8, which onnxruntime's "
-    "CPU kernels do not run: those ops stay float, with a warning; weight-only mode runs "
-    "them); int8 is per channel, weight-only mode [default: int8 weight-only, the target's "
+    "CPU kernels do not run: those ops stay float, with a warning; weight-only and dynamic "
+    "modes run 4-bit MatMuls as MatMulNBits, which quantizes the activation per block as it "
+    "runs); int8 is per channel, weight-only mode [default: int8 weight-only, the target's "
     "otherwise].",
 )
 @click.option(

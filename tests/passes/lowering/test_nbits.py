@@ -123,13 +123,17 @@ def layers(width: int = 64) -> ir.Model:
     return ir.serde.deserialize_model(proto)
 
 
-@pytest.mark.parametrize(("dtype", "bias_op"), [("int8", "Sum"), ("int4", "Add")])
-def test_weight_only_mlp_layers_with_biases_all_run_matmul_nbits(dtype, bias_op):
+@pytest.mark.parametrize(
+    ("mode", "dtype", "bias_op"),
+    [("weight-only", "int8", "Sum"), ("weight-only", "int4", "Add"), ("dynamic", "int4", "Add")],
+)
+def test_weight_only_mlp_layers_with_biases_all_run_matmul_nbits(mode, dtype, bias_op):
     """Weight-only mode keeps MatMul + Add (no Gemm, which has no weight-only kernel), and an
     8-bit MatMul's bias Add is a Sum, so that onnxruntime fuses DQ -> MatMul into MatMulNBits
-    instead of MatMul + Add + Relu into a float FusedGemm (passes/lowering/nbits.py)."""
+    instead of MatMul + Add + Relu into a float FusedGemm (passes/lowering/nbits.py). Dynamic
+    mode's 4-bit MatMuls are MatMulNBits too, which quantizes the activation at run time."""
     options = qgraph.CompileOptions(
-        quantization=qgraph.quant_options(mode="weight-only", weight_dtype=dtype, block_size=32)
+        quantization=qgraph.quant_options(mode=mode, weight_dtype=dtype, block_size=32)
     )
     compiled = qgraph.compile_model(layers(), "x86-vnni", options=options).model
     op_types = [node.op_type for node in compiled.graph]
