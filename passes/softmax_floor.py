@@ -45,6 +45,7 @@ import onnx_ir as ir
 from qgraph.data import DataSource, input_specs, read_batches
 from qgraph.graph.building import fresh_initializer
 from qgraph.graph.ops import onnx_opset
+from qgraph.passes.fusion.reductions import AXES_AS_INPUT_OPSET
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.calibration import collect
 from qgraph.recipe import QuantOptions
@@ -67,8 +68,6 @@ READ_BYTES = 1 << 30
 """At most about this many bytes of logits are read from one run of the model: attention
 scores grow with the square of the context (32 heads over 2048 positions: 512 MB a layer).
 The first Softmax's are read alone, to learn their size."""
-AXES_AS_INPUT_OPSET = 18
-"""From this opset on, ReduceMax takes its axes as an input."""
 
 
 @dataclasses.dataclass(frozen=True)
