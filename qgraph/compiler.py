@@ -38,6 +38,7 @@ from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.passes.stored_weights import StoredWeightsReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import (
+    SAME_SPEED,
     BudgetError,
     OpCost,
     PlanReport,
@@ -59,12 +60,15 @@ from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
 from qgraph.sections import counted
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
-from qgraph.timing import CostModel, Timer, default_cache
+from qgraph.timing import CostModel, Timer, alternating_medians, default_cache
 
 logger = logging.getLogger(__name__)
 
 CHECKER_PASS = "onnx-checker"
 TARGET_METADATA_KEY = "qgraph.target"
+WHOLE_MODEL_RUNS = 9
+"""Alternating runs of the whole model in float and as compiled, after two untimed rounds: the
+plan's last check, where its gains were timed on this host (``_whole_model_check``)."""
 
 Progress = Callable[[str], None]
 """Told, in words, what the compile is doing now: loading, each pass, saving."""
@@ -293,12 +297,18 @@ def _planned_run(
         rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
     report, wide = _sixteen_bit_trial(context, rounds, report, quantization.budget)
     report, stored = _storage_trial(context, rounds, report, quantization.budget, wide)
-    kept = report.kept_reasons()
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
-    if wasted or other_format or asked_cache is not KvCache.FLOAT:
-        chosen = rounds.compile(kept, options.format, asked_cache, wide, stored)
-    else:
-        chosen = rounds.qdq_result(kept, wide, stored)
+    recompile = bool(wasted) or other_format or asked_cache is not KvCache.FLOAT
+
+    def final(report: PlanReport, wide: tuple[str, ...], stored: tuple[str, ...]):
+        kept = report.kept_reasons()
+        if recompile:
+            return rounds.compile(kept, options.format, asked_cache, wide, stored)
+        return rounds.qdq_result(kept, wide, stored)
+
+    chosen = final(report, wide, stored)
+    if context.timer is None and asked_cache is KvCache.FLOAT:
+        report, chosen = _whole_model_check(context, reference, rounds, report, chosen, final)
     return PipelineResult(chosen.model, records + chosen.records), report
 
 
@@ -546,6 +556,62 @@ def _storage_trial(
         return report, ()
     verdict = f"8-bit stored weights for the ops kept in float ({', '.join(tried)}): not stored"
     return dataclasses.replace(report, storage=verdict, rounds=report.rounds + len(tried)), ()
+
+
+def _whole_model_check(
+    context: _PlanContext,
+    reference: ir.Model,
+    rounds: _Rounds,
+    report: PlanReport,
+    chosen: PipelineResult,
+    final: Callable[[PlanReport, tuple[str, ...], tuple[str, ...]], PipelineResult],
+) -> tuple[PlanReport, PipelineResult]:
+    """The runtime's verdict on the plan: the chosen model and the float one (the same float
+    rewrites) timed whole on the plan's first batch, one thread, alternating. Each op's gain
+    was timed alone, and alone a float op pays layout changes that onnxruntime removes from a
+    chain of them (a 16-channel Conv: NCHWc reorders), while the quantized model pays Q/DQ
+    where int8 and float ops meet; on a model of small ops the two can outweigh the ops'
+    gains. Where the chosen model runs more than ``SAME_SPEED`` slower, every op is kept in
+    float (their weights stored in 8 bits where the budget holds). ``final`` compiles a
+    report's choice, as the plan's last step does."""
+    if len(report.kept_float) == len(context.speeds) and not report.wide:
+        return report, chosen
+    context.tell("plan: timing the whole model in float and as compiled")
+    feeds = context.sample.batches[0]
+    models = [ir.to_proto(reference), ir.to_proto(chosen.model)]
+    float_time, compiled_time = alternating_medians(models, feeds, WHOLE_MODEL_RUNS)
+    times = f"{compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f} ms in float"
+    if compiled_time <= (1 + SAME_SPEED) * float_time:
+        verdict = (
+            f"the whole model ran {float_time / compiled_time:.2f}x its float form here "
+            f"({times}, one thread, measured)"
+        )
+        return dataclasses.replace(report, whole_model=verdict), chosen
+    reason = (
+        "kept in float by the accuracy plan: the whole model ran slower with its ops in 8 bits "
+        f"here ({compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f}, measured)"
+    )
+    context.tell("plan: the whole model ran slower in 8 bits; every op kept in float")
+    kept = tuple(dataclasses.replace(op, fixed=reason) for op in context.speeds)
+    everything_float = rounds.qdq(kept_reasons(kept, report.budget))
+    figure = budget_score(report.budget, context.expected, everything_float, context.sample.batches)
+    verdict = (
+        f"every op kept in float: with them in 8 bits the whole model ran slower here ({times}, "
+        "one thread, measured)"
+    )
+    report = dataclasses.replace(
+        report,
+        kept_float=kept,
+        wide=(),
+        final=figure,
+        gain_share=0.0,
+        sixteen_bit="",
+        storage="",
+        whole_model=verdict,
+        whole_model_slower=True,
+    )
+    report, stored = _storage_trial(context, rounds, report, report.budget, ())
+    return report, final(report, (), stored)
 
 
 def _stored_weights(result: PipelineResult) -> tuple[str, ...]:

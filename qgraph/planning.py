@@ -38,6 +38,10 @@ op's own cost is measured as an output SQNR whatever the budget:
    and expanded once, at load (``passes/stored_weights.py``: ``storable``), if the budget
    still holds: first all of them, else only those kept for speed, whose activations never
    cost the budget anything (``compiler._storage_trial``).
+7. Where the gains were timed on this host, the chosen model and the float one are timed
+   whole (``compiler._whole_model_check``): the ops' gains, each timed alone, can miss what
+   the model pays where int8 and float ops meet. Where the chosen model runs more than
+   ``SAME_SPEED`` slower, every op stays float, its weights stored in 8 bits as in 6.
 
 Embedding tables are not candidates: 8 bits save their size and cost the dequantization of
 the rows a run gathers. One stays float where that costs a larger share of the model's time
@@ -161,6 +165,11 @@ class PlanReport:
     """Why the ops kept in float did not go to 16-bit activations, where that was tried."""
     storage: str = ""
     """What the plan found storing the weights of the ops kept in float in 8 bits, if tried."""
+    whole_model: str = ""
+    """What timing the whole model in float and as compiled found, where the gains were timed
+    on this host."""
+    whole_model_slower: bool = False
+    """The whole model ran slower with the plan's ops in 8 bits: every op stays float."""
 
     def kept_reasons(self) -> dict[str, str]:
         """Node name -> why the plan keeps it in float."""
@@ -171,6 +180,7 @@ class PlanReport:
             part
             for part in (
                 self._budget_summary(),
+                self.whole_model,
                 self.sixteen_bit,
                 self.storage,
                 self.smoothing,
@@ -181,6 +191,11 @@ class PlanReport:
 
     def _budget_summary(self) -> str:
         slow = [op for op in self.kept_float if op.slower and not op.fixed]
+        if self.whole_model_slower:
+            return (
+                f"accuracy budget {self.budget}: every op in float gives "
+                f"{self.budget.show(self.final)} on {self.sample}"
+            )
         kept = len(self.kept_float) - len(slow)
         verb = "stays" if len(slow) == 1 else "stay"
         slower = f"; {counted(len(slow), 'op')} {verb} float, slower in 8 bits here" if slow else ""

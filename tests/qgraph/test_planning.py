@@ -603,3 +603,71 @@ def test_the_plan_keeps_the_same_ops_float_when_the_output_is_qoperator():
     assert [op.node for op in result.plan.kept_float] == ["loud"]
     ops = {node.name: node.op_type for node in result.model.graph}
     assert ops["loud"] == "MatMul" and "MatMulIntegerToFloat" in ops.values()
+
+
+HOST_FLOAT_ONLY = dataclasses.replace(
+    qgraph.get_target("auto"),
+    activations=dataclasses.replace(qgraph.get_target("auto").activations, int16_digits=False),
+)
+"""This host's target without 16-bit digits: its gains count as timed here."""
+MATMUL = timing.OpShape("MatMul", ((ROWS, K),), (K, K), (), False)
+FASTER_IN_8_BITS = [
+    planning.OpCost("quiet", "MatMul", np.inf, 3e-4, 1e-3, shape=MATMUL),
+    planning.OpCost("loud", "MatMul", np.inf, 3e-4, 1e-3, shape=MATMUL),
+]
+
+
+def timed_whole(monkeypatch, float_seconds: float, compiled_seconds: float):
+    """Compile ``two_branches`` for this host, each op faster in 8 bits by its timing, the
+    whole model timed at ``float_seconds`` in float and ``compiled_seconds`` as compiled."""
+    timed = []
+
+    def medians(models, feeds, runs):
+        timed.append([{node.op_type for node in model.graph.node} for model in models])
+        return [float_seconds, compiled_seconds]
+
+    monkeypatch.setattr(compiler, "speed_gains", lambda *args: FASTER_IN_8_BITS)
+    monkeypatch.setattr(compiler, "alternating_medians", medians)
+    options = CompileOptions(
+        quantization=quant_options(calib=batches(), budget=0, smoothquant="none", measure=True)
+    )
+    result = qgraph.compile_model(two_branches(), HOST_FLOAT_ONLY, options=options)
+    (float_ops, compiled_ops), *more = timed
+    assert not more and "QuantizeLinear" not in float_ops and "QuantizeLinear" in compiled_ops
+    return result
+
+
+def test_the_whole_model_timed_faster_keeps_the_plan_and_reports_its_speed(monkeypatch):
+    result = timed_whole(monkeypatch, 2e-3, 1e-3)
+    assert result.plan.kept_float == ()
+    assert "the whole model ran 2.00x its float form here (1.00 ms against 2.00 ms" in (
+        result.plan.summary()
+    )
+    assert "QuantizeLinear" in [node.op_type for node in result.model.graph]
+
+
+def test_the_whole_model_timed_slower_keeps_every_op_in_float_with_8_bit_stored_weights(
+    monkeypatch,
+):
+    """Each op faster alone, the model slower: the runtime's verdict wins, every op goes float,
+    and their weights are still stored in 8 bits where the budget holds."""
+    result = timed_whole(monkeypatch, 1e-3, 1.2e-3)
+    report = result.plan
+    assert sorted(op.node for op in report.kept_float) == ["loud", "quiet"]
+    assert report.whole_model_slower and report.gain_share == 0.0
+    summary = report.summary()
+    assert "every op in float gives" in summary
+    assert "every op kept in float: with them in 8 bits the whole model ran slower here" in summary
+    assert "(1.20 ms against 1.00 ms in float" in summary
+    for reason in report.kept_reasons().values():
+        assert "the whole model ran slower with its ops in 8 bits" in reason
+    ops = [node.op_type for node in result.model.graph]
+    assert "QuantizeLinear" not in ops and ops.count("MatMul") == 2
+    stored = next(r.details for r in result.records if r.name == "store-float-weights")
+    assert sorted(stored.stored) == ["loud", "quiet"]
+    assert measured_sqnr(result.model) == pytest.approx(report.final, abs=0.01)
+
+
+def test_the_whole_model_within_the_timings_noise_keeps_the_plan(monkeypatch):
+    result = timed_whole(monkeypatch, 1e-3, (1 + planning.SAME_SPEED / 2) * 1e-3)
+    assert result.plan.kept_float == () and not result.plan.whole_model_slower

@@ -293,10 +293,19 @@ def test_quantizing_the_bundled_cnn_keeps_float_what_int8_makes_slower(tmp_path,
     kept = re.search(r"(\d+) of \1 quantized ops run as integer kernels", text)
     assert kept, "every quantized op an integer kernel"
     if int(kept.group(1)) == 0:
-        # A CPU whose int8 convolutions are slower (a Zen 1 EPYC: 0.77-0.96x at these widths)
-        # keeps all seven in float, says why, and adds nothing: SmoothQuant's Muls included.
-        assert "in 8 bits it ran slower here" in text
-        assert "Mul" not in qgraph.summarize(qgraph.load(tmp_path / "q.onnx")).op_histogram
+        # A CPU whose int8 convolutions are slower (a Zen 1 EPYC: 0.77-0.96x at these widths),
+        # alone or in the whole model (AVX2 kernels on a Xeon: each faster alone, the model
+        # slower), keeps all seven in float, says why, and adds no op on their activations
+        # (SmoothQuant's Muls included): a Mul only expands an 8-bit stored weight.
+        slower = ("in 8 bits it ran slower here", "in 8 bits the whole model ran slower here")
+        assert any(reason in text for reason in slower)
+        graph = qgraph.load(tmp_path / "q.onnx").graph
+        expansions = [node for node in graph if node.op_type == "Mul"]
+        assert all(
+            (use.node.op_type, use.idx) in {("Conv", 1), ("Gemm", 1)}
+            for node in expansions
+            for use in node.outputs[0].uses()
+        )
     else:
         assert "calibrated on 8 batches" in text
     evaluation = invoke("eval", "cnn.onnx", "q.onnx", "--data", "cnn.evaluation", "--json")
