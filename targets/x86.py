@@ -5,11 +5,14 @@ figures are in ``benchmarks/integer_kernels.md``):
 - u8 activations x s8 weights is the fast integer path (``vpmaddubsw`` on AVX2, ``vpdpbusd``
   with VNNI); s8 x s8 ``MatMulInteger`` ran about 3x slower than fp32 on AVX2.
 - Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates
-  unless the weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 64 = 32640 fits.
-  onnxruntime's U8U8 kernels widen both operands to int16 (``vpmaddwd``) and cannot saturate;
-  with weights stored as uint8 around zero point 128 they keep the full 8-bit range (7-bit
-  weights cost 6 dB of weight SQNR) and ran as fast as u8 x s8 here
-  (``benchmarks/integer_kernels.py``). So x86-avx2 stores weights as symmetric uint8.
+  unless the weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 63 = 32130 fits.
+  onnxruntime's U8U8 kernels widen both operands to int16 (``vpmaddwd``) and cannot saturate
+  with full 8-bit weights, but they are the slower path: on an Intel core running MLAS's AVX2
+  kernels (``benchmarks/avx2_host.py``) u8 x s8 ran 1.91-1.93x fp32 and u8 x u8 1.42-1.46x; a
+  Zen 1 EPYC ran both at 1.02-1.08x. So x86-avx2 takes u8 x s8 with 7-bit weights (-63..63),
+  as onnxruntime's ``reduce_range`` does: 6 dB less weight SQNR, which the accuracy plan
+  weighs (MiniLM under AVX2 kernels: 1.76x FP32 and mean cosine 0.9969, where u8 x u8 gave
+  1.42x and 0.9983).
 - onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
   consumer; u8 activations have no such restriction.
 - onnxruntime's CPU provider has no 16-bit integer matmul: a 16-bit activation Q/DQ only rounds
@@ -49,9 +52,9 @@ X86_VNNI = cpu_target(
 X86_AVX2 = dataclasses.replace(
     X86_VNNI,
     name="x86-avx2",
-    summary="x86-64 with AVX2, no VNNI: u8 activations x u8 weights around 128, cannot saturate",
-    weights=dataclasses.replace(X86_VNNI.weights, dtype=ir.DataType.UINT8),
-    # u8 x u8 MatMulInteger ran 1.02-1.07x fp32 on a Zen 1 EPYC (2026-12-06), 2.0x on another
-    # AVX2 CPU: the cost model takes the low end, so that it never promises a slowdown
+    summary="x86-64 with AVX2, no VNNI: u8 activations x s8 weights in 7 bits, cannot saturate",
+    weights=dataclasses.replace(X86_VNNI.weights, bits=7),
+    # u8 x s8 MatMulInteger ran 1.02-1.06x fp32 on a Zen 1 EPYC (2026-12-06), 1.9x under AVX2
+    # kernels on a Xeon: the cost model takes the low end, so that it never promises a slowdown
     kernels=dataclasses.replace(X86_VNNI.kernels, nominal_int8_speedup=1.05),
 )

@@ -3,9 +3,12 @@ output projection ``MatMul(h, Transpose(E))`` reads the same integer table."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qgraph
@@ -49,7 +52,9 @@ def batches(count: int = 4) -> list[dict[str, np.ndarray]]:
     return [{"ids": rng.integers(0, V, (2, 5)).astype(np.int64)} for _ in range(count)]
 
 
-def compiled(proto: onnx.ModelProto, target: str = "x86-vnni") -> qgraph.CompileResult:
+def compiled(
+    proto: onnx.ModelProto, target: str | qgraph.TargetSpec = "x86-vnni"
+) -> qgraph.CompileResult:
     options = CompileOptions(quantization=quant_options(calib=batches(), budget="none"))
     return qgraph.compile_model(proto, target, options=options)
 
@@ -83,12 +88,30 @@ def test_gathered_rows_are_within_half_a_step_of_the_float_rows():
     assert np.any(error > 0), "the rows were rounded"
 
 
-def test_uint8_tables_keep_their_zero_point_on_avx2():
-    model = compiled(tied_lm(), "x86-avx2").model
-    assert model.graph.initializers["E_quantized"].const_value.dtype == ir.DataType.UINT8
+AVX2 = qgraph.get_target("x86-avx2")
+U8_WEIGHTS = dataclasses.replace(
+    AVX2,
+    name="u8-weights",
+    weights=dataclasses.replace(AVX2.weights, dtype=ir.DataType.UINT8, bits=8),
+)
+"""Weights as uint8 around zero point 128, full 8 bits (a target record may ask for them)."""
+
+
+@pytest.mark.parametrize(
+    ("target", "dtype", "levels"),
+    [(AVX2, ir.DataType.INT8, 63), (U8_WEIGHTS, ir.DataType.UINT8, 127)],
+    ids=["avx2-7-bit", "uint8"],
+)
+def test_tables_are_stored_as_the_target_stores_weights(target, dtype, levels):
+    """x86-avx2's table in 7 bits (its dynamic u8 x s8 projection cannot saturate); a uint8
+    one keeps its zero point."""
+    model = compiled(tied_lm(), target).model
+    assert model.graph.initializers["E_quantized"].const_value.dtype == dtype
     ids = batches(1)[0]["ids"]
-    step = np.abs(E).max(axis=1) / 127
-    assert np.all(np.abs(embedded(model, ids) - E[ids]) <= step[ids][..., None] / 2 * (1 + 1e-6))
+    step = np.abs(E).max(axis=1) / levels
+    error = np.abs(embedded(model, ids) - E[ids])
+    assert np.all(error <= step[ids][..., None] / 2 * (1 + 1e-6))
+    assert np.any(error > step[ids][..., None] / 4), "rounded to this many levels, not finer"
 
 
 def test_a_table_also_read_in_float_keeps_its_gather_float():

@@ -134,10 +134,10 @@ def test_a_diff_counts_what_the_compile_did(make_model):
     assert diff.created_by_pass["fusion"] == {"com.microsoft::Gelu": 1}
     assert diff.after.quantized_ops == {"MatMul": 2}
     assert diff.quantized_tensors == {
-        ("weight", "uint8 per-channel(axis 1)"): 2,
+        ("weight", "int8 per-channel(axis 1)"): 2,
         ("activation", "uint8 per-tensor"): 2,
     }
-    # two 8 x 8 float32 weights (512 B) become uint8 (128 B) with a float scale and a uint8
+    # two 8 x 8 float32 weights (512 B) become int8 (128 B) with a float scale and an int8
     # zero point per channel (96 B); the 3 scalars and the 2 activations' pairs (10 B) remain
     assert diff.before.parameter_bytes == 512 + 12
     assert diff.after.parameter_bytes == 128 + 2 * 8 * (4 + 1) + 2 * (4 + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import onnx_ir as ir
 import pytest
 
 import qgraph
@@ -33,8 +34,10 @@ def test_a_corrupt_or_stale_cache_is_measured_again(tmp_path, monkeypatch):
 
 
 def test_the_key_names_the_types_and_the_runtime():
-    avx2 = qgraph.get_target("x86-avx2")  # uint8 weights: another kernel
-    assert SHAPE.key(TARGET) != SHAPE.key(avx2)
+    u8u8 = dataclasses.replace(  # uint8 weights: another kernel
+        TARGET, weights=dataclasses.replace(TARGET.weights, dtype=ir.DataType.UINT8)
+    )
+    assert SHAPE.key(TARGET) != SHAPE.key(u8u8)
     assert SHAPE.key(TARGET) == timing.OpShape(*timing.dataclasses.astuple(SHAPE)).key(TARGET)
 
 

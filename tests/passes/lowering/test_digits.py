@@ -186,7 +186,10 @@ def test_a_16_bit_activation_runs_as_integer_products_in_the_compiled_model():
         verify.run(verify.session(model_of(node, shape, weights)), data[0])["y"],
         verify.run(verify.session(compiled), data[0])["y"],
     )
-    assert eight_bit_error < 0.01, "8-bit weights, 16-bit activations: the weights' error only"
+    # per-channel weight steps of max |w| / levels leave an rms error of step / sqrt(12), a
+    # fraction (0.3-0.6 for these channels) of max |w| / levels relative to the output
+    levels = 2 ** (qgraph.get_target("x86-avx2").weights.bits - 1) - 1
+    assert eight_bit_error < 1 / levels, "16-bit activations: the weights' error only"
 
 
 def test_a_grouped_conv_stays_16_bit_q_dq_with_its_reason():

@@ -5,8 +5,9 @@ projection ``MatMul(h, Transpose(E))`` store ``E`` once (8 bits per row, or 4 in
 projection of an 8-bit table) without dequantizing any weight on a run.
 
 The bounds are the quantization steps: a weight dequantizes within ``s_w / 2`` of its float value
-(``s_w`` = block or row max ``|w|`` over 7 or 127; a 4-bit table is asymmetric, uint4 over a
-range holding 0, whose step (max - min) / 15 <= max ``|w|`` / 7.5 the int4 one bounds).
+(``s_w`` = block max ``|w|`` over 7, or row max over the target's 8-bit levels, 63 with 7-bit
+weights; a 4-bit table is asymmetric, uint4 over a range holding 0, whose step (max - min) / 15
+<= max ``|w|`` / 7.5 the int4 one bounds).
 onnxruntime fuses ``DQ -> MatMul`` into ``MatMulNBits(accuracy_level=4)``, which also rounds
 its input per block of ``B`` along ``K``, to int8 within ``s_x / 2`` (``s_x`` at most the
 block's max ``|x|`` / 127, which bounds its symmetric and asymmetric forms alike). So a
@@ -39,6 +40,10 @@ W_UP = (RNG.standard_normal((H, F)) / np.sqrt(H)).astype(np.float32)
 W_DOWN = (RNG.standard_normal((F, H)) / np.sqrt(F)).astype(np.float32)
 ROUNDING = 1 + 1e-5
 """float32 rounding of the dequantized values and sums, relative."""
+TARGET = qgraph.get_target("x86-avx2")
+TABLE_LEVELS = 2 ** (TARGET.weights.bits - 1) - 1
+"""An 8-bit table is stored as the target stores weights (x86-avx2: 7 bits, so that its
+dynamic u8 x s8 projection cannot saturate), symmetric over this many levels."""
 
 
 def tied_decoder() -> onnx.ModelProto:
@@ -78,7 +83,7 @@ def weight_only(dtype: str, **flags) -> qgraph.CompileResult:
         ),
         format=QuantFormat.QDQ,
     )
-    return qgraph.compile_model(tied_decoder(), "x86-avx2", options=options)
+    return qgraph.compile_model(tied_decoder(), TARGET, options=options)
 
 
 def with_outputs(model: ir.Model, names: tuple[str, ...]) -> ir.Model:
@@ -89,7 +94,7 @@ def with_outputs(model: ir.Model, names: tuple[str, ...]) -> ir.Model:
 
 
 def row_steps(levels: int) -> np.ndarray:
-    """Each row of ``E``'s step, symmetric over ``levels`` (127 for int8)."""
+    """Each row of ``E``'s step, symmetric over ``levels``."""
     return np.abs(E).max(axis=1, keepdims=True) / levels
 
 
@@ -158,7 +163,11 @@ def dynamic_projection(variant: str) -> bool:
 
 def table_steps(variant: str) -> np.ndarray:
     """The step of each element of ``E`` as ``variant`` stores it."""
-    return block_steps(7) if variant == "int4_tables" else np.broadcast_to(row_steps(127), E.shape)
+    return (
+        block_steps(7)
+        if variant == "int4_tables"
+        else np.broadcast_to(row_steps(TABLE_LEVELS), E.shape)
+    )
 
 
 def runtime_nbits(model: ir.Model) -> dict[int, int]:
@@ -170,7 +179,7 @@ def runtime_nbits(model: ir.Model) -> dict[int, int]:
 def test_int4_keeps_the_tied_table_in_eight_bits_and_the_rest_in_four(int4):
     graph = int4.model.graph
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
-    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", ir.DataType.UINT8)]
+    assert [(t.name, t.dtype) for t in tables] == [("E_quantized", TARGET.weights.dtype)]
     assert "GatherBlockQuantized" not in {node.op_type for node in graph}
     kernels = runtime_kernels(int4.model)
     assert kernels.complete and kernels.quantized == 3, kernels.float_ops
@@ -229,7 +238,7 @@ def test_the_tied_projection_is_within_the_quantization_bound(compiled, request)
 
 def test_int8_gathers_integer_rows_and_runs_8_bit_nbits_kernels(int8):
     graph = int8.model.graph
-    assert graph.initializers["E_quantized"].const_value.dtype == ir.DataType.UINT8
+    assert graph.initializers["E_quantized"].const_value.dtype == TARGET.weights.dtype
     tables = [v for v in graph.initializers.values() if v.const_value.size >= V * H]
     assert [t.name for t in tables] == ["E_quantized"], "one copy of the table"
     kernels = runtime_kernels(int8.model)
@@ -323,7 +332,7 @@ def test_a_4_bit_table_read_by_a_gather_alone_runs_gather_block_quantized(width)
         ),
         format=QuantFormat.QDQ,
     )
-    model = qgraph.compile_model(proto, "x86-avx2", options=options).model
+    model = qgraph.compile_model(proto, TARGET, options=options).model
     assert "GatherBlockQuantized" in {node.op_type for node in model.graph}
     ids = batches(1)[0]["ids"]
     rows = verify.run(with_outputs(model, ("x",)), {"ids": ids}, optimize=True)["x"]
