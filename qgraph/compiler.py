@@ -300,9 +300,7 @@ def _planned_run(
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
     recompile = bool(wasted) or other_format or asked_cache is not KvCache.FLOAT
 
-    def final(
-        report: PlanReport, wide: tuple[str, ...], stored: tuple[str, ...]
-    ) -> PipelineResult:
+    def final(report: PlanReport, wide: tuple[str, ...], stored: tuple[str, ...]) -> PipelineResult:
         kept = report.kept_reasons()
         if recompile:
             return rounds.compile(kept, options.format, asked_cache, wide, stored)
