@@ -190,12 +190,12 @@ class PlanReport:
         )
 
     def _budget_summary(self) -> str:
-        slow = [op for op in self.kept_float if op.slower and not op.fixed]
         if self.whole_model_slower:
             return (
                 f"accuracy budget {self.budget}: every op in float gives "
                 f"{self.budget.show(self.final)} on {self.sample}"
             )
+        slow = [op for op in self.kept_float if op.slower and not op.fixed]
         kept = len(self.kept_float) - len(slow)
         verb = "stays" if len(slow) == 1 else "stay"
         slower = f"; {counted(len(slow), 'op')} {verb} float, slower in 8 bits here" if slow else ""
