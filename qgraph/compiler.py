@@ -222,6 +222,10 @@ def _planned_run(
     5. Where the plan kept in float every reader of a tensor SmoothQuant scaled (magika's
        Conv), the float rewrites run again told so, and the chosen round is compiled from
        them: its float ops read their own weights, with no ``X / s`` before them.
+    6. Where the gains were timed on this host, the chosen model and its float form are timed
+       whole (``_whole_model_check``); where it runs slower, every op stays float (their
+       weights stored in 8 bits where the budget holds), from float rewrites without the
+       smoothing that then serves no quantized reader.
 
     The probe and the rounds keep a decoder's KV cache float, as the plan's data holds it;
     an int8 cache (``--kv-cache int8``) is calibrated once, in the chosen round's final compile.
@@ -281,24 +285,33 @@ def _planned_run(
         report = dataclasses.replace(report, rotation=trial.verdict)
         records = prepared.records
     report = dataclasses.replace(report, smoothing=smoothing_trial.verdict)
-    kept = report.kept_reasons()
-    chosen = rounds.qdq_result(kept)
-    wasted = smoothed_for_float_readers(records, chosen.model)
-    if wasted:
+
+    def without_wasted_smoothing(
+        report: PlanReport, rotate: bool
+    ) -> tuple[list[PassRecord], _Rounds] | None:
+        """The float rewrites again, told what stays float, where SmoothQuant scaled a tensor
+        all of whose readers the report keeps in float (else None)."""
+        kept = report.kept_reasons()
+        wasted = smoothed_for_float_readers(records, rounds.qdq(kept))
+        if not wasted:
+            return None
         tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
-        final = dataclasses.replace(informed, keep_float=tuple(kept.items()), rotate=rotated)
+        told = dataclasses.replace(informed, keep_float=tuple(kept.items()), rotate=rotate)
         prepared = _float_rewrites(
             ir.from_proto(pristine),
             spec,
-            dataclasses.replace(full_options, quantization=final),
+            dataclasses.replace(full_options, quantization=told),
             on_pass,
         )
-        records = prepared.records
-        rounds = _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
+        return prepared.records, _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
+
+    rebuilt = without_wasted_smoothing(report, rotated)
+    if rebuilt:
+        records, rounds = rebuilt
     report, wide = _sixteen_bit_trial(context, rounds, report, quantization.budget)
     report, stored = _storage_trial(context, rounds, report, quantization.budget, wide)
     other_format = (options.format or spec.format) is not QuantFormat.QDQ
-    recompile = bool(wasted) or other_format or asked_cache is not KvCache.FLOAT
+    recompile = bool(rebuilt) or other_format or asked_cache is not KvCache.FLOAT
 
     def final(report: PlanReport, wide: tuple[str, ...], stored: tuple[str, ...]) -> PipelineResult:
         kept = report.kept_reasons()
@@ -308,7 +321,15 @@ def _planned_run(
 
     chosen = final(report, wide, stored)
     if context.timer is None and asked_cache is KvCache.FLOAT:
-        report, chosen = _whole_model_check(context, reference, rounds, report, chosen, final)
+        report = _whole_model_check(context, reference, report, chosen)
+        if not report.whole_model_slower:
+            return PipelineResult(chosen.model, records + chosen.records), report
+        rebuilt = without_wasted_smoothing(report, rotate=False)
+        if rebuilt:
+            records, rounds = rebuilt
+            recompile = True
+        report, stored = _all_float(context, rounds, report)
+        chosen = final(report, (), stored)
     return PipelineResult(chosen.model, records + chosen.records), report
 
 
@@ -559,23 +580,17 @@ def _storage_trial(
 
 
 def _whole_model_check(
-    context: _PlanContext,
-    reference: ir.Model,
-    rounds: _Rounds,
-    report: PlanReport,
-    chosen: PipelineResult,
-    final: Callable[[PlanReport, tuple[str, ...], tuple[str, ...]], PipelineResult],
-) -> tuple[PlanReport, PipelineResult]:
+    context: _PlanContext, reference: ir.Model, report: PlanReport, chosen: PipelineResult
+) -> PlanReport:
     """The runtime's verdict on the plan: the chosen model and the float one (the same float
     rewrites) timed whole on the plan's first batch, one thread, alternating. Each op's gain
     was timed alone, and alone a float op pays layout changes that onnxruntime removes from a
     chain of them (a 16-channel Conv: NCHWc reorders), while the quantized model pays Q/DQ
     where int8 and float ops meet; on a model of small ops the two can outweigh the ops'
-    gains. Where the chosen model runs more than ``SAME_SPEED`` slower, every op is kept in
-    float (their weights stored in 8 bits where the budget holds). ``final`` compiles a
-    report's choice, as the plan's last step does."""
+    gains. Returns the report with the verdict; where the chosen model runs more than
+    ``SAME_SPEED`` slower, with every op kept in float (``_all_float`` finishes it)."""
     if len(report.kept_float) == len(context.speeds) and not report.wide:
-        return report, chosen
+        return report
     context.tell("plan: timing the whole model in float and as compiled")
     feeds = context.sample.batches[0]
     models = [ir.to_proto(reference), ir.to_proto(chosen.model)]
@@ -586,32 +601,38 @@ def _whole_model_check(
             f"the whole model ran {float_time / compiled_time:.2f}x its float form here "
             f"({times}, one thread, measured)"
         )
-        return dataclasses.replace(report, whole_model=verdict), chosen
+        return dataclasses.replace(report, whole_model=verdict)
+    context.tell("plan: the whole model ran slower in 8 bits; every op kept in float")
     reason = (
         "kept in float by the accuracy plan: the whole model ran slower with its ops in 8 bits "
         f"here ({compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f}, measured)"
     )
-    context.tell("plan: the whole model ran slower in 8 bits; every op kept in float")
-    kept = tuple(dataclasses.replace(op, fixed=reason) for op in context.speeds)
-    everything_float = rounds.qdq(kept_reasons(kept, report.budget))
-    figure = budget_score(report.budget, context.expected, everything_float, context.sample.batches)
     verdict = (
         f"every op kept in float: with them in 8 bits the whole model ran slower here ({times}, "
         "one thread, measured)"
     )
-    report = dataclasses.replace(
+    return dataclasses.replace(
         report,
-        kept_float=kept,
+        kept_float=tuple(dataclasses.replace(op, fixed=reason) for op in context.speeds),
         wide=(),
-        final=figure,
         gain_share=0.0,
         sixteen_bit="",
         storage="",
         whole_model=verdict,
         whole_model_slower=True,
     )
-    report, stored = _storage_trial(context, rounds, report, report.budget, ())
-    return report, final(report, (), stored)
+
+
+def _all_float(
+    context: _PlanContext, rounds: _Rounds, report: PlanReport
+) -> tuple[PlanReport, tuple[str, ...]]:
+    """``report`` (every op kept in float) with the budget's figure measured, and its weights
+    stored in 8 bits where the budget holds (``_storage_trial``)."""
+    everything_float = rounds.qdq(report.kept_reasons())
+    batches = context.sample.batches
+    figure = budget_score(report.budget, context.expected, everything_float, batches)
+    report = dataclasses.replace(report, final=figure)
+    return _storage_trial(context, rounds, report, report.budget, ())
 
 
 def _stored_weights(result: PipelineResult) -> tuple[str, ...]:

@@ -617,7 +617,7 @@ FASTER_IN_8_BITS = [
 ]
 
 
-def timed_whole(monkeypatch, float_seconds: float, compiled_seconds: float):
+def timed_whole(monkeypatch, float_seconds: float, compiled_seconds: float, smoothquant="none"):
     """Compile ``two_branches`` for this host, each op faster in 8 bits by its timing, the
     whole model timed at ``float_seconds`` in float and ``compiled_seconds`` as compiled."""
     timed = []
@@ -629,7 +629,7 @@ def timed_whole(monkeypatch, float_seconds: float, compiled_seconds: float):
     monkeypatch.setattr(compiler, "speed_gains", lambda *args: FASTER_IN_8_BITS)
     monkeypatch.setattr(compiler, "alternating_medians", medians)
     options = CompileOptions(
-        quantization=quant_options(calib=batches(), budget=0, smoothquant="none", measure=True)
+        quantization=quant_options(calib=batches(), budget=0, smoothquant=smoothquant, measure=True)
     )
     result = qgraph.compile_model(two_branches(), HOST_FLOAT_ONLY, options=options)
     (float_ops, compiled_ops), *more = timed
@@ -671,3 +671,21 @@ def test_the_whole_model_timed_slower_keeps_every_op_in_float_with_8_bit_stored_
 def test_the_whole_model_within_the_timings_noise_keeps_the_plan(monkeypatch):
     result = timed_whole(monkeypatch, 1e-3, (1 + planning.SAME_SPEED / 2) * 1e-3)
     assert result.plan.kept_float == () and not result.plan.whole_model_slower
+
+
+def smoothing_muls(model: ir.Model) -> list[str]:
+    """The ``Mul`` nodes reading a graph input: SmoothQuant's ``X / s`` on ``z``."""
+    inputs = set(model.graph.inputs)
+    return [node.name for node in model.graph if node.op_type == "Mul" and node.inputs[0] in inputs]
+
+
+def test_a_smoothed_model_timed_slower_goes_float_without_its_smoothing(monkeypatch):
+    """SmoothQuant's ``X / s`` on ``z`` serves only a quantized reader: with every op in
+    float it would only cost time, so the float rewrites run again without it."""
+    faster = timed_whole(monkeypatch, 2e-3, 1e-3, smoothquant=0.5)
+    assert smoothing_muls(faster.model), "smoothed where the plan keeps its readers quantized"
+    slower = timed_whole(monkeypatch, 1e-3, 1.2e-3, smoothquant=0.5)
+    assert slower.plan.whole_model_slower
+    assert smoothing_muls(slower.model) == []
+    assert "QuantizeLinear" not in [node.op_type for node in slower.model.graph]
+    assert measured_sqnr(slower.model) == pytest.approx(slower.plan.final, abs=0.01)
