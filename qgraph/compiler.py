@@ -69,6 +69,9 @@ TARGET_METADATA_KEY = "qgraph.target"
 WHOLE_MODEL_RUNS = 9
 """Alternating runs of the whole model in float and as compiled, after two untimed rounds: the
 plan's last check, where its gains were timed on this host (``_whole_model_check``)."""
+UNROTATED_FOR_FLOAT = "not rotated: with every op in float, the rotations would only cost time"
+"""The plan's rotation verdict where the whole model ran slower rotated and in 8 bits: the
+online rotations serve only 8-bit readers, so the float fallback is built unrotated."""
 
 Progress = Callable[[str], None]
 """Told, in words, what the compile is doing now: loading, each pass, saving."""
@@ -225,7 +228,7 @@ def _planned_run(
     6. Where the gains were timed on this host, the chosen model and its float form are timed
        whole (``_whole_model_check``); where it runs slower, every op stays float (their
        weights stored in 8 bits where the budget holds), from float rewrites without the
-       smoothing that then serves no quantized reader.
+       smoothing and the rotation that then serve no quantized reader.
 
     The probe and the rounds keep a decoder's KV cache float, as the plan's data holds it;
     an int8 cache (``--kv-cache int8``) is calibrated once, in the chosen round's final compile.
@@ -286,16 +289,21 @@ def _planned_run(
         records = prepared.records
     report = dataclasses.replace(report, smoothing=smoothing_trial.verdict)
 
-    def without_wasted_smoothing(
+    def without_wasted_rewrites(
         report: PlanReport, rotate: bool
     ) -> tuple[list[PassRecord], _Rounds] | None:
         """The float rewrites again, told what stays float, where SmoothQuant scaled a tensor
-        all of whose readers the report keeps in float (else None)."""
+        all of whose readers the report keeps in float, or where the model was rotated and
+        ``rotate`` is off (else None)."""
         kept = report.kept_reasons()
         wasted = smoothed_for_float_readers(records, rounds.qdq(kept))
-        if not wasted:
+        unrotate = rotated and not rotate
+        if not wasted and not unrotate:
             return None
-        tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
+        if wasted:
+            tell(f"plan: smoothing undone where every reader stays float ({', '.join(wasted)})")
+        if unrotate:
+            tell("plan: rotation undone, every op stays float")
         told = dataclasses.replace(informed, keep_float=tuple(kept.items()), rotate=rotate)
         prepared = _float_rewrites(
             ir.from_proto(pristine),
@@ -305,7 +313,7 @@ def _planned_run(
         )
         return prepared.records, _Rounds(spec, options, ir.to_proto(prepared.model), on_pass)
 
-    rebuilt = without_wasted_smoothing(report, rotated)
+    rebuilt = without_wasted_rewrites(report, rotated)
     if rebuilt:
         records, rounds = rebuilt
     report, wide = _sixteen_bit_trial(context, rounds, report, quantization.budget)
@@ -324,10 +332,12 @@ def _planned_run(
         report = _whole_model_check(context, reference, report, chosen)
         if not report.whole_model_slower:
             return PipelineResult(chosen.model, records + chosen.records), report
-        rebuilt = without_wasted_smoothing(report, rotate=False)
+        rebuilt = without_wasted_rewrites(report, rotate=False)
         if rebuilt:
             records, rounds = rebuilt
             recompile = True
+        if rotated:
+            report = dataclasses.replace(report, rotation=UNROTATED_FOR_FLOAT)
         report, stored = _all_float(context, rounds, report)
         chosen = final(report, (), stored)
     return PipelineResult(chosen.model, records + chosen.records), report

@@ -516,6 +516,35 @@ def test_the_plan_leaves_the_model_unrotated_and_says_why(decoder, target, budge
     assert "rotation" not in [record.name for record in result.records if record.modified]
 
 
+def test_a_rotated_model_timed_slower_goes_float_unrotated(decoder, monkeypatch):
+    """The plan rotates the decoder (the test above), then the whole model times slower than
+    float: every op goes float, and the online rotations, which served only the 8-bit
+    MatMuls, go too. Gains estimated as above, but counted as timed on this host, so the
+    whole-model check runs (its timing stubbed)."""
+    monkeypatch.setattr(compiler, "float_seconds", lambda *args: 1e-4)
+    monkeypatch.setattr(compiler, "is_host_target", lambda spec: True)
+    monkeypatch.setattr(compiler, "default_cache", timing.CostModel)
+    estimated = compiler.speed_gains
+    monkeypatch.setattr(
+        compiler,
+        "speed_gains",
+        lambda model, batch, spec, timer: estimated(model, batch, spec, timing.CostModel()),
+    )
+    monkeypatch.setattr(compiler, "alternating_medians", lambda *args: [1e-3, 1.2e-3])
+    flags = {"calib": str(decoder.calibration), "budget": 25, "smoothquant": "none"}
+    options = CompileOptions(quantization=quant_options(**flags, measure=True))
+    result = qgraph.compile_model(decoder.model, "x86-vnni", options=options)
+    report = result.plan
+    assert report.whole_model_slower
+    assert report.rotation == compiler.UNROTATED_FOR_FLOAT
+    assert "rotation" not in [record.name for record in result.records if record.modified]
+    assert "QuantizeLinear" not in [node.op_type for node in result.model.graph]
+    sample = planning.plan_sample(str(decoder.calibration)).batches
+    expected = planning.reference_outputs(qgraph.load(decoder.model), sample)
+    assert report.final == np.inf  # its float rewrites are the plan's float reference
+    assert planning.output_sqnr_db(expected, result.model, sample) > 100  # vs the raw model
+
+
 def test_rotate_auto_without_a_plan_is_an_error():
     with pytest.raises(RecipeError, match="rotate = auto lets the accuracy plan decide"):
         quant_options(calib=batches(), budget="none", rotate="auto")
