@@ -49,8 +49,8 @@ from qgraph.passes.fusion.reductions import AXES_AS_INPUT_OPSET
 from qgraph.pipeline import PassBuilder, ReportingPassResult
 from qgraph.quant.calibration import collect
 from qgraph.recipe import QuantOptions
+from qgraph.stopwatch import alternating_medians
 from qgraph.targets import is_host_target
-from qgraph.timing import alternating_medians
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ from qgraph.passes.smoothquant import SmoothQuantReport
 from qgraph.passes.stored_weights import StoredWeightsReport
 from qgraph.pipeline import PassRecord, Phase, Pipeline, PipelineResult
 from qgraph.planning import (
-    SAME_SPEED,
     BudgetError,
     OpCost,
     PlanReport,
@@ -59,8 +58,9 @@ from qgraph.planning import (
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
 from qgraph.sections import counted
+from qgraph.stopwatch import SAME_SPEED, alternating_medians
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
-from qgraph.timing import CostModel, Timer, alternating_medians, default_cache
+from qgraph.timing import CostModel, Timer, default_cache
 
 logger = logging.getLogger(__name__)
 

@@ -70,6 +70,7 @@ from qgraph.kernels import is_qdq_group
 from qgraph.passes.annotate import embedding_table
 from qgraph.passes.stored_weights import STORED_OPS
 from qgraph.sections import counted
+from qgraph.stopwatch import SAME_SPEED
 from qgraph.targets import TargetSpec
 from qgraph.timing import TIMED_OPS, OpShape, Timer, default_cache, op_shape
 from qgraph.verify import expose_values, run, session
@@ -88,11 +89,6 @@ IMPACT_ROWS = 2
 of the first batch only: on SmolLM2 (271 candidates) 8 rows of 128 tokens took 20 minutes."""
 MAX_ROUNDS = 9
 """Compiles in all, the all-8-bit one included."""
-SAME_SPEED = 0.03
-"""An op whose 8-bit time exceeds its float time by less than this share runs at the same
-speed: six timings of each of SmolLM2's three MatMul shapes (each the median of 15
-alternating runs) gave fp32 / int8 ratios spread over 0.975-1.051 for one shape (AVX2 host,
-2026-12-07, a compile running beside), where u8 kernels run at 0.97-1.08x of fp32."""
 SIZE_WORTH = 0.01
 """What quantizing an op is worth at least, as a share of its float time: an op that 8 bits
 leave at the same speed still shrinks 4x. Keeping in float the ops of most error per worth

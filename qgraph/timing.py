@@ -4,7 +4,7 @@ For each candidate op of the accuracy plan, a one-op float model and its 8-bit t
 as qgraph writes it (the activations through QuantizeLinear / DequantizeLinear, the weight
 dequantized per output channel in the target's weight type, a Q/DQ pair on the output of the
 ops the target fuses only behind one), run in onnxruntime with every optimization at one
-intra-op thread, the two alternating run by run, median of ``RUNS``, at the op's own shapes.
+intra-op thread, the two alternating run by run (``qgraph.stopwatch``), at the op's own shapes.
 The gain is ``t_float - t_int8``: negative where int8 is slower (small Convs, whose quantize,
 requantize and layout work outweighs the product).
 
@@ -33,8 +33,6 @@ import hashlib
 import json
 import logging
 import math
-import statistics
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -46,11 +44,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qgraph.models import cache_dir
 from qgraph.passes.lowering import DigitLoweringPass
+from qgraph.stopwatch import TimesFile, alternating_medians
 from qgraph.targets import TargetSpec, host_cpu_flags
 
 logger = logging.getLogger(__name__)
 
-RUNS = 15
 TIMED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 _ATTRIBUTES = (
     "strides",
@@ -217,41 +215,13 @@ class TimingCache:
     measured = True
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries = self._read()
-
-    def _read(self) -> dict[str, list[float]]:
-        try:
-            loaded = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return loaded if isinstance(loaded, dict) else {}
+        self.file = TimesFile(path, count=2)
 
     def seconds(self, shape: OpShape, target: TargetSpec) -> tuple[float, float]:
-        key = shape.key(target)
-        found = self.entries.get(key)
-        if not _valid(found):
-            found = list(measure(shape, target))
-            self.entries[key] = found
-            self._write()
-        return found[0], found[1]
-
-    def _write(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(self.entries))
-            temporary.replace(self.path)
-        except OSError as error:
-            logger.warning("cannot write the timing cache %s: %s", self.path, error)
-
-
-def _valid(entry: object) -> bool:
-    return (
-        isinstance(entry, list)
-        and len(entry) == 2
-        and all(isinstance(t, float) and t > 0 for t in entry)
-    )
+        float_seconds, int8_seconds = self.file.seconds(
+            shape.key(target), lambda: list(measure(shape, target))
+        )
+        return float_seconds, int8_seconds
 
 
 def measure(shape: OpShape, target: TargetSpec) -> tuple[float, float]:
@@ -260,33 +230,6 @@ def measure(shape: OpShape, target: TargetSpec) -> tuple[float, float]:
     float_model, int8_model, feeds = _twins(shape, target, rng)
     float_seconds, int8_seconds = alternating_medians([float_model, int8_model], feeds)
     return float_seconds, int8_seconds
-
-
-def alternating_medians(
-    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = RUNS
-) -> list[float]:
-    """Median seconds of each model on ``feeds``, one intra-op thread, every optimization, the
-    models run in turn ``runs`` times after two untimed rounds (the first runs pack weights)."""
-    sessions = [one_thread_session(model) for model in models]
-    times: list[list[float]] = [[] for _ in sessions]
-    for run in range(2 + runs):
-        for sess, record in zip(sessions, times, strict=True):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            if run >= 2:
-                record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
-
-
-def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """An onnxruntime CPU session of ``model`` at one intra-op thread, every optimization."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def _twins(shape: OpShape, target: TargetSpec, rng: np.random.Generator):

@@ -1,0 +1,101 @@
+"""Interleaved timing in onnxruntime: the one way qgraph measures speed while it compiles.
+
+Each model gets a CPU session at one intra-op thread with every graph optimization on; the
+models run in turn, run by run, so that a slow spell of the host (a frequency change, a
+neighbour's burst) lands on all of them alike, and each one's time is the median of its runs.
+Two untimed rounds come first: the first runs pack weights and grow buffers.
+
+Timings worth keeping go to a ``TimesFile``, a JSON object of key -> seconds; an entry that is
+not a list of positive numbers of the expected length is measured again, never trusted, and a
+file that does not parse counts as empty.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+RUNS = 15
+SAME_SPEED = 0.03
+"""Two timings within this share of each other are the same speed: six timings of each of
+SmolLM2's three MatMul shapes (each the median of 15 alternating runs) gave fp32 / int8 ratios
+spread over 0.975-1.051 for one shape (AVX2 host, 2026-12-07, a compile running beside), where
+u8 kernels run at 0.97-1.08x of fp32."""
+
+
+def alternating_medians(
+    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = RUNS
+) -> list[float]:
+    """Median seconds of each model on ``feeds``, the models run in turn ``runs`` times after
+    two untimed rounds (module docstring)."""
+    sessions = [one_thread_session(model) for model in models]
+    times: list[list[float]] = [[] for _ in sessions]
+    for run in range(2 + runs):
+        for sess, record in zip(sessions, times, strict=True):
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            if run >= 2:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime CPU session of ``model`` at one intra-op thread, every optimization."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+class TimesFile:
+    """Measured seconds kept in a JSON file by key (module docstring)."""
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path = path
+        self.count = count
+        self.entries = self._read()
+
+    def seconds(self, key: str, measure: Callable[[], list[float]]) -> list[float]:
+        """The entry at ``key``, or ``measure()``'s, stored, where it is missing or invalid."""
+        found = self.entries.get(key)
+        if not self._valid(found):
+            found = measure()
+            self.entries[key] = found
+            self._write()
+        return found
+
+    def _valid(self, entry: object) -> bool:
+        return (
+            isinstance(entry, list)
+            and len(entry) == self.count
+            and all(isinstance(t, float) and t > 0 for t in entry)
+        )
+
+    def _read(self) -> dict[str, object]:
+        try:
+            loaded = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def _write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.entries))
+            temporary.replace(self.path)
+        except OSError as error:
+            logger.warning("cannot write the timings file %s: %s", self.path, error)
