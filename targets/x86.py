@@ -12,7 +12,9 @@ figures are in ``benchmarks/integer_kernels.md``):
   Zen 1 EPYC ran both at 1.02-1.08x. So x86-avx2 takes u8 x s8 with 7-bit weights (-63..63),
   as onnxruntime's ``reduce_range`` does: 6 dB less weight SQNR, which the accuracy plan
   weighs (MiniLM under AVX2 kernels: 1.76x FP32 and mean cosine 0.9969, where u8 x u8 gave
-  1.42x and 0.9983).
+  1.42x and 0.9983). Where u8 x u8 runs as fast, as on the Zen 1, those 6 dB cost nothing:
+  x86-avx2-u8 keeps full 8-bit weights as uint8 around 128, and ``--target auto`` picks
+  between the two by timing both kernels on the host (``kernel_race.py``).
 - onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
   consumer; u8 activations have no such restriction.
 - onnxruntime's CPU provider has no 16-bit integer matmul: a 16-bit activation Q/DQ only rounds
@@ -57,4 +59,12 @@ X86_AVX2 = dataclasses.replace(
     # u8 x s8 MatMulInteger ran 1.02-1.06x fp32 on a Zen 1 EPYC (2026-12-06), 1.9x under AVX2
     # kernels on a Xeon: the cost model takes the low end, so that it never promises a slowdown
     kernels=dataclasses.replace(X86_VNNI.kernels, nominal_int8_speedup=1.05),
+)
+
+X86_AVX2_U8 = dataclasses.replace(
+    X86_AVX2,
+    name="x86-avx2-u8",
+    summary="x86-64 with AVX2, no VNNI, where u8 x u8 runs as fast as u8 x s8 (Zen 1): "
+    "u8 activations x u8 weights around 128, full 8-bit, cannot saturate",
+    weights=dataclasses.replace(X86_VNNI.weights, dtype=ir.DataType.UINT8),
 )

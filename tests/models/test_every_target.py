@@ -6,7 +6,7 @@ its integer kernels, and matches its Q/DQ reference within one quantization step
 Every candidate is quantized (``budget="none"``): the rules and kernels are under test, not
 which ops the plan finds faster on this host. Where each target's output runs:
 
-- x86-avx2: this host's onnxruntime, every optimization on.
+- x86-avx2 and x86-avx2-u8: this host's onnxruntime, every optimization on.
 - x86-vnni: the same, judged only on a host with VNNI; without it u8 x s8 pair sums saturate
   int16 (``tests/targets/test_x86.py`` shows it), so the comparison skips there, saying so.
 - arm64: aarch64 onnxruntime under QEMU (the ``sysroot`` fixture).
@@ -35,7 +35,7 @@ from qgraph.report import quantization_counts
 from qgraph.targets import VNNI_FLAGS, host_cpu_flags
 from qgraph.testing import emulation
 
-TARGETS = ("x86-avx2", "x86-vnni", "arm64", "tensorrt")
+TARGETS = ("x86-avx2", "x86-avx2-u8", "x86-vnni", "arm64", "tensorrt")
 SLOW = frozenset({"alexnet", "vgg19", "zfnet512", "smollm2"})
 TORCH = frozenset({"minilm", "smollm2"})
 ZOO = models.BENCHMARKED

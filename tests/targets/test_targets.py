@@ -11,35 +11,54 @@ from onnx import helper
 import qgraph
 from qgraph import verify
 from qgraph.errors import UnknownTargetError
+from qgraph.stopwatch import SAME_SPEED
 from qgraph.targets import TARGETS, detect_host_target, get_target, host_cpu_flags
 from qgraph.targets.conformance import domains_supported, ir_version_loadable, opset_loadable
+from qgraph.targets.kernel_race import KernelRace
 from qgraph.targets.runtime import ORT_LIMITS
 
 
-def test_the_four_targets_are_registered():
-    assert list(TARGETS) == ["x86-vnni", "x86-avx2", "arm64", "tensorrt"]
+def test_the_five_targets_are_registered():
+    assert list(TARGETS) == ["x86-vnni", "x86-avx2", "x86-avx2-u8", "arm64", "tensorrt"]
     assert get_target(TARGETS["arm64"]) is TARGETS["arm64"]
 
 
 def test_unknown_target_lists_the_choices():
     with pytest.raises(
-        UnknownTargetError, match=r"unknown target 'x86'.*x86-vnni, x86-avx2, arm64, tensorrt, auto"
+        UnknownTargetError,
+        match=r"unknown target 'x86'.*x86-vnni, x86-avx2, x86-avx2-u8, arm64, tensorrt, auto",
     ):
         get_target("x86")
 
 
+INTEL_AVX2 = KernelRace(signed_seconds=1.0, unsigned_seconds=1.33)
+"""u8 x s8 1.92x fp32, u8 x u8 1.44x: AVX2 kernels on a Xeon (``benchmarks/avx2_host.py``)."""
+ZEN1 = KernelRace(signed_seconds=1.0, unsigned_seconds=0.98)
+"""Both at about 1.05x fp32, u8 x u8 a little ahead: a Zen 1 EPYC."""
+
+
 @pytest.mark.parametrize(
-    ("machine", "flags", "expected"),
+    ("machine", "flags", "race", "expected"),
     [
-        ("x86_64", {"sse4_2", "avx2", "fma"}, "x86-avx2"),
-        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, "x86-vnni"),
-        ("AMD64", {"avx2", "avx_vnni"}, "x86-vnni"),
-        ("aarch64", set(), "arm64"),
-        ("arm64", set(), "arm64"),
+        ("x86_64", {"sse4_2", "avx2", "fma"}, INTEL_AVX2, "x86-avx2"),
+        ("x86_64", {"sse4_2", "avx2", "fma"}, ZEN1, "x86-avx2-u8"),
+        ("x86_64", {"avx2"}, KernelRace(1.0, 1.0 + SAME_SPEED), "x86-avx2-u8"),
+        ("x86_64", {"avx2"}, KernelRace(1.0, 1.0 + 2 * SAME_SPEED), "x86-avx2"),
+        ("x86_64", {"avx2", "avx512f", "avx512_vnni"}, None, "x86-vnni"),
+        ("AMD64", {"avx2", "avx_vnni"}, None, "x86-vnni"),
+        ("aarch64", set(), None, "arm64"),
+        ("arm64", set(), None, "arm64"),
     ],
 )
-def test_auto_detection(machine, flags, expected):
-    assert detect_host_target(machine, frozenset(flags)).name == expected
+def test_auto_detection(machine, flags, race, expected):
+    """Without VNNI, the kernels race (``kernel_race.py``): full 8-bit u8 weights where they
+    multiply as fast as 7-bit s8 ones, within the timings' noise. No other host races."""
+
+    def timed():
+        assert race is not None, "only an x86 host without VNNI races its kernels"
+        return race
+
+    assert detect_host_target(machine, frozenset(flags), timed).name == expected
 
 
 def test_auto_on_an_unknown_architecture_asks_for_a_target():
@@ -70,6 +89,9 @@ def test_targets_are_frozen_records_that_differ_where_the_hardware_does():
         "kernels.nominal_int8_speedup",
     }
     assert (avx2.weights.bits, vnni.weights.bits) == (7, 8)  # vpmaddubsw's int16 pair sums
+    u8 = TARGETS["x86-avx2-u8"]
+    assert _differing(avx2, u8) == {"name", "summary", "weights.dtype", "weights.bits"}
+    assert (u8.weights.dtype, u8.weights.bits) == (ir.DataType.UINT8, 8)  # vpmaddwd: no pairs
     arm = TARGETS["arm64"]
     assert arm.activations.dtype.name == "INT8" and arm.activations.per_consumer
     trt = TARGETS["tensorrt"]
