@@ -58,7 +58,7 @@ from qgraph.planning import (
 from qgraph.recipe import AUTO_ALPHA, AUTO_ROTATION, KvCache
 from qgraph.registry import build_pipeline
 from qgraph.sections import counted
-from qgraph.stopwatch import SAME_SPEED, alternating_medians
+from qgraph.stopwatch import SAME_SPEED, alternating_medians, thread_words
 from qgraph.targets import QuantFormat, TargetSpec, get_target, is_host_target
 from qgraph.timing import CostModel, Timer, default_cache
 
@@ -329,7 +329,7 @@ def _planned_run(
 
     chosen = final(report, wide, stored)
     if context.timer is None and asked_cache is KvCache.FLOAT:
-        report = _whole_model_check(context, reference, report, chosen)
+        report = _whole_model_check(context, reference, report, chosen, quantization.threads)
         if not report.whole_model_slower:
             return PipelineResult(chosen.model, records + chosen.records), report
         rebuilt = without_wasted_rewrites(report, rotate=False)
@@ -590,36 +590,43 @@ def _storage_trial(
 
 
 def _whole_model_check(
-    context: _PlanContext, reference: ir.Model, report: PlanReport, chosen: PipelineResult
+    context: _PlanContext,
+    reference: ir.Model,
+    report: PlanReport,
+    chosen: PipelineResult,
+    threads: int,
 ) -> PlanReport:
     """The runtime's verdict on the plan: the chosen model and the float one (the same float
-    rewrites) timed whole on the plan's first batch, one thread, alternating. Each op's gain
+    rewrites) timed whole on the plan's first batch at ``threads`` intra-op threads (the
+    count the model will run at, ``QuantOptions.threads``), alternating. Each op's gain
     was timed alone, and alone a float op pays layout changes that onnxruntime removes from a
     chain of them (a 16-channel Conv: NCHWc reorders), while the quantized model pays Q/DQ
     where int8 and float ops meet; on a model of small ops the two can outweigh the ops'
-    gains. Returns the report with the verdict; where the chosen model runs more than
+    gains, and more threads split the float ops' work better than the quantized ones' small
+    ops. Returns the report with the verdict; where the chosen model runs more than
     ``SAME_SPEED`` slower, with every op kept in float (``_all_float`` finishes it)."""
     if len(report.kept_float) == len(context.speeds) and not report.wide:
         return report
     context.tell("plan: timing the whole model in float and as compiled")
     feeds = context.sample.batches[0]
     models = [ir.to_proto(reference), ir.to_proto(chosen.model)]
-    float_time, compiled_time = alternating_medians(models, feeds, WHOLE_MODEL_RUNS)
+    float_time, compiled_time = alternating_medians(models, feeds, WHOLE_MODEL_RUNS, threads)
     times = f"{compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f} ms in float"
+    where = thread_words(threads)
     if compiled_time <= (1 + SAME_SPEED) * float_time:
         verdict = (
             f"the whole model ran {float_time / compiled_time:.2f}x its float form here "
-            f"({times}, one thread, measured)"
+            f"({times}, {where}, measured)"
         )
         return dataclasses.replace(report, whole_model=verdict)
     context.tell("plan: the whole model ran slower in 8 bits; every op kept in float")
     reason = (
         "kept in float by the accuracy plan: the whole model ran slower with its ops in 8 bits "
-        f"here ({compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f}, measured)"
+        f"here ({compiled_time * 1e3:.2f} ms against {float_time * 1e3:.2f}, {where}, measured)"
     )
     verdict = (
         f"every op kept in float: with them in 8 bits the whole model ran slower here ({times}, "
-        "one thread, measured)"
+        f"{where}, measured)"
     )
     return dataclasses.replace(
         report,

@@ -198,6 +198,8 @@ class Latency:
     reference: float
     candidate: float
     runs: int
+    threads: int = INTRA_OP_THREADS
+    """Intra-op threads of both sessions, as set (``stopwatch.ALL_CORES``: every core)."""
 
     @property
     def speedup(self) -> float:
@@ -273,12 +275,14 @@ def evaluate(
     *,
     metric: str | None = None,
     runs: int = 20,
+    threads: int = INTRA_OP_THREADS,
     progress: Callable[[int], None] | None = None,
     reference_outputs: list[Outputs] | None = None,
 ) -> Evaluation:
-    """Compare ``candidate`` with ``reference`` on ``data`` (metric from the dataset if None).
-    ``reference_outputs``, one per batch (``reference_run``'s), stand for running ``reference``
-    again, as when one float model is compared with many candidates."""
+    """Compare ``candidate`` with ``reference`` on ``data`` (metric from the dataset if None),
+    both run at ``threads`` intra-op threads. ``reference_outputs``, one per batch
+    (``reference_run``'s), stand for running ``reference`` again, as when one float model is
+    compared with many candidates."""
     name = metric or read_info(data).metric or "generic"
     if name not in METRICS:
         raise EvaluationError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
@@ -287,7 +291,8 @@ def evaluate(
     views = [_view(path) for path in paths]
     interfaces = [interface for interface, _ in views]
     sessions = tuple(
-        evaluation_session(path, codec=codec) for path, (_, codec) in zip(paths, views, strict=True)
+        evaluation_session(path, threads, codec)
+        for path, (_, codec) in zip(paths, views, strict=True)
     )
     first: Feeds | None = None
     count = 0
@@ -303,7 +308,9 @@ def evaluate(
         raise EvaluationError(
             f"{len(reference_outputs)} stored reference outputs for {count} batches of {data}"
         )
-    latency = measure_latency(sessions, first, runs) if runs > 0 else None
+    latency = None
+    if runs > 0:
+        latency = dataclasses.replace(measure_latency(sessions, first, runs), threads=threads)
     return Evaluation(
         name, accumulator.result(), count, latency, model_bytes(reference), model_bytes(candidate)
     )

@@ -17,6 +17,7 @@ become underscores); flags given on the command line override it, and list flags
                                     # SQNR in dB, or "none": no plan [the data's metric]
     plan_data = "held-out/"         # the plan measures its budget here [calibration batches]
     measure = true                  # false: the plan estimates int8 gains (timing.CostModel)
+    threads = 1                     # the plan times the whole model at this many (0: every core)
     min_sqnr_db = 30                # more precision where 8 bits would be this noisy (off: 0)
     smoothquant = 0.5               # SmoothQuant's alpha, "auto", or "none" [static: auto]
     rotate = true                   # Hadamard rotations (QuaRot-style), or "auto" [static: auto]
@@ -174,6 +175,10 @@ class QuantOptions:
             target's ``nominal_int8_speedup`` instead (``timing.CostModel``). The Softmax
             floor (``qgraph.passes.softmax_floor``) is timed likewise, or decided from the
             share of far-below logits.
+        threads: The intra-op thread count the compiled model will run at (0: every core):
+            the plan's last check times the whole model there, compiled and in float, and
+            keeps every op float where 8 bits run slower (``compiler._whole_model_check``).
+            Each op's own gain is timed at one thread.
         keep_float: Node name -> reason, for ops the plan keeps in float.
         sixteen_bit: Activations the plan quantizes to 16 bits (as two 8-bit digits on a
             target without 16-bit kernels, ``ActivationScheme.int16_digits``); unlike a
@@ -210,6 +215,7 @@ class QuantOptions:
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
     budget: Budget | str | None = DATA_BUDGET
     measure: bool = True
+    threads: int = 1
     keep_float: tuple[tuple[str, str], ...] = ()
     sixteen_bit: tuple[str, ...] = ()
     stored_weights: tuple[str, ...] = ()
@@ -256,6 +262,12 @@ class QuantOptions:
             raise RecipeError(
                 "measure = false (--no-measure) changes how the accuracy plan weighs speed, "
                 "and no plan runs here: it needs static mode, a budget and --calib data"
+            )
+        if self.threads != 1 and not (self.planned and self.measure):
+            raise RecipeError(
+                f"threads = {self.threads} (--threads) is where the accuracy plan times the "
+                "whole model, and no plan times it here: it needs static mode, a budget, "
+                "--calib data and measuring (not --no-measure)"
             )
         if self.smoothquant is not None and self.mode is Mode.WEIGHT_ONLY:
             raise RecipeError(
@@ -557,6 +569,7 @@ _FIELDS = {
     "min_sqnr_db": _number("min_sqnr_db", float, 0.0, 100.0),
     "budget": _budget,
     "measure": _flag("measure"),
+    "threads": _number("threads", int, 0, 1024),
     "smoothquant": _smoothquant,
     "rotate": _rotate,
     "rotate_seed": _number("rotate_seed", int, 0, 2**32 - 1),

@@ -29,6 +29,7 @@ from qgraph.sections import (
     printable,
 )
 from qgraph.sections import table as _table
+from qgraph.stopwatch import thread_words
 from qgraph.targets import TargetSpec, Violation
 
 
@@ -258,7 +259,7 @@ def evaluation_report(evaluation: Evaluation, reference: str, candidate: str) ->
     latency = evaluation.latency
     if latency is not None:
         cost.add_row(
-            f"latency (median of {latency.runs}, 1 thread)",
+            f"latency (median of {latency.runs}, {thread_words(latency.threads)})",
             f"{1e3 * latency.reference:.3f} ms",
             f"{1e3 * latency.candidate:.3f} ms",
             f"{latency.speedup:.2f}x faster"

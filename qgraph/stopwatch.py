@@ -1,8 +1,9 @@
 """Interleaved timing in onnxruntime: the one way qgraph measures speed while it compiles.
 
-Each model gets a CPU session at one intra-op thread with every graph optimization on; the
-models run in turn, run by run, so that a slow spell of the host (a frequency change, a
-neighbour's burst) lands on all of them alike, and each one's time is the median of its runs.
+Each model gets a CPU session, at one intra-op thread unless asked, with every graph
+optimization on; the models run in turn, run by run, so that a slow spell of the host (a
+frequency change, a neighbour's burst) lands on all of them alike, and each one's time is the
+median of its runs.
 Two untimed rounds come first: the first runs pack weights and grow buffers.
 
 Timings worth keeping go to a ``TimesFile``, a JSON object of key -> seconds; an entry that is
@@ -26,6 +27,8 @@ import onnxruntime as ort
 logger = logging.getLogger(__name__)
 
 RUNS = 15
+ALL_CORES = 0
+"""``intra_op_num_threads`` 0: onnxruntime's default, a thread per core."""
 SAME_SPEED = 0.03
 """Two timings within this share of each other are the same speed: six timings of each of
 SmolLM2's three MatMul shapes (each the median of 15 alternating runs) gave fp32 / int8 ratios
@@ -34,11 +37,15 @@ u8 kernels run at 0.97-1.08x of fp32."""
 
 
 def alternating_medians(
-    models: list[onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int = RUNS
+    models: list[onnx.ModelProto],
+    feeds: dict[str, np.ndarray],
+    runs: int = RUNS,
+    threads: int = 1,
 ) -> list[float]:
-    """Median seconds of each model on ``feeds``, the models run in turn ``runs`` times after
-    two untimed rounds (module docstring)."""
-    sessions = [one_thread_session(model) for model in models]
+    """Median seconds of each model on ``feeds`` at ``threads`` intra-op threads
+    (``ALL_CORES``: every core), the models run in turn ``runs`` times after two untimed
+    rounds (module docstring)."""
+    sessions = [timed_session(model, threads) for model in models]
     times: list[list[float]] = [[] for _ in sessions]
     for run in range(2 + runs):
         for sess, record in zip(sessions, times, strict=True):
@@ -49,15 +56,21 @@ def alternating_medians(
     return [statistics.median(record) for record in times]
 
 
-def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """An onnxruntime CPU session of ``model`` at one intra-op thread, every optimization."""
+def timed_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    """An onnxruntime CPU session of ``model`` at ``threads`` intra-op threads, every
+    optimization."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+
+
+def thread_words(threads: int) -> str:
+    """``threads`` intra-op threads in words: one thread, every core, N threads."""
+    return {1: "one thread", ALL_CORES: "every core"}.get(threads, f"{threads} threads")
 
 
 class TimesFile:

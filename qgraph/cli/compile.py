@@ -233,6 +233,16 @@ Examples:
     "estimated [default: measure].",
 )
 @click.option(
+    "--threads",
+    type=click.IntRange(0, 1024),
+    metavar="N",
+    help="The intra-op thread count the compiled model will run at (0: every core, "
+    "onnxruntime's default). The plan's last check times the whole model there, compiled "
+    "and in float, and keeps every op float where 8 bits run slower: a small model's int8 "
+    "ops can gain at one thread and lose on several cores. Each op's own gain is timed at "
+    "one thread [default: 1].",
+)
+@click.option(
     "--smoothquant",
     metavar="[ALPHA]",
     is_flag=False,
@@ -340,6 +350,10 @@ def _quant_options(recipe: Path | None, flags: dict[str, object]) -> QuantOption
             asked.append("--weight-rounding gptq")
         if KvCache.INT8 in (flags.get("kv_cache"), table.get("kv_cache")):
             asked.append("--kv-cache int8")
+        if any(source.get("threads") is not None for source in (flags, table)):
+            asked.append("--threads")
+        if False in (flags.get("measure"), table.get("measure")):
+            asked.append("--no-measure")
         if asked:
             raise RecipeError(
                 f"{' and '.join(asked)} {'works' if len(asked) == 1 else 'work'} only in a "

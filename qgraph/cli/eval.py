@@ -38,13 +38,28 @@ from qgraph.report import evaluation_report
     show_default=True,
     help="Timed runs per model for latency (0: no timing).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 1024),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Intra-op threads of both models (0: every core, onnxruntime's default).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def eval_command(
-    reference: Path, candidate: Path, data: Path, metric: str | None, runs: int, as_json: bool
+    reference: Path,
+    candidate: Path,
+    data: Path,
+    metric: str | None,
+    runs: int,
+    threads: int,
+    as_json: bool,
 ) -> None:
     """Compare CANDIDATE with REFERENCE: accuracy, latency and size.
 
-    Both run in onnxruntime with all optimizations and one intra-op thread. Metrics: top1
+    Both run in onnxruntime with all optimizations, at one intra-op thread unless --threads
+    says otherwise (compile with the same --threads to plan for it). Metrics: top1
     (argmax agreement), embedding (cosine, nearest-neighbour agreement), causal-lm
     (perplexity ratio, next-token agreement, KL) and generic (SQNR and cosine per output).
     """
@@ -59,6 +74,7 @@ def eval_command(
             data,
             metric=metric,
             runs=runs,
+            threads=threads,
             progress=lambda done: bar.update(task, completed=done),
         )
     if as_json:

@@ -60,5 +60,5 @@ def test_onnxruntime_runs_its_avx2_kernels_under_the_mask() -> None:
         check=True,
     )
     target, error = done.stdout.split()
-    assert target == "x86-avx2"
+    assert target in ("x86-avx2", "x86-avx2-u8")  # which one, the kernel race decides
     assert int(error) > np.iinfo(np.int16).max

@@ -16,6 +16,7 @@ from qgraph.evaluation import (
     OutputFidelity,
     TopOneAgreement,
     evaluate,
+    evaluation_session,
     reference_run,
 )
 
@@ -134,6 +135,16 @@ def test_evaluate_end_to_end_gives_the_sqnr_of_a_known_scaling(tmp_path):
     assert evaluation.reference_bytes == (tmp_path / "ref.onnx").stat().st_size
     with pytest.raises(EvaluationError, match="unknown metric 'accuracy'"):
         evaluate(tmp_path / "ref.onnx", tmp_path / "cand.onnx", batches, metric="accuracy")
+
+
+def test_evaluate_runs_both_models_at_the_threads_asked(tmp_path):
+    _scaled(tmp_path / "ref.onnx", 1.0)
+    every_core = evaluation_session(tmp_path / "ref.onnx", threads=0).session
+    assert every_core.get_session_options().intra_op_num_threads == 0
+    batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)}]
+    evaluation = evaluate(tmp_path / "ref.onnx", tmp_path / "ref.onnx", batches, runs=2, threads=0)
+    assert evaluation.latency.threads == 0
+    assert evaluation.to_json()["latency"]["threads"] == 0
 
 
 def test_stored_reference_outputs_give_the_figures_of_a_fresh_run(tmp_path):

@@ -11,8 +11,10 @@ import pytest
 from rich.console import Console
 
 import qgraph
+from qgraph.evaluation import Evaluation, Latency
 from qgraph.pipeline import PassRecord, Phase
 from qgraph.report import (
+    evaluation_report,
     explain_report,
     format_bytes,
     format_count,
@@ -121,3 +123,13 @@ class _Outcome:
 
     def outcome(self) -> QuantizationOutcome:
         return self.fixed
+
+
+@pytest.mark.parametrize(
+    ("threads", "words"), [(1, "one thread"), (0, "every core"), (4, "4 threads")]
+)
+def test_the_evaluation_report_says_at_how_many_threads_it_timed(threads, words):
+    latency = Latency(reference=2e-3, candidate=1e-3, runs=20, threads=threads)
+    evaluation = Evaluation("generic", {}, 1, latency, 100, 30)
+    text = _rendered(evaluation_report(evaluation, "a.onnx", "b.onnx"))
+    assert f"latency (median of 20, {words})" in text and "2.00x faster" in text

@@ -370,6 +370,24 @@ def test_rotate_says_what_it_rotated_and_why_not(tmp_path):
         invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", "--kv-cache", "int8"),
         "--kv-cache int8 works only in a quantizing compile",
     )
+    for flags in (("--threads", "0"), ("--no-measure",)):
+        assert_one_line_error(
+            invoke("compile", decoder.model, "-o", tmp_path / "f.onnx", *flags),
+            f"{flags[0]} works only in a quantizing compile",
+        )
+    assert_one_line_error(
+        invoke(
+            "compile",
+            decoder.model,
+            "-o",
+            tmp_path / "f.onnx",
+            "--mode",
+            "dynamic",
+            "--threads",
+            "0",
+        ),
+        "threads = 0 (--threads) is where the accuracy plan times the whole model",
+    )
 
 
 def test_debug_ranks_the_ops_and_writes_a_recipe_compile_reads(tmp_path):
