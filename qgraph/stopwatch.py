@@ -3,7 +3,9 @@
 Each model gets a CPU session, at one intra-op thread unless asked, with every graph
 optimization on; the models run in turn, run by run, so that a slow spell of the host (a
 frequency change, a neighbour's burst) lands on all of them alike, and each one's time is the
-median of its runs.
+median of its runs. Every timing holds the machine's timing lock (``timing_lock``), so two
+never overlap on its cores: two compiles at once, or ``qgraph tune``'s parallel trials, take
+turns at the clock instead of each timing the other's load.
 Two untimed rounds come first: the first runs pack weights and grow buffers.
 
 Timings worth keeping go to a ``TimesFile``, a JSON object of key -> seconds; an entry that is
@@ -13,11 +15,14 @@ file that does not parse counts as empty.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 RUNS = 15
 ALL_CORES = 0
+TIMING_LOCK = Path(tempfile.gettempdir()) / "qgraph-timing.lock"
+"""One lock file per machine: a timing runs only while holding it."""
 """``intra_op_num_threads`` 0: onnxruntime's default, a thread per core."""
 SAME_SPEED = 0.03
 """Two timings within this share of each other are the same speed: six timings of each of
@@ -47,13 +54,26 @@ def alternating_medians(
     rounds (module docstring)."""
     sessions = [timed_session(model, threads) for model in models]
     times: list[list[float]] = [[] for _ in sessions]
-    for run in range(2 + runs):
-        for sess, record in zip(sessions, times, strict=True):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            if run >= 2:
-                record.append(time.perf_counter() - start)
+    with timing_lock():
+        for run in range(2 + runs):
+            for sess, record in zip(sessions, times, strict=True):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                if run >= 2:
+                    record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+@contextlib.contextmanager
+def timing_lock(path: Path | None = None) -> Iterator[None]:
+    """Hold the machine's timing lock (``TIMING_LOCK`` unless ``path``): one timing at a
+    time on its cores. Not reentrant: a timing never calls another."""
+    with (path or TIMING_LOCK).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def timed_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:

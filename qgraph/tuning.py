@@ -16,7 +16,8 @@ reports it beside what it found.
 the evaluation data by a ``Metric`` (a zoo metric against the float model, or the user's
 callable), and its latency measured in onnxruntime with one intra-op thread, interleaved run
 by run with the float model (``evaluation.measure_latency``), the median of ``runs``. Timings
-hold a lock file per machine, so two never overlap on its cores, whatever runs the trials.
+hold the machine's timing lock (``stopwatch.timing_lock``), so two never overlap on its cores,
+whatever runs the trials, nor with the timings each trial's compile takes.
 The study (Optuna, multi-objective: speed-up over float, size, score) records the accuracy
 constraint as an Optuna constraint, so its sampler (TPE or NSGA-II, seeded) steers to
 feasible recipes and its Pareto front (``study.best_trials``) holds feasible ones only. The
@@ -37,20 +38,17 @@ left unfinished are failed and asked again.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
-import fcntl
 import importlib
 import itertools
 import json
 import math
 import os
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -82,12 +80,11 @@ from qgraph.options import CompileOptions
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.quant.calibration import checked_batches
 from qgraph.recipe import Mode, load_recipe, quant_options
+from qgraph.stopwatch import timing_lock
 from qgraph.targets import QuantFormat, get_target
 
 TUNE_EXTRA = "tune"
 RAY_EXTRA = "ray"
-TIMING_LOCK = Path(tempfile.gettempdir()) / "qgraph-tune-timing.lock"
-"""One lock file per machine: a trial times its model only while holding it."""
 SENSITIVITY_ATTR = "sensitivity"
 """The study's user attribute holding the sensitivity ranking (node names, worst first)."""
 CONSTRAINT_KEY = "accuracy"
@@ -449,17 +446,6 @@ def _latency(model: Path, candidate: Path, data: Path, runs: int) -> Latency:
     sessions = (evaluation_session(model), evaluation_session(candidate))
     with timing_lock():
         return measure_latency(sessions, first, runs)
-
-
-@contextlib.contextmanager
-def timing_lock(path: Path = TIMING_LOCK) -> Iterator[None]:
-    """Hold the machine's timing lock: one timing at a time on its cores."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # Runners ------------------------------------------------------------------------------------

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import itertools
 import json
 import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -292,24 +289,6 @@ def test_ray_runs_the_same_search_as_local_workers(zoo, tmp_path):
     ray = tuning.tune(settings(zoo, tmp_path / "b", trials=4, workers=2, ray_address="local"))
     assert [r.recipe for r in ray.rows] == [r.recipe for r in local.rows]
     assert all(r.error is None for r in ray.rows)
-
-
-def test_timings_never_overlap(tmp_path):
-    spans: list[tuple[float, float]] = []
-
-    def hold() -> None:
-        with tuning.timing_lock(tmp_path / "lock"):
-            start = time.perf_counter()
-            time.sleep(0.05)
-            spans.append((start, time.perf_counter()))
-
-    threads = [threading.Thread(target=hold) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    spans.sort()
-    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 # Bad input through the command line ---------------------------------------------------------
