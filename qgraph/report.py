@@ -31,6 +31,7 @@ from qgraph.sections import (
 from qgraph.sections import table as _table
 from qgraph.stopwatch import thread_words
 from qgraph.targets import TargetSpec, Violation
+from qgraph.targets.kernel_race import KernelRace
 
 
 def format_count(count: int) -> str:
@@ -220,7 +221,11 @@ def check_report(
     return table
 
 
-def targets_report(targets: Iterable[TargetSpec], host: TargetSpec | None) -> RenderableType:
+def targets_report(
+    targets: Iterable[TargetSpec], host: TargetSpec | None, race: KernelRace | None = None
+) -> RenderableType:
+    """What ``qgraph targets`` prints: each record, the one ``auto`` picks here marked, and
+    the kernel race that picked it where there was one."""
     parts: list[RenderableType] = []
     for target in targets:
         title = target.name + ("  (auto on this host)" if host is target else "")
@@ -229,6 +234,8 @@ def targets_report(targets: Iterable[TargetSpec], host: TargetSpec | None) -> Re
             if key != "name":
                 table.add_row(key, _plain(value))
         parts.append(table)
+    if race is not None and host is not None:
+        parts.append(Text(f"auto picked {host.name} by the kernel race here: {race.describe()}"))
     return _spaced(parts)
 
 

@@ -52,6 +52,15 @@ class KernelRace:
     def unsigned_as_fast(self) -> bool:
         return self.unsigned_seconds <= (1 + SAME_SPEED) * self.signed_seconds
 
+    def describe(self) -> str:
+        rows, depth, columns = RACE_SHAPE
+        winner = "u8 weights" if self.unsigned_as_fast else "s8 weights"
+        return (
+            f"u8 x s8 {self.signed_seconds * 1e3:.2f} ms, u8 x u8 "
+            f"{self.unsigned_seconds * 1e3:.2f} ms ({rows} x {depth} x {columns} MatMulInteger, "
+            f"one thread; u8 weights win within {SAME_SPEED:.0%}): {winner}"
+        )
+
 
 def host_kernel_race(cache: Path | None = None) -> KernelRace:
     """This host's race, from the cache where it holds a valid entry, else run and stored."""

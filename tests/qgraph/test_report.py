@@ -21,8 +21,10 @@ from qgraph.report import (
     printable,
     quantization_counts,
     quantization_report,
+    targets_report,
 )
 from qgraph.sections import QuantizationOutcome, counted
+from qgraph.targets.kernel_race import KernelRace
 
 
 def _rendered(renderable) -> str:
@@ -133,3 +135,15 @@ def test_the_evaluation_report_says_at_how_many_threads_it_timed(threads, words)
     evaluation = Evaluation("generic", {}, 1, latency, 100, 30)
     text = _rendered(evaluation_report(evaluation, "a.onnx", "b.onnx"))
     assert f"latency (median of 20, {words})" in text and "2.00x faster" in text
+
+
+def test_the_targets_listing_ends_with_the_kernel_race_that_picked_auto():
+    avx2, u8 = qgraph.get_target("x86-avx2"), qgraph.get_target("x86-avx2-u8")
+    race = KernelRace(signed_seconds=2.0e-3, unsigned_seconds=1.98e-3)
+    text = " ".join(_rendered(targets_report([avx2, u8], u8, race)).split())
+    assert "x86-avx2-u8 (auto on this host)" in text
+    assert text.endswith(
+        "auto picked x86-avx2-u8 by the kernel race here: u8 x s8 2.00 ms, u8 x u8 1.98 ms "
+        "(256 x 576 x 1536 MatMulInteger, one thread; u8 weights win within 3%): u8 weights"
+    )
+    assert "kernel race" not in _rendered(targets_report([avx2, u8], avx2))
