@@ -28,9 +28,8 @@ back in float (``generation.CacheCodec``), so both models are judged on the same
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +43,7 @@ from qgraph.errors import QGraphError
 from qgraph.generation import CacheCodec
 from qgraph.graph.model_io import external_tensors, load
 from qgraph.quant.calibration import checked_batches, sqnr_db
+from qgraph.stopwatch import interleaved_medians
 from qgraph.verify import INTRA_OP_THREADS, session
 
 Outputs = dict[str, np.ndarray]
@@ -342,14 +342,12 @@ def _view(path: str | os.PathLike) -> tuple[ir.Graph, CacheCodec]:
 def measure_latency(
     sessions: tuple[ModelSession, ...], feeds: Mapping[str, np.ndarray], runs: int
 ) -> Latency:
-    """Median seconds per run of each session on ``feeds``, runs interleaved."""
-    times: list[list[float]] = [[] for _ in sessions]
+    """Median seconds per run of each session on ``feeds``, runs interleaved, holding the
+    machine's timing lock (``qgraph.stopwatch``)."""
     fitted = [sess.fitted(feeds) for sess in sessions]
-    for index in range(WARMUP_RUNS + runs):
-        for sess, own, record in zip(sessions, fitted, times, strict=True):
-            start = time.perf_counter()
-            sess.session.run(None, own)
-            if index >= WARMUP_RUNS:
-                record.append(time.perf_counter() - start)
-    reference, candidate = (statistics.median(t) for t in times)
+    calls = [
+        functools.partial(sess.session.run, None, own)
+        for sess, own in zip(sessions, fitted, strict=True)
+    ]
+    reference, candidate = interleaved_medians(calls, runs, WARMUP_RUNS)
     return Latency(reference, candidate, runs)

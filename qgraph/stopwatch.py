@@ -3,10 +3,10 @@
 Each model gets a CPU session, at one intra-op thread unless asked, with every graph
 optimization on; the models run in turn, run by run, so that a slow spell of the host (a
 frequency change, a neighbour's burst) lands on all of them alike, and each one's time is the
-median of its runs. Every timing holds the machine's timing lock (``timing_lock``), so two
-never overlap on its cores: two compiles at once, or ``qgraph tune``'s parallel trials, take
-turns at the clock instead of each timing the other's load.
-Two untimed rounds come first: the first runs pack weights and grow buffers.
+median of its runs. Two untimed rounds come first: the first runs pack weights and grow
+buffers. Every timing holds the machine's timing lock (``timing_lock``), so two never overlap
+on its cores: two compiles at once, or ``qgraph tune``'s parallel trials, take turns at the
+clock instead of each timing the other's load.
 
 Timings worth keeping go to a ``TimesFile``, a JSON object of key -> seconds; an entry that is
 not a list of positive numbers of the expected length is measured again, never trusted, and a
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,11 @@ import onnxruntime as ort
 logger = logging.getLogger(__name__)
 
 RUNS = 15
+WARMUP_RUNS = 2
 ALL_CORES = 0
+"""``intra_op_num_threads`` 0: onnxruntime's default, a thread per core."""
 TIMING_LOCK = Path(tempfile.gettempdir()) / "qgraph-timing.lock"
 """One lock file per machine: a timing runs only while holding it."""
-"""``intra_op_num_threads`` 0: onnxruntime's default, a thread per core."""
 SAME_SPEED = 0.03
 """Two timings within this share of each other are the same speed: six timings of each of
 SmolLM2's three MatMul shapes (each the median of 15 alternating runs) gave fp32 / int8 ratios
@@ -50,16 +52,23 @@ def alternating_medians(
     threads: int = 1,
 ) -> list[float]:
     """Median seconds of each model on ``feeds`` at ``threads`` intra-op threads
-    (``ALL_CORES``: every core), the models run in turn ``runs`` times after two untimed
-    rounds (module docstring)."""
+    (``ALL_CORES``: every core), the models run in turn (``interleaved_medians``)."""
     sessions = [timed_session(model, threads) for model in models]
-    times: list[list[float]] = [[] for _ in sessions]
+    return interleaved_medians([functools.partial(s.run, None, feeds) for s in sessions], runs)
+
+
+def interleaved_medians(
+    calls: Sequence[Callable[[], object]], runs: int, warmup: int = WARMUP_RUNS
+) -> list[float]:
+    """Median seconds of each call, the calls made in turn ``runs`` times after ``warmup``
+    untimed rounds, holding the machine's timing lock (module docstring)."""
+    times: list[list[float]] = [[] for _ in calls]
     with timing_lock():
-        for run in range(2 + runs):
-            for sess, record in zip(sessions, times, strict=True):
+        for run in range(warmup + runs):
+            for call, record in zip(calls, times, strict=True):
                 start = time.perf_counter()
-                sess.run(None, feeds)
-                if run >= 2:
+                call()
+                if run >= warmup:
                     record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
 

