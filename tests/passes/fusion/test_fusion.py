@@ -133,21 +133,39 @@ def layer_norm_nodes(inp: str, out: str, size: int, weights, draw) -> list:
     ]
 
 
-def layer_norm_amplification(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    """How much a LayerNorm at the chain's end magnifies its input's rounding error.
+def rounding_amplification(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """How many times the chain's output error can exceed ``FLOAT32_RTOL`` with the function
+    kept: the rounding of the BatchNorm, folded or not, relative to the output.
 
-    ``(x - mean) / std`` turns an error ``e`` relative to ``max|x|`` into one of about
-    ``e * max|x| / std`` relative to the normalized output, so rows of nearly equal values
-    amplify the float32 rounding of the folded BatchNorm weights. 1 without a LayerNorm.
+    Folded, the Conv computes ``W' x + b'`` with ``W' = W g / s``, ``b' = beta + (b - mean) g
+    / s`` and ``s = sqrt(var + eps)``; unfolded, ``(c - mean) g / s + beta``. Either way each
+    rounding is relative to the largest term, ``T = max|c| max|g / s| + max|mean g / s| +
+    max|beta|``, which can be many times ``max|act|`` where the terms cancel and the activation
+    clips what stays (a Relu keeping one value of 0.003 out of terms of 0.3). A LayerNorm at
+    the end, ``(act - mean) / std``, then scales that error by ``1 / std`` against an output of
+    order one. So the amplification is ``T / max|act|`` without a LayerNorm, ``T / min std``
+    with one; at least 1.
     """
-    if not any(node.op_type == "ReduceMean" for node in proto.graph.node):
-        return 1.0
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    probe.graph.output.append(helper.make_tensor_value_info("act", TensorProto.FLOAT, None))
-    act = verify.run(probe.SerializeToString(), feeds)["act"]
-    std = np.sqrt(act.var(axis=-1) + 1e-5)
-    return max(1.0, float(np.abs(act).max() / std.min()))
+    for name in ("c", "act"):
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    values = verify.run(probe.SerializeToString(), feeds)
+    weights = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    bn = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    epsilon = next(helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon")
+    scale = np.abs(weights["gamma"]) / np.sqrt(weights["var"] + epsilon)
+    terms = float(
+        np.abs(values["c"]).max() * scale.max()
+        + np.abs(weights["mean"] * scale).max()
+        + np.abs(weights["beta"]).max()
+    )
+    act = values["act"]
+    if any(node.op_type == "ReduceMean" for node in proto.graph.node):
+        reference = float(np.sqrt(act.var(axis=-1) + 1e-5).min())
+    else:
+        reference = float(np.abs(act).max())
+    return max(1.0, terms / max(reference, 1e-30))  # |act| <= |bn| <= T: every activation here
 
 
 def _model(nodes, weights, x_shape, y_shape, extra_inputs=()):
@@ -178,8 +196,8 @@ def test_random_chains_fuse_and_keep_their_function(fuse, ops, chain):
     nodes, weights, x_shape, y_shape = chain
     proto = _model(nodes, weights, x_shape, y_shape)
     feeds = {"x": np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)}
-    amplification = layer_norm_amplification(proto, feeds)
-    assume(amplification < 1000)  # a near-constant row: float32 cannot pin its LayerNorm down
+    amplification = rounding_amplification(proto, feeds)
+    assume(amplification < 1000)  # a near-constant row or near-total cancellation
     rtol = verify.FLOAT32_RTOL * amplification
     model, report = fuse(proto, feeds=feeds, rtol=rtol)
     assert "BatchNormalization" not in ops(model)
@@ -209,8 +227,8 @@ def test_shared_or_dynamic_weights_are_left_alone(fuse, ops, chain, shared):
         proto = _model(nodes, weights, x_shape, y_shape, extra_inputs=("W",))
         rng = np.random.default_rng(0)
         feeds = {"x": rng.standard_normal(x_shape, dtype=np.float32), "W": weights["W"]}
-    amplification = layer_norm_amplification(proto, feeds)
-    assume(amplification < 1000)  # a near-constant row: float32 cannot pin its LayerNorm down
+    amplification = rounding_amplification(proto, feeds)
+    assume(amplification < 1000)  # a near-constant row or near-total cancellation
     model, report = fuse(proto, feeds=feeds, rtol=verify.FLOAT32_RTOL * amplification)
     assert "BatchNormalization" in ops(model)
     assert [m.rule for m in report.near_misses if m.rule == "fold-batchnorm"] == ["fold-batchnorm"]
