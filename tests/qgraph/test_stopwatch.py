@@ -1,4 +1,5 @@
-"""qgraph.stopwatch: one timing at a time on the machine, and the file timings are kept in."""
+"""qgraph.stopwatch: one timing at a time on the machine (its ``TimesFile`` is tested through
+the timing cache and the kernel race that keep their times in one)."""
 
 from __future__ import annotations
 
