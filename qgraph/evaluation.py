@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -213,9 +213,15 @@ class Evaluation:
     metric: str
     figures: dict[str, float]
     batches: int
-    latency: Latency | None
+    latencies: tuple[Latency, ...]
+    """One per thread count timed, in the order asked (none without timing)."""
     reference_bytes: int
     candidate_bytes: int
+
+    @property
+    def latency(self) -> Latency | None:
+        """The first thread count's latency (one thread unless asked otherwise)."""
+        return self.latencies[0] if self.latencies else None
 
     @property
     def size_ratio(self) -> float:
@@ -224,8 +230,10 @@ class Evaluation:
     def to_json(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
         data["size_ratio"] = self.size_ratio
-        if self.latency is not None:
-            data["latency"]["speedup"] = self.latency.speedup
+        data["latencies"] = [
+            dict(dataclasses.asdict(latency), speedup=latency.speedup) for latency in self.latencies
+        ]
+        data["latency"] = data["latencies"][0] if self.latencies else None
         return data
 
 
@@ -275,12 +283,13 @@ def evaluate(
     *,
     metric: str | None = None,
     runs: int = 20,
-    threads: int = INTRA_OP_THREADS,
+    threads: Sequence[int] = (INTRA_OP_THREADS,),
     progress: Callable[[int], None] | None = None,
     reference_outputs: list[Outputs] | None = None,
 ) -> Evaluation:
     """Compare ``candidate`` with ``reference`` on ``data`` (metric from the dataset if None),
-    both run at ``threads`` intra-op threads. ``reference_outputs``, one per batch
+    their latency timed at each of ``threads`` intra-op thread counts (``stopwatch.ALL_CORES``:
+    every core), the outputs read at the first. ``reference_outputs``, one per batch
     (``reference_run``'s), stand for running ``reference`` again, as when one float model is
     compared with many candidates."""
     name = metric or read_info(data).metric or "generic"
@@ -290,10 +299,8 @@ def evaluate(
     paths = (reference, candidate)
     views = [_view(path) for path in paths]
     interfaces = [interface for interface, _ in views]
-    sessions = tuple(
-        evaluation_session(path, threads, codec)
-        for path, (_, codec) in zip(paths, views, strict=True)
-    )
+    codecs = [codec for _, codec in views]
+    sessions = _sessions(paths, codecs, threads[0])
     first: Feeds | None = None
     count = 0
     for count, feeds in enumerate(checked_batches(interfaces, data, "batch"), start=1):
@@ -308,11 +315,19 @@ def evaluate(
         raise EvaluationError(
             f"{len(reference_outputs)} stored reference outputs for {count} batches of {data}"
         )
-    latency = None
-    if runs > 0:
-        latency = dataclasses.replace(measure_latency(sessions, first, runs), threads=threads)
-    return Evaluation(
-        name, accumulator.result(), count, latency, model_bytes(reference), model_bytes(candidate)
+    latencies = []
+    for at in threads if runs > 0 else ():
+        timed = sessions if at == threads[0] else _sessions(paths, codecs, at)
+        latencies.append(dataclasses.replace(measure_latency(timed, first, runs), threads=at))
+    sizes = model_bytes(reference), model_bytes(candidate)
+    return Evaluation(name, accumulator.result(), count, tuple(latencies), *sizes)
+
+
+def _sessions(
+    paths: Sequence[str | os.PathLike], codecs: Sequence[CacheCodec], threads: int
+) -> tuple[ModelSession, ...]:
+    return tuple(
+        evaluation_session(path, threads, codec) for path, codec in zip(paths, codecs, strict=True)
     )
 
 

@@ -263,8 +263,7 @@ def evaluation_report(evaluation: Evaluation, reference: str, candidate: str) ->
         format_bytes(evaluation.candidate_bytes),
         f"{evaluation.size_ratio:.3f}",
     )
-    latency = evaluation.latency
-    if latency is not None:
+    for latency in evaluation.latencies:
         cost.add_row(
             f"latency (median of {latency.runs}, {thread_words(latency.threads)})",
             f"{1e3 * latency.reference:.3f} ms",

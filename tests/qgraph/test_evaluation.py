@@ -142,9 +142,15 @@ def test_evaluate_runs_both_models_at_the_threads_asked(tmp_path):
     every_core = evaluation_session(tmp_path / "ref.onnx", threads=0).session
     assert every_core.get_session_options().intra_op_num_threads == 0
     batches = [{"x": RNG.normal(size=(4, 8)).astype(np.float32)}]
-    evaluation = evaluate(tmp_path / "ref.onnx", tmp_path / "ref.onnx", batches, runs=2, threads=0)
-    assert evaluation.latency.threads == 0
-    assert evaluation.to_json()["latency"]["threads"] == 0
+    evaluation = evaluate(
+        tmp_path / "ref.onnx", tmp_path / "ref.onnx", batches, runs=2, threads=(0, 1)
+    )
+    assert [latency.threads for latency in evaluation.latencies] == [0, 1]
+    data = evaluation.to_json()
+    assert data["latency"]["threads"] == 0 and [t["threads"] for t in data["latencies"]] == [0, 1]
+    assert all(t["speedup"] > 0 for t in data["latencies"])
+    untimed = evaluate(tmp_path / "ref.onnx", tmp_path / "ref.onnx", batches, runs=0)
+    assert untimed.latency is None and untimed.to_json()["latency"] is None
 
 
 def test_stored_reference_outputs_give_the_figures_of_a_fresh_run(tmp_path):

@@ -182,13 +182,13 @@ def test_eval_compares_two_models_on_a_zoo_dataset(tmp_path, monkeypatch):
     fetched = json.loads(invoke("models", "fetch", "reference-cnn", "--json").stdout)
     compiled = tmp_path / "compiled.onnx"
     assert invoke("compile", fetched["model"], "-o", compiled).exit_code == 0
-    result = invoke(
-        "eval", fetched["model"], compiled, "--data", fetched["evaluation"], "--runs", "2", "--json"
-    )
+    timing = ("--runs", "2", "--threads", "1", "--threads", "0", "--json")
+    result = invoke("eval", fetched["model"], compiled, "--data", fetched["evaluation"], *timing)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["metric"] == "top1" and data["figures"]["top1_agreement"] == 1.0
     assert data["batches"] == 32 and data["latency"]["runs"] == 2
+    assert [latency["threads"] for latency in data["latencies"]] == [1, 0]
     generic = invoke(
         "eval",
         fetched["model"],
