@@ -15,7 +15,7 @@ def fresh_initializer(
     while name in graph.initializers:
         count += 1
         name = f"{stem}_{count}"
-    tensor = ir.Tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+    tensor = ir.Tensor(np.asarray(array, order="C"), dtype=dtype, name=name)  # keeps 0-d
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     graph.register_initializer(value)

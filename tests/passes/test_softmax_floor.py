@@ -95,6 +95,15 @@ def test_floored_softmax_moves_no_output_more_than_n_e_minus_floor(opset, axis):
         assert np.all(after > 0), "a floored logit keeps a normal, nonzero probability"
 
 
+def test_the_floored_model_passes_strict_shape_inference():
+    """The floor is a scalar in its data as in its declared shape: a [1] tensor declared []
+    made every later shape inference of the compile fail (reference-decoder, MiniLM)."""
+    result, _ = floored(attention_scores(), [batch(0)])
+    floor = next(v for v in result.graph.initializers.values() if v.name.endswith("_floor"))
+    assert floor.shape == ir.Shape([]) and floor.const_value.shape == ir.Shape([])
+    onnx.shape_inference.infer_shapes(ir.to_proto(result), strict_mode=True, data_prop=True)
+
+
 def test_the_bound_is_tight_enough_to_catch_a_lower_floor(monkeypatch):
     monkeypatch.setattr(softmax_floor, "FLOOR", 5.0)
     model = attention_scores()
