@@ -4,6 +4,7 @@ the timing cache and the kernel race that keep their times in one)."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 
@@ -24,10 +25,14 @@ def _identity():
 
 
 def test_timings_never_overlap(tmp_path):
+    _assert_timings_never_overlap(tmp_path / "lock")
+
+
+def _assert_timings_never_overlap(lock) -> None:
     spans: list[tuple[float, float]] = []
 
     def hold() -> None:
-        with stopwatch.timing_lock(tmp_path / "lock"):
+        with stopwatch.timing_lock(lock):
             start = time.perf_counter()
             time.sleep(0.05)
             spans.append((start, time.perf_counter()))
@@ -61,3 +66,26 @@ def test_a_timing_waits_for_the_lock(tmp_path, monkeypatch):
     timed = time.perf_counter()
     holder.join()
     assert finished and finished[0] <= timed
+
+
+def test_the_lock_file_is_opened_read_only(tmp_path, monkeypatch):
+    """``flock`` needs no write access, so another user's lock file (mode 0644) serves too
+    (as root, permissions cannot show it: the test checks the open's flags)."""
+    opened = []
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        assert not flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND), "opened for writing"
+        opened.append(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(stopwatch.os, "open", read_only_open)
+    _assert_timings_never_overlap(tmp_path / "lock")
+    assert opened
+
+
+def test_a_lock_file_that_cannot_be_opened_times_unlocked_with_a_warning(tmp_path, caplog):
+    missing_folder = tmp_path / "absent" / "lock"
+    with stopwatch.timing_lock(missing_folder):
+        pass
+    assert "timing without the machine's timing lock" in caplog.text
