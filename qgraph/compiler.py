@@ -296,7 +296,7 @@ def _planned_run(
         all of whose readers the report keeps in float, or where the model was rotated and
         ``rotate`` is off (else None)."""
         kept = report.kept_reasons()
-        wasted = smoothed_for_float_readers(records, rounds.qdq(kept))
+        wasted = smoothed_for_float_readers(records, lambda: rounds.qdq(kept))
         unrotate = rotated and not rotate
         if not wasted and not unrotate:
             return None
@@ -658,18 +658,23 @@ def _stored_weights(result: PipelineResult) -> tuple[str, ...]:
     return tuple(name for report in reports for name in report.stored)
 
 
-def smoothed_for_float_readers(records: list[PassRecord], compiled: ir.Model) -> list[str]:
+def smoothed_for_float_readers(
+    records: list[PassRecord], compiled: Callable[[], ir.Model]
+) -> list[str]:
     """Tensors SmoothQuant scaled (``X / s``, ``diag(s) W``) none of whose readers is
-    quantized in ``compiled``: the plan kept them all in float, so the scaling buys nothing
-    and an inserted ``Mul`` only costs time."""
-    quantized = {node.name for node in all_nodes(compiled.graph) if is_qdq_group(node)}
-    return [
-        tensor.name
+    quantized in the model ``compiled`` gives (compiled only where something was scaled):
+    the plan kept them all in float, so the scaling buys nothing and an inserted ``Mul``
+    only costs time."""
+    smoothed = [
+        tensor
         for record in records
         if isinstance(record.details, SmoothQuantReport)
         for tensor in record.details.smoothed
-        if quantized.isdisjoint(tensor.readers)
     ]
+    if not smoothed:
+        return []
+    quantized = {node.name for node in all_nodes(compiled().graph) if is_qdq_group(node)}
+    return [tensor.name for tensor in smoothed if quantized.isdisjoint(tensor.readers)]
 
 
 def _copy(model: ir.Model) -> ir.Model:
