@@ -1,4 +1,4 @@
-/* Preloaded by avx2_host.py: this process's CPUID answers as an AVX2-only x86 CPU's would.
+/* Preloaded by masked_cpu.py: this process's CPUID answers as an older x86 CPU's would.
  *
  * The constructor turns CPUID faulting on for the calling thread (arch_prctl ARCH_SET_CPUID,
  * Linux 4.12+, CPUs listing cpuid_fault); threads created later inherit it and execve resets
@@ -16,13 +16,23 @@
 
 #define BIT(n) (1u << (n))
 
-/* Leaf 7, subleaf 0. EBX: AVX512 F, DQ, IFMA, PF, ER, CD, BW, VL. ECX: VBMI, VBMI2, VNNI,
- * BITALG, VPOPCNTDQ. EDX: 4VNNIW, 4FMAPS, VP2INTERSECT, AMX-BF16, AVX512-FP16, AMX-TILE,
- * AMX-INT8. */
+#if defined(HIDE_AVX512)
+/* An AVX2-only CPU. Leaf 7, subleaf 0. EBX: AVX512 F, DQ, IFMA, PF, ER, CD, BW, VL. ECX: VBMI,
+ * VBMI2, VNNI, BITALG, VPOPCNTDQ. EDX: 4VNNIW, 4FMAPS, VP2INTERSECT, AMX-BF16, AVX512-FP16,
+ * AMX-TILE, AMX-INT8. */
 #define LEAF7_EBX (BIT(16) | BIT(17) | BIT(21) | BIT(26) | BIT(27) | BIT(28) | BIT(30) | BIT(31))
 #define LEAF7_ECX (BIT(1) | BIT(6) | BIT(11) | BIT(12) | BIT(14))
 #define LEAF7_EDX (BIT(2) | BIT(3) | BIT(8) | BIT(22) | BIT(23) | BIT(24) | BIT(25))
-/* Leaf 7, subleaf 1. EAX: AVX-VNNI, AVX512-BF16, AVX-IFMA. EDX: AVX-VNNI-INT8,
+#elif defined(HIDE_AMX)
+/* An AVX-512 VNNI CPU of Ice Lake's generation. Leaf 7, subleaf 0. EDX: AMX-BF16, AVX512-FP16,
+ * AMX-TILE, AMX-INT8. */
+#define LEAF7_EBX 0u
+#define LEAF7_ECX 0u
+#define LEAF7_EDX (BIT(22) | BIT(23) | BIT(24) | BIT(25))
+#else
+#error "compile with -DHIDE_AVX512 or -DHIDE_AMX"
+#endif
+/* Both. Leaf 7, subleaf 1. EAX: AVX-VNNI, AVX512-BF16, AVX-IFMA. EDX: AVX-VNNI-INT8,
  * AVX-NE-CONVERT, AVX-VNNI-INT16. */
 #define LEAF71_EAX (BIT(4) | BIT(5) | BIT(23))
 #define LEAF71_EDX (BIT(4) | BIT(5) | BIT(10))

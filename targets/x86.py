@@ -4,17 +4,17 @@ Facts measured on this kind of machine (AMD EPYC hosts, with and without VNNI; t
 figures are in ``benchmarks/integer_kernels.md``):
 - u8 activations x s8 weights is the fast integer path (``vpmaddubsw`` on AVX2, ``vpdpbusd``
   with VNNI); s8 x s8 ``MatMulInteger`` ran about 3x slower than fp32 on AVX2.
-- Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates
-  unless the weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 63 = 32130 fits.
-  onnxruntime's U8U8 kernels widen both operands to int16 (``vpmaddwd``) and cannot saturate
-  with full 8-bit weights, but they are the slower path: on an Intel core running MLAS's AVX2
-  kernels (``benchmarks/avx2_host.py``) u8 x s8 ran 1.91-1.93x fp32 and u8 x u8 1.42-1.46x; a
-  Zen 1 EPYC ran both at 1.02-1.08x. So x86-avx2 takes u8 x s8 with 7-bit weights (-63..63),
-  as onnxruntime's ``reduce_range`` does: 6 dB less weight SQNR, which the accuracy plan
-  weighs (MiniLM under AVX2 kernels: 1.76x FP32 and mean cosine 0.9969, where u8 x u8 gave
-  1.42x and 0.9983). Where u8 x u8 runs as fast, as on the Zen 1, those 6 dB cost nothing:
-  x86-avx2-u8 keeps full 8-bit weights as uint8 around 128, and ``--target auto`` picks
-  between the two by timing both kernels on the host (``kernel_race.py``).
+- Without VNNI, ``vpmaddubsw`` adds pairs of u8 x s8 products into int16, which saturates unless the
+  weights use 7 bits: 2 * 255 * 127 = 64770 > 32767, while 2 * 255 * 63 = 32130 fits. onnxruntime's
+  U8U8 kernels widen both operands to int16 (``vpmaddwd``) and cannot saturate with full 8-bit
+  weights, but they are the slower path: on an Intel core running MLAS's AVX2 kernels
+  (``benchmarks/masked_cpu.py --cpu avx2``) u8 x s8 ran 1.91-1.93x fp32 and u8 x u8 1.42-1.46x; a
+  Zen 1 EPYC ran both at 1.02-1.08x. So x86-avx2 takes u8 x s8 with 7-bit weights (-63..63), as
+  onnxruntime's ``reduce_range`` does: 6 dB less weight SQNR, which the accuracy plan weighs (MiniLM
+  under AVX2 kernels: 1.76x FP32 and mean cosine 0.9969, where u8 x u8 gave 1.42x and 0.9983). Where
+  u8 x u8 runs as fast, as on the Zen 1, those 6 dB cost nothing: x86-avx2-u8 keeps full 8-bit
+  weights as uint8 around 128, and ``--target auto`` picks between the two by timing both kernels on
+  the host (``kernel_race.py``).
 - onnxruntime fuses an s8 activation Q/DQ into integer kernels only when the Q has a single
   consumer; u8 activations have no such restriction.
 - onnxruntime's CPU provider has no 16-bit integer matmul: a 16-bit activation Q/DQ only rounds

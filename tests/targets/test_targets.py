@@ -32,7 +32,7 @@ def test_unknown_target_lists_the_choices():
 
 
 INTEL_AVX2 = KernelRace(signed_seconds=1.0, unsigned_seconds=1.33)
-"""u8 x s8 1.92x fp32, u8 x u8 1.44x: AVX2 kernels on a Xeon (``benchmarks/avx2_host.py``)."""
+"""u8 x s8 1.92x fp32, u8 x u8 1.44x: AVX2 kernels on a Xeon (``masked_cpu.py --cpu avx2``)."""
 ZEN1 = KernelRace(signed_seconds=1.0, unsigned_seconds=0.98)
 """Both at about 1.05x fp32, u8 x u8 a little ahead: a Zen 1 EPYC."""
 

@@ -1,0 +1,9 @@
+"""The benchmark scripts are not a package: their tests import them from ``benchmarks/``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
