@@ -228,7 +228,8 @@ def _read_channels_last(model: onnx.ModelProto, conv, summed: str, edit: Edit) -
 
 
 def _replace(model: onnx.ModelProto, conv, nodes: list[onnx.NodeProto]) -> None:
-    """``nodes`` where ``conv`` was; ``ScatterND``'s reduction needs opset 16."""
+    """``nodes`` where ``conv`` was; ``ScatterND``'s reduction needs opset 16, and
+    ``MatMulIntegerToFloat`` onnxruntime's domain."""
     position = list(model.graph.node).index(conv)
     model.graph.node.remove(conv)
     for offset, node in enumerate(nodes):
@@ -236,6 +237,8 @@ def _replace(model: onnx.ModelProto, conv, nodes: list[onnx.NodeProto]) -> None:
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, SCATTER_OPSET)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def _drop_unread(model: onnx.ModelProto) -> None:
@@ -267,7 +270,8 @@ def exact_activations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _static_dims(model: onnx.ModelProto, name: str) -> list[int | str]:
-    info = next(v for v in model.graph.value_info if v.name == name)
+    infos = [*model.graph.input, *model.graph.value_info]
+    info = next(v for v in infos if v.name == name)
     return [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
 
 
