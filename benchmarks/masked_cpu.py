@@ -19,11 +19,12 @@ The CPUs (``--cpu``):
   Intel AVX2 CPUs issue 17 has in mind; a Zen 1 core ran it at 1.0x (``speed-avx2.md``).
 - ``avx512-vnni``: AVX-512 with VNNI but no AMX, AVX-VNNI, AVX512-BF16 or FP16, an Ice Lake or
   Cascade Lake Xeon. On a Xeon with AMX, MLAS's u8 x s8 GEMM runs on the tiles at 4-7x fp32;
-  without them its AVX512-VNNI kernel ran 3.1-3.4x, the 3.3-4.0x that the VNNI hosts of the
+  without them its AVX512-VNNI kernel ran 3.1-3.4x, near the 3.3-4.0x the VNNI hosts of the
   issues measured.
 
 What it is not: the same core runs the older kernels, at its own clocks and with its own
-caches. Figures taken this way say "AVX2 kernels on <CPU>", not "an AVX2 host".
+caches. Figures taken this way say whose kernels ran on which CPU ("AVX2 kernels on a Xeon"),
+not "an AVX2 host".
 
 ``--check`` prints what a Python process run this way sees. A program that installs its own
 SIGSEGV handler and then executes CPUID crashes under the mask: Python's faulthandler (run
