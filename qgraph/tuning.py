@@ -14,10 +14,11 @@ reports it beside what it found.
 
 **How a trial is judged**: the recipe is compiled (``compile_model``), its accuracy scored on
 the evaluation data by a ``Metric`` (a zoo metric against the float model, or the user's
-callable), and its latency measured in onnxruntime with one intra-op thread, interleaved run
-by run with the float model (``evaluation.measure_latency``), the median of ``runs``. Timings
-hold the machine's timing lock (``stopwatch.timing_lock``), so two never overlap on its cores,
-whatever runs the trials, nor with the timings each trial's compile takes.
+callable), and its latency measured in onnxruntime at ``threads`` intra-op threads (one unless
+asked; a planned recipe's whole-model check times there too, its recipe key ``threads``),
+interleaved run by run with the float model (``evaluation.measure_latency``), the median of
+``runs``. Timings hold the machine's timing lock (``stopwatch.timing_lock``), so two never
+overlap on its cores, whatever runs the trials, nor with the timings each trial's compile takes.
 The study (Optuna, multi-objective: speed-up over float, size, score) records the accuracy
 constraint as an Optuna constraint, so its sampler (TPE or NSGA-II, seeded) steers to
 feasible recipes and its Pareto front (``study.best_trials``) holds feasible ones only. The
@@ -80,6 +81,7 @@ from qgraph.options import CompileOptions
 from qgraph.outputs import check_output, dataset_inputs
 from qgraph.quant.calibration import checked_batches
 from qgraph.recipe import Mode, load_recipe, quant_options
+from qgraph.stopwatch import thread_words
 from qgraph.targets import QuantFormat, get_target
 
 TUNE_EXTRA = "tune"
@@ -91,6 +93,8 @@ OWNER_ATTR = "owner"
 ERROR_ATTR = "error"
 LATENCY_ATTR = "latency_s"
 FLOAT_LATENCY_ATTR = "float_latency_s"
+IDENTITY_BEFORE = {"threads": 1}
+"""What a study that predates an identity key tuned: every trial was timed at one thread."""
 SENSITIVITY_BATCHES = 1
 """Calibration batches the sensitivity ranking runs on (each op's impact: one run a batch)."""
 REFERENCE_OUTPUTS = "reference-outputs.npz"
@@ -164,8 +168,11 @@ def sample(trial: Any, space: Sequence[Dimension] = SPACE) -> dict[str, object]:
     return point
 
 
-def recipe_of(point: Mapping[str, object], ranking: Sequence[str], calib: Path) -> dict:
-    """The recipe table (``qgraph compile --recipe`` keys) of a point of ``SPACE``."""
+def recipe_of(
+    point: Mapping[str, object], ranking: Sequence[str], calib: Path, threads: int = 1
+) -> dict:
+    """The recipe table (``qgraph compile --recipe`` keys) of a point of ``SPACE``, for a model
+    that will run at ``threads`` intra-op threads."""
     recipe: dict[str, object] = {"mode": Mode.STATIC.value, "calib": str(calib.resolve())}
     recipe["calib_method"] = point["calib_method"]
     if point["calib_method"] == "percentile":
@@ -183,6 +190,8 @@ def recipe_of(point: Mapping[str, object], ranking: Sequence[str], calib: Path) 
     excluded = list(ranking[: int(point["exclude"])])
     if excluded:
         recipe["exclude_node"] = [escape(name) for name in excluded]
+    if threads != 1 and quant_options(recipe).planned:
+        recipe["threads"] = threads
     return recipe
 
 
@@ -376,6 +385,8 @@ class TrialJob:
     reference_outputs: Path | None = None
     """``REFERENCE_OUTPUTS`` where ``tune`` wrote it, else None (the trial runs the float
     model)."""
+    threads: int = 1
+    """Intra-op threads the trial is timed at (``stopwatch.ALL_CORES``: every core)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,7 +414,7 @@ def run_trial(job: TrialJob) -> TrialOutcome:
         compile_model(job.model, job.target, output=candidate, options=options)
         stored = None if job.reference_outputs is None else read_outputs(job.reference_outputs)
         score = job.metric.score(job.model, candidate, job.eval_data, stored)
-        latency = _latency(job.model, candidate, job.eval_data, job.runs)
+        latency = _latency(job.model, candidate, job.eval_data, job.runs, job.threads)
         return TrialOutcome(
             job.number, score, latency.candidate, latency.reference, model_bytes(candidate)
         )
@@ -439,10 +450,11 @@ def read_outputs(path: Path) -> list[Outputs]:
     return [batches[batch] for batch in sorted(batches)]
 
 
-def _latency(model: Path, candidate: Path, data: Path, runs: int) -> Latency:
-    """Float and candidate timed on the first batch of ``data`` (under the timing lock)."""
+def _latency(model: Path, candidate: Path, data: Path, runs: int, threads: int) -> Latency:
+    """Float and candidate timed on the first batch of ``data`` at ``threads`` intra-op threads
+    (under the timing lock)."""
     first = next(checked_batches([load(model).graph], data, "batch"))
-    sessions = (evaluation_session(model), evaluation_session(candidate))
+    sessions = (evaluation_session(model, threads), evaluation_session(candidate, threads))
     return measure_latency(sessions, first, runs)
 
 
@@ -560,6 +572,8 @@ class TuneSettings:
     sampler: Sampler = Sampler.TPE
     seed: int = 0
     runs: int = 20
+    threads: int = 1
+    """Intra-op threads the tuned model will run at (``stopwatch.ALL_CORES``: every core)."""
 
 
 CALIBRATION_SUFFIX = ".calibration"
@@ -633,6 +647,8 @@ class TuneResult:
     chosen: int | None
     default: int | None
     seconds: float
+    threads: int = 1
+    """Intra-op threads every trial was timed at."""
 
     def row(self, number: int | None) -> TrialRow | None:
         return next((row for row in self.rows if row.number == number), None)
@@ -724,16 +740,21 @@ def _study(optuna: ModuleType, settings: TuneSettings, metric: Metric) -> Any:
     with warnings.catch_warnings():  # experimental in Optuna, and only names the columns
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["speedup", "bytes", metric.name])
-    identity = {"model": str(settings.model.resolve()), "metric": metric.name}
+    identity = {
+        "model": str(settings.model.resolve()),
+        "metric": metric.name,
+        "threads": settings.threads,
+    }
     if not study.trials:
         study.enqueue_trial(DEFAULT_POINT)
         for key, value in identity.items():
             study.set_user_attr(key, value)
     for key, value in identity.items():
-        if study.user_attrs.get(key) != value:
+        tuned = study.user_attrs.get(key, IDENTITY_BEFORE.get(key))
+        if tuned != value:
             raise TuneError(
                 f"--study {settings.study_path}: its study '{study.study_name}' tuned {key} "
-                f"{study.user_attrs.get(key)}, not {value}; give another --study file"
+                f"{tuned}, not {value}; give another --study file"
             )
     return study
 
@@ -823,7 +844,7 @@ def _search(
 
 def _job(trial: Any, settings: TuneSettings, metric: Metric, ranking: list[str]) -> TrialJob:
     trial.set_user_attr(OWNER_ATTR, _owner())
-    recipe = recipe_of(sample(trial), ranking, settings.calib)
+    recipe = recipe_of(sample(trial), ranking, settings.calib, settings.threads)
     return TrialJob(
         trial.number,
         recipe,
@@ -834,6 +855,7 @@ def _job(trial: Any, settings: TuneSettings, metric: Metric, ranking: list[str])
         settings.runs,
         settings.output.resolve(),
         _stored_outputs(settings),
+        settings.threads,
     )
 
 
@@ -897,7 +919,7 @@ def _result(
         rows.append(
             TrialRow(
                 trial.number,
-                recipe_of(trial.params, ranking, settings.calib),
+                recipe_of(trial.params, ranking, settings.calib, settings.threads),
                 values[2],
                 values[0],
                 None if values[1] is None else int(values[1]),
@@ -918,6 +940,7 @@ def _result(
         None if chosen is None else chosen.number,
         default,
         seconds,
+        settings.threads,
     )
 
 
@@ -1034,7 +1057,8 @@ def pareto_markdown(result: TuneResult) -> str:
         "",
         f"Constraint: {result.constraint.describe(result.metric)} (float model "
         f"{_score(result.baseline)}, worst allowed {_score(result.worst)}); "
-        f"{len(result.rows)} trials in {result.seconds:.0f} s.",
+        f"{len(result.rows)} trials in {result.seconds:.0f} s, each timed at "
+        f"{thread_words(result.threads)}.",
         "",
         f"| trial | speed-up | size | {result.metric.name} | recipe | |",
         "|---|---|---|---|---|---|",
@@ -1116,7 +1140,7 @@ def draw_plot(result: TuneResult, path: Path) -> None:
                 edgecolors="black",
                 label=f"{label} (trial {number})",
             )
-    axes.set_xlabel("speed-up over float (one thread, median)")
+    axes.set_xlabel(f"speed-up over float ({thread_words(result.threads)}, median)")
     axes.set_ylabel(result.metric.name)
     axes.set_title(f"qgraph tune: {result.model.name}")
     axes.legend(fontsize="small")

@@ -97,6 +97,15 @@ from qgraph.targets import AUTO
     show_default=True,
     help="Timed runs per trial (median, interleaved with the float model).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 1024),
+    default=1,
+    metavar="N",
+    help="The intra-op thread count the tuned model will run at (0: every core, onnxruntime's "
+    "default). Each trial is timed there, and a recipe the accuracy plan runs times its "
+    "whole-model check there too (recipe key threads, written to best.toml) [default: 1].",
+)
 @click.option("-t", "--target", default=AUTO, show_default=True, help=TARGET_HELP)
 @click.option(
     "-o",

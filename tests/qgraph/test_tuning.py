@@ -18,7 +18,7 @@ from rich.console import Console
 
 from qgraph import tuning
 from qgraph.cli import cli
-from qgraph.evaluation import evaluate
+from qgraph.evaluation import evaluate, evaluation_session
 from qgraph.recipe import load_recipe, quant_options
 from qgraph.tuning import Better, Bound, Constraint, Metric, TuneError
 
@@ -179,6 +179,16 @@ def test_exclusions_are_the_first_of_the_ranking_escaped(tmp_path):
     assert recipe["exclude_node"] == ["a\\.b", "c"]
 
 
+@pytest.mark.parametrize(("budget", "planned"), [(tuning.COMPILE_DEFAULT, True), ("none", False)])
+def test_a_planned_recipe_times_its_model_at_the_tune_threads(tmp_path, budget, planned):
+    """Where no plan runs, the compile has no use for threads and refuses the key."""
+    point = dict(tuning.DEFAULT_POINT, budget=budget)
+    recipe = tuning.recipe_of(point, [], tmp_path, threads=0)
+    assert recipe.get("threads") == (0 if planned else None)
+    assert quant_options(recipe).threads == (0 if planned else 1)
+    assert "threads" not in tuning.recipe_of(point, [], tmp_path)
+
+
 def test_a_dimension_is_asked_only_when_its_condition_holds():
     asked = tuning.sample(optuna.trial.FixedTrial(dict(tuning.DEFAULT_POINT)))
     assert asked == tuning.DEFAULT_POINT
@@ -232,6 +242,28 @@ def test_trials_read_the_float_outputs_stored_once_unless_too_large(
     tuning.tune(settings(zoo, tmp_path / "out", trials=2))
     assert stored == [limit > 0] * 2
     assert (tmp_path / "out" / tuning.REFERENCE_OUTPUTS).exists() == (limit > 0)
+
+
+def test_trials_are_timed_at_the_tune_threads_and_best_toml_keeps_them(zoo, tmp_path, monkeypatch):
+    timed: list[int] = []
+
+    def spy(path, threads=1, codec=None):
+        timed.append(threads)
+        return evaluation_session(path, threads, codec)
+
+    monkeypatch.setattr(tuning, "evaluation_session", spy)
+    config = settings(zoo, tmp_path / "out", trials=1, threads=0)
+    result = tuning.tune(config)
+    written = tuning.write_outputs(result, config)
+    assert timed == [0, 0]  # the float model and the trial's
+    assert load_recipe(written.recipe)["threads"] == 0
+
+
+def test_a_study_timed_at_another_thread_count_is_refused(zoo, tmp_path):
+    study = tmp_path / "study.db"
+    tuning.tune(settings(zoo, tmp_path / "out", trials=1, study_path=study))
+    with pytest.raises(TuneError, match=r"its study 'model' tuned threads 1, not 0;"):
+        tuning.tune(settings(zoo, tmp_path / "out", trials=2, study_path=study, threads=0))
 
 
 def test_a_study_resumes_without_repeating_its_finished_trials(zoo, tmp_path):
