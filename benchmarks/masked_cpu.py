@@ -19,7 +19,7 @@ The CPUs (``--cpu``):
   Intel AVX2 CPUs issue 17 has in mind; a Zen 1 core ran it at 1.0x (``speed-avx2.md``).
 - ``avx512-vnni``: AVX-512 with VNNI but no AMX, AVX-VNNI, AVX512-BF16 or FP16, an Ice Lake or
   Cascade Lake Xeon. On a Xeon with AMX, MLAS's u8 x s8 GEMM runs on the tiles at 4-7x fp32;
-  without them its AVX512-VNNI kernel ran 3.1-3.4x, near the 3.3-4.0x the VNNI hosts of the
+  without them its AVX512-VNNI kernel ran 3.1-3.5x, near the 3.3-4.0x the VNNI hosts of the
   issues measured.
 
 What it is not: the same core runs the older kernels, at its own clocks and with its own
