@@ -84,12 +84,17 @@ def rounded_weights(model: onnx.ModelProto, roles: set[str]) -> onnx.ModelProto:
     return rounded
 
 
-def conv_input(model: onnx.ModelProto, batches: list[dict]) -> np.ndarray:
+def tensor_values(model: onnx.ModelProto, name: str, batches: list[dict]) -> np.ndarray:
+    """Tensor ``name`` of ``model`` on each of ``batches``, concatenated."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
-    exposed.graph.output.append(onnx.ValueInfoProto(name=CONV_INPUT))
+    exposed.graph.output.append(onnx.ValueInfoProto(name=name))
     sess = session(exposed)
-    return np.concatenate([sess.run([CONV_INPUT], feeds)[0] for feeds in batches])
+    return np.concatenate([sess.run([name], feeds)[0] for feeds in batches])
+
+
+def conv_input(model: onnx.ModelProto, batches: list[dict]) -> np.ndarray:
+    return tensor_values(model, CONV_INPUT, batches)
 
 
 CLIP_PERCENTILE = 99.9

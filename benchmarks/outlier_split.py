@@ -38,15 +38,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import onnx_ir as ir
+from magika_precision import tensor_values
 from onnx import helper, numpy_helper
 
 from qgraph import models
 from qgraph.cli import cli
 from qgraph.data import read_batches
 from qgraph.evaluation import evaluate
+from qgraph.quant.spec import QuantSpec, quantize_weight
 
 PERCENTILE = 99.9
+WEIGHT_SPEC = QuantSpec(ir.DataType.INT8, symmetric=True, axis=0)
 SCATTER_OPSET = 16
 """``ScatterND``'s ``reduction`` attribute came with opset 16."""
 
@@ -83,23 +86,16 @@ def channels_last_source(model: onnx.ModelProto, conv: onnx.NodeProto) -> str:
 
 
 def int8_weight(model: onnx.ModelProto, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The [O, C, K, 1] float weight as int8 and one scale per output channel."""
+    """The [O, C, K, 1] float weight as qgraph quantizes it: int8, symmetric, one scale per
+    output channel."""
     weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
-    scale = np.abs(weight).max(axis=(1, 2, 3)) / 127
-    scale[scale == 0] = 1
-    quantized = np.clip(np.round(weight / scale[:, None, None, None]), -127, 127)
-    return quantized.astype(np.int8), scale.astype(np.float32)
+    quantized = quantize_weight(weight, WEIGHT_SPEC)
+    return quantized.values, quantized.scale
 
 
 def input_range(model: onnx.ModelProto, source: str, calibration: Path) -> tuple[float, float]:
     """The ``PERCENTILE`` range of ``source`` over the calibration set, zero inside it."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    exposed.graph.output.append(onnx.ValueInfoProto(name=source))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(exposed.SerializeToString(), options)
-    values = np.concatenate([session.run([source], f)[0] for f in read_batches(calibration)])
+    values = tensor_values(model, source, list(read_batches(calibration)))
     low, high = np.percentile(values, [100 - PERCENTILE, PERCENTILE])
     return min(float(low), 0.0), max(float(high), 0.0)
 
