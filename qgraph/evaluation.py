@@ -47,7 +47,6 @@ from qgraph.stopwatch import interleaved_medians
 from qgraph.verify import INTRA_OP_THREADS, session
 
 Outputs = dict[str, np.ndarray]
-WARMUP_RUNS = 3
 
 
 class EvaluationError(QGraphError):
@@ -364,5 +363,5 @@ def measure_latency(
         functools.partial(sess.session.run, None, own)
         for sess, own in zip(sessions, fitted, strict=True)
     ]
-    reference, candidate = interleaved_medians(calls, runs, WARMUP_RUNS)
+    reference, candidate = interleaved_medians(calls, runs)
     return Latency(reference, candidate, runs)

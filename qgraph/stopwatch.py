@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 RUNS = 15
 WARMUP_RUNS = 2
+"""Untimed rounds before the timed ones: the first run of a session allocates its memory."""
 ALL_CORES = 0
 """``intra_op_num_threads`` 0: onnxruntime's default, a thread per core."""
 TIMING_LOCK = Path(tempfile.gettempdir()) / "qgraph-timing.lock"
