@@ -170,8 +170,7 @@ def _rest_added(edit: Edit, x: str, bounds, float_weight, clipped_sum: str, shap
     matrix = float_weight.transpose(1, 2, 0).reshape(shape.channels, shape.taps * shape.outputs)
     product = edit.node("MatMul", [rest, edit.constant("float_weight", matrix)], "rest_product")
     per_tap = edit.constant("per_tap", np.array([-1, shape.taps, shape.outputs]))
-    updates = edit.node("Reshape", [product, per_tap], "rest_per_tap")
-    updates = edit.node("Transpose", [updates], "updates", perm=[1, 0, 2])  # [K, P, O]
+    updates = edit.node("Reshape", [product, per_tap], "updates")  # [P, K, O]
     indices, inside = _reached(edit, where, shape)
     kept = edit.node("Where", [inside, updates, edit.constant("zero", np.float32(0))], "kept")
     pairs = edit.node("Reshape", [indices, edit.constant("pairs", np.array([-1, 2]))], "pairs")
@@ -182,10 +181,10 @@ def _rest_added(edit: Edit, x: str, bounds, float_weight, clipped_sum: str, shap
 
 def _reached(edit: Edit, where: str, shape: ConvShape) -> tuple[str, str]:
     """The output position ``(n, p - t)`` each found position ``(n, p)`` reaches through tap
-    ``t``, [K, P, 2], clamped into the output, and whether it was inside, [K, P, 1]."""
-    shifts = np.zeros((shape.taps, 1, 2), np.int64)
-    shifts[:, 0, 1] = np.arange(shape.taps)
-    each_tap = edit.node("Unsqueeze", [where, edit.constant("first_axis", np.array([0]))], "each")
+    ``t``, [P, K, 2], clamped into the output, and whether it was inside, [P, K, 1]."""
+    shifts = np.zeros((1, shape.taps, 2), np.int64)
+    shifts[0, :, 1] = np.arange(shape.taps)
+    each_tap = edit.node("Unsqueeze", [where, edit.constant("tap_axis", np.array([1]))], "each")
     reached = edit.node("Sub", [each_tap, edit.constant("shifts", shifts)], "reached")
     position_of = (edit.constant(name, np.array([v])) for name, v in (("one", 1), ("two", 2)))
     position = edit.node(
