@@ -59,18 +59,16 @@ def alternating_medians(
     return interleaved_medians([functools.partial(s.run, None, feeds) for s in sessions], runs)
 
 
-def interleaved_medians(
-    calls: Sequence[Callable[[], object]], runs: int, warmup: int = WARMUP_RUNS
-) -> list[float]:
-    """Median seconds of each call, the calls made in turn ``runs`` times after ``warmup``
-    untimed rounds, holding the machine's timing lock (module docstring)."""
+def interleaved_medians(calls: Sequence[Callable[[], object]], runs: int) -> list[float]:
+    """Median seconds of each call, the calls made in turn ``runs`` times after
+    ``WARMUP_RUNS`` untimed rounds, holding the machine's timing lock (module docstring)."""
     times: list[list[float]] = [[] for _ in calls]
     with timing_lock():
-        for run in range(warmup + runs):
+        for run in range(WARMUP_RUNS + runs):
             for call, record in zip(calls, times, strict=True):
                 start = time.perf_counter()
                 call()
-                if run >= warmup:
+                if run >= WARMUP_RUNS:
                     record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
 
